@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hostagent`` CLI, one module each (see ``hostagent.cli``)."""

@@ -1,0 +1,242 @@
+"""The host model: frozen dataclasses for what the probe finds, and their schema-v1 dicts.
+
+Field names are the snapshot schema's keys (docs/schema.md, design §4.2), so
+``topology_to_dict`` is a thin walk and ``topology_from_dict`` its exact inverse: a
+scheduler holding a snapshot can rebuild the same ``HostTopology`` the agent used.
+The dict form uses string map keys (``distances: {"1": 21}``, ``schemata: {"L3":
+{"0": "ff"}}``) so JSON and msgpack carry the same document; the dataclasses use ints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HugepagePool:
+    """One hugepage pool of one cell (``node/nodeN/hugepages/hugepages-<size>kB``)."""
+
+    size_kib: int
+    total: int
+    free: int
+    surplus: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One NUMA cell. ``cpus`` may be empty (memory-only node) and memory may be 0."""
+
+    id: int
+    cpus: tuple[int, ...]
+    memory_kib: int
+    memory_free_kib: int
+    distances: Mapping[int, int]
+    hugepages: tuple[HugepagePool, ...]
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """One logical CPU (hardware thread). Offline CPUs have no topology: ids are -1."""
+
+    id: int
+    online: bool
+    cell: int
+    socket: int
+    die: int
+    cluster: int
+    core: int
+    siblings: tuple[int, ...]
+    isolated: bool
+
+
+@dataclass(frozen=True)
+class Cache:
+    """One cache instance: unique per (level, type, id)."""
+
+    level: int
+    id: int
+    type: str  # "unified" | "data" | "instruction"
+    size_bytes: int
+    ways: int
+    line_bytes: int
+    cpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResctrlResource:
+    """One ``info/<name>/`` cache resource (L3, L3CODE, L3DATA, L2, L2CODE, L2DATA)."""
+
+    name: str
+    level: int
+    type: str  # "both" | "code" | "data"
+    cbm_mask: str
+    cbm_bits: int
+    min_cbm_bits: int
+    num_closids: int
+    shareable_bits: str
+    sparse_masks: bool
+    granularity_bytes: int
+    min_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    """``info/MB/``. ``unit`` is "percent" or "MBps" (mounted with ``-o mba_MBps``)."""
+
+    bandwidth_gran: int
+    min_bandwidth: int
+    num_closids: int
+    unit: str
+    delay_linear: bool | None = None
+
+
+@dataclass(frozen=True)
+class ResctrlGroup:
+    """The default group (name "") or a top-level CTRL_MON group.
+
+    ``schemata`` maps a resource name to {cache_id: mask}; ``mb`` maps an MB domain id
+    to its value in the unit in force.
+    """
+
+    name: str
+    mode: str
+    schemata: Mapping[str, Mapping[int, str]]
+    mb: Mapping[int, int]
+    cpus: tuple[int, ...]
+    tasks: int
+
+
+@dataclass(frozen=True)
+class Resctrl:
+    """A mounted resctrl filesystem."""
+
+    cdp: Mapping[str, bool]
+    resources: tuple[ResctrlResource, ...]
+    mb: MemoryBandwidth | None
+    groups: tuple[ResctrlGroup, ...]
+
+    def resource(self, name: str) -> ResctrlResource | None:
+        for res in self.resources:
+            if res.name == name:
+                return res
+        return None
+
+    def group(self, name: str) -> ResctrlGroup | None:
+        for grp in self.groups:
+            if grp.name == name:
+                return grp
+        return None
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    """One PCI function. ``numa_node`` is -1 when the kernel does not know."""
+
+    address: str
+    numa_node: int
+    class_: str  # "class" in the schema
+    vendor: str
+    device: str
+    sriov_totalvfs: int
+
+
+@dataclass(frozen=True)
+class HostTopology:
+    """Everything the probe reads from one host; immutable, re-probed on hotplug."""
+
+    cells: tuple[Cell, ...]
+    cpus: tuple[Cpu, ...]
+    caches: tuple[Cache, ...]
+    resctrl: Resctrl | None
+    pci: tuple[PciDevice, ...] = field(default=())
+
+    def cell(self, cell_id: int) -> Cell | None:
+        for c in self.cells:
+            if c.id == cell_id:
+                return c
+        return None
+
+    def cpu(self, cpu_id: int) -> Cpu | None:
+        for c in self.cpus:
+            if c.id == cpu_id:
+                return c
+        return None
+
+
+# --------------------------------------------------------------------------- dict form
+
+_RENAMES = {"class_": "class"}
+
+
+def _to_plain(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {
+            _RENAMES.get(f.name, f.name): _to_plain(getattr(value, f.name))
+            for f in fields(value)
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def topology_to_dict(topo: HostTopology) -> dict[str, Any]:
+    """The ``topology`` part of schema v1."""
+    return _to_plain(topo)
+
+
+def _int_map(d: Mapping[str, Any]) -> dict[int, Any]:
+    return {int(k): v for k, v in d.items()}
+
+
+def topology_from_dict(d: Mapping[str, Any]) -> HostTopology:
+    """Rebuild a ``HostTopology`` from its schema-v1 dict (inverse of ``topology_to_dict``)."""
+    cells = tuple(
+        Cell(
+            id=c["id"],
+            cpus=tuple(c["cpus"]),
+            memory_kib=c["memory_kib"],
+            memory_free_kib=c.get("memory_free_kib", 0),
+            distances=_int_map(c.get("distances", {})),
+            hugepages=tuple(HugepagePool(**h) for h in c.get("hugepages", [])),
+        )
+        for c in d["cells"]
+    )
+    cpus = tuple(
+        Cpu(**{**c, "siblings": tuple(c["siblings"])}) for c in d["cpus"]
+    )
+    caches = tuple(Cache(**{**c, "cpus": tuple(c["cpus"])}) for c in d["caches"])
+    rd = d.get("resctrl")
+    resctrl = None
+    if rd is not None:
+        resctrl = Resctrl(
+            cdp=dict(rd["cdp"]),
+            resources=tuple(ResctrlResource(**r) for r in rd["resources"]),
+            mb=MemoryBandwidth(**rd["mb"]) if rd.get("mb") else None,
+            groups=tuple(
+                ResctrlGroup(
+                    name=g["name"],
+                    mode=g["mode"],
+                    schemata={r: _int_map(m) for r, m in g["schemata"].items()},
+                    mb=_int_map(g.get("mb", {})),
+                    cpus=tuple(g["cpus"]),
+                    tasks=g["tasks"],
+                )
+                for g in rd["groups"]
+            ),
+        )
+    pci = tuple(
+        PciDevice(
+            address=p["address"],
+            numa_node=p["numa_node"],
+            class_=p["class"],
+            vendor=p["vendor"],
+            device=p["device"],
+            sriov_totalvfs=p["sriov_totalvfs"],
+        )
+        for p in d.get("pci", [])
+    )
+    return HostTopology(cells=cells, cpus=cpus, caches=caches, resctrl=resctrl, pci=pci)
