@@ -1,0 +1,348 @@
+"""The agent's configuration: ``/etc/hostagent/hostagent.toml``, parsed and validated.
+
+One frozen dataclass per TOML table; every option is documented in
+``etc/hostagent.toml``. Loading is strict: an unknown table or key, a wrong type, a bad
+CPU list or an inconsistent value raises ``ConfigError`` naming the file, the key and the
+value, so that a typo never silently falls back to a default (and ``SIGHUP`` with a bad
+file keeps the old configuration).
+
+CPU sets here are what the operator wrote. ``resolve_resources`` turns them into the
+effective sets for one host (defaults filled in against the probed topology), which is
+what the snapshot's ``config`` part carries.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hostagent.cpulist import format_cpulist, parse_cpulist
+from hostagent.errors import ConfigError
+from hostagent.model import HostTopology
+
+DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str = ""  # "" = this machine's hostname
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    sysfs_root: str = "/sys"
+    resctrl_root: str = "/sys/fs/resctrl"
+    hugepage_poll_seconds: float = 5.0
+    udev: bool = True
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+    resync_seconds: float = 60.0
+    reconnect_max_seconds: float = 30.0
+    demo_guests: bool = False  # define the bundled demo guests (test:/// driver only)
+
+
+@dataclass(frozen=True)
+class ReservedHugepages:
+    cell: int
+    size_kib: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    dedicated_cpus: tuple[int, ...] | None = None  # None = none dedicated
+    shared_cpus: tuple[int, ...] | None = None  # None = online, non-isolated, not dedicated
+    reserved_memory_kib: Mapping[int, int] | int = 0  # int = the same for every cell
+    reserved_hugepages: tuple[ReservedHugepages, ...] = ()
+    cpu_allocation_ratio: float = 4.0
+    ram_allocation_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    endpoints: tuple[str, ...] = ("tcp://127.0.0.1:6510",)
+    request_endpoints: tuple[str, ...] = ("tcp://127.0.0.1:6511",)
+    coalesce_ms: float = 50.0
+    heartbeat_seconds: float = 1.0
+    send_hwm: int = 100
+    max_message_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    enabled: bool = False
+    server_secret_key: str = "/etc/hostagent/curve/server.key_secret"
+    allowed_clients_dir: str = "/etc/hostagent/curve/clients"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    runtime_dir: str = "/run/hostagent"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    cell_strategy: str = "spread"  # "spread" | "pack"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: HostConfig = field(default_factory=HostConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    publisher: PublisherConfig = field(default_factory=PublisherConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    source: str = "<defaults>"
+
+    @property
+    def host_name(self) -> str:
+        return self.host.name or socket.gethostname()
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_STRATEGIES = ("spread", "pack")
+
+
+class _Reader:
+    """Typed access to one TOML table that names the file and key in every error."""
+
+    def __init__(self, source: str, table: str, data: Any) -> None:
+        self.source, self.table = source, table
+        if not isinstance(data, dict):
+            self.fail("", data, "must be a table")
+        self.data: dict[str, Any] = data
+
+    def fail(self, key: str, value: Any, why: str) -> None:
+        where = f"{self.table}.{key}" if key else f"[{self.table}]"
+        raise ConfigError(f"{self.source}: {where} = {value!r}: {why}")
+
+    def check_keys(self, cls: type) -> None:
+        known = {f.name for f in fields(cls)}
+        for key in self.data:
+            if key not in known:
+                known_list = ", ".join(sorted(known))
+                self.fail(key, self.data[key], f"unknown option (known: {known_list})")
+
+    def get(self, key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.fail(key, value, f"must be {_kind_name(kind)}")
+        if not isinstance(value, kind):
+            self.fail(key, value, f"must be {_kind_name(kind)}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+        value = float(self.get(key, default, (int, float)))
+        if value < minimum or (exclusive and value == minimum):
+            op = ">" if exclusive else ">="
+            self.fail(key, self.data.get(key), f"must be {op} {minimum:g}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int) -> int:
+        value = self.get(key, default, int)
+        if value < minimum:
+            self.fail(key, value, f"must be >= {minimum}")
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, default, str)
+        if value not in choices:
+            self.fail(key, value, f"must be one of {', '.join(choices)}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list(default), list)
+        if not all(isinstance(v, str) and v for v in value):
+            self.fail(key, value, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def cpus(self, key: str) -> tuple[int, ...] | None:
+        if key not in self.data:
+            return None
+        value = self.get(key, "", str)
+        try:
+            return parse_cpulist(value)
+        except ValueError:
+            self.fail(key, value, "must be a CPU list such as \"2-23,26-47\"")
+        raise AssertionError  # unreachable
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if set(kinds) == {int, float}:
+        return "a number"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _resources(r: _Reader) -> ResourcesConfig:
+    r.check_keys(ResourcesConfig)
+    dedicated = r.cpus("dedicated_cpus")
+    shared = r.cpus("shared_cpus")
+    if dedicated and shared:
+        overlap = sorted(set(dedicated) & set(shared))
+        if overlap:
+            r.fail("shared_cpus", format_cpulist(shared),
+                   f"overlaps dedicated_cpus on CPUs {format_cpulist(overlap)}; "
+                   "a thread is either dedicated or shared")
+    raw_mem = r.get("reserved_memory_kib", 0, (int, dict))
+    reserved_mem: Mapping[int, int] | int
+    if isinstance(raw_mem, int):
+        if raw_mem < 0:
+            r.fail("reserved_memory_kib", raw_mem, "must be >= 0")
+        reserved_mem = raw_mem
+    else:
+        per_cell: dict[int, int] = {}
+        for k, v in raw_mem.items():
+            if not k.isdigit() or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                r.fail("reserved_memory_kib", raw_mem,
+                       'must be an integer or a table of cell id to KiB, e.g. {"0" = 524288}')
+            per_cell[int(k)] = v
+        reserved_mem = per_cell
+    pages: list[ReservedHugepages] = []
+    for item in r.get("reserved_hugepages", [], list):
+        ok = (isinstance(item, dict) and set(item) == {"cell", "size_kib", "count"}
+              and all(isinstance(item[k], int) and not isinstance(item[k], bool)
+                      and item[k] >= 0 for k in item) and item.get("size_kib", 0) > 0)
+        if not ok:
+            r.fail("reserved_hugepages", item,
+                   "each entry must be {cell = N, size_kib = N, count = N} with N >= 0")
+        pages.append(ReservedHugepages(item["cell"], item["size_kib"], item["count"]))
+    return ResourcesConfig(
+        dedicated_cpus=dedicated,
+        shared_cpus=shared,
+        reserved_memory_kib=reserved_mem,
+        reserved_hugepages=tuple(pages),
+        cpu_allocation_ratio=r.number("cpu_allocation_ratio", 4.0, minimum=0, exclusive=True),
+        ram_allocation_ratio=r.number("ram_allocation_ratio", 1.0, minimum=0, exclusive=True),
+    )
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
+    known = {f.name for f in fields(Config)} - {"source"}
+    for table in data:
+        if table not in known:
+            raise ConfigError(
+                f"{source}: unknown table [{table}] (known: {', '.join(sorted(known))})"
+            )
+
+    def reader(name: str, cls: type) -> _Reader:
+        r = _Reader(source, name, data.get(name, {}))
+        if cls is not ResourcesConfig:
+            r.check_keys(cls)
+        return r
+
+    h = reader("host", HostConfig)
+    p = reader("probe", ProbeConfig)
+    lv = reader("libvirt", LibvirtConfig)
+    pub = reader("publisher", PublisherConfig)
+    cv = reader("curve", CurveConfig)
+    ag = reader("agent", AgentConfig)
+    ft = reader("fit", FitConfig)
+    endpoints = pub.strings("endpoints", PublisherConfig.endpoints)
+    requests = pub.strings("request_endpoints", PublisherConfig.request_endpoints)
+    for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
+        for ep in eps:
+            if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                pub.fail(key, ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    return Config(
+        host=HostConfig(name=h.get("name", "", str)),
+        probe=ProbeConfig(
+            sysfs_root=p.get("sysfs_root", "/sys", str),
+            resctrl_root=p.get("resctrl_root", "/sys/fs/resctrl", str),
+            hugepage_poll_seconds=p.number("hugepage_poll_seconds", 5.0, minimum=0,
+                                           exclusive=True),
+            udev=p.get("udev", True, bool),
+        ),
+        libvirt=LibvirtConfig(
+            uri=lv.get("uri", "qemu:///system", str),
+            resync_seconds=lv.number("resync_seconds", 60.0, minimum=0, exclusive=True),
+            reconnect_max_seconds=lv.number("reconnect_max_seconds", 30.0, minimum=0,
+                                            exclusive=True),
+            demo_guests=lv.get("demo_guests", False, bool),
+        ),
+        resources=_resources(_Reader(source, "resources", data.get("resources", {}))),
+        publisher=PublisherConfig(
+            endpoints=endpoints,
+            request_endpoints=requests,
+            coalesce_ms=pub.number("coalesce_ms", 50.0, minimum=0),
+            heartbeat_seconds=pub.number("heartbeat_seconds", 1.0, minimum=0, exclusive=True),
+            send_hwm=pub.integer("send_hwm", 100, minimum=1),
+            max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
+        ),
+        curve=CurveConfig(
+            enabled=cv.get("enabled", False, bool),
+            server_secret_key=cv.get("server_secret_key", CurveConfig.server_secret_key, str),
+            allowed_clients_dir=cv.get("allowed_clients_dir", CurveConfig.allowed_clients_dir,
+                                       str),
+        ),
+        agent=AgentConfig(
+            runtime_dir=ag.get("runtime_dir", "/run/hostagent", str),
+            log_level=ag.choice("log_level", "info", _LOG_LEVELS),
+        ),
+        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES)),
+        source=source,
+    )
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, str(path))
+
+
+def resolve_resources(cfg: ResourcesConfig, topo: HostTopology) -> dict[str, Any]:
+    """The effective resource config for one host: the snapshot's ``config`` part.
+
+    Defaults: no dedicated CPUs; shared = online, non-isolated CPUs not dedicated.
+    Explicit sets are kept as written (the tracker reports pins to offline or unknown
+    CPUs as conflicts). ``reserved_memory_kib`` becomes a per-cell map.
+    """
+    online = [c.id for c in topo.cpus if c.online]
+    dedicated = list(cfg.dedicated_cpus or ())
+    if cfg.shared_cpus is None:
+        taken = set(dedicated)
+        shared = [c.id for c in topo.cpus if c.online and not c.isolated and c.id not in taken]
+    else:
+        shared = list(cfg.shared_cpus)
+    if isinstance(cfg.reserved_memory_kib, int):
+        reserved_mem = {str(c.id): cfg.reserved_memory_kib for c in topo.cells}
+    else:
+        reserved_mem = {str(c.id): cfg.reserved_memory_kib.get(c.id, 0) for c in topo.cells}
+    return {
+        "dedicated_cpus": sorted(dedicated),
+        "shared_cpus": sorted(shared),
+        "online_cpus": sorted(online),
+        "reserved_memory_kib": reserved_mem,
+        "reserved_hugepages": [
+            {"cell": r.cell, "size_kib": r.size_kib, "count": r.count}
+            for r in cfg.reserved_hugepages
+        ],
+        "cpu_allocation_ratio": cfg.cpu_allocation_ratio,
+        "ram_allocation_ratio": cfg.ram_allocation_ratio,
+    }
