@@ -1,0 +1,38 @@
+"""Hugepage pools: ``hugepages/hugepages-<size>kB/{nr,free,surplus}_hugepages``.
+
+Read per NUMA node (``devices/system/node/nodeN/hugepages``) or, on a kernel without
+``node/``, system-wide (``kernel/mm/hugepages``). Every size the kernel lists is reported,
+sorted by size. ``nr_hugepages`` is required; ``free_hugepages`` and
+``surplus_hugepages`` missing → 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hostagent.model import HugepagePool
+from hostagent.probe.reader import FileReader, to_count
+
+POOL_RE = re.compile(r"hugepages-([0-9]+)kB")
+
+
+def read_pools(reader: FileReader, directory: str) -> tuple[HugepagePool, ...]:
+    """The pools under ``directory`` (a missing directory has none)."""
+    names = reader.listdir(directory, POOL_RE)
+    if not names:
+        return ()
+    pools = []
+    for size in sorted(int(n[10:-2]) for n in names):
+        d = f"{directory}/hugepages-{size}kB/"
+        total = to_count(d + "nr_hugepages", reader.need(d + "nr_hugepages"))
+        free = reader.read(d + "free_hugepages")
+        surplus = reader.read(d + "surplus_hugepages")
+        pools.append(
+            HugepagePool(
+                size_kib=size,
+                total=total,
+                free=0 if free is None else to_count(d + "free_hugepages", free),
+                surplus=0 if surplus is None else to_count(d + "surplus_hugepages", surplus),
+            )
+        )
+    return tuple(pools)

@@ -1,0 +1,182 @@
+"""Reading sysfs files for the probe: one ``FileReader`` that records what it read.
+
+Every probe module reads through a ``FileReader``. It opens files with ``os.open`` /
+``os.read`` (no pathlib, no text-layer objects: a 448-thread host means thousands of tiny
+files), turns every failure other than "missing" into a ``ProbeError`` that names the path,
+and remembers each file's text and each directory listing it used. ``hostagent capture``
+replays that record into a fixture tree; ``bench/probe`` counts it.
+
+The parse helpers here (integers, hex, sizes such as ``36608K``, CPU lists) are tolerant of
+the whitespace and newlines the kernel prints and raise ``ProbeError(path, problem, value)``
+for anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from hostagent.cpulist import parse_cpulist
+from hostagent.errors import ProbeError
+
+_BIG = 4096  # kernfs attributes are at most a page; a read this long may be a seq_file
+_MISSING = (FileNotFoundError, NotADirectoryError)
+
+
+def _snippet(text: str, limit: int = 80) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class FileReader:
+    """Reads files and lists directories, recording both (see module docstring).
+
+    ``files`` maps each path read to the exact text read; ``dirs`` maps each directory
+    listed to the entry names the probe kept; ``opens`` counts every open attempt,
+    including those of optional files that turned out to be missing.
+    """
+
+    __slots__ = ("files", "dirs", "opens")
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+        self.dirs: dict[str, tuple[str, ...]] = {}
+        self.opens = 0
+
+    def read(self, path: str) -> str | None:
+        """The file's text, or ``None`` when it does not exist (an optional file)."""
+        self.opens += 1
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except _MISSING:
+            return None
+        except OSError as exc:
+            raise ProbeError(path, f"cannot open ({exc.strerror})") from None
+        try:
+            data = os.read(fd, 65536)
+            if len(data) >= _BIG:
+                chunks = [data]
+                while chunk := os.read(fd, 65536):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+        except IsADirectoryError:
+            raise ProbeError(path, "is a directory, expected a file") from None
+        except OSError as exc:
+            raise ProbeError(path, f"cannot read ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise ProbeError(path, "is not text", data[:40]) from None
+        self.files[path] = text
+        return text
+
+    def need(self, path: str) -> str:
+        """The file's text; a missing file is an error."""
+        text = self.read(path)
+        if text is None:
+            raise ProbeError(path, "missing")
+        return text
+
+    def listdir(
+        self, path: str, pattern: re.Pattern[str] | None = None, *, dirs_only: bool = False
+    ) -> list[str] | None:
+        """Entry names matching ``pattern`` (full match), or ``None`` if ``path`` is missing.
+
+        With ``dirs_only`` only directories (or symlinks to directories) are kept.
+        """
+        self.opens += 1
+        try:
+            with os.scandir(path) as it:
+                names = [
+                    e.name
+                    for e in it
+                    if (pattern is None or pattern.fullmatch(e.name))
+                    and (not dirs_only or e.is_dir())
+                ]
+        except _MISSING:
+            return None
+        except OSError as exc:
+            raise ProbeError(path, f"cannot list directory ({exc.strerror})") from None
+        self.dirs[path] = tuple(names)
+        return names
+
+
+# ------------------------------------------------------------------ parse helpers
+
+
+def to_int(path: str, text: str) -> int:
+    """A decimal integer (``"-1\\n"`` → -1)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ProbeError(path, "not an integer", _snippet(text)) from None
+
+
+def to_count(path: str, text: str) -> int:
+    """A non-negative decimal integer."""
+    value = to_int(path, text)
+    if value < 0:
+        raise ProbeError(path, "negative count", text.strip())
+    return value
+
+
+def to_hex(path: str, text: str) -> int:
+    """A hex value as the kernel prints it (``"fffff"``, ``"0x8086"``, commas between words)."""
+    t = text.strip().lower().replace(",", "")
+    if t.startswith("0x"):
+        t = t[2:]
+    try:
+        if not t or t[0] in "+-":
+            raise ValueError
+        return int(t, 16)
+    except ValueError:
+        raise ProbeError(path, "not a hex value", _snippet(text)) from None
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def to_size(path: str, text: str) -> int:
+    """A cache size as sysfs prints it (``"36608K"``; ``M``/``G`` and bare bytes accepted)."""
+    t = text.strip()
+    unit = t[-1:].upper() if t[-1:].isalpha() else ""
+    digits = t[:-1] if unit else t
+    if unit not in _SIZE_UNITS:
+        raise ProbeError(path, "not a size", _snippet(text))
+    if digits.startswith("-") and digits[1:].isdigit():
+        raise ProbeError(path, "negative size", t)
+    if not digits.isdigit():
+        raise ProbeError(path, "not a size", _snippet(text))
+    return int(digits) * _SIZE_UNITS[unit]
+
+
+def to_cpus(path: str, text: str) -> tuple[int, ...]:
+    """A CPU list (``"0-3,8-11"``; empty or ``"\\n"`` → ``()``)."""
+    try:
+        return parse_cpulist(text)
+    except ValueError:
+        raise ProbeError(path, "not a CPU list", _snippet(text)) from None
+
+
+def first_cpu(path: str, text: str) -> int:
+    """The lowest CPU of a CPU list without parsing all of it (lists are sorted)."""
+    head = text.lstrip().split(",", 1)[0].split("-", 1)[0].strip()
+    if not head.isdigit():
+        raise ProbeError(path, "not a CPU list", _snippet(text))
+    return int(head)
+
+
+def hex_str(path: str, text: str) -> str:
+    """Hex text normalised to lowercase without ``0x``, keeping its digits (``"0x020000"``
+    → ``"020000"``); checked like ``to_hex``."""
+    to_hex(path, text)
+    t = text.strip().lower()
+    return t[2:] if t.startswith("0x") else t
+
+
+def sorted_ids(names: Iterable[str], prefix_len: int) -> list[int]:
+    """``["node1", "node0"]`` → ``[0, 1]`` for names already matched by a ``\\d+`` pattern."""
+    return sorted(int(n[prefix_len:]) for n in names)
