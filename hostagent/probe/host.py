@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.cbm import cache_ways
+from hostagent.errors import ProbeError
 from hostagent.model import HostTopology, topology_to_dict
 from hostagent.probe.caches import read_caches
 from hostagent.probe.cells import read_cells
@@ -38,6 +39,8 @@ def probe_host(
     root = os.fspath(sysfs_root).rstrip("/") or "/"
     if root == "/":
         root = ""  # paths are built as f"{root}/devices/..."
+    if not os.path.isdir(root or "/"):
+        raise ProbeError(root, "not a directory (expected a sysfs tree)")
     reader = reader if reader is not None else FileReader()
     all_ids, online = read_cpu_ids(reader, root)
     cells = read_cells(reader, root, online)

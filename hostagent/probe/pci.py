@@ -1,8 +1,8 @@
 """PCI functions: ``bus/pci/devices/<address>/`` (symlinks into ``devices/``, followed).
 
 Per device: ``numa_node`` (missing → -1, the kernel's "unknown"), ``class``, ``vendor``,
-``device`` (lowercase hex without ``0x``, leading zeros kept: ``0x020000`` → ``020000``;
-missing → ``""``) and ``sriov_totalvfs`` (missing → 0: the device has no SR-IOV).
+``device`` (hex strings as the kernel prints them, e.g. ``0x020000``, ``0x8086``; missing →
+``""``) and ``sriov_totalvfs`` (missing → 0: the device has no SR-IOV).
 Devices are sorted by address; no ``bus/pci`` at all means no devices.
 """
 

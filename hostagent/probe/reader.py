@@ -170,11 +170,10 @@ def first_cpu(path: str, text: str) -> int:
 
 
 def hex_str(path: str, text: str) -> str:
-    """Hex text normalised to lowercase without ``0x``, keeping its digits (``"0x020000"``
-    → ``"020000"``); checked like ``to_hex``."""
+    """Hex text as the kernel prints it, stripped and lowercased (``"0x020000"``); checked
+    like ``to_hex``."""
     to_hex(path, text)
-    t = text.strip().lower()
-    return t[2:] if t.startswith("0x") else t
+    return text.strip().lower()
 
 
 def sorted_ids(names: Iterable[str], prefix_len: int) -> list[int]:

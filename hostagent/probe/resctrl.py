@@ -15,7 +15,7 @@ Otherwise it reads:
 - ``info/MB/``: ``bandwidth_gran`` (missing → no MBA, like libvirt), ``min_bandwidth`` and
   ``num_closids`` (required), ``delay_linear`` (missing → null). The unit of MB values:
   ``"MBps"`` when the default group has ``mba_MBps_event`` (kernels ≥ 6.12 mounted with
-  ``-o mba_MBps``); else ``"GBps/8"`` (AMD: multiples of 1/8 GB/s, 2048 = unlimited) when
+  ``-o mba_MBps``); else ``"amd"`` (AMD units: multiples of 1/8 GB/s, 2048 = unlimited) when
   ``bandwidth_gran`` is 1 and ``min_bandwidth`` is 0, which only AMD reports; else
   ``"MBps"`` when any group holds an MB value above 100 (older kernels with
   ``mba_MBps``); else ``"percent"``.
@@ -171,7 +171,7 @@ def _memory_bandwidth(
     if reader.read(f"{root}/mba_MBps_event") is not None:
         unit = "MBps"
     elif gran == 1 and min_bw == 0:
-        unit = "GBps/8"
+        unit = "amd"
     elif any(v > 100 for g in groups for v in g.mb.values()):
         unit = "MBps"
     else:

@@ -1,0 +1,65 @@
+"""``hostagent probe``: print this host's topology (and free cache ways).
+
+A readable report by default (``hostagent.probe.report``); ``--json`` prints
+``probe_json``: the schema-v1 ``topology`` dict plus ``free_cache``. Roots: ``--sysfs-root``
+(default ``/sys``) and ``--resctrl-root`` (default ``<sysfs-root>/fs/resctrl`` when
+``--sysfs-root`` is given, else ``/sys/fs/resctrl``). Imports stay light: no libvirt, zmq
+or psutil on this path.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_root_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sysfs-root", metavar="D", help="sysfs tree to read (default /sys)"
+    )
+    parser.add_argument(
+        "--resctrl-root",
+        metavar="D",
+        help="resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
+    )
+
+
+def roots(args: argparse.Namespace) -> tuple[str, str]:
+    """(sysfs root, resctrl root) from the parsed options, with the defaults above."""
+    sysfs = args.sysfs_root or "/sys"
+    resctrl = args.resctrl_root or (
+        f"{args.sysfs_root.rstrip('/')}/fs/resctrl" if args.sysfs_root else "/sys/fs/resctrl"
+    )
+    return sysfs, resctrl
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "probe",
+        help="show this host's NUMA cells, cores, caches, hugepages, resctrl and PCI",
+        description="Read the host topology from sysfs and resctrl and print it.",
+    )
+    add_root_options(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the schema-v1 topology plus free_cache"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from hostagent.probe.host import probe_host
+
+    sysfs, resctrl = roots(args)
+    topo = probe_host(sysfs, resctrl)
+    if args.json:
+        import json
+
+        from hostagent.probe.host import probe_json
+
+        sys.stdout.write(json.dumps(probe_json(topo)) + "\n")  # no indent: keeps the C encoder
+    else:
+        from hostagent.probe.report import render
+
+        sys.stdout.write(render(topo))
+    return 0
