@@ -61,6 +61,32 @@ def _cells(topo: HostTopology) -> list[str]:
     return out
 
 
+def core_runs(cores: list[tuple[int, ...]]) -> list[str]:
+    """``[(core, thread, thread...), ...]`` → compact tokens ``core=threads``.
+
+    Consecutive cores whose id and every thread go up by one are folded into one token:
+    ``0-7=0-7/224-231`` pairs core 0 with threads 0 and 224, core 1 with 1 and 225, ...
+    """
+    tokens: list[str] = []
+    i = 0
+    while i < len(cores):
+        j = i
+        while (
+            j + 1 < len(cores)
+            and len(cores[j + 1]) == len(cores[i])
+            and all(b == a + 1 for a, b in zip(cores[j], cores[j + 1], strict=True))
+        ):
+            j += 1
+        first, last = cores[i], cores[j]
+        if i == j:
+            tokens.append(f"{first[0]}={','.join(map(str, first[1:]))}")
+        else:
+            threads = "/".join(f"{a}-{b}" for a, b in zip(first[1:], last[1:], strict=True))
+            tokens.append(f"{first[0]}-{last[0]}={threads}")
+        i = j + 1
+    return tokens
+
+
 def _cores(topo: HostTopology) -> list[str]:
     online = [c for c in topo.cpus if c.online]
     offline = [c.id for c in topo.cpus if not c.online]
@@ -69,7 +95,8 @@ def _cores(topo: HostTopology) -> list[str]:
         f"CPUs: {len(topo.cpus)} ({len(online)} online"
         + (f", offline {format_cpulist(offline)}" if offline else "")
         + (f", isolated {format_cpulist(isolated)}" if isolated else "")
-        + ")"
+        + ")",
+        "  (core=threads; 0-7=0-7/224-231 is core 0 = threads 0,224, core 1 = 1,225, ...)",
     ]
     sockets: dict[tuple[int, int], list[tuple[int, ...]]] = {}
     cells_of: dict[tuple[int, int], set[int]] = {}
@@ -85,12 +112,9 @@ def _cores(topo: HostTopology) -> list[str]:
         cells = ",".join(str(x) for x in sorted(cells_of[(sock, die)]))
         out.append(
             f"  socket {sock} die {die} (cell {cells}): {len(cores)} cores, "
-            f"{'/'.join(map(str, threads))} thread(s) each — core:threads"
+            f"{'/'.join(map(str, threads))} thread(s) each"
         )
-        out += _wrap(
-            (f"{t[0]}:{','.join(map(str, t[1:]))}" for t in sorted(cores, key=lambda t: t[1])),
-            "    ",
-        )
+        out += _wrap(core_runs(sorted(cores, key=lambda t: t[1])), "    ")
     return out
 
 
@@ -143,16 +167,11 @@ def _resctrl(topo: HostTopology) -> list[str]:
     letters = _letters(rc)
     cdp = ", ".join(k for k, v in sorted(rc.cdp.items()) if v)
     out = [f"resctrl (CDP: {cdp or 'off'})"]
-    legend = [f"{letters[g.name]}={g.name or '(default)'}" for g in rc.groups]
-    out.append(
-        "  groups: "
-        + "; ".join(
-            f"{letters[g.name]} {g.name or '(default)'} [{g.mode}, {g.tasks} tasks"
+    for g in rc.groups:
+        out.append(
+            f"  group {letters[g.name]} {g.name or '(default)'}: {g.mode}, {g.tasks} tasks"
             + (f", cpus {format_cpulist(g.cpus)}" if g.cpus else "")
-            + "]"
-            for g in rc.groups
         )
-    )
     ways = {(w["resource"], w["id"]): w for w in cache_ways(topo)}
     for res in rc.resources:
         full = parse_mask(res.cbm_mask)
@@ -179,7 +198,7 @@ def _resctrl(topo: HostTopology) -> list[str]:
             )
     out.append(
         "  legend: . free, - free but shared with I/O (shareable_bits), * held by several "
-        "groups, " + ", ".join(legend)
+        "groups, letters: the groups above"
     )
     if rc.mb is not None:
         mb = rc.mb
