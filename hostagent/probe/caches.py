@@ -9,7 +9,9 @@ and, for each, ``index0``, ``index1``, ... until an index has no ``level`` file:
   already had its ``indexK`` read, the cache is known and skipped; else ``type``, ``id``,
   ``size``, ``ways_of_associativity`` and ``coherency_line_size`` are read.
 
-Fallbacks: ``shared_cpu_list`` missing → the CPU alone; ``type`` missing → unified;
+A cache's CPUs are its ``shared_cpu_list`` restricted to online CPUs (the kernel already
+drops offline CPUs; a stale list is trimmed). Fallbacks: ``shared_cpu_list`` missing → the
+CPU alone; ``type`` missing → unified;
 ``id`` missing → the lowest CPU in ``shared_cpu_list`` (stable across boots, unique per
 level and type because a CPU has one cache of each level and type); ``size``,
 ``ways_of_associativity``, ``coherency_line_size`` missing → 0 (unknown). A second cache
@@ -40,6 +42,7 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
     covered: dict[int, set[int]] = {}  # index K -> CPUs whose indexK is already known
     read_first: set[tuple[int, int]] = set()  # (K, lowest sharing CPU) already read
     found: dict[tuple[int, str, int], Cache] = {}
+    online = set(online)
     for cpu in sorted(online):
         prefix = f"{base}{cpu}/cache/index"
         k = 0
@@ -62,7 +65,7 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                 if (k, lowest) in read_first:
                     k += 1
                     continue
-                shared = to_cpus(path, text) or (cpu,)
+                shared = tuple(c for c in to_cpus(path, text) if c in online) or (cpu,)
             read_first.add((k, lowest))
             if cov is None:
                 covered[k] = cov = set()
