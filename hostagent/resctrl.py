@@ -267,8 +267,8 @@ def _parse_item(n: int, item: str, default_level: int) -> CacheItem | BandwidthI
         raise RequestError(f"{where}: {exc}") from None
 
 
-def _id_text(cid: int | None) -> str:
-    return "the chosen cache" if cid is None else f"cache {cid}"
+def _where(level: int, cid: int | None) -> str:
+    return f"L{level} (no cache-id)" if cid is None else f"L{level} cache {cid}"
 
 
 def parse_reservation(text: str, *, default_level: int = 3) -> ReservationSpec:
@@ -295,6 +295,8 @@ def parse_reservation(text: str, *, default_level: int = 3) -> ReservationSpec:
             caches.append(item)
         else:
             bandwidth.append(item)
+    if not caches and not bandwidth:
+        raise RequestError(f"empty reservation {text!r}: give at least one item")
     _check_collisions(caches)
     seen: dict[int | None, BandwidthItem] = {}
     for b in bandwidth:
@@ -315,7 +317,7 @@ def _check_collisions(caches: Sequence[CacheItem], resolved: bool = False) -> No
         if key in by_key:
             raise RequestError(
                 f"reservation items {by_key[key].text!r} and {it.text!r} both ask for "
-                f"type={it.type} on L{it.level} {_id_text(it.cache_id)}"
+                f"type={it.type} on {_where(it.level, it.cache_id)}"
                 + ("" if not resolved else " (the cache chosen for both)")
             )
         by_key[key] = it
@@ -326,12 +328,12 @@ def _check_collisions(caches: Sequence[CacheItem], resolved: bool = False) -> No
                     raise RequestError(
                         f"reservation items {it.text!r} and {by_key[(level, cid, other)].text!r}"
                         f" collide: type=both cannot be combined with type={other} on "
-                        f"L{level} {_id_text(cid)}"
+                        f"{_where(level, cid)}"
                     )
         if ctype == "code" and (level, cid, "data") not in by_key:
             raise RequestError(
                 f"reservation item {it.text!r}: type=code must be paired with type=data "
-                f"for the same cache (L{level} {_id_text(cid)}), e.g. "
+                f"for the same cache ({_where(level, cid)}), e.g. "
                 f"'{it.text};type=data,size=...'"
             )
 

@@ -1,0 +1,245 @@
+"""``hostagent resctrl free|reserve|release|carve``: see and reserve cache ways safely.
+
+``free`` draws, per resource and cache ID, every way by owner (the way map of
+``hostagent probe``: ``hostagent.probe.report.way_map``) with free ways, the largest
+contiguous run and bytes. ``reserve``, ``release`` and ``carve`` call
+``hostagent.resctrl_fs`` (lock, plan, write). Roots: ``--resctrl-root`` and
+``--sysfs-root`` as for ``hostagent probe``. ``--json`` outputs are documented in
+docs/resctrl.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hostagent.commands.probe import add_root_options, roots
+
+_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _common(json_help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    add_root_options(p)
+    p.add_argument("--json", action="store_true", help=json_help)
+    return p
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "resctrl",
+        help="see free cache ways and reserve them (Intel RDT / AMD PQoS)",
+        description="Cache (CAT/CDP) and memory-bandwidth (MBA) reservations in resctrl.",
+    )
+    sub = p.add_subparsers(dest="resctrl_command", metavar="ACTION")
+    f = sub.add_parser(
+        "free", parents=[_common("print the map as JSON")],
+        help="free ways per resource and cache ID, with a map of every way by owner",
+    )
+    f.set_defaults(func=run_free)
+    r = sub.add_parser(
+        "reserve", parents=[_common("print the plan and what was done as JSON")],
+        help="reserve cache ways (and bandwidth) for a group",
+        description="Reserve SPEC for group hostagent-GROUP, e.g. "
+        "'type=both,size=4608k,cache-id=0;mb=50,node=0'.",
+    )
+    r.add_argument("group", metavar="GROUP", help="group name (created as hostagent-GROUP)")
+    r.add_argument("spec", metavar="SPEC", help="reservation items separated by ';'")
+    who = r.add_mutually_exclusive_group()
+    who.add_argument("--cpus", metavar="LIST", help="CPUs to move into the group (0-3,8)")
+    who.add_argument("--tasks", metavar="PIDS", help="process ids to move into the group")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    r.set_defaults(func=run_reserve)
+    rel = sub.add_parser(
+        "release", parents=[_common("print the outcome as JSON")],
+        help="remove a group created by reserve",
+    )
+    rel.add_argument("group", metavar="GROUP")
+    rel.set_defaults(func=run_release)
+    c = sub.add_parser(
+        "carve", parents=[_common("print the change as JSON")],
+        help="shrink the default group so that N contiguous ways per cache ID are free",
+    )
+    c.add_argument("--ways", type=int, required=True, metavar="N")
+    c.add_argument("--cache-id", type=int, metavar="ID", help="only this cache ID")
+    c.add_argument("--level", type=int, default=3, metavar="L", help="cache level (3)")
+    c.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
+    c.set_defaults(func=run_carve)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _json(doc: Any) -> None:
+    _out(json.dumps(doc, indent=2, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- free
+
+
+def free_report(topo: Any) -> dict[str, Any]:
+    """The ``resctrl free --json`` document (see docs/resctrl.md)."""
+    from hostagent.cbm import cache_ways, parse_mask
+    from hostagent.probe.report import way_map
+
+    rc = topo.resctrl
+    letters = {"": "D"}
+    for i, g in enumerate(g for g in rc.groups if g.name):
+        letters[g.name] = _LETTERS[i] if i < len(_LETTERS) else "?"
+    limits = [r.num_closids for r in rc.resources if r.num_closids]
+    if rc.mb is not None and rc.mb.num_closids:
+        limits.append(rc.mb.num_closids)
+    caches = []
+    for entry in cache_ways(topo):
+        res = rc.resource(entry["resource"])
+        full = parse_mask(res.cbm_mask)
+        shareable = parse_mask(res.shareable_bits) if res.shareable_bits else 0
+        holders = [(letters[a["group"]], parse_mask(a["mask"])) for a in entry["allocations"]]
+        ways = []
+        for bit in range(full.bit_length() - 1, -1, -1):
+            ways.append(
+                {
+                    "way": bit,
+                    "owners": [a["group"] for a in entry["allocations"]
+                               if parse_mask(a["mask"]) >> bit & 1],
+                    "shareable": bool(shareable >> bit & 1),
+                }
+            )
+        caches.append(
+            {**entry, "granularity_bytes": res.granularity_bytes,
+             "map": way_map(full, shareable, holders), "ways": ways}
+        )
+    return {
+        "cdp": dict(rc.cdp),
+        "closids": {"used": len(rc.groups), "limit": min(limits) if limits else None},
+        "groups": [
+            {"name": g.name, "letter": letters[g.name], "mode": g.mode,
+             "cpus": list(g.cpus), "tasks": g.tasks,
+             "mb": {str(k): v for k, v in sorted(g.mb.items())}}
+            for g in rc.groups
+        ],
+        "mb": None if rc.mb is None else {
+            "unit": rc.mb.unit, "bandwidth_gran": rc.mb.bandwidth_gran,
+            "min_bandwidth": rc.mb.min_bandwidth, "num_closids": rc.mb.num_closids,
+        },
+        "caches": caches,
+    }
+
+
+def render_free(doc: dict[str, Any]) -> str:
+    from hostagent.resctrl import exact_size
+
+    cdp = ", ".join(k for k, v in sorted(doc["cdp"].items()) if v) or "off"
+    cl = doc["closids"]
+    out = [f"resctrl: CDP {cdp}; groups {cl['used']} of {cl['limit'] or '?'} CLOSIDs "
+           "(the default group counts)"]
+    for g in doc["groups"]:
+        out.append(f"  {g['letter']} {g['name'] or '(default)'}: {g['mode']}, {g['tasks']} tasks"
+                   + (f", cpus {_cpus(g['cpus'])}" if g["cpus"] else ""))
+    for c in doc["caches"]:
+        out.append(
+            f"{c['resource']}:{c['id']}  {c['map']}  free {c['free_ways']} "
+            f"({exact_size(c['free_bytes'])}), largest run {c['largest_free_run']} "
+            f"({exact_size(c['largest_free_bytes'])}), free mask {c['free_mask']}"
+        )
+    out.append(
+        "  ways: highest first; . free, - free but shared with I/O (shareable_bits), "
+        "D default group, * several groups, letters: the groups above"
+    )
+    if doc["mb"] is not None:
+        mb = doc["mb"]
+        out.append(f"MB ({mb['unit']}, granularity {mb['bandwidth_gran']}, "
+                   f"min {mb['min_bandwidth']}):")
+        for g in doc["groups"]:
+            vals = " ".join(f"{k}={v}" for k, v in g["mb"].items())
+            out.append(f"  {g['letter']} {g['name'] or '(default)'}: {vals or '-'}")
+    return "\n".join(out) + "\n"
+
+
+def _cpus(cpus: list[int]) -> str:
+    from hostagent.cpulist import format_cpulist
+
+    return format_cpulist(cpus)
+
+
+def run_free(args: argparse.Namespace) -> int:
+    from hostagent.resctrl_fs import locked, read_topology
+
+    sysfs, resctrl = roots(args)
+    with locked(resctrl, exclusive=False):
+        topo = read_topology(resctrl, sysfs)
+    doc = free_report(topo)
+    if args.json:
+        _json(doc)
+    else:
+        _out(render_free(doc))
+    return 0
+
+
+# ----------------------------------------------------------------------------- changes
+
+
+def run_reserve(args: argparse.Namespace) -> int:
+    from hostagent.resctrl import describe_items
+    from hostagent.resctrl_fs import reserve
+
+    sysfs, resctrl = roots(args)
+    result = reserve(
+        resctrl, sysfs, args.group, args.spec, cpus=args.cpus, tasks=args.tasks,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        _json(result.to_dict())
+        return 0
+    plan = result.plan
+    out = [f"group {result.group}: {result.action} ({result.path})", "schemata:"]
+    out += ["  " + line for line in plan.text.splitlines()]
+    out.append("reserved:")
+    out += ["  " + line for line in describe_items(plan.caches)]
+    out += [f"  MB:{b.node}={b.value} ({b.unit})" for b in plan.bandwidth]
+    if result.cpus is not None:
+        out.append(f"cpus: {_cpus(list(result.cpus))}")
+    if result.tasks is not None:
+        out.append("tasks: " + ",".join(map(str, result.tasks)))
+    _out("\n".join(out))
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from hostagent.resctrl_fs import group_dir_name, release
+
+    _, resctrl = roots(args)
+    name = group_dir_name(args.group)
+    removed = release(resctrl, args.group)
+    if args.json:
+        _json({"group": name, "removed": removed})
+    else:
+        _out(f"group {name}: {'removed' if removed else 'not present, nothing to release'}")
+    return 0
+
+
+def run_carve(args: argparse.Namespace) -> int:
+    from hostagent.resctrl_fs import carve
+
+    sysfs, resctrl = roots(args)
+    plan = carve(resctrl, sysfs, args.ways, args.cache_id, level=args.level,
+                 dry_run=args.dry_run)
+    if args.json:
+        _json({**plan.to_dict(), "dry_run": args.dry_run})
+        return 0
+    state = "would change" if args.dry_run and plan.changed else (
+        "changed" if plan.changed else "unchanged")
+    out = [f"default group: {state}"]
+    for ch in plan.changes:
+        d = ch.to_dict()
+        out.append(
+            f"  {d['resource']}:{d['cache_id']} {d['before']} -> {d['after']}"
+            f"  free {d['free_before']} -> {d['free_after']} "
+            f"(largest run {d['largest_free_run']})"
+        )
+    _out("\n".join(out))
+    return 0
