@@ -334,3 +334,23 @@ def test_variant_with_offline_cpu(tmp_path: Path) -> None:
     generate_tree(spec, tmp_path / "v")
     assert hwloc_counts(tmp_path / "v")["PU"] == 3
     assert read(tmp_path / "v/sys/devices/system/cpu/offline") == "3\n"
+
+
+def test_overrides_make_quirks_and_bad_input(tmp_path: Path) -> None:
+    spec = variant(
+        "vm-1s-nosmt",
+        name="vm-bad",
+        overrides={
+            "sys/devices/system/node/node0/cpulist": "0-\n",
+            "sys/devices/system/cpu/cpu*/cache/index3/id": None,
+        },
+    )
+    generate_tree(spec, tmp_path / "t")
+    cpu = tmp_path / "t/sys/devices/system/cpu"
+    assert read(tmp_path / "t/sys/devices/system/node/node0/cpulist") == "0-\n"
+    assert not list(cpu.glob("cpu*/cache/index3/id"))
+    assert len(list(cpu.glob("cpu*/cache/index3/size"))) == 4
+    with pytest.raises(ValueError, match="matches no file"):
+        render_tree(variant("vm-1s-nosmt", overrides={"sys/nothing/*": None}))
+    with pytest.raises(ValueError, match="not generated"):
+        render_tree(variant("vm-1s-nosmt", overrides={"sys/nothing": None}))
