@@ -354,3 +354,14 @@ def test_overrides_make_quirks_and_bad_input(tmp_path: Path) -> None:
         render_tree(variant("vm-1s-nosmt", overrides={"sys/nothing/*": None}))
     with pytest.raises(ValueError, match="not generated"):
         render_tree(variant("vm-1s-nosmt", overrides={"sys/nothing": None}))
+
+
+@needs_hwloc
+def test_variant_with_node_id_gap(tmp_path: Path) -> None:
+    spec = variant("epyc-amd", name="epyc-gap", cell_ids=(0, 2))
+    generate_tree(spec, tmp_path / "g")
+    node = tmp_path / "g/sys/devices/system/node"
+    assert read(node / "online") == "0,2\n"
+    assert read(node / "node2/cpulist") == "16-31,48-63\n"
+    assert read(node / "node2/distance") == "12 10\n"
+    assert hwloc_counts(tmp_path / "g") == expected_counts(spec)
