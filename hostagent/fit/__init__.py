@@ -1,0 +1,120 @@
+"""The fitter: does a guest fit this host, and exactly where (pure; docs/fit.md).
+
+``fit(snapshot, request, strategy=...)`` answers from a schema-v1 snapshot dict and a Nova
+flavor-style request dict, never changing either. ``parse_request`` validates a request on
+its own. Modules: ``request`` (parsing), ``host`` (the snapshot as free resources per
+cell), ``cellfit`` (one guest cell on one host cell), ``place`` (the search), ``pci``,
+``cache`` (reservations through ``hostagent.resctrl``), ``vcpu_topology``,
+``libvirt_xml`` (domain XML fragments), ``explain`` (reasons as text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hostagent.errors import RequestError
+from hostagent.fit.cellfit import CellFit, Reason
+from hostagent.fit.host import HostView, host_view
+from hostagent.fit.libvirt_xml import fragments
+from hostagent.fit.place import STRATEGIES, Outcome, place, place_floating
+from hostagent.fit.request import FitRequest, parse_request
+from hostagent.fit.vcpu_topology import best_topology
+
+__all__ = ["FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
+
+
+def fit(
+    snapshot: Mapping[str, Any],
+    request: Mapping[str, Any] | FitRequest,
+    *,
+    strategy: str = "spread",
+) -> dict[str, Any]:
+    """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``.
+
+    Raises ``RequestError`` for an invalid request, strategy or snapshot.
+    """
+    if strategy not in STRATEGIES:
+        raise RequestError(f"strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
+    req = request if isinstance(request, FitRequest) else parse_request(request)
+    view = host_view(snapshot)
+
+    forced = 1 if req.thread_policy == "isolate" else None
+    if req.thread_policy == "require":
+        forced = None  # decided per host cell (threads per core) inside the cell fit
+    topo = best_topology(req.vcpus, req.topology, threads=forced)
+    if topo is None and req.thread_policy != "require":
+        why = ("isolate gives every vCPU its own core, so the guest has 1 thread per core; "
+               if forced == 1 else "")
+        return _no(strategy, [Reason(
+            None, None, "topology",
+            f"{why}no sockets x cores x threads = {req.vcpus} within the limits "
+            f"{req.topology.max_sockets}:{req.topology.max_cores}:{req.topology.max_threads}")])
+
+    if not req.numa:
+        out = place_floating(view, req)
+    else:
+        out = place(view, req, strategy)
+    if not out.fits:
+        return _no(strategy, out.reasons)
+
+    if req.thread_policy == "require":
+        t = view.cell(out.cells[0].host_cell).threads_per_core
+        topo = best_topology(req.vcpus, req.topology, threads=t)
+    assert topo is not None
+    placement = _placement(view, req, out, topo.as_dict())
+    xml = fragments(vcpus=req.vcpus, placement=placement, realtime=req.realtime,
+                    floating_cpus=view.shared_cpus)
+    return {"fits": True, "strategy": strategy, "placement": placement, "reasons": [],
+            "libvirt_xml": xml}
+
+
+def _no(strategy: str, reasons: list[Reason]) -> dict[str, Any]:
+    return {"fits": False, "strategy": strategy, "placement": None,
+            "reasons": [r.as_dict() for r in reasons], "libvirt_xml": None}
+
+
+def _emulator_cpus(view: HostView, req: FitRequest, cells: list[CellFit]) -> list[int]:
+    if not cells:
+        return []
+    shared_here = sorted({t for c in cells for t in view.cell(c.host_cell).shared})
+    rt = set(req.realtime)
+    non_rt = sorted({cpu for c in cells for v, cpu in c.pinning if v not in rt})
+    if req.emulator_policy == "isolate":
+        return [cells[0].emulator_cpu] if cells[0].emulator_cpu is not None else []
+    if req.emulator_policy == "share":
+        return shared_here or list(view.shared_cpus) or non_rt
+    if req.pinned:
+        return sorted(set(non_rt) | {t for c in cells for t in c.shared_cpus})
+    return shared_here
+
+
+def _placement(
+    view: HostView, req: FitRequest, out: Outcome, topology: dict[str, int]
+) -> dict[str, Any]:
+    cells = []
+    by_index = {g.index: g for g in req.cells}
+    for cf in sorted(out.cells, key=lambda c: c.guest_cell):
+        g = by_index[cf.guest_cell]
+        cells.append({
+            "guest_cell": cf.guest_cell,
+            "host_cell": cf.host_cell,
+            "vcpus": list(g.vcpus),
+            "pinning": {str(v): cpu for v, cpu in cf.pinning},
+            "shared_vcpus": list(cf.shared_vcpus),
+            "shared_cpus": list(cf.shared_cpus),
+            "memory_mib": g.memory_mib,
+            "page_size_kib": cf.page_size_kib,
+            "reserved_cpus": list(cf.reserved),
+        })
+    return {
+        "floating": not req.numa,
+        "cells": cells,
+        "shared_vcpus": list(range(req.vcpus)) if not req.numa else [],
+        "emulator_cpus": _emulator_cpus(view, req, sorted(out.cells, key=lambda c: c.guest_cell)),
+        "realtime_vcpus": list(req.realtime),
+        "cache": out.cache,
+        "pci": [{"address": d.address, "vendor": d.vendor, "device": d.device,
+                 "numa_node": d.numa_node} for d in out.pci],
+        "topology": topology,
+    }

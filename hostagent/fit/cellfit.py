@@ -1,0 +1,285 @@
+"""Does one guest cell fit one host cell, and on which threads and pages (pure).
+
+``fit_cell`` checks, in order: memory (small pages or the requested hugepage size), shared
+vCPU capacity, then dedicated threads with the thread policy, and returns either a
+``CellFit`` (the pinning, the emulator thread, the siblings kept idle) or the reasons
+why not, one per failing resource. The thread rules (docs/fit.md):
+
+- ``prefer``: repeatedly take the core whose free threads best fit what is left (the
+  smallest count that holds the rest, else the largest), all its free threads ascending;
+  consecutive vCPUs thus land on sibling threads, and whole cores are kept for later.
+- ``isolate``: every vCPU gets a core whose threads are all dedicated and free; it runs
+  on the lowest thread, the other threads stay idle (``reserved``). Works with or
+  without SMT.
+- ``require``: the host's threads per core ``T`` > 1; guest sibling groups (vCPUs
+  ``kT..kT+T-1``, as the guest topology numbers them) each take one core with ``T``
+  free threads.
+- an isolated emulator thread takes one more free thread (best fit, outside idle cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hostagent.cpulist import format_cpulist
+from hostagent.fit.host import SMALL_PAGE_KIB, HostCell
+from hostagent.fit.request import FitRequest, GuestCell
+from hostagent.fit.vcpu_topology import best_topology
+
+
+@dataclass(frozen=True)
+class Reason:
+    host_cell: int | None
+    guest_cell: int | None
+    resource: str
+    message: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"host_cell": self.host_cell, "guest_cell": self.guest_cell,
+                "resource": self.resource, "message": self.message}
+
+
+@dataclass(frozen=True)
+class CellFit:
+    guest_cell: int
+    host_cell: int
+    pinning: tuple[tuple[int, int], ...]  # (vcpu, host cpu)
+    shared_vcpus: tuple[int, ...]
+    shared_cpus: tuple[int, ...]
+    page_size_kib: int
+    emulator_cpu: int | None
+    reserved: tuple[int, ...]  # siblings kept idle (isolate)
+
+
+def _mib(kib: int) -> str:
+    return f"{kib // 1024} MiB" if kib % 1024 == 0 else f"{kib} KiB"
+
+
+def choose_page_size(
+    req: FitRequest, g: GuestCell, cell: HostCell, ram_ratio: float
+) -> tuple[int | None, str, str]:
+    """(page size KiB or None, resource, message) for the guest cell's memory."""
+    mem = g.memory_kib
+    ps = req.page_size
+    if ps is None and not req.pinned:
+        if mem > cell.small_total_kib:
+            return None, "memory", (
+                f"needs {_mib(mem)}, the cell has {_mib(cell.small_total_kib)} of small-page "
+                "memory in all")
+        limit = int(cell.small_total_kib * ram_ratio)
+        if cell.small_used_kib + mem > limit:
+            return None, "memory", (
+                f"needs {_mib(mem)}, {_mib(max(0, limit - cell.small_used_kib))} left under "
+                f"ram_allocation_ratio {ram_ratio:g}")
+        return SMALL_PAGE_KIB, "", ""
+    if ps is None or ps == "small" or ps == SMALL_PAGE_KIB:
+        if mem > cell.small_free_kib:
+            return None, "memory", (
+                f"needs {_mib(mem)} of small-page memory, {_mib(cell.small_free_kib)} free")
+        return SMALL_PAGE_KIB, "", ""
+    huge = sorted(cell.pages, reverse=True)
+    if ps == "large":
+        cands = huge
+    elif ps == "any":
+        cands = huge + [SMALL_PAGE_KIB]
+    else:
+        assert isinstance(ps, int)
+        if ps not in cell.pages:
+            have = ", ".join(str(s) for s in sorted(cell.pages)) or "none"
+            return None, "hugepages", f"no {ps} KiB pages in this cell (sizes: {have})"
+        cands = [ps]
+    if not cands:
+        return None, "hugepages", "no hugepage pools in this cell"
+    why = []
+    for size in cands:
+        if size == SMALL_PAGE_KIB:
+            if mem <= cell.small_free_kib:
+                return size, "", ""
+            why.append(f"small pages: {_mib(cell.small_free_kib)} free")
+            continue
+        if mem % size:
+            why.append(f"{size} KiB pages: {_mib(mem)} is not a whole number of pages")
+            continue
+        need = mem // size
+        if need <= cell.pages[size]:
+            return size, "", ""
+        why.append(f"{size} KiB pages: needs {need}, {cell.pages[size]} free")
+    return None, "hugepages", f"needs {_mib(mem)}; " + "; ".join(why)
+
+
+def _best_fit_core(
+    cores: Sequence[tuple[int, ...]], avail: dict[int, list[int]], want: int
+) -> int:
+    """Index of the core whose available count best fits ``want`` (ties: first in order)."""
+    best = -1
+    for i in range(len(cores)):
+        n = len(avail[i])
+        if n == 0:
+            continue
+        if best < 0:
+            best = i
+            continue
+        bn = len(avail[best])
+        if bn >= want:
+            if want <= n < bn:
+                best = i
+        elif n > bn:
+            best = i
+    return best
+
+
+def pin_prefer(
+    cores: Sequence[tuple[int, ...]], free: frozenset[int], n: int
+) -> list[int] | None:
+    avail = {i: [t for t in core if t in free] for i, core in enumerate(cores)}
+    out: list[int] = []
+    while len(out) < n:
+        i = _best_fit_core(cores, avail, n - len(out))
+        if i < 0:
+            return None
+        take = avail[i][: n - len(out)]
+        out.extend(take)
+        avail[i] = avail[i][len(take):]
+    return out
+
+
+def pin_isolate(
+    cores: Sequence[tuple[int, ...]], free: frozenset[int], n: int
+) -> tuple[list[int], list[int]] | None:
+    whole = [c for c in cores if all(t in free for t in c)]
+    if len(whole) < n:
+        return None
+    chosen = whole[:n]
+    return [c[0] for c in chosen], [t for c in chosen for t in c[1:]]
+
+
+def require_groups(vcpus: Sequence[int], t: int) -> list[list[int]]:
+    """Guest sibling groups of the given vCPUs: ids ``kT..kT+T-1`` share a guest core."""
+    groups: dict[int, list[int]] = {}
+    for v in sorted(vcpus):
+        groups.setdefault(v // t, []).append(v)
+    return [groups[k] for k in sorted(groups)]
+
+
+def pin_require(
+    cores: Sequence[tuple[int, ...]], free: frozenset[int], groups: list[list[int]], t: int
+) -> list[int] | None:
+    usable = [c for c in cores if len(c) == t and all(x in free for x in c)]
+    if len(usable) < len(groups):
+        return None
+    out: list[int] = []
+    for group, core in zip(groups, usable, strict=False):
+        out.extend(core[: len(group)])
+    return out
+
+
+def pick_emulator(
+    cores: Sequence[tuple[int, ...]], free: frozenset[int], used: set[int]
+) -> int | None:
+    avail = {i: [t for t in core if t in free and t not in used] for i, core in enumerate(cores)}
+    i = _best_fit_core(cores, avail, 1)
+    return avail[i][0] if i >= 0 else None
+
+
+def fit_cell(
+    req: FitRequest,
+    g: GuestCell,
+    cell: HostCell,
+    *,
+    emulator: bool,
+    cpu_ratio: float,
+    ram_ratio: float,
+    cores: Sequence[tuple[int, ...]] | None = None,
+) -> CellFit | list[Reason]:
+    """Fit guest cell ``g`` onto host cell ``cell``; ``cores`` overrides the core order."""
+    reasons: list[Reason] = []
+
+    def no(resource: str, message: str) -> None:
+        reasons.append(Reason(cell.id, g.index, resource, message))
+
+    page, res, msg = choose_page_size(req, g, cell, ram_ratio)
+    if page is None:
+        no(res, msg)
+
+    ns = len(g.shared)
+    if ns:
+        cap = len(cell.shared)
+        if cap == 0:
+            no("shared_threads", f"{ns} shared vCPUs need shared threads; the cell has none")
+        elif ns > cap:
+            no("shared_threads", f"{ns} shared vCPUs exceed the cell's {cap} shared threads")
+        else:
+            limit = int(cap * cpu_ratio)
+            if cell.shared_used + ns > limit:
+                no("shared_threads",
+                   f"{ns} shared vCPUs, {max(0, limit - cell.shared_used)} left of {limit} "
+                   f"(cpu_allocation_ratio {cpu_ratio:g})")
+
+    order = tuple(cores) if cores is not None else cell.cores
+    nd = len(g.dedicated)
+    extra = 1 if emulator else 0
+    emu_note = " (+1 for the isolated emulator thread)" if extra else ""
+    pins: list[int] | None = []
+    reserved: list[int] = []
+    emu_cpu: int | None = None
+    policy = req.thread_policy
+    if nd or extra:
+        if policy == "isolate":
+            got = pin_isolate(order, cell.free, nd)
+            if got is None:
+                whole = len(cell.whole_free_cores())
+                no("whole_cores", f"isolate needs {nd} whole free cores (every thread "
+                                  f"dedicated and free), the cell has {whole}")
+                pins = None
+            else:
+                pins, reserved = got
+        elif policy == "require":
+            t = cell.threads_per_core
+            groups = require_groups(g.dedicated, t) if t > 1 else []
+            bad = [grp for grp in groups if len(grp) != t]
+            if t <= 1:
+                no("sibling_threads", "require needs SMT; the cell's cores have 1 thread")
+                pins = None
+            elif best_topology(req.vcpus, req.topology, threads=t) is None:
+                no("topology", f"require: the guest needs {t} threads per core (the host's), "
+                               f"but no sockets x cores x {t} = {req.vcpus} fits the limits "
+                               f"{req.topology.max_sockets}:{req.topology.max_cores}:"
+                               f"{req.topology.max_threads}")
+                pins = None
+            elif bad:
+                no("sibling_threads",
+                   f"require: the host has {t} threads per core, so guest cores are vCPUs "
+                   f"{t}k..{t}k+{t - 1}; vCPUs {format_cpulist(bad[0])} of guest cell "
+                   f"{g.index} are not a whole dedicated guest core")
+                pins = None
+            else:
+                pins = pin_require(order, cell.free, groups, t)
+                if pins is None:
+                    usable = sum(1 for c in order if len(c) == t and set(c) <= cell.free)
+                    no("sibling_threads", f"require needs {len(groups)} cores with {t} free "
+                                          f"sibling threads, the cell has {usable}")
+        else:
+            pins = pin_prefer(order, cell.free, nd)
+            if pins is None:
+                no("dedicated_threads", f"needs {nd + extra} free dedicated threads{emu_note}, "
+                                        f"the cell has {len(cell.free)}")
+        if pins is not None and extra:
+            emu_cpu = pick_emulator(order, cell.free, set(pins) | set(reserved))
+            if emu_cpu is None:
+                no("dedicated_threads",
+                   f"no free dedicated thread left for the isolated emulator thread after "
+                   f"{nd} vCPUs")
+    if reasons:
+        return reasons
+    assert pins is not None and page is not None
+    return CellFit(
+        guest_cell=g.index,
+        host_cell=cell.id,
+        pinning=tuple(zip(g.dedicated, pins, strict=True)),
+        shared_vcpus=g.shared,
+        shared_cpus=cell.shared if g.shared else (),
+        page_size_kib=page,
+        emulator_cpu=emu_cpu,
+        reserved=tuple(sorted(reserved)),
+    )

@@ -1,0 +1,215 @@
+"""What the fit sees of a host: per-cell free threads, memory, pages and devices.
+
+``host_view(snapshot)`` reads a schema-v1 snapshot (topology + config + usage) once into
+frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
+
+- a *dedicated* thread is online and in ``config.dedicated_cpus``; it is *free* unless
+  ``usage.threads`` gives it a guest, an emulator, a shared guest or a hold
+  (``held_by``), or ``usage.cells[].pinned_cpus`` lists it;
+- a *core* is the set of a thread's online siblings inside the cell, cores ordered by
+  their lowest thread id, threads ascending;
+- small-page memory of a cell is ``memory_kib`` minus every hugepage pool minus
+  ``config.reserved_memory_kib``; ``usage.cells[].memory_used_kib`` is what guests hold
+  of it; hugepages free per size come from ``usage.cells[].hugepages[].free`` (the
+  tracker subtracts the reserved pages), else from the topology minus the reserved pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hostagent.errors import RequestError
+from hostagent.model import HostTopology, topology_from_dict
+
+SMALL_PAGE_KIB = 4
+
+# PCI classes never passed through (bridges, host peripherals, memory controllers).
+_NON_ASSIGNABLE_CLASSES = ("05", "06", "08")
+
+
+@dataclass(frozen=True)
+class PciDev:
+    address: str
+    vendor: str
+    device: str
+    numa_node: int
+    free: bool
+    assignable: bool
+
+
+@dataclass(frozen=True)
+class HostCell:
+    id: int
+    cores: tuple[tuple[int, ...], ...]
+    dedicated: frozenset[int]
+    free: frozenset[int]
+    shared: tuple[int, ...]
+    shared_used: int
+    small_total_kib: int
+    small_used_kib: int
+    pages: Mapping[int, int]  # hugepage size KiB -> free pages
+    socket: int | None  # None when the cell spans several sockets
+    threads_per_core: int
+
+    @property
+    def small_free_kib(self) -> int:
+        return max(0, self.small_total_kib - self.small_used_kib)
+
+    def whole_free_cores(self) -> list[tuple[int, ...]]:
+        return [c for c in self.cores if all(t in self.free for t in c)]
+
+
+@dataclass(frozen=True)
+class HostView:
+    cells: tuple[HostCell, ...]
+    topo: HostTopology
+    cpu_ratio: float
+    ram_ratio: float
+    shared_cpus: tuple[int, ...]
+    floating_used: int  # shared vCPUs not bound to any cell
+    pci: tuple[PciDev, ...]
+    cache_of: Mapping[tuple[int, int], int]  # (level, cpu) -> cache id
+    snapshot_usage_caches: tuple[Mapping[str, Any], ...]
+
+    def cell(self, cell_id: int) -> HostCell:
+        for c in self.cells:
+            if c.id == cell_id:
+                return c
+        raise KeyError(cell_id)
+
+
+def _bad(field: str, why: str) -> RequestError:
+    return RequestError(f"snapshot {field}: {why}")
+
+
+def host_view(snapshot: Mapping[str, Any]) -> HostView:
+    """Read the parts of a snapshot the fit needs (raises ``RequestError`` if malformed)."""
+    if not isinstance(snapshot, Mapping):
+        raise RequestError(f"snapshot must be an object, got {type(snapshot).__name__}")
+    for key in ("topology", "config", "usage"):
+        if not isinstance(snapshot.get(key), Mapping):
+            raise _bad(key, "missing or not an object")
+    try:
+        topo = topology_from_dict(snapshot["topology"])
+        return _view(topo, snapshot["config"], snapshot["usage"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad("", f"not a valid schema-v1 snapshot ({type(exc).__name__}: {exc})") from None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return []
+
+
+def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any]) -> HostView:
+    online = {c.id for c in topo.cpus if c.online}
+    dedicated_all = set(_ids(config.get("dedicated_cpus"))) & online
+    shared_all = set(_ids(config.get("shared_cpus"))) & online
+    reserved_mem = {int(k): int(v) for k, v in (config.get("reserved_memory_kib") or {}).items()}
+    reserved_pages: dict[tuple[int, int], int] = {}
+    for item in config.get("reserved_hugepages") or []:
+        key = (int(item["cell"]), int(item["size_kib"]))
+        reserved_pages[key] = reserved_pages.get(key, 0) + int(item["count"])
+
+    taken: set[int] = set()
+    for t in usage.get("threads") or []:
+        if (t.get("guest") is not None or t.get("emulator") or t.get("shared_guests")
+                or t.get("held_by")):
+            taken.add(int(t["cpu"]))
+    ucells = {int(c["id"]): c for c in usage.get("cells") or []}
+    for uc in ucells.values():
+        taken.update(_ids(uc.get("pinned_cpus")))
+
+    cpu_by_id = {c.id: c for c in topo.cpus}
+    cells = []
+    for cell in topo.cells:
+        members = [c for c in cell.cpus if c in online]
+        member_set = set(members)
+        seen: set[int] = set()
+        cores: list[tuple[int, ...]] = []
+        for cpu in sorted(members):
+            if cpu in seen:
+                continue
+            sib = cpu_by_id[cpu].siblings if cpu in cpu_by_id else (cpu,)
+            core = tuple(sorted((set(sib) & member_set) | {cpu}))
+            seen.update(core)
+            cores.append(core)
+        dedicated = frozenset(member_set & dedicated_all)
+        free = frozenset(dedicated - taken)
+        uc = ucells.get(cell.id, {})
+        huge_kib = sum(p.size_kib * p.total for p in cell.hugepages)
+        small_total = cell.memory_kib - huge_kib - reserved_mem.get(cell.id, 0)
+        pages: dict[int, int] = {}
+        upages = {int(h["size_kib"]): h for h in uc.get("hugepages") or []}
+        for pool in cell.hugepages:
+            if pool.size_kib in upages and "free" in upages[pool.size_kib]:
+                free_pages = int(upages[pool.size_kib]["free"])
+            else:
+                used = int(upages.get(pool.size_kib, {}).get("used", 0))
+                free_pages = pool.total - used - reserved_pages.get((cell.id, pool.size_kib), 0)
+            pages[pool.size_kib] = max(0, free_pages)
+        sockets = {cpu_by_id[c].socket for c in members if c in cpu_by_id}
+        tpc = max((len(c) for c in cores if set(c) & dedicated), default=1)
+        cells.append(
+            HostCell(
+                id=cell.id,
+                cores=tuple(cores),
+                dedicated=dedicated,
+                free=free,
+                shared=tuple(sorted(member_set & shared_all)),
+                shared_used=int(uc.get("shared_vcpus", 0) or 0),
+                small_total_kib=max(0, small_total),
+                small_used_kib=int(uc.get("memory_used_kib", 0) or 0),
+                pages=pages,
+                socket=sockets.pop() if len(sockets) == 1 else None,
+                threads_per_core=tpc,
+            )
+        )
+
+    used_pci: set[str] = set()
+    for item in usage.get("pci") or []:
+        if item.get("guest") is not None:
+            used_pci.add(str(item["address"]))
+    for guest in usage.get("guests") or []:
+        for addr in guest.get("pci") or guest.get("hostdevs") or []:
+            used_pci.add(str(addr["address"] if isinstance(addr, Mapping) else addr))
+    pci = tuple(
+        PciDev(
+            address=p.address,
+            vendor=_hex4(p.vendor),
+            device=_hex4(p.device),
+            numa_node=p.numa_node,
+            free=p.address not in used_pci,
+            assignable=not _hex(p.class_).startswith(_NON_ASSIGNABLE_CLASSES),
+        )
+        for p in sorted(topo.pci, key=lambda p: p.address)
+    )
+    cache_of: dict[tuple[int, int], int] = {}
+    for cache in topo.caches:
+        if cache.type == "instruction":
+            continue
+        for cpu in cache.cpus:
+            cache_of[(cache.level, cpu)] = cache.id
+    return HostView(
+        cells=tuple(cells),
+        topo=topo,
+        cpu_ratio=float(config.get("cpu_allocation_ratio", 4.0) or 4.0),
+        ram_ratio=float(config.get("ram_allocation_ratio", 1.0) or 1.0),
+        shared_cpus=tuple(sorted(shared_all)),
+        floating_used=int(usage.get("floating_vcpus", 0) or 0),
+        pci=pci,
+        cache_of=cache_of,
+        snapshot_usage_caches=tuple(usage.get("caches") or ()),
+    )
+
+
+def _hex(text: str) -> str:
+    t = str(text).strip().lower()
+    return t[2:] if t.startswith("0x") else t
+
+
+def _hex4(text: str) -> str:
+    return _hex(text).rjust(4, "0")[-4:]

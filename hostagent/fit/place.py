@@ -1,0 +1,305 @@
+"""The placement search: guest cells onto distinct host cells (pure, deterministic).
+
+1. Every (guest cell, host cell) pair is checked once by ``fit_cell`` (plus the cache
+   pre-check); the result is memoized for this call only, keyed on the guest cell's
+   *index* and the host cell's *id*, neither of which the search ever changes (Nova keyed
+   its cache on an id the fit overwrote, which made it wrong on 3+ cells).
+2. Host cells are ordered by the strategy: devices first (cells with the requested PCI
+   devices first; for guests without PCI requests, cells with fewer assignable devices
+   first), then free CPU (dedicated threads for pinned guests, shared headroom for shared
+   ones), then free memory — most first for ``spread``, least first for ``pack`` — then
+   cell id.
+3. Depth-first search over guest cells in index order, host cells in that order. After
+   every step the remaining guest cells must still have a perfect matching onto unused
+   feasible host cells (augmenting paths), so the search never walks into a dead end that
+   per-cell feasibility can see; the 16-cell host / 8-cell guest no-fit case is answered
+   by one matching. Checks that depend on the whole choice (PCI affinity, cache ways on a
+   cache shared by several cells) run at the leaf, with a bound on PCI devices pruning
+   early; a step budget stops pathological cases with an explicit reason.
+4. The first complete placement in that order is the answer: spread/pack and ties are
+   decided by the order alone, so the same snapshot and request always give the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostagent.fit import cache as cache_mod
+from hostagent.fit import pci as pci_mod
+from hostagent.fit.cellfit import CellFit, Reason, fit_cell
+from hostagent.fit.host import HostCell, HostView, PciDev
+from hostagent.fit.request import FitRequest
+
+STEP_BUDGET = 20000
+STRATEGIES = ("spread", "pack")
+
+
+@dataclass
+class Outcome:
+    fits: bool
+    cells: list[CellFit] = field(default_factory=list)
+    pci: list[PciDev] = field(default_factory=list)
+    cache: list[dict[str, Any]] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
+
+
+def order_cells(view: HostView, req: FitRequest, strategy: str) -> list[HostCell]:
+    """Host cells in the order the search tries them (documented in the module doc)."""
+    sign = -1 if strategy == "spread" else 1
+    if req.pci:
+        counts = [pci_mod.per_cell_counts(view, item) for item in req.pci]
+        pci_key = {c.id: -sum(cnt[c.id] for cnt in counts) for c in view.cells}
+    else:
+        assignable = pci_mod.assignable_per_cell(view)
+        pci_key = {c.id: assignable[c.id] for c in view.cells}
+
+    def cpu(c: HostCell) -> float:
+        if req.pinned:
+            return len(c.free)
+        return len(c.shared) * view.cpu_ratio - c.shared_used
+
+    def mem(c: HostCell) -> int:
+        if isinstance(req.page_size, int) and req.page_size in c.pages:
+            return c.pages[req.page_size] * req.page_size
+        if req.page_size in ("large", "any"):
+            return sum(n * s for s, n in c.pages.items())
+        return c.small_free_kib
+
+    return sorted(view.cells, key=lambda c: (pci_key[c.id], sign * cpu(c), sign * mem(c), c.id))
+
+
+class _Search:
+    def __init__(self, view: HostView, req: FitRequest, order: list[HostCell]) -> None:
+        self.view, self.req, self.order = view, req, order
+        self.k = len(req.cells)
+        self.memo: dict[tuple[int, int], CellFit | list[Reason]] = {}
+        self.steps = 0
+        self.leaf_reasons: list[Reason] = []
+        self.exhausted = False
+
+    def cell(self, gi: int, host: HostCell) -> CellFit | list[Reason]:
+        key = (gi, host.id)
+        if key not in self.memo:
+            self.memo[key] = self._fit(gi, host)
+        return self.memo[key]
+
+    def _fit(self, gi: int, host: HostCell) -> CellFit | list[Reason]:
+        req, view = self.req, self.view
+        g = req.cells[gi]
+        emu = gi == 0 and req.emulator_policy == "isolate"
+        got = fit_cell(req, g, host, emulator=emu, cpu_ratio=view.cpu_ratio,
+                       ram_ratio=view.ram_ratio)
+        if not isinstance(got, CellFit) or not req.cache:
+            return got
+        problems = cache_mod.cell_check(view, req, got)
+        if not problems:
+            return got
+        for cores in cache_mod.core_orders(view, req, host):
+            alt = fit_cell(req, g, host, emulator=emu, cpu_ratio=view.cpu_ratio,
+                           ram_ratio=view.ram_ratio, cores=cores)
+            if isinstance(alt, CellFit) and not cache_mod.cell_check(view, req, alt):
+                return alt
+        return [Reason(host.id, gi, "cache_ways", p) for p in problems]
+
+    def feasible(self, gi: int) -> list[HostCell]:
+        return [h for h in self.order if isinstance(self.cell(gi, h), CellFit)]
+
+    # -- matching: can guest cells ``gis`` go onto distinct unused feasible host cells?
+    def matching(self, gis: Sequence[int], used: set[int]) -> tuple[bool, list[int]]:
+        adj = {gi: [h.id for h in self.adj[gi] if h.id not in used] for gi in gis}
+        owner: dict[int, int] = {}
+
+        def augment(gi: int, seen: set[int]) -> bool:
+            for h in adj[gi]:
+                if h in seen:
+                    continue
+                seen.add(h)
+                if h not in owner or augment(owner[h], seen):
+                    owner[h] = gi
+                    return True
+            return False
+
+        for gi in gis:
+            if not augment(gi, set()):
+                # the guest cells reachable by alternating paths from gi violate Hall
+                stuck = {gi} | {owner[h] for h in self._reach(gi, adj, owner)}
+                return False, sorted(stuck)
+        return True, []
+
+    @staticmethod
+    def _reach(gi: int, adj: dict[int, list[int]], owner: dict[int, int]) -> set[int]:
+        seen_h: set[int] = set()
+        stack = [gi]
+        seen_g = {gi}
+        while stack:
+            cur = stack.pop()
+            for h in adj[cur]:
+                if h in seen_h:
+                    continue
+                seen_h.add(h)
+                nxt = owner.get(h)
+                if nxt is not None and nxt not in seen_g:
+                    seen_g.add(nxt)
+                    stack.append(nxt)
+        return seen_h
+
+    def pci_bound_ok(self, gi_next: int, used: set[int]) -> bool:
+        req, view = self.req, self.view
+        if not req.pci or req.pci_policy != "required":
+            return True
+        remaining = range(gi_next, self.k)
+        reach = {h.id for gi in remaining for h in self.adj[gi] if h.id not in used}
+        for item in req.pci:
+            counts = pci_mod.per_cell_counts(view, item)
+            have = sum(counts[h] for h in used)
+            best = sorted((counts[h] for h in reach), reverse=True)[: self.k - gi_next]
+            if have + sum(best) < item.count:
+                return False
+        return True
+
+    def run(self) -> Outcome | None:
+        self.adj = {gi: self.feasible(gi) for gi in range(self.k)}
+        ok, stuck = self.matching(range(self.k), set())
+        if not ok:
+            self.stuck = stuck
+            return None
+        self.stuck = []
+        used: set[int] = set()
+        chosen: list[CellFit] = []
+
+        def rec(gi: int) -> Outcome | None:
+            if gi == self.k:
+                return self.leaf(chosen)
+            for h in self.adj[gi]:
+                if h.id in used:
+                    continue
+                self.steps += 1
+                if self.steps > STEP_BUDGET:
+                    self.exhausted = True
+                    return None
+                used.add(h.id)
+                cf = self.cell(gi, h)
+                assert isinstance(cf, CellFit)
+                chosen.append(cf)
+                if self.matching(range(gi + 1, self.k), used)[0] and \
+                        self.pci_bound_ok(gi + 1, used):
+                    out = rec(gi + 1)
+                    if out is not None:
+                        return out
+                chosen.pop()
+                used.discard(h.id)
+                if self.exhausted:
+                    return None
+            return None
+
+        return rec(0)
+
+    def leaf(self, chosen: list[CellFit]) -> Outcome | None:
+        req, view = self.req, self.view
+        devs: list[PciDev] = []
+        if req.pci:
+            devs, problems = pci_mod.select(view, req.pci, req.pci_policy,
+                                            [c.host_cell for c in chosen])
+            if problems:
+                self.leaf_reasons = [Reason(None, None, "pci_devices", p) for p in problems]
+                return None
+        entries: list[dict[str, Any]] = []
+        if req.cache:
+            entries, problems = cache_mod.plan_all(view, req, chosen)
+            if problems:
+                self.leaf_reasons = [Reason(None, None, "cache_ways", p) for p in problems]
+                return None
+        return Outcome(True, cells=list(chosen), pci=devs, cache=entries)
+
+
+def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
+    """Find the placement of a NUMA guest (``req.numa``), or the reasons why none exists."""
+    order = order_cells(view, req, strategy)
+    k = len(req.cells)
+    pre = _host_wide_checks(view, req)
+    if pre:
+        return Outcome(False, reasons=pre)
+    if k > len(view.cells):
+        return Outcome(False, reasons=[Reason(
+            None, None, "cells",
+            f"the guest has {k} NUMA cells, the host only {len(view.cells)}")])
+    search = _Search(view, req, order)
+    out = search.run()
+    if out is not None:
+        return out
+    reasons: list[Reason] = []
+    for host in sorted(view.cells, key=lambda c: c.id):
+        for gi in range(k):
+            got = search.cell(gi, host)
+            if not isinstance(got, CellFit):
+                reasons.extend(got)
+    if search.stuck:
+        fits_on = sorted({h.id for gi in search.stuck for h in search.adj[gi]})
+        if all(search.adj[gi] for gi in search.stuck):
+            reasons.append(Reason(
+                None, None, "cells",
+                f"guest cells {search.stuck} fit only on host cells {fits_on}: not enough "
+                "distinct host cells for all of them"))
+    reasons.extend(search.leaf_reasons)
+    if search.exhausted:
+        reasons.append(Reason(None, None, "search",
+                              f"search stopped after {STEP_BUDGET} steps without a placement"))
+    if not reasons:
+        reasons.append(Reason(None, None, "cells", "no combination of host cells fits"))
+    return Outcome(False, reasons=reasons)
+
+
+def _host_wide_checks(view: HostView, req: FitRequest) -> list[Reason]:
+    out: list[Reason] = []
+    if req.emulator_policy == "share" and req.pinned and not view.shared_cpus:
+        non_rt = set(req.dedicated_vcpus) - set(req.realtime)
+        if not non_rt and not any(c.shared for c in req.cells):
+            out.append(Reason(None, None, "shared_threads",
+                              "emulator threads policy share needs shared threads (every "
+                              "vCPU is realtime) and the host has none"))
+    if req.pci:
+        for item in req.pci:
+            total = len(pci_mod.matching(view, item))
+            if total < item.count:
+                out.append(Reason(None, None, "pci_devices",
+                                  f"needs {item.count} free {item.vendor}:{item.device} "
+                                  f"devices, the host has {total}"))
+    return out
+
+
+def place_floating(view: HostView, req: FitRequest) -> Outcome:
+    """A guest without NUMA constraints: host-wide shared threads and memory."""
+    reasons: list[Reason] = []
+    cap = len(view.shared_cpus)
+    used = sum(c.shared_used for c in view.cells) + view.floating_used
+    if cap == 0:
+        reasons.append(Reason(None, None, "shared_threads", "the host has no shared threads"))
+    elif req.vcpus > cap:
+        reasons.append(Reason(None, None, "shared_threads",
+                              f"{req.vcpus} vCPUs exceed the host's {cap} shared threads"))
+    elif used + req.vcpus > int(cap * view.cpu_ratio):
+        left = max(0, int(cap * view.cpu_ratio) - used)
+        reasons.append(Reason(None, None, "shared_threads",
+                              f"{req.vcpus} shared vCPUs, {left} left "
+                              f"(cpu_allocation_ratio {view.cpu_ratio:g})"))
+    total = sum(c.small_total_kib for c in view.cells)
+    mem_used = sum(c.small_used_kib for c in view.cells)
+    mem = req.memory_mib * 1024
+    if mem > total:
+        reasons.append(Reason(None, None, "memory",
+                              f"needs {req.memory_mib} MiB, the host has {total // 1024} MiB "
+                              "of small-page memory"))
+    elif mem_used + mem > int(total * view.ram_ratio):
+        left = max(0, int(total * view.ram_ratio) - mem_used) // 1024
+        reasons.append(Reason(None, None, "memory",
+                              f"needs {req.memory_mib} MiB, {left} MiB left under "
+                              f"ram_allocation_ratio {view.ram_ratio:g}"))
+    devs: list[PciDev] = []
+    if req.pci:
+        devs, problems = pci_mod.select(view, req.pci, req.pci_policy, None)
+        reasons.extend(Reason(None, None, "pci_devices", p) for p in problems)
+    if reasons:
+        return Outcome(False, reasons=reasons)
+    return Outcome(True, pci=devs)
