@@ -1,0 +1,168 @@
+"""``hostagent snapshot``: probe, read the guests once, run the tracker, print one snapshot.
+
+``--json`` prints the whole schema-v1 document (one line); the default is a readable
+summary (per cell: free pCPUs and cores, shared vCPUs, memory, hugepages; the guests;
+the conflicts). Roots and URI: the options, else the config file's ``[probe]`` and
+``[libvirt]`` values (``--sysfs-root D`` alone implies ``--resctrl-root D/fs/resctrl``).
+A bad config, an unreadable tree or an unreachable libvirt URI is one
+``hostagent: <message>`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hostagent.cpulist import format_cpulist
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "snapshot",
+        help="print one snapshot: topology, config and who holds what",
+        description="Probe the host, read the guests from libvirt once, and print the "
+        "schema-v1 snapshot (a readable summary, or --json).",
+    )
+    p.add_argument("--config", metavar="F", help="config file (default: built-in defaults)")
+    p.add_argument("--sysfs-root", metavar="D", help="sysfs tree to read (default /sys)")
+    p.add_argument("--resctrl-root", metavar="D",
+                   help="resctrl mount (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)")
+    p.add_argument("--libvirt", metavar="URI", help="libvirt URI (default from the config, "
+                   "qemu:///system)")
+    p.add_argument("--host", metavar="NAME", help="host name to publish (default: config, "
+                   "else the hostname)")
+    p.add_argument("--json", action="store_true", help="print the whole snapshot as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import secrets
+    import sys
+    import time
+
+    from hostagent.config import load_config
+    from hostagent.guests.source import open_readonly, read_guests
+    from hostagent.probe.host import probe_host
+    from hostagent.snapshot import build_snapshot
+
+    cfg = load_config(args.config)
+    sysfs = args.sysfs_root or cfg.probe.sysfs_root
+    if args.resctrl_root:
+        resctrl = args.resctrl_root
+    elif args.sysfs_root:
+        resctrl = f"{args.sysfs_root.rstrip('/')}/fs/resctrl"
+    else:
+        resctrl = cfg.probe.resctrl_root
+    uri = args.libvirt or cfg.libvirt.uri
+    topo = probe_host(sysfs, resctrl)
+    conn = open_readonly(uri)
+    try:
+        guests = read_guests(conn)
+    except Exception as exc:  # libvirt.libvirtError, without importing libvirt here
+        from hostagent.guests.source import LibvirtUnavailable
+
+        raise LibvirtUnavailable(f"reading domains from {uri} failed: {exc}") from None
+    finally:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+    snap = build_snapshot(
+        topo, cfg, guests, host=args.host or cfg.host_name, epoch=secrets.token_hex(8),
+        seq=0, now=time.time(),
+    )
+    if args.json:
+        import json
+
+        sys.stdout.write(json.dumps(snap) + "\n")
+    else:
+        sys.stdout.write(render(snap, uri=uri))
+    return 0
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _mib(kib: int) -> str:
+    return f"{kib // 1024}"
+
+
+def _size(kib: int) -> str:
+    if kib >= 1048576 and kib % 1048576 == 0:
+        return f"{kib // 1048576}G"
+    if kib >= 1024 and kib % 1024 == 0:
+        return f"{kib // 1024}M"
+    return f"{kib}K"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def render(snap: dict[str, Any], uri: str = "") -> str:
+    """A readable summary of one snapshot."""
+    usage, config = snap["usage"], snap["config"]
+    out = [f"host {snap['host']}  seq {snap['seq']}" + (f"  libvirt {uri}" if uri else "")]
+    ded, sh = config.get("dedicated_cpus", []), config.get("shared_cpus", [])
+    out.append(
+        f"dedicated CPUs {format_cpulist(ded) or '-'} ({len(ded)})   "
+        f"shared CPUs {format_cpulist(sh) or '-'} ({len(sh)})   "
+        f"cpu ratio {config.get('cpu_allocation_ratio')}   "
+        f"ram ratio {config.get('ram_allocation_ratio')}"
+    )
+    out.append("")
+    rows = [["cell", "free pCPUs", "free cores", "pinned", "shared vCPUs",
+             "memory used/free MiB", "hugepages used/free"]]
+    for c in usage["cells"]:
+        pages = " ".join(f"{_size(h['size_kib'])}:{h['used']}/{h['free']}"
+                         for h in c["hugepages"]) or "-"
+        rows.append([
+            str(c["id"]),
+            f"{c['free_pcpus']}/{c['dedicated_cpus']}",
+            str(c["free_cores"]),
+            format_cpulist(c["pinned_cpus"]) or "-",
+            f"{c['shared_vcpus']}/{c['shared_vcpus_limit']}",
+            f"{_mib(c['memory_used_kib'])}/{_mib(c['memory_free_kib'])}",
+            pages,
+        ])
+    out.extend(_table(rows))
+    fl = usage.get("floating", {})
+    if fl.get("vcpus") or fl.get("memory_kib") or fl.get("hugepages"):
+        pages = " ".join(f"{_size(h['size_kib'])}:{h['pages']}" for h in fl["hugepages"])
+        out.append(f"not bound to a cell: {fl['vcpus']} vCPUs, "
+                   f"{_mib(fl['memory_kib'])} MiB" + (f", hugepages {pages}" if pages else ""))
+    out.append("")
+    guests = usage["guests"]
+    out.append(f"guests: {len(guests)} active")
+    if guests:
+        rows = [["name", "state", "vcpus", "memory MiB", "pages", "cells g>h",
+                 "dedicated", "emulator", "cache"]]
+        for g in guests:
+            if g.get("error"):
+                rows.append([g["name"], g["state"], "?", "?", "", "", "", "",
+                             "unparsable XML"])
+                continue
+            cells = " ".join(
+                f"{c['guest_cell']}>"
+                + (str(c["host_cell"]) if c["host_cell"] is not None
+                   else ("+".join(map(str, c["host_cells"])) or "*"))
+                for c in g["cells"]
+            )
+            cache = " ".join(
+                f"L{c['level']}#{c['id']}:{c['mask'] or '?'}" for c in g["cache"]
+            )
+            rows.append([
+                g["name"], g["state"], str(g["vcpus"]), _mib(g["memory_kib"]),
+                _size(g["page_size_kib"]) if g["page_size_kib"] else "-",
+                cells, format_cpulist(g["dedicated_cpus"]) or "-",
+                format_cpulist(g["emulator_cpus"]) or "-", cache or "-",
+            ])
+        out.extend("  " + line for line in _table(rows))
+    conflicts = usage["conflicts"]
+    out.append("")
+    out.append(f"conflicts: {len(conflicts) or 'none'}")
+    for c in conflicts:
+        out.append(f"  {c['kind']}: {c['detail']}")
+    return "\n".join(out) + "\n"

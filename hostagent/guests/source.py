@@ -1,0 +1,138 @@
+"""Read guests from a libvirt connection: ``virDomain`` → ``GuestRecord``.
+
+``read_guest(dom)`` reads one domain: uuid, name, state, and for an *active* domain
+(running, paused, ... — anything ``isActive()``) its live XML parsed into a
+``GuestSpec``. An inactive domain holds nothing, so its XML is not read (``spec`` None).
+A domain XML that does not parse never raises: the record carries ``error`` (the
+``DomainXMLError`` text) and ``spec`` None, and the tracker lists it as a conflict.
+
+``read_guests(conn)`` lists the **active** domains only (``listAllDomains(ACTIVE)``):
+inactive ones hold no resources, and listing them would make every define/undefine a
+snapshot change for nothing. A domain that vanishes between the listing and the read
+(``VIR_ERR_NO_DOMAIN``) is skipped. Any other libvirt error propagates (the caller
+decides: the CLI reports it, the daemon reconnects).
+
+libvirt is imported lazily, inside the functions that need its constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hostagent.errors import HostagentError
+from hostagent.guests.xml import DomainXMLError, GuestSpec, parse_domain
+
+# virDomainState → name (libvirt-domain.h)
+STATE_NAMES = {
+    0: "nostate",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",
+    5: "shutoff",
+    6: "crashed",
+    7: "pmsuspended",
+}
+
+_VIR_ERR_NO_DOMAIN = 42
+_LIST_ACTIVE = 1  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+
+
+class LibvirtUnavailable(HostagentError):
+    """The libvirt connection could not be opened (message names the URI)."""
+
+
+@dataclass(frozen=True)
+class GuestRecord:
+    """One domain as read from libvirt. ``spec`` is None when inactive or unparsable."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    spec: GuestSpec | None
+    error: str | None = None
+
+
+def record_from_xml(
+    xml: str, *, uuid: str, name: str, state: str = "running", active: bool = True
+) -> GuestRecord:
+    """A record from an XML string (what ``read_guest`` does after the libvirt calls)."""
+    try:
+        spec = parse_domain(xml)
+    except DomainXMLError as exc:
+        return GuestRecord(uuid.lower(), name, state, active, None, str(exc))
+    return GuestRecord(uuid.lower(), name, state, active, spec, None)
+
+
+def read_guest(dom: Any) -> GuestRecord:
+    """Read one ``libvirt.virDomain`` (or anything with the same methods).
+
+    Uses ``UUIDString()``, ``name()``, ``state()``, ``isActive()`` and, for an active
+    domain, ``XMLDesc(0)`` (the live XML). libvirt errors propagate.
+    """
+    uuid = dom.UUIDString().lower()
+    name = dom.name()
+    st = dom.state()
+    state = STATE_NAMES.get(st[0] if st else 0, f"state-{st[0] if st else '?'}")
+    active = bool(dom.isActive())
+    if not active:
+        return GuestRecord(uuid, name, state, False, None, None)
+    return record_from_xml(dom.XMLDesc(0), uuid=uuid, name=name, state=state, active=True)
+
+
+def _is_no_domain(exc: Exception) -> bool:
+    get_code = getattr(exc, "get_error_code", None)
+    return bool(get_code and get_code() == _VIR_ERR_NO_DOMAIN)
+
+
+def read_guests(conn: Any) -> list[GuestRecord]:
+    """Every active domain of ``conn``, sorted by uuid. Vanished domains are skipped."""
+    import libvirt
+
+    out = []
+    for dom in conn.listAllDomains(_LIST_ACTIVE):
+        try:
+            out.append(read_guest(dom))
+        except libvirt.libvirtError as exc:
+            if _is_no_domain(exc):
+                continue
+            raise
+    out.sort(key=lambda r: r.uuid)
+    return out
+
+
+def silence_libvirt_errors() -> None:
+    """Stop libvirt printing every error to stderr (errors still raise ``libvirtError``)."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def open_readonly(uri: str) -> Any:
+    """``libvirt.openReadOnly(uri)`` with errors as ``LibvirtUnavailable`` naming the URI."""
+    import libvirt
+
+    silence_libvirt_errors()
+    if uri.startswith("test:///") and uri != "test:///default":
+        # libxml2 prints its own warning to stderr for a missing file: check first
+        import os
+
+        path = uri[len("test://"):]
+        if not os.path.isfile(path):
+            raise LibvirtUnavailable(
+                f"cannot connect to libvirt at {uri}: no such node XML file {path}")
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        raise LibvirtUnavailable(f"cannot connect to libvirt at {uri}: {_msg(exc)}") from None
+    if conn is None:  # very old bindings returned None instead of raising
+        raise LibvirtUnavailable(f"cannot connect to libvirt at {uri}")
+    return conn
+
+
+def _msg(exc: Exception) -> str:
+    get = getattr(exc, "get_error_message", None)
+    text = get() if get else None
+    return str(text or exc).strip()

@@ -1,0 +1,779 @@
+"""The tracker: who holds what on this host — per cell, per thread and per cache ID.
+
+Pure functions over plain data (``HostTopology``, the resolved ``config`` dict, and
+``GuestRecord``s); no I/O. The result is the ``usage`` part of the snapshot (schema v1,
+``docs/tracker.md`` documents every field and rule).
+
+Three steps, so that one guest's change costs one guest's work:
+
+``make_context(topo, resources) -> Context``
+    Indexes of the host (CPU → cell, dedicated/shared sets, cores, pools, reserved
+    amounts, resctrl groups). Build once per topology or config change.
+``guest_contribution(ctx, record) -> Contribution``
+    Everything one guest holds, and its own conflicts, precomputed. Cache it per uuid.
+``fold(ctx, contributions) -> usage dict``
+    Sums the contributions: thread ownership, per-cell totals, free amounts, cross-guest
+    conflicts, cache allocations. Linear in guests + threads.
+
+``compute_usage(topo, resources, guests)`` does all three (a full recompute).
+``UsageTracker`` is the small stateful wrapper the daemon uses: ``set_host`` on a new
+topology or config (recomputes every contribution), ``update(record)`` / ``remove(uuid)``
+on a libvirt event (recomputes one), ``usage()`` to fold (memoised until the next change).
+
+The output shares sub-objects (guest entries, per-thread guest lists) with the cached
+contributions: treat it as read-only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostagent.cbm import cache_ways, parse_mask, popcount
+from hostagent.cpulist import format_cpulist
+from hostagent.guests.source import GuestRecord
+from hostagent.guests.xml import GuestSpec
+from hostagent.model import HostTopology
+
+DEFAULT_HUGEPAGE_KIB = 2048
+_HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class Context:
+    """Host indexes for one (topology, resolved config) pair. Treat as immutable."""
+
+    topo: HostTopology
+    resources: Mapping[str, Any]
+    dedicated: frozenset[int]
+    shared: frozenset[int]
+    online: frozenset[int]
+    known: frozenset[int]
+    cpu_cell: dict[int, int]  # online CPU → cell
+    cell_ids: tuple[int, ...]
+    cell_set: frozenset[int]
+    cell_dedicated: dict[int, tuple[int, ...]]  # online dedicated threads per cell
+    cell_shared_count: dict[int, int]
+    cell_dedicated_cores: dict[int, tuple[tuple[int, ...], ...]]  # cores all-dedicated
+    pools: dict[tuple[int, int], int]  # (cell, size_kib) → total pages
+    reserved_pages: dict[tuple[int, int], int]
+    reserved_memory: dict[int, int]
+    default_page_kib: int | None
+    cpu_ratio: float
+    ram_ratio: float
+    group_names: tuple[str, ...]
+    group_schemata: dict[str, Mapping[str, Mapping[int, str]]]
+    _cache_memo: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def default_hugepage_kib(topo: HostTopology) -> int | None:
+    """The size a ``<hugepages/>`` without ``<page>`` uses: 2048 KiB when the host has
+    that pool (the x86 kernel default), else the smallest pool; None without pools."""
+    sizes = {p.size_kib for c in topo.cells for p in c.hugepages}
+    if not sizes:
+        return None
+    return DEFAULT_HUGEPAGE_KIB if DEFAULT_HUGEPAGE_KIB in sizes else min(sizes)
+
+
+def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
+    """Index ``topo`` and the resolved config (``hostagent.config.resolve_resources``)."""
+    dedicated = frozenset(resources.get("dedicated_cpus", ()))
+    shared = frozenset(resources.get("shared_cpus", ()))
+    online = frozenset(c.id for c in topo.cpus if c.online)
+    known = frozenset(c.id for c in topo.cpus)
+    cpu_cell: dict[int, int] = {}
+    for cell in topo.cells:
+        for cpu in cell.cpus:
+            if cpu in online:
+                cpu_cell[cpu] = cell.id
+    for c in topo.cpus:
+        if c.online and c.id not in cpu_cell and c.cell >= 0:
+            cpu_cell[c.id] = c.cell
+    cell_ids = tuple(sorted(c.id for c in topo.cells))
+    cell_dedicated = {
+        cid: tuple(sorted(t for t in dedicated if cpu_cell.get(t) == cid)) for cid in cell_ids
+    }
+    cell_shared_count = {cid: sum(1 for t in shared if cpu_cell.get(t) == cid)
+                         for cid in cell_ids}
+    cores: dict[int, set[tuple[int, ...]]] = {cid: set() for cid in cell_ids}
+    for c in topo.cpus:
+        if not c.online or c.id not in cpu_cell:
+            continue
+        threads = tuple(sorted(t for t in (c.siblings or (c.id,)) if t in online)) or (c.id,)
+        if all(t in dedicated for t in threads):
+            cores.setdefault(cpu_cell[c.id], set()).add(threads)
+    pools = {(cell.id, p.size_kib): p.total for cell in topo.cells for p in cell.hugepages}
+    reserved_pages: dict[tuple[int, int], int] = {}
+    for r in resources.get("reserved_hugepages", ()):
+        key = (int(r["cell"]), int(r["size_kib"]))
+        reserved_pages[key] = reserved_pages.get(key, 0) + int(r["count"])
+    raw_mem = resources.get("reserved_memory_kib", {}) or {}
+    if isinstance(raw_mem, int):
+        reserved_memory = {cid: raw_mem for cid in cell_ids}
+    else:
+        reserved_memory = {int(k): int(v) for k, v in raw_mem.items()}
+    groups = topo.resctrl.groups if topo.resctrl else ()
+    return Context(
+        topo=topo,
+        resources=resources,
+        dedicated=dedicated,
+        shared=shared,
+        online=online,
+        known=known,
+        cpu_cell=cpu_cell,
+        cell_ids=cell_ids,
+        cell_set=frozenset(cell_ids),
+        cell_dedicated=cell_dedicated,
+        cell_shared_count=cell_shared_count,
+        cell_dedicated_cores={cid: tuple(sorted(v)) for cid, v in cores.items()},
+        pools=pools,
+        reserved_pages=reserved_pages,
+        reserved_memory=reserved_memory,
+        default_page_kib=default_hugepage_kib(topo),
+        cpu_ratio=float(resources.get("cpu_allocation_ratio", 1.0)),
+        ram_ratio=float(resources.get("ram_allocation_ratio", 1.0)),
+        group_names=tuple(g.name for g in groups if g.name),
+        group_schemata={g.name: g.schemata for g in groups if g.name},
+    )
+
+
+# --------------------------------------------------------------------------- contribution
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A dedicated thread held by a guest: by a vCPU, the emulator or an iothread."""
+
+    cpu: int
+    vcpu: int | None = None
+    emulator: bool = False
+    iothread: int | None = None
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one guest holds. ``entry`` is its ``usage.guests`` item (None = inactive)."""
+
+    uuid: str
+    name: str
+    entry: dict[str, Any] | None
+    claims: tuple[Claim, ...] = ()
+    shared_cpus: frozenset[int] = frozenset()
+    shared_vcpus: tuple[tuple[int, int], ...] = ()  # (cell, vCPUs)
+    floating_vcpus: int = 0
+    memory: tuple[tuple[int, int], ...] = ()  # (cell, KiB) on ordinary pages
+    floating_memory_kib: int = 0
+    pages: tuple[tuple[int, int, int], ...] = ()  # (cell, size_kib, pages)
+    floating_pages: tuple[tuple[int, int], ...] = ()  # (size_kib, pages)
+    groups: tuple[str, ...] = ()  # resctrl groups this guest's cachetunes/memorytunes own
+    conflicts: tuple[dict[str, Any], ...] = ()
+
+
+def machine_name(domain_id: int, name: str, driver: str = "qemu") -> str:
+    """libvirt's machine name (``virDomainDriverGenerateMachineName``, privileged):
+    ``qemu-<id>-<name>`` with the name reduced to hostname characters, runs of ``-``/``.``
+    collapsed, cut once the whole string reaches 64 characters, trailing ``-``/``.`` dropped.
+    """
+    buf = f"{driver}-{domain_id}-"
+    skip = True
+    for ch in name:
+        if len(buf) >= 64:
+            break
+        if ch in ".-":
+            if not skip:
+                buf += ch
+                skip = True
+            continue
+        if ch not in _HOSTNAME_CHARS:
+            continue
+        buf += ch
+        skip = False
+    return buf.rstrip("-.")
+
+
+def resctrl_group_name(spec: GuestSpec, alloc_id: str) -> str | None:
+    """The resctrl group libvirt creates for one allocation of a running domain."""
+    if spec.domain_id is None:
+        return None
+    return f"{machine_name(spec.domain_id, spec.name)}-{alloc_id}"
+
+
+def _find_group(ctx: Context, spec: GuestSpec, alloc_id: str) -> str | None:
+    want = resctrl_group_name(spec, alloc_id)
+    if want is None:
+        return None
+    if want in ctx.group_schemata:
+        return want
+    # unprivileged (qemu-<user>-<id>-...) or embedded (qemu-embed-<hash>-<id>-...) drivers
+    pattern = re.compile(rf"qemu-(?:.+-)?{spec.domain_id}-.*-{re.escape(alloc_id)}")
+    found = [g for g in ctx.group_names if pattern.fullmatch(g)]
+    return found[0] if len(found) == 1 else None
+
+
+def _conflict(kind: str, detail: str, guests: Iterable[str], **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": kind, "detail": detail, "guests": sorted(set(guests))}
+    out.update(extra)
+    return out
+
+
+def _inactive(rec: GuestRecord) -> Contribution:
+    return Contribution(uuid=rec.uuid, name=rec.name, entry=None)
+
+
+def _error_contribution(rec: GuestRecord) -> Contribution:
+    entry = {
+        "uuid": rec.uuid, "name": rec.name, "state": rec.state, "vcpus": 0, "memory_kib": 0,
+        "page_size_kib": None, "cells": [], "pinning": {}, "emulator_cpus": [], "cache": [],
+        "dedicated_cpus": [], "shared_vcpus": 0, "floating_vcpus": 0, "domain_id": None,
+        "error": rec.error,
+    }
+    c = _conflict("xml_error", f"{rec.name}: {rec.error}", [rec.uuid])
+    return Contribution(uuid=rec.uuid, name=rec.name, entry=entry, conflicts=(c,))
+
+
+def _memory_binding(spec: GuestSpec, cellid: int | None) -> tuple[str | None, tuple[int, ...]]:
+    nt = spec.numatune
+    if nt is None:
+        return None, ()
+    if cellid is not None:
+        mn = nt.memnode(cellid)
+        if mn is not None:
+            return mn.mode, mn.nodeset
+    if nt.nodeset:
+        return nt.mode, nt.nodeset
+    return None, ()
+
+
+def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
+    """Everything ``rec`` holds on the host described by ``ctx`` (see docs/tracker.md)."""
+    if not rec.active:
+        return _inactive(rec)
+    spec = rec.spec
+    if spec is None:
+        return _error_contribution(rec)
+    uuid, name = rec.uuid, rec.name
+    conflicts: list[dict[str, Any]] = []
+    missing_cells: set[int] = set()
+    offline_pins: dict[str, set[int]] = {}
+    floating_dedicated: list[str] = []
+
+    # ---- guest cells and where their memory is bound
+    if spec.cells:
+        gcells = [(c.id, c.vcpus, c.memory_kib) for c in spec.cells]
+    else:
+        gcells = [(0, tuple(range(spec.vcpus)), spec.memory_kib)]
+    vcpu_gcell = {v: gid for gid, vs, _ in gcells for v in vs}
+    gcell_hosts: dict[int | None, tuple[int, ...]] = {}  # guest cell → host cells (bound)
+    gcell_split: dict[int | None, str] = {}  # "one" | "interleave" | "floating"
+
+    def bind(gid: int | None) -> tuple[int, ...]:
+        if gid in gcell_hosts:
+            return gcell_hosts[gid]
+        mode, nodeset = _memory_binding(spec, gid)
+        present = tuple(n for n in nodeset if n in ctx.cell_set)
+        missing_cells.update(n for n in nodeset if n not in ctx.cell_set)
+        if len(present) == 1:
+            kind = "one"
+        elif present and mode == "interleave":
+            kind = "interleave"
+        else:
+            kind = "floating"
+            present = ()
+        gcell_hosts[gid], gcell_split[gid] = present, kind
+        return present
+
+    memory: dict[int, int] = {}
+    pages: dict[tuple[int, int], int] = {}
+    floating_pages: dict[int, int] = {}
+    floating_memory = 0
+    cell_entries: list[dict[str, Any]] = []
+    first_page_size: int | None = None
+    for gid, gvcpus, gmem in gcells:
+        hosts = bind(gid)
+        backed, size = spec.page_size_for_cell(gid)
+        if backed and size is None:
+            size = ctx.default_page_kib
+            if size is None:
+                conflicts.append(_conflict(
+                    "hugepage_size_missing",
+                    f"{name}: guest cell {gid} asks for hugepages of the default size but "
+                    "the host has no hugepage pools", [uuid], cell=None, size_kib=None))
+                backed = False
+        if backed and first_page_size is None:
+            first_page_size = size
+        shares = _split(gmem, hosts)
+        for host, kib in shares:
+            if backed:
+                assert size is not None
+                n = -(-kib // size)
+                pages[(host, size)] = pages.get((host, size), 0) + n
+                if (host, size) not in ctx.pools:
+                    conflicts.append(_conflict(
+                        "hugepage_size_missing",
+                        f"{name}: guest cell {gid} uses {size} KiB pages on host cell {host}, "
+                        "which has no such pool", [uuid], cell=host, size_kib=size))
+            else:
+                memory[host] = memory.get(host, 0) + kib
+        if not shares:
+            if backed:
+                assert size is not None
+                floating_pages[size] = floating_pages.get(size, 0) + -(-gmem // size)
+            else:
+                floating_memory += gmem
+        cell_entries.append({
+            "guest_cell": gid,
+            "host_cell": hosts[0] if len(hosts) == 1 else None,
+            "host_cells": list(hosts),
+            "vcpus": len(gvcpus),
+            "memory_kib": gmem,
+            "page_size_kib": size if backed else None,
+        })
+
+    # ---- vCPUs
+    claims: list[Claim] = []
+    claimed: dict[int, Claim] = {}
+    shared_cpus: set[int] = set()
+    shared_vcpus: dict[int, int] = {}
+    floating_vcpus = 0
+    pinning: dict[str, int] = {}
+    dup: list[int] = []
+    affinity_cells: dict[tuple[int, ...], frozenset[int]] = {}
+
+    def claim(c: Claim) -> None:
+        if c.cpu in claimed:
+            if c.vcpu is not None and claimed[c.cpu].vcpu is not None:
+                dup.append(c.cpu)
+            return
+        claimed[c.cpu] = c
+        claims.append(c)
+
+    def check_set(aff: tuple[int, ...], what: str) -> None:
+        bad = {c for c in aff if c not in ctx.online}
+        if bad:
+            offline_pins.setdefault(what, set()).update(bad)
+
+    unpinned: list[int] = []
+    for v in range(spec.vcpus):
+        aff = spec.vcpu_affinity(v)
+        if aff is not None and len(aff) == 1:
+            cpu = aff[0]
+            pinning[str(v)] = cpu
+            if cpu not in ctx.online:
+                check_set(aff, f"vCPU {v}")
+                if cpu in ctx.dedicated:
+                    claim(Claim(cpu, vcpu=v))
+                else:
+                    floating_vcpus += 1
+                continue
+            if cpu in ctx.dedicated:
+                claim(Claim(cpu, vcpu=v))
+                continue
+            conflicts.append(_conflict(
+                "pin_not_dedicated",
+                f"{name}: vCPU {v} is pinned to CPU {cpu} alone, which is not in "
+                "dedicated_cpus", [uuid], cpus=[cpu]))
+            shared_cpus.add(cpu)
+            pcell = ctx.cpu_cell.get(cpu)
+            if pcell is None:
+                floating_vcpus += 1
+            else:
+                shared_vcpus[pcell] = shared_vcpus.get(pcell, 0) + 1
+            continue
+        # a shared (floating) vCPU
+        if aff is None:
+            unpinned.append(v)
+            cells: frozenset[int] = frozenset()
+        else:
+            check_set(aff, f"vCPU {v}")
+            cells = affinity_cells.get(aff)  # type: ignore[assignment]
+            if cells is None:
+                cells = frozenset(ctx.cpu_cell[c] for c in aff if c in ctx.cpu_cell)
+                affinity_cells[aff] = cells
+                if ctx.dedicated.intersection(aff):
+                    floating_dedicated.append(
+                        f"vCPUs pinned to {format_cpulist(aff)}")
+            shared_cpus.update(c for c in aff if c in ctx.online)
+        if len(cells) == 1:
+            cell = next(iter(cells))
+        else:
+            hosts = bind(vcpu_gcell.get(v))
+            cell = hosts[0] if len(hosts) == 1 else None
+        if cell is None:
+            floating_vcpus += 1
+        else:
+            shared_vcpus[cell] = shared_vcpus.get(cell, 0) + 1
+    if unpinned and ctx.dedicated:
+        floating_dedicated.append(f"vCPUs {format_cpulist(unpinned)} (no pin)")
+
+    # ---- emulator and iothreads
+    def helper_threads(aff: tuple[int, ...] | None, label: str, **kind: Any) -> None:
+        if aff is None:
+            if ctx.dedicated:
+                floating_dedicated.append(f"{label} (no pin)")
+            return
+        check_set(aff, label)
+        for cpu in aff:
+            if cpu in ctx.dedicated:
+                claim(Claim(cpu, **kind))
+            elif cpu in ctx.online:
+                shared_cpus.add(cpu)
+
+    emu = spec.emulator_affinity()
+    helper_threads(emu, "emulator", emulator=True)
+    for t in range(1, spec.iothreads + 1):
+        helper_threads(spec.iothreadpin.get(t, spec.cpuset), f"iothread {t}", iothread=t)
+
+    if dup:
+        conflicts.append(_conflict(
+            "dedicated_overlap",
+            f"{name}: several vCPUs are pinned to dedicated CPU(s) {format_cpulist(dup)}",
+            [uuid], cpus=sorted(set(dup))))
+    for what, bad in sorted(offline_pins.items()):
+        unknown = sorted(c for c in bad if c not in ctx.known)
+        off = sorted(c for c in bad if c in ctx.known)
+        parts = []
+        if off:
+            parts.append(f"offline CPU(s) {format_cpulist(off)}")
+        if unknown:
+            parts.append(f"CPU(s) {format_cpulist(unknown)} that do not exist")
+        conflicts.append(_conflict(
+            "pin_offline", f"{name}: {what} is pinned to {' and '.join(parts)}", [uuid],
+            cpus=sorted(bad)))
+    if floating_dedicated:
+        conflicts.append(_conflict(
+            "floating_on_dedicated",
+            f"{name}: may run on dedicated CPUs it does not own: "
+            + "; ".join(floating_dedicated), [uuid]))
+    if missing_cells:
+        conflicts.append(_conflict(
+            "cell_missing",
+            f"{name}: numatune binds memory to host cell(s) {format_cpulist(missing_cells)}, "
+            "which do not exist", [uuid], cells=sorted(missing_cells)))
+
+    # ---- cache (resctrl groups of cachetune / memorytune)
+    groups: list[str] = []
+    cache_entries: list[dict[str, Any]] = []
+    for ct in spec.cachetunes:
+        if not ct.caches:
+            continue  # monitor-only: the vCPUs stay in the default group
+        group = _find_group(ctx, spec, ct.alloc_id)
+        if group is None:
+            want = resctrl_group_name(spec, ct.alloc_id) or f"qemu-?-…-{ct.alloc_id}"
+            why = "resctrl is not mounted" if ctx.topo.resctrl is None else "no such group"
+            conflicts.append(_conflict(
+                "cache_group_missing",
+                f"{name}: cachetune for vCPUs {format_cpulist(ct.vcpus)} has no resctrl "
+                f"group {want} ({why})", [uuid], group=want))
+        elif group not in groups:
+            groups.append(group)
+        schemata = ctx.group_schemata.get(group or "", {})
+        for req in ct.caches:
+            res = f"L{req.level}" + {"both": "", "code": "CODE", "data": "DATA"}[req.type]
+            mask = schemata.get(res, {}).get(req.id)
+            cache_entries.append({
+                "vcpus": list(ct.vcpus), "level": req.level, "id": req.id, "type": req.type,
+                "bytes": req.size_bytes, "mask": mask,
+                "ways": popcount(parse_mask(mask)) if mask else None, "group": group,
+            })
+    for mt in spec.memorytunes:
+        group = _find_group(ctx, spec, mt.alloc_id)
+        if group is not None and group not in groups:
+            groups.append(group)
+
+    owned = sorted(claimed)
+    entry = {
+        "uuid": uuid,
+        "name": name,
+        "state": rec.state,
+        "domain_id": spec.domain_id,
+        "vcpus": spec.vcpus,
+        "memory_kib": sum(c[2] for c in gcells),
+        "page_size_kib": first_page_size,
+        "cells": cell_entries,
+        "pinning": pinning,
+        "emulator_cpus": sorted(emu) if emu else [],
+        "cache": cache_entries,
+        "memory_bandwidth": [
+            {"vcpus": list(mt.vcpus), "node": nid, "bandwidth": bw}
+            for mt in spec.memorytunes for nid, bw in mt.nodes
+        ],
+        "vcpusched": [
+            {"vcpus": list(s.vcpus), "scheduler": s.scheduler, "priority": s.priority}
+            for s in spec.vcpusched
+        ],
+        "dedicated_cpus": owned,
+        "shared_vcpus": sum(shared_vcpus.values()),
+        "floating_vcpus": floating_vcpus,
+        "error": None,
+    }
+    return Contribution(
+        uuid=uuid,
+        name=name,
+        entry=entry,
+        claims=tuple(claims),
+        shared_cpus=frozenset(shared_cpus),
+        shared_vcpus=tuple(sorted(shared_vcpus.items())),
+        floating_vcpus=floating_vcpus,
+        memory=tuple(sorted(memory.items())),
+        floating_memory_kib=floating_memory,
+        pages=tuple(sorted((c, s, n) for (c, s), n in pages.items())),
+        floating_pages=tuple(sorted(floating_pages.items())),
+        groups=tuple(groups),
+        conflicts=tuple(conflicts),
+    )
+
+
+def _split(kib: int, hosts: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Memory over its bound host cells: all in one, or evenly (interleave)."""
+    if not hosts:
+        return []
+    each, rest = divmod(kib, len(hosts))
+    return [(h, each + (1 if i < rest else 0)) for i, h in enumerate(hosts)]
+
+
+# --------------------------------------------------------------------------- fold
+
+
+def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
+    """Sum contributions into the ``usage`` dict (schema v1)."""
+    contribs = sorted((c for c in contributions if c.entry is not None), key=lambda c: c.uuid)
+    names = {c.uuid: c.name for c in contribs}
+    conflicts: list[dict[str, Any]] = []
+
+    # thread ownership
+    owner: dict[int, tuple[str, Claim]] = {}
+    contested: dict[int, list[tuple[str, Claim]]] = {}
+    for c in contribs:
+        for cl in c.claims:
+            held = owner.get(cl.cpu)
+            if held is None:
+                owner[cl.cpu] = (c.uuid, cl)
+            else:
+                contested.setdefault(cl.cpu, [held]).append((c.uuid, cl))
+    for cpu, holders in sorted(contested.items()):
+        who = ", ".join(f"{names[u]} ({_claim_text(cl)})" for u, cl in holders)
+        conflicts.append(_conflict(
+            "dedicated_overlap", f"dedicated CPU {cpu} is held by {who}",
+            [u for u, _ in holders], cpus=[cpu]))
+
+    # shared guests per thread: group guests by identical CPU sets, then merge per
+    # distinct membership signature (lists are shared between threads with equal sets)
+    by_set: dict[frozenset[int], list[str]] = {}
+    for c in contribs:
+        if c.shared_cpus:
+            by_set.setdefault(c.shared_cpus, []).append(c.uuid)
+    signature: dict[int, list[int]] = {}
+    sets = list(by_set.items())
+    for i, (cpus, _) in enumerate(sets):
+        for cpu in cpus:
+            signature.setdefault(cpu, []).append(i)
+    merged: dict[tuple[int, ...], list[str]] = {}
+    shared_on: dict[int, list[str]] = {}
+    for cpu, sig in signature.items():
+        key = tuple(sig)
+        lst = merged.get(key)
+        if lst is None:
+            lst = sets[sig[0]][1] if len(sig) == 1 else sorted(
+                u for i in sig for u in sets[i][1])
+            merged[key] = lst
+        shared_on[cpu] = lst
+
+    # per-cell sums
+    shared_vcpus: dict[int, int] = {}
+    memory: dict[int, int] = {}
+    pages: dict[tuple[int, int], int] = {}
+    page_users: dict[tuple[int, int], list[str]] = {}
+    mem_users: dict[int, list[str]] = {}
+    floating_vcpus = floating_memory = 0
+    floating_pages: dict[int, int] = {}
+    owners_of_groups: dict[str, str] = {}
+    for c in contribs:
+        for cell, n in c.shared_vcpus:
+            shared_vcpus[cell] = shared_vcpus.get(cell, 0) + n
+        for cell, kib in c.memory:
+            memory[cell] = memory.get(cell, 0) + kib
+            mem_users.setdefault(cell, []).append(c.uuid)
+        for cell, size, n in c.pages:
+            pages[(cell, size)] = pages.get((cell, size), 0) + n
+            page_users.setdefault((cell, size), []).append(c.uuid)
+        floating_vcpus += c.floating_vcpus
+        floating_memory += c.floating_memory_kib
+        for size, n in c.floating_pages:
+            floating_pages[size] = floating_pages.get(size, 0) + n
+        for g in c.groups:
+            owners_of_groups.setdefault(g, c.uuid)
+        conflicts.extend(c.conflicts)
+
+    topo = ctx.topo
+    pinned_by_cell: dict[int | None, list[int]] = {}
+    for t in sorted(owner):
+        pinned_by_cell.setdefault(ctx.cpu_cell.get(t), []).append(t)
+    cells_out = []
+    for cell in topo.cells:
+        cid = cell.id
+        pinned = pinned_by_cell.get(cid, [])
+        free = [t for t in ctx.cell_dedicated[cid] if t not in owner]
+        free_cores = sum(1 for core in ctx.cell_dedicated_cores.get(cid, ())
+                         if not any(t in owner for t in core))
+        pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
+        reserved = ctx.reserved_memory.get(cid, 0)
+        limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)
+        used = memory.get(cid, 0)
+        if used > limit:
+            conflicts.append(_conflict(
+                "memory_exhausted",
+                f"cell {cid}: guests hold {used} KiB of ordinary memory, more than the "
+                f"{limit} KiB available", mem_users.get(cid, []), cell=cid))
+        hp_out = []
+        sizes = sorted({p.size_kib for p in cell.hugepages}
+                       | {s for (c2, s) in pages if c2 == cid})
+        for size in sizes:
+            total = ctx.pools.get((cid, size), 0)
+            res_pages = ctx.reserved_pages.get((cid, size), 0)
+            avail = max(0, total - res_pages)
+            n = pages.get((cid, size), 0)
+            if n > avail and (cid, size) in ctx.pools:
+                conflicts.append(_conflict(
+                    "hugepages_exhausted",
+                    f"cell {cid}: guests use {n} pages of {size} KiB, more than the {avail} "
+                    f"available ({total} in the pool, {res_pages} reserved)",
+                    page_users.get((cid, size), []), cell=cid, size_kib=size))
+            hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
+                           "used": n, "free": max(0, avail - n)})
+        nshared = ctx.cell_shared_count.get(cid, 0)
+        cells_out.append({
+            "id": cid,
+            "pinned_cpus": pinned,
+            "free_pcpus": len(free),
+            "free_cores": free_cores,
+            "free_cpus": free,
+            "dedicated_cpus": len(ctx.cell_dedicated[cid]),
+            "shared_cpus": nshared,
+            "shared_vcpus": shared_vcpus.get(cid, 0),
+            "shared_vcpus_limit": int(nshared * ctx.cpu_ratio),
+            "memory_used_kib": used,
+            "memory_free_kib": max(0, limit - used),
+            "memory_limit_kib": limit,
+            "reserved_memory_kib": reserved,
+            "hugepages": hp_out,
+        })
+
+    threads = []
+    empty: list[str] = []
+    for cpu in topo.cpus:
+        t = cpu.id
+        held = owner.get(t)
+        cl = held[1] if held else None
+        threads.append({
+            "cpu": t,
+            "cell": ctx.cpu_cell.get(t),
+            "role": _role(ctx, t),
+            "guest": held[0] if held else None,
+            "vcpu": cl.vcpu if cl else None,
+            "emulator": bool(cl and cl.emulator),
+            "iothread": cl.iothread if cl else None,
+            "shared_guests": shared_on.get(t, empty),
+        })
+
+    key = tuple(sorted(owners_of_groups.items()))
+    caches = ctx._cache_memo.get(key)
+    if caches is None:
+        caches = cache_ways(topo, owners_of_groups)
+        ctx._cache_memo.clear()
+        ctx._cache_memo[key] = caches
+
+    conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
+    return {
+        "cells": cells_out,
+        "threads": threads,
+        "caches": caches,
+        "guests": [c.entry for c in contribs],
+        "floating": {
+            "vcpus": floating_vcpus,
+            "memory_kib": floating_memory,
+            "hugepages": [{"size_kib": s, "pages": n} for s, n in sorted(floating_pages.items())],
+        },
+        "conflicts": conflicts,
+    }
+
+
+def _role(ctx: Context, cpu: int) -> str:
+    if cpu not in ctx.online:
+        return "offline"
+    if cpu in ctx.dedicated:
+        return "dedicated"
+    if cpu in ctx.shared:
+        return "shared"
+    return "host"
+
+
+def _claim_text(cl: Claim) -> str:
+    if cl.vcpu is not None:
+        return f"vCPU {cl.vcpu}"
+    if cl.emulator:
+        return "emulator"
+    return f"iothread {cl.iothread}"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def compute_usage(
+    topo: HostTopology, resources: Mapping[str, Any], guests: Iterable[GuestRecord]
+) -> dict[str, Any]:
+    """The ``usage`` dict from scratch (a full recompute). Pure."""
+    ctx = make_context(topo, resources)
+    latest: dict[str, GuestRecord] = {}
+    for g in guests:
+        latest[g.uuid] = g
+    return fold(ctx, (guest_contribution(ctx, g) for g in latest.values()))
+
+
+class UsageTracker:
+    """Cached contributions for the daemon: one guest's event costs one guest's work.
+
+    >>> t = UsageTracker(topo, resources)
+    >>> t.update(record)       # on a lifecycle/tunable/device event for that domain
+    >>> t.remove(uuid)         # on undefine (or when read_guest says it vanished)
+    >>> t.replace_all(records) # full resync (connect, reconnect, periodic)
+    >>> t.set_host(topo, resources)  # re-probe (hotplug, resctrl change) or config reload
+    >>> usage = t.usage()      # fold, memoised until the next change
+    """
+
+    def __init__(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
+        self.ctx = make_context(topo, resources)
+        self.records: dict[str, GuestRecord] = {}
+        self.contributions: dict[str, Contribution] = {}
+        self._usage: dict[str, Any] | None = None
+
+    def set_host(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
+        self.ctx = make_context(topo, resources)
+        self.contributions = {u: guest_contribution(self.ctx, r)
+                              for u, r in self.records.items()}
+        self._usage = None
+
+    def update(self, record: GuestRecord) -> None:
+        self.records[record.uuid] = record
+        self.contributions[record.uuid] = guest_contribution(self.ctx, record)
+        self._usage = None
+
+    def remove(self, uuid: str) -> None:
+        if self.records.pop(uuid, None) is not None:
+            self.contributions.pop(uuid, None)
+            self._usage = None
+
+    def replace_all(self, records: Iterable[GuestRecord]) -> None:
+        self.records = {r.uuid: r for r in records}
+        self.contributions = {u: guest_contribution(self.ctx, r)
+                              for u, r in self.records.items()}
+        self._usage = None
+
+    def usage(self) -> dict[str, Any]:
+        if self._usage is None:
+            self._usage = fold(self.ctx, self.contributions.values())
+        return self._usage
