@@ -243,12 +243,27 @@ def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
                 f"guest cells {search.stuck} fit only on host cells {fits_on}: not enough "
                 "distinct host cells for all of them"))
     reasons.extend(search.leaf_reasons)
+    if req.pci and not search.leaf_reasons and not search.stuck and all(search.adj.values()):
+        reasons.extend(_pci_summary(view, req))
     if search.exhausted:
         reasons.append(Reason(None, None, "search",
                               f"search stopped after {STEP_BUDGET} steps without a placement"))
     if not reasons:
         reasons.append(Reason(None, None, "cells", "no combination of host cells fits"))
     return Outcome(False, reasons=reasons)
+
+
+def _pci_summary(view: HostView, req: FitRequest) -> list[Reason]:
+    out = []
+    for item in req.pci:
+        counts = pci_mod.per_cell_counts(view, item)
+        unknown = sum(1 for d in pci_mod.matching(view, item) if d.numa_node < 0)
+        per = ", ".join(f"cell {c}: {n}" for c, n in sorted(counts.items()))
+        out.append(Reason(None, None, "pci_devices",
+                          f"needs {item.count} free {item.vendor}:{item.device} devices near "
+                          f"the guest's host cells (policy {req.pci_policy}); free per cell: "
+                          f"{per}; no NUMA node: {unknown}"))
+    return out
 
 
 def _host_wide_checks(view: HostView, req: FitRequest) -> list[Reason]:

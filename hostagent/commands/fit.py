@@ -1,0 +1,109 @@
+"""``hostagent fit``: does a request fit a host, and where (docs/fit.md).
+
+The snapshot comes from a JSON file (``--snapshot FILE``, ``-`` = stdin) or from a running
+agent (``--endpoint E``: one ``{op: "snapshot"}`` request to its ROUTER endpoint over a
+ZeroMQ DEALER socket, waiting at most ``--timeout`` seconds). The request is a JSON file.
+Exit status: 0 fits, 1 does not fit, 2 invalid input (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hostagent.errors import HostagentError, RequestError
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        help="does a guest (Nova flavor + image properties) fit a host, and exactly where",
+        description="Fit a request onto a snapshot: cells, threads, pages, cache, devices, "
+        "and libvirt XML fragments.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshot", metavar="FILE", help="snapshot JSON file ('-' = stdin)")
+    src.add_argument("--endpoint", metavar="E",
+                     help="agent request endpoint, e.g. tcp://127.0.0.1:6511")
+    p.add_argument("--request", metavar="FILE", required=True,
+                   help="request JSON file ('-' = stdin)")
+    p.add_argument("--strategy", choices=("spread", "pack"), default="spread",
+                   help="cell choice (default spread)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for the agent's reply (default 5)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=run)
+
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise HostagentError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"{what} {path}: not JSON ({exc})") from None
+
+
+def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
+    """One ``{op: "snapshot"}`` round trip to an agent's request endpoint."""
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, max(1, int(timeout * 1000)))
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+    try:
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise HostagentError(f"--endpoint {endpoint!r}: {exc}") from None
+        sock.send(msgpack.packb({"op": "snapshot"}, use_bin_type=True))
+        try:
+            frames = sock.recv_multipart()
+        except zmq.Again:
+            raise HostagentError(
+                f"--endpoint {endpoint}: no reply within {timeout:g} s "
+                "(is the agent running and is this its request endpoint?)") from None
+    finally:
+        sock.close()
+    try:
+        reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=True,
+                                max_buffer_size=MAX_REPLY_BYTES)
+    except Exception as exc:
+        raise HostagentError(f"--endpoint {endpoint}: unreadable reply ({exc})") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        err = reply.get("error") if isinstance(reply, dict) else reply
+        raise HostagentError(f"--endpoint {endpoint}: the agent refused: {err}")
+    snap = reply.get("snapshot", reply.get("data"))
+    if not isinstance(snap, dict):
+        raise HostagentError(f"--endpoint {endpoint}: the reply carries no snapshot")
+    return snap
+
+
+def run(args: argparse.Namespace) -> int:
+    from hostagent.fit import fit
+    from hostagent.fit.explain import explain
+
+    request = _load_json(args.request, "--request")
+    if args.snapshot:
+        snapshot = _load_json(args.snapshot, "--snapshot")
+    else:
+        snapshot = fetch_snapshot(args.endpoint, args.timeout)
+    answer = fit(snapshot, request, strategy=args.strategy)
+    if args.json:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    else:
+        sys.stdout.write(explain(answer))
+    return 0 if answer["fits"] else 1
