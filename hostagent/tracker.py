@@ -68,6 +68,7 @@ class Context:
     ram_ratio: float
     group_names: tuple[str, ...]
     group_schemata: dict[str, Mapping[str, Mapping[int, str]]]
+    pci_addresses: frozenset[str]
     _cache_memo: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
 
 
@@ -139,6 +140,7 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
         ram_ratio=float(resources.get("ram_allocation_ratio", 1.0)),
         group_names=tuple(g.name for g in groups if g.name),
         group_schemata={g.name: g.schemata for g in groups if g.name},
+        pci_addresses=frozenset(p.address for p in topo.pci),
     )
 
 
@@ -171,6 +173,7 @@ class Contribution:
     pages: tuple[tuple[int, int, int], ...] = ()  # (cell, size_kib, pages)
     floating_pages: tuple[tuple[int, int], ...] = ()  # (size_kib, pages)
     groups: tuple[str, ...] = ()  # resctrl groups this guest's cachetunes/memorytunes own
+    pci: tuple[str, ...] = ()  # PCI addresses passed through
     conflicts: tuple[dict[str, Any], ...] = ()
 
 
@@ -229,7 +232,8 @@ def _error_contribution(rec: GuestRecord) -> Contribution:
     entry = {
         "uuid": rec.uuid, "name": rec.name, "state": rec.state, "vcpus": 0, "memory_kib": 0,
         "page_size_kib": None, "cells": [], "pinning": {}, "emulator_cpus": [], "cache": [],
-        "dedicated_cpus": [], "shared_vcpus": 0, "floating_vcpus": 0, "domain_id": None,
+        "dedicated_cpus": [], "pci": [], "shared_vcpus": 0, "floating_vcpus": 0,
+        "domain_id": None,
         "error": rec.error,
     }
     c = _conflict("xml_error", f"{rec.name}: {rec.error}", [rec.uuid])
@@ -455,6 +459,12 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
             f"{name}: numatune binds memory to host cell(s) {format_cpulist(missing_cells)}, "
             "which do not exist", [uuid], cells=sorted(missing_cells)))
 
+    missing_pci = [a for a in spec.hostdevs if a not in ctx.pci_addresses]
+    if missing_pci:
+        conflicts.append(_conflict(
+            "pci_missing", f"{name}: PCI device(s) {', '.join(missing_pci)} not on this host",
+            [uuid], pci=missing_pci))
+
     # ---- cache (resctrl groups of cachetune / memorytune)
     groups: list[str] = []
     cache_entries: list[dict[str, Any]] = []
@@ -507,6 +517,7 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
             for s in spec.vcpusched
         ],
         "dedicated_cpus": owned,
+        "pci": list(spec.hostdevs),
         "shared_vcpus": sum(shared_vcpus.values()),
         "floating_vcpus": floating_vcpus,
         "error": None,
@@ -524,6 +535,7 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
         pages=tuple(sorted((c, s, n) for (c, s), n in pages.items())),
         floating_pages=tuple(sorted(floating_pages.items())),
         groups=tuple(groups),
+        pci=spec.hostdevs,
         conflicts=tuple(conflicts),
     )
 
@@ -592,6 +604,7 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
     floating_vcpus = floating_memory = 0
     floating_pages: dict[int, int] = {}
     owners_of_groups: dict[str, str] = {}
+    pci_users: dict[str, list[str]] = {}
     for c in contribs:
         for cell, n in c.shared_vcpus:
             shared_vcpus[cell] = shared_vcpus.get(cell, 0) + n
@@ -607,7 +620,16 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             floating_pages[size] = floating_pages.get(size, 0) + n
         for g in c.groups:
             owners_of_groups.setdefault(g, c.uuid)
+        for addr in c.pci:
+            pci_users.setdefault(addr, []).append(c.uuid)
         conflicts.extend(c.conflicts)
+    pci_out = []
+    for addr, users in sorted(pci_users.items()):
+        pci_out.append({"address": addr, "guest": users[0]})
+        if len(set(users)) > 1:
+            conflicts.append(_conflict(
+                "pci_overlap", f"PCI device {addr} is assigned to "
+                + ", ".join(names[u] for u in dict.fromkeys(users)), users, pci=[addr]))
 
     topo = ctx.topo
     pinned_by_cell: dict[int | None, list[int]] = {}
@@ -693,11 +715,11 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
         "threads": threads,
         "caches": caches,
         "guests": [c.entry for c in contribs],
-        "floating": {
-            "vcpus": floating_vcpus,
-            "memory_kib": floating_memory,
-            "hugepages": [{"size_kib": s, "pages": n} for s, n in sorted(floating_pages.items())],
-        },
+        "pci": pci_out,
+        "floating_vcpus": floating_vcpus,
+        "floating_memory_kib": floating_memory,
+        "floating_hugepages": [{"size_kib": s, "pages": n}
+                               for s, n in sorted(floating_pages.items())],
         "conflicts": conflicts,
     }
 

@@ -259,3 +259,19 @@ def test_read_guest_inactive_reads_no_xml():
 def test_record_from_xml_ok():
     rec = record_from_xml(_dom("<vcpu>3</vcpu>"), uuid=UUID, name="g1")
     assert rec.error is None and rec.spec is not None and rec.spec.vcpus == 3
+
+
+def test_pci_passthrough_addresses():
+    s = parse_domain(_dom(
+        "<devices>"
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source>"
+        "<address domain='0x0000' bus='0xaf' slot='0x01' function='0x1'/></source></hostdev>"
+        "<interface type='hostdev'><source><address type='pci' domain='0x0000' bus='0xaf' "
+        "slot='0x01' function='0x2'/></source></interface>"
+        "<interface type='network'><source network='default'/></interface>"
+        "<hostdev mode='subsystem' type='usb'><source><vendor id='0x1'/></source></hostdev>"
+        "</devices>"))
+    assert s.hostdevs == ("0000:af:01.1", "0000:af:01.2")
+    with pytest.raises(DomainXMLError, match=r"devices/hostdev\[1\]/source/address/@bus"):
+        parse_domain(_dom("<devices><hostdev type='pci'><source><address domain='0' "
+                          "bus='zz' slot='1' function='0'/></source></hostdev></devices>"))

@@ -126,8 +126,8 @@ def test_multi_cell_vcpus_count_where_memory_is_bound_else_floating(xeon):
     free = rec("free", vcpus=3, cpuset=SHARED, emulatorpin=SHARED)
     u = compute_usage(xeon, resources(xeon), [bound, free])
     assert cell(u, 1)["shared_vcpus"] == 2 and cell(u, 0)["shared_vcpus"] == 0
-    assert u["floating"]["vcpus"] == 3
-    assert u["floating"]["memory_kib"] == 1048576  # "free" has no numatune
+    assert u["floating_vcpus"] == 3
+    assert u["floating_memory_kib"] == 1048576  # "free" has no numatune
     assert cell(u, 1)["memory_used_kib"] == 1048576
     lst = thread(u, 0)["shared_guests"]
     assert lst == sorted([bound.uuid, free.uuid])
@@ -139,7 +139,7 @@ def test_unpinned_guest_on_host_with_dedicated_cpus_is_a_conflict(xeon):
     (c,) = u["conflicts"]
     assert c["kind"] == "floating_on_dedicated" and c["guests"] == [g.uuid]
     assert "vCPUs 0-1 (no pin)" in c["detail"] and "emulator (no pin)" in c["detail"]
-    assert u["floating"]["vcpus"] == 2
+    assert u["floating_vcpus"] == 2
     # without dedicated CPUs (the default config) the same guest is fine
     u2 = compute_usage(xeon, resolve_resources(Config().resources, xeon), [g])
     assert u2["conflicts"] == []
@@ -279,7 +279,7 @@ def test_bound_to_a_cell_that_does_not_exist(xeon):
     u = compute_usage(xeon, resources(xeon), [g])
     (c,) = u["conflicts"]
     assert c["kind"] == "cell_missing" and c["cells"] == [5]
-    assert u["floating"]["memory_kib"] == 1048576
+    assert u["floating_memory_kib"] == 1048576
 
 
 def test_unparsable_guest_is_listed_and_others_tracked(xeon):
@@ -409,3 +409,26 @@ def test_snapshot_is_json_and_msgpack_safe(xeon):
     assert json.loads(json.dumps(snap)) == snap
     packed = msgpack.packb(snap, use_bin_type=True)
     assert msgpack.unpackb(packed, raw=False, strict_map_key=True) == snap
+
+
+def _with_hostdev(xml: str, addr: str) -> str:
+    dom, bus, rest = addr.split(":")
+    slot, fn = rest.split(".")
+    dev = (f"<devices><hostdev mode='subsystem' type='pci'><source><address domain='0x{dom}' "
+           f"bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source></hostdev></devices>")
+    return xml.replace("</domain>", dev + "</domain>")
+
+
+def test_pci_devices_held_shared_and_missing(xeon):
+    def guest(name, addr):
+        xml = _with_hostdev(domain_xml(name, vcpus=1, cpuset="0-1", emulatorpin="0-1"), addr)
+        return record_from_xml(xml, uuid=uuid_for(name), name=name)
+
+    a, b, c = guest("a", "0000:af:01.0"), guest("b", "0000:af:01.0"), guest("c", "0000:99:00.0")
+    u = compute_usage(xeon, resources(xeon), [a, b, c])
+    held = {p["address"]: p["guest"] for p in u["pci"]}
+    assert held["0000:af:01.0"] in (a.uuid, b.uuid) and held["0000:99:00.0"] == c.uuid
+    by_kind = {x["kind"]: x for x in u["conflicts"]}
+    assert by_kind["pci_overlap"]["guests"] == sorted([a.uuid, b.uuid])
+    assert by_kind["pci_missing"]["pci"] == ["0000:99:00.0"]
+    assert next(g for g in u["guests"] if g["name"] == "a")["pci"] == ["0000:af:01.0"]

@@ -128,11 +128,12 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
             pages,
         ])
     out.extend(_table(rows))
-    fl = usage.get("floating", {})
-    if fl.get("vcpus") or fl.get("memory_kib") or fl.get("hugepages"):
-        pages = " ".join(f"{_size(h['size_kib'])}:{h['pages']}" for h in fl["hugepages"])
-        out.append(f"not bound to a cell: {fl['vcpus']} vCPUs, "
-                   f"{_mib(fl['memory_kib'])} MiB" + (f", hugepages {pages}" if pages else ""))
+    fv, fm = usage.get("floating_vcpus", 0), usage.get("floating_memory_kib", 0)
+    fh = usage.get("floating_hugepages", [])
+    if fv or fm or fh:
+        pages = " ".join(f"{_size(h['size_kib'])}:{h['pages']}" for h in fh)
+        out.append(f"not bound to a cell: {fv} vCPUs, {_mib(fm)} MiB"
+                   + (f", hugepages {pages}" if pages else ""))
     out.append("")
     guests = usage["guests"]
     out.append(f"guests: {len(guests)} active")

@@ -189,6 +189,7 @@ class GuestSpec:
     current_memory_kib: int
     hugepages: bool  # memoryBacking/hugepages present
     pages: tuple[HugePage, ...]  # () with hugepages = the default size for all memory
+    hostdevs: tuple[str, ...] = ()  # PCI addresses assigned (hostdev, interface hostdev)
 
     def vcpu_affinity(self, vcpu: int) -> tuple[int, ...] | None:
         """Host CPUs vCPU ``vcpu`` may run on: its vcpupin, else ``<vcpu cpuset>``."""
@@ -596,6 +597,18 @@ def parse_domain(xml: str) -> GuestSpec:
                     ns = ctx.cpuset(page.get("nodeset"), f"{where}/@nodeset")
                 pages.append(HugePage(size, ns))
 
+    # ---- PCI devices passed through (hostdev, and interface type='hostdev' for VFs)
+    hostdevs: list[str] = []
+    for kind, path in (("hostdev", "devices/hostdev"), ("interface", "devices/interface")):
+        for i, dev in enumerate(root.findall(path)):
+            if dev.get("type") not in ("pci", "hostdev"):
+                continue
+            addr = dev.find("source/address")
+            if addr is None:
+                continue
+            where = f"devices/{kind}[{i + 1}]/source/address"
+            hostdevs.append(_pci_address(ctx, addr, where))
+
     return GuestSpec(
         name=name,
         uuid=uuid,
@@ -618,4 +631,23 @@ def parse_domain(xml: str) -> GuestSpec:
         current_memory_kib=current_memory,
         hugepages=hugepages,
         pages=tuple(pages),
+        hostdevs=tuple(hostdevs),
     )
+
+
+def _pci_address(ctx: _Ctx, addr: ET.Element, where: str) -> str:
+    """``<address domain='0x0000' bus='0xaf' slot='0x01' function='0x0'/>`` →
+    ``0000:af:01.0`` (the form sysfs and the snapshot's ``topology.pci`` use)."""
+    parts = []
+    for key, width in (("domain", 4), ("bus", 2), ("slot", 2), ("function", 1)):
+        raw = addr.get(key, "0" if key == "domain" else None)
+        if raw is None:
+            raise ctx.fail(f"{where}/@{key}", "missing attribute")
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise ctx.fail(f"{where}/@{key}", "not a number", raw) from None
+        if value < 0:
+            raise ctx.fail(f"{where}/@{key}", "must be >= 0", raw)
+        parts.append(format(value, f"0{width}x"))
+    return f"{parts[0]}:{parts[1]}:{parts[2]}.{parts[3]}"
