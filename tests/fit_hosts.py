@@ -112,6 +112,8 @@ def make_snapshot(
     cpu_ratio: float = 4.0,
     ram_ratio: float = 1.0,
     pci_used: Iterable[str] = (),
+    floating_vcpus: int = 0,
+    floating_memory_kib: int = 0,
 ) -> dict[str, Any]:
     """A snapshot; ``dedicated`` None = every online CPU dedicated, ``shared`` None = the rest.
 
@@ -179,6 +181,8 @@ def make_snapshot(
         "config": cfg,
         "usage": {"cells": ucells, "threads": threads, "caches": cache_ways(topo),
                   "guests": [], "conflicts": [],
+                  "floating": {"vcpus": floating_vcpus, "memory_kib": floating_memory_kib,
+                               "hugepages": []},
                   "pci": [{"address": a, "guest": "other"} for a in pci_used]},
     }
 

@@ -11,7 +11,8 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 - small-page memory of a cell is ``memory_kib`` minus every hugepage pool minus
   ``config.reserved_memory_kib``; ``usage.cells[].memory_used_kib`` is what guests hold
   of it; hugepages free per size come from ``usage.cells[].hugepages[].free`` (the
-  tracker subtracts the reserved pages), else from the topology minus the reserved pages.
+  tracker subtracts the reserved pages), else from the topology minus the reserved pages;
+- vCPUs and memory of guests bound to no cell (``usage.floating``) count host-wide only.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class HostView:
     cpu_ratio: float
     ram_ratio: float
     shared_cpus: tuple[int, ...]
-    floating_used: int  # shared vCPUs not bound to any cell
+    floating_used: int  # shared vCPUs not bound to any cell (usage.floating.vcpus)
+    floating_memory_kib: int  # guest memory not bound to any cell
     pci: tuple[PciDev, ...]
     cache_of: Mapping[tuple[int, int], int]  # (level, cpu) -> cache id
     snapshot_usage_caches: tuple[Mapping[str, Any], ...]
@@ -187,6 +189,7 @@ def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any
         )
         for p in sorted(topo.pci, key=lambda p: p.address)
     )
+    floating = usage.get("floating") or {}
     cache_of: dict[tuple[int, int], int] = {}
     for cache in topo.caches:
         if cache.type == "instruction":
@@ -199,7 +202,8 @@ def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any
         cpu_ratio=float(config.get("cpu_allocation_ratio", 4.0) or 4.0),
         ram_ratio=float(config.get("ram_allocation_ratio", 1.0) or 1.0),
         shared_cpus=tuple(sorted(shared_all)),
-        floating_used=int(usage.get("floating_vcpus", 0) or 0),
+        floating_used=int(floating.get("vcpus", 0) or 0),
+        floating_memory_kib=int(floating.get("memory_kib", 0) or 0),
         pci=pci,
         cache_of=cache_of,
         snapshot_usage_caches=tuple(usage.get("caches") or ()),

@@ -300,7 +300,7 @@ def place_floating(view: HostView, req: FitRequest) -> Outcome:
                               f"{req.vcpus} shared vCPUs, {left} left "
                               f"(cpu_allocation_ratio {view.cpu_ratio:g})"))
     total = sum(c.small_total_kib for c in view.cells)
-    mem_used = sum(c.small_used_kib for c in view.cells)
+    mem_used = sum(c.small_used_kib for c in view.cells) + view.floating_memory_kib
     mem = req.memory_mib * 1024
     if mem > total:
         reasons.append(Reason(None, None, "memory",
