@@ -79,8 +79,7 @@ def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
     finally:
         sock.close()
     try:
-        reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=True,
-                                max_buffer_size=MAX_REPLY_BYTES)
+        reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=True)
     except Exception as exc:
         raise HostagentError(f"--endpoint {endpoint}: unreadable reply ({exc})") from None
     if not isinstance(reply, dict) or not reply.get("ok"):

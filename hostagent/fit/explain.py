@@ -28,16 +28,17 @@ def explain(answer: Mapping[str, Any]) -> str:
                      "host's shared threads")
     for c in p["cells"]:
         pins = " ".join(f"{v}->{cpu}" for v, cpu in c["pinning"].items())
-        parts = [f"  guest cell {c['guest_cell']} -> host cell {c['host_cell']}:"]
+        desc = []
         if pins:
-            parts.append(f"pinned {pins};")
+            desc.append(f"pinned {pins}")
         if c["shared_vcpus"]:
-            parts.append(f"shared vCPUs {format_cpulist(c['shared_vcpus'])} on threads "
-                         f"{format_cpulist(c['shared_cpus'])};")
-        parts.append(f"{c['memory_mib']} MiB on {c['page_size_kib']} KiB pages")
+            desc.append(f"shared vCPUs {format_cpulist(c['shared_vcpus'])} on threads "
+                        f"{format_cpulist(c['shared_cpus'])}")
+        desc.append(f"{c['memory_mib']} MiB on {c['page_size_kib']} KiB pages")
         if c["reserved_cpus"]:
-            parts.append(f"; idle siblings {format_cpulist(c['reserved_cpus'])}")
-        lines.append(" ".join(parts))
+            desc.append(f"idle siblings {format_cpulist(c['reserved_cpus'])}")
+        lines.append(f"  guest cell {c['guest_cell']} -> host cell {c['host_cell']}: "
+                     + "; ".join(desc))
     if p["emulator_cpus"]:
         lines.append(f"  emulator threads: {format_cpulist(p['emulator_cpus'])}")
     if p["realtime_vcpus"]:
