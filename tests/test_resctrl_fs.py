@@ -418,3 +418,17 @@ def test_without_the_lock_the_race_is_real(tmp_path):
     assert got["a"][1] == got["b"][1] == 0  # both were in the window at once
     for ma, mb in zip(got["a"][0], got["b"][0], strict=True):
         assert ma == mb == 0x00C  # the same ways, twice: what the lock prevents
+
+
+def test_snapshot_usage_caches_shows_the_new_group(tmp_path):
+    from hostagent.config import config_from_dict
+    from hostagent.snapshot import build_snapshot
+
+    resctrl, sysfs = tree(tmp_path, "xeon-2s-cat")
+    reserve(resctrl, sysfs, "rt1", "type=both,size=4608k,cache-id=1")
+    snap = build_snapshot(probe_host(sysfs, resctrl), config_from_dict({}), [], host="h",
+                          epoch="e", seq=1, now=0.0)
+    entry = next(c for c in snap["usage"]["caches"] if c["id"] == 1)
+    mine = [a for a in entry["allocations"] if a["group"] == "hostagent-rt1"]
+    assert [(a["mask"], a["ways"], a["bytes"]) for a in mine] == [("00c", 2, 4718592)]
+    assert entry["free_mask"] == "010"
