@@ -639,9 +639,11 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
     for cell in topo.cells:
         cid = cell.id
         pinned = pinned_by_cell.get(cid, [])
-        free = [t for t in ctx.cell_dedicated[cid] if t not in owner]
+        # a dedicated thread is free when nobody owns it and no guest's shared vCPUs,
+        # emulator or iothreads are pinned onto it (that is a floating_on_dedicated conflict)
+        free = [t for t in ctx.cell_dedicated[cid] if t not in owner and t not in shared_on]
         free_cores = sum(1 for core in ctx.cell_dedicated_cores.get(cid, ())
-                         if not any(t in owner for t in core))
+                         if not any(t in owner or t in shared_on for t in core))
         pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
         reserved = ctx.reserved_memory.get(cid, 0)
         limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)

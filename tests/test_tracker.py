@@ -432,3 +432,13 @@ def test_pci_devices_held_shared_and_missing(xeon):
     assert by_kind["pci_overlap"]["guests"] == sorted([a.uuid, b.uuid])
     assert by_kind["pci_missing"]["pci"] == ["0000:99:00.0"]
     assert next(g for g in u["guests"] if g["name"] == "a")["pci"] == ["0000:af:01.0"]
+
+
+def test_shared_pins_onto_dedicated_threads_make_them_not_free(xeon):
+    g = rec("spill", vcpus=2, cpuset="0-1,2", emulatorpin="0-1")
+    u = compute_usage(xeon, resources(xeon), [g])
+    (c,) = u["conflicts"]
+    assert c["kind"] == "floating_on_dedicated" and "vCPUs pinned to 0-2" in c["detail"]
+    assert thread(u, 2)["guest"] is None and thread(u, 2)["shared_guests"] == [g.uuid]
+    assert 2 not in cell(u, 0)["free_cpus"] and cell(u, 0)["free_pcpus"] == 19
+    assert cell(u, 0)["free_cores"] == 9  # core (2, 26) is no longer whole
