@@ -189,8 +189,19 @@ def test_memory_beyond_the_cell_is_a_conflict(xeon):
 
 
 def test_default_hugepage_size_rule(xeon, large):
+    from dataclasses import replace
+
     assert default_hugepage_kib(xeon) == 2048
     assert default_hugepage_kib(probe_fixture("no-node-dir")) is None
+    # without a 2048 KiB pool: the smallest pool there is
+    no2m = replace(xeon, cells=tuple(
+        replace(c, hugepages=tuple(p for p in c.hugepages if p.size_kib != 2048))
+        for c in xeon.cells))
+    assert default_hugepage_kib(no2m) == 1048576
+    g = rec("d", vcpus=1, cpuset="0-1", emulatorpin="0-1", memory_kib=2097152,
+            numa_memory=("strict", "0"), hugepages=[])
+    u = compute_usage(no2m, resources(no2m), [g])
+    assert pages(u, 0, 1048576)["used"] == 2 and u["guests"][0]["page_size_kib"] == 1048576
 
 
 def test_hugepages_counted_in_pages_per_pool(xeon):
