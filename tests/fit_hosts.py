@@ -29,6 +29,11 @@ def cpu_id(cell: int, core: int, thread: int, cells: int, cores: int) -> int:
     return thread * cells * cores + cell * cores + core
 
 
+def _l3(cid: int, cpus: list[int], ways: int) -> Cache:
+    return Cache(level=3, id=cid, type="unified", size_bytes=(ways or 16) * 1024 * 1024,
+                 ways=ways or 16, line_bytes=64, cpus=tuple(cpus))
+
+
 def make_topology(
     cells: int = 2,
     cores: int = 4,
@@ -38,13 +43,16 @@ def make_topology(
     hugepages: Mapping[int, int] | None = None,
     cells_per_socket: int = 1,
     l3_per_cell: int = 1,
+    l3_cells: int = 1,
     pci: Iterable[tuple[str, int, str, str]] = (),
     resctrl_ways: int = 0,
-    default_mask: int | None = None,
+    default_mask: int | Mapping[int, int] | None = None,
 ) -> HostTopology:
     """``hugepages`` maps size KiB -> pages per cell; ``pci`` is (address, node, vendor,
-    device); ``resctrl_ways`` > 0 mounts resctrl with that many L3 ways, the default group
-    holding ``default_mask`` (default: the lower half of the ways)."""
+    device); ``resctrl_ways`` > 0 mounts resctrl with that many L3 ways (1 MiB each), the
+    default group holding ``default_mask`` (an int, or {cache id: int}; default: the lower
+    half of the ways). ``l3_per_cell`` splits a cell's cores over several L3s (AMD CCX);
+    ``l3_cells`` > 1 makes one L3 serve that many cells (sub-NUMA clustering)."""
     hugepages = dict(hugepages or {})
     cpus: list[Cpu] = []
     cell_objs: list[Cell] = []
@@ -65,21 +73,28 @@ def make_topology(
             memory_free_kib=memory_mib * 1024, distances={o: 10 if o == c else 21
                                                           for o in range(cells)},
             hugepages=pools))
+        if l3_cells > 1:
+            continue
         per = cores // l3_per_cell
         for j in range(l3_per_cell):
             ccpus = sorted(cpu_id(c, k, t, cells, cores) for k in range(j * per, (j + 1) * per)
                            for t in range(threads))
-            caches.append(Cache(level=3, id=c * l3_per_cell + j, type="unified",
-                                size_bytes=resctrl_ways * 1024 * 1024 if resctrl_ways
-                                else 16 << 20, ways=resctrl_ways or 16, line_bytes=64,
-                                cpus=tuple(ccpus)))
+            caches.append(_l3(c * l3_per_cell + j, ccpus, resctrl_ways))
+    if l3_cells > 1:
+        for j in range(cells // l3_cells):
+            ccpus = sorted(cpu_id(c, k, t, cells, cores)
+                           for c in range(j * l3_cells, (j + 1) * l3_cells)
+                           for k in range(cores) for t in range(threads))
+            caches.append(_l3(j, ccpus, resctrl_ways))
     cpus.sort(key=lambda x: x.id)
     resctrl = None
     if resctrl_ways:
         full = (1 << resctrl_ways) - 1
         width = (resctrl_ways + 3) // 4
-        dmask = default_mask if default_mask is not None else (1 << (resctrl_ways // 2)) - 1
+        half = (1 << (resctrl_ways // 2)) - 1
         ids = [c.id for c in caches]
+        dmasks = (dict(default_mask) if isinstance(default_mask, Mapping) else
+                  {i: half if default_mask is None else default_mask for i in ids})
         resctrl = Resctrl(
             cdp={"L3": False, "L2": False},
             resources=(ResctrlResource(
@@ -89,7 +104,8 @@ def make_topology(
                 granularity_bytes=1 << 20, min_bytes=1 << 20),),
             mb=None,
             groups=(ResctrlGroup(name="", mode="shareable",
-                                 schemata={"L3": {i: format(dmask, f"0{width}x") for i in ids}},
+                                 schemata={"L3": {i: format(dmasks.get(i, half), f"0{width}x")
+                                                 for i in ids}},
                                  mb={}, cpus=tuple(c.id for c in cpus), tasks=100),),
         )
     pcis = tuple(PciDevice(address=a, numa_node=n, class_="0x020000", vendor=f"0x{v}",

@@ -172,3 +172,26 @@ def test_fit_start_track_fit_never_overlaps(tmp_path):
     for cell in snap["usage"]["cells"]:
         for pool in cell["hugepages"]:
             assert pool["used"] <= pool["total"]
+
+
+def test_cachetune_fragment_accepted_and_read_back(tmp_path):
+    topo = make_topology(2, 4, 2, resctrl_ways=12)
+    req = flavor(4, 512, cpu_policy="dedicated", numa_nodes=2,
+                 cache_reservation="vcpus=0-1:type=both,size=2mb;vcpus=2-3:type=both,size=1mb")
+    answer = fit(make_snapshot(topo), req)
+    assert answer["fits"], answer["reasons"]
+    conn = open_conn(node_file(tmp_path, 2, 4, 2, 16384))
+    try:
+        dom = conn.defineXML(domain_xml("cat", answer, 512))
+        dom.create()
+        root = ET.fromstring(dom.XMLDesc(0))
+    finally:
+        conn.close()
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "B": 1}
+    got = sorted(
+        (tuple(parse_cpulist(t.get("vcpus"))), int(c.get("id")), int(c.get("level")),
+         c.get("type"), int(c.get("size")) * units[c.get("unit")])
+        for t in root.findall("cputune/cachetune") for c in t.findall("cache"))
+    want = sorted((tuple(e["vcpus"]), e["id"], e["level"], e["type"], e["bytes"])
+                  for e in answer["placement"]["cache"])
+    assert got == want == [((0, 1), 0, 3, "both", 2 << 20), ((2, 3), 1, 3, "both", 1 << 20)]
