@@ -1,0 +1,284 @@
+"""The agent's ZeroMQ side: the XPUB snapshot stream and the ROUTER request endpoint.
+
+Stream (design §4.3): every message is ``[topic, msgpack(body)]`` with topic
+``hostagent.<host>.``. ``publish(data)`` sends a full snapshot with the next ``seq``;
+``run()`` sends a heartbeat (current ``seq``, ``data: None``) whenever nothing went out
+for ``heartbeat_seconds``, reads subscription messages, and serves requests.
+
+New subscribers: XPUB cannot address one subscriber, so when a subscription that
+matches our topic arrives (``XPUB_VERBOSER`` passes every one), the latest snapshot is
+*re-published unchanged* — same ``seq``, same bytes. The newcomer takes it; everyone
+who already holds that ``seq`` drops it as a duplicate (design §4.3 rule "drop seq not
+above the last"). Subscriptions arriving together (a scheduler restarting with 100
+sockets) cause one re-publish: the handler drains every queued subscription message
+first, and re-publishes at most once per coalescing window.
+
+Slow subscribers: ``SNDHWM`` bounds each subscriber's queue; beyond it XPUB drops for
+that subscriber only and never blocks (the subscriber sees a ``seq`` gap and resyncs).
+
+Requests: a ROUTER answers one msgpack map per message (from DEALER ``[payload]`` or REQ
+``["", payload]`` clients) with ``{v: 1, ok: true, ...}`` or
+``{v: 1, ok: false, error}``. ``{op: "snapshot"}`` returns the latest snapshot as a
+stream body plus ``ok``; other ops are handlers registered by the daemon. A malformed,
+oversized (over ``MAX_REQUEST_BYTES``) or wrong-typed request, an unknown op or a
+failing handler get an error reply and are counted; nothing a client sends stops the
+loop. Frames over ``max_message_bytes`` are cut by libzmq (``MAXMSGSIZE``), which
+disconnects that peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from hostagent import wire
+from hostagent.config import PublisherConfig
+from hostagent.curve import ServerCurve
+from hostagent.errors import HostagentError
+
+log = logging.getLogger("hostagent.publisher")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: Subscription messages are a flag byte plus a topic prefix.
+MAX_SUBSCRIPTION_BYTES = 1024
+
+
+class Publisher:
+    """Owns the XPUB and ROUTER sockets of one agent; use from one asyncio loop only."""
+
+    def __init__(self, ctx: Any, cfg: PublisherConfig, host: str, epoch: str, *,
+                 curve: ServerCurve | None = None) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self.ctx = ctx
+        self.cfg = cfg
+        self.host = host
+        self.epoch = epoch
+        self.topic = wire.topic(host)
+        self.curve = curve
+        self.seq = 0
+        self.latest: dict[str, Any] | None = None  # body of the latest snapshot
+        self._latest_frames: list[bytes] | None = None
+        self._last_send = 0.0
+        self._last_welcome = 0.0
+        self._welcome_handle: asyncio.Handle | None = None
+        self.handlers: dict[str, Handler] = {}
+        self.stats: Counter[str] = Counter()
+        self.subscribers = 0
+        self.bound: dict[str, list[str]] = {"stream": [], "request": []}
+        self.xpub = ctx.socket(zmq.XPUB)
+        self.router = ctx.socket(zmq.ROUTER)
+        for sock in (self.xpub, self.router):
+            sock.linger = 0
+            sock.sndhwm = cfg.send_hwm
+            if curve is not None:
+                curve.apply(sock)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.xpub.maxmsgsize = MAX_SUBSCRIPTION_BYTES
+        self.router.maxmsgsize = cfg.max_message_bytes
+        self.router.rcvhwm = 1000
+
+    # --- setup -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind every configured endpoint; ``HostagentError`` names the one that fails."""
+        zmq = self._zmq
+        for kind, sock, eps in (("stream", self.xpub, self.cfg.endpoints),
+                                ("request", self.router, self.cfg.request_endpoints)):
+            for ep in eps:
+                try:
+                    sock.bind(ep)
+                except zmq.ZMQError as exc:
+                    raise HostagentError(f"cannot bind {kind} endpoint {ep}: {exc}") from None
+                self.bound[kind].append(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+
+    def close(self) -> None:
+        if self._welcome_handle is not None:
+            self._welcome_handle.cancel()
+        self.xpub.close(linger=0)
+        self.router.close(linger=0)
+
+    # --- stream ------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        return self.seq + 1
+
+    async def publish(self, data: Mapping[str, Any], *, now: float | None = None) -> int:
+        """Send ``data`` as the next snapshot; returns its ``seq``.
+
+        ``data``'s ``host``, ``epoch``, ``seq`` and ``time`` are set to the message's
+        (a shallow copy; the caller's dict is not changed).
+        """
+        t = time.time() if now is None else now
+        self.seq += 1
+        snap = dict(data)
+        snap.update(host=self.host, epoch=self.epoch, seq=self.seq, time=t)
+        body = wire.make_body("snapshot", self.host, self.epoch, self.seq, t, snap)
+        frames = wire.encode_stream(body)
+        self.latest, self._latest_frames = body, frames
+        self.stats["snapshots"] += 1
+        self.stats["last_snapshot_bytes"] = len(frames[1])
+        await self._send(frames)
+        return self.seq
+
+    async def heartbeat(self) -> None:
+        body = wire.make_body("heartbeat", self.host, self.epoch, self.seq, time.time(), None)
+        self.stats["heartbeats"] += 1
+        await self._send(wire.encode_stream(body))
+
+    async def _send(self, frames: list[bytes]) -> None:
+        self._last_send = time.monotonic()
+        # XPUB never blocks: at SNDHWM it drops for that subscriber only.
+        await self.xpub.send_multipart(frames, copy=False)
+
+    async def _heartbeats(self) -> None:
+        period = self.cfg.heartbeat_seconds
+        while True:
+            wait = self._last_send + period - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self.heartbeat()
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    def _matches(self, prefix: bytes) -> bool:
+        return self.topic.startswith(prefix)
+
+    async def _subscriptions(self) -> None:
+        zmq = self._zmq
+        while True:
+            msg = await self.xpub.recv()
+            welcome = False
+            while True:
+                welcome |= self._on_subscription(msg)
+                try:
+                    msg = self.xpub.recv(zmq.NOBLOCK).result()
+                except zmq.Again:
+                    break
+            if welcome:
+                self._schedule_welcome()
+
+    def _on_subscription(self, msg: bytes) -> bool:
+        if not msg or msg[0] not in (0, 1):
+            self.stats["bad_subscriptions"] += 1
+            return False
+        prefix = bytes(msg[1:])
+        if not self._matches(prefix):
+            self.stats["other_subscriptions"] += 1
+            return False
+        if msg[0] == 1:
+            self.subscribers += 1
+            self.stats["subscribes"] += 1
+            return True
+        self.subscribers = max(0, self.subscribers - 1)
+        self.stats["unsubscribes"] += 1
+        return False
+
+    def _schedule_welcome(self) -> None:
+        if self._welcome_handle is not None:
+            return  # one re-publish is already on its way
+        gap = max(self.cfg.coalesce_ms / 1000.0, 0.005)
+        delay = max(0.0, self._last_welcome + gap - time.monotonic())
+        loop = asyncio.get_running_loop()
+        self._welcome_handle = loop.call_later(delay, self._welcome_now)
+
+    def _welcome_now(self) -> None:
+        self._welcome_handle = None
+        self._last_welcome = time.monotonic()
+        if self._latest_frames is None:
+            return  # nothing published yet; the first snapshot will reach everyone
+        self.stats["welcome_republishes"] += 1
+        task = asyncio.ensure_future(self._send(self._latest_frames))
+        task.add_done_callback(_log_failure)
+
+    # --- requests ----------------------------------------------------------------------
+
+    def register(self, op: str, handler: Handler) -> None:
+        """Answer ``{op: <op>, ...}`` with ``await handler(request)`` (a reply dict
+        without ``v``/``ok``; raise ``HostagentError`` for an error reply)."""
+        self.handlers[op] = handler
+
+    async def _requests(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            reply_frames = await self.answer(frames)
+            if reply_frames is not None:
+                await self.router.send_multipart(reply_frames)
+            await asyncio.sleep(0)  # a flood of requests must not starve the loop
+
+    async def answer(self, frames: list[bytes]) -> list[bytes] | None:
+        """The reply frames for one ROUTER message (``None`` if it cannot be answered)."""
+        self.stats["requests"] += 1
+        try:
+            envelope, payload = wire.split_envelope(frames)
+        except wire.WireError as exc:
+            self.stats["bad_requests"] += 1
+            log.debug("unanswerable request: %s", exc)
+            if len(frames) < 2:
+                return None  # only an identity: nowhere to put a reply
+            return [bytes(frames[0]), wire.pack(wire.error_reply(str(exc)))]
+        try:
+            req = wire.decode_request(payload)
+            reply = await self._dispatch(req)
+        except wire.WireError as exc:
+            self.stats["bad_requests"] += 1
+            reply = wire.error_reply(f"bad request: {exc}")
+        except HostagentError as exc:
+            self.stats["failed_requests"] += 1
+            reply = wire.error_reply(str(exc))
+        except Exception as exc:  # a handler bug must not stop the endpoint
+            self.stats["internal_errors"] += 1
+            log.exception("request %r failed", payload[:200])
+            reply = wire.error_reply(f"internal error: {type(exc).__name__}: {exc}")
+        return [*envelope, wire.pack(reply)]
+
+    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "snapshot":
+            extra = set(req) - {"op"}
+            if extra:
+                raise wire.WireError(f"op snapshot takes no fields (got {sorted(extra)})")
+            if self.latest is None:
+                raise HostagentError("no snapshot yet: the agent is starting")
+            self.stats["op_snapshot"] += 1
+            return wire.ok_reply(**self.latest)
+        handler = self.handlers.get(op)
+        if handler is None:
+            known = ", ".join(sorted({"snapshot", *self.handlers}))
+            raise wire.WireError(f"unknown op {op[:64]!r} (known: {known})")
+        self.stats[f"op_{op}"] += 1
+        result = await handler(req)
+        return wire.ok_reply(**result)
+
+    # --- main --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Heartbeats, subscriptions and requests, until cancelled."""
+        tasks = [asyncio.ensure_future(c) for c in
+                 (self._heartbeats(), self._subscriptions(), self._requests())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # re-raise a crash of one part
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def state(self) -> dict[str, Any]:
+        """Counters and endpoints for the debug dump."""
+        return {"host": self.host, "epoch": self.epoch, "seq": self.seq,
+                "subscribers": self.subscribers, "endpoints": self.bound,
+                "curve": self.curve is not None, "counters": dict(self.stats)}
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("re-publish failed: %s", task.exception())

@@ -1,0 +1,217 @@
+"""The wire format: msgpack packing, strict unpacking and the message shapes (design §4.3).
+
+Shared by the publisher, the subscriber library and request clients, so that every
+socket that receives applies the same limits:
+
+- ``unpack`` refuses anything over a byte limit, uses ``raw=False`` and
+  ``strict_map_key=True``, bounds every string/bin/array/map length and the nesting
+  depth, and rejects msgpack ext types (``Timestamp`` included). Every failure is a
+  ``WireError`` whose message says what was wrong.
+- stream messages are two frames ``[topic, msgpack(body)]`` with topic
+  ``hostagent.<host>.`` and ``body = {v, kind, host, epoch, seq, time, data}``;
+  ``decode_stream`` checks the frame count, the body's types and that the topic names
+  the body's host.
+- requests are one msgpack map with a string ``op``; replies are
+  ``{v: 1, ok: true, ...}`` or ``{v: 1, ok: false, error: "<what was wrong>"}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+TOPIC_PREFIX = b"hostagent."
+KINDS = ("snapshot", "heartbeat")
+
+#: Requests are small (an op and a fit request): anything bigger gets an error reply.
+MAX_REQUEST_BYTES = 64 * 1024
+#: Default limit for stream messages and replies a client accepts (a 448-thread host with
+#: 200 guests is ~50 KiB; this leaves room for much larger hosts).
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Nesting deeper than this is refused (a snapshot is ~6 levels deep).
+MAX_DEPTH = 32
+
+
+class WireError(ValueError):
+    """A message that cannot be accepted; the text says why (shown in error replies)."""
+
+
+def topic(host: str) -> bytes:
+    """The stream topic of one host: ``hostagent.<host>.`` (the trailing dot keeps
+    ``h1`` from matching ``h10``)."""
+    return TOPIC_PREFIX + host.encode() + b"."
+
+
+def host_of_topic(raw: bytes) -> str:
+    """The host name inside a topic frame; ``WireError`` if it is not a hostagent topic."""
+    if not raw.startswith(TOPIC_PREFIX) or not raw.endswith(b".") or len(raw) <= len(
+        TOPIC_PREFIX
+    ) + 1:
+        raise WireError(f"topic {raw[:80]!r} is not hostagent.<host>.")
+    try:
+        return raw[len(TOPIC_PREFIX):-1].decode()
+    except UnicodeDecodeError:
+        raise WireError(f"topic {raw[:80]!r} is not UTF-8") from None
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack bytes of a plain document (str keys, lists, ints, floats, None, bool)."""
+    return msgpack.packb(obj, use_bin_type=True, datetime=False)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack ext type {code} is not allowed")
+
+
+def _depth(obj: Any, limit: int) -> None:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise WireError(f"message nests deeper than {limit} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+           max_depth: int = MAX_DEPTH) -> Any:
+    """Strictly decode one msgpack document of at most ``max_bytes`` bytes."""
+    size = len(payload)
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes is over the limit of {max_bytes} bytes")
+    if size == 0:
+        raise WireError("empty message")
+    try:
+        obj = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
+            timestamp=0, max_str_len=size, max_bin_len=size, max_array_len=size,
+            max_map_len=size, max_ext_len=0,
+        )
+    except WireError:
+        raise
+    except msgpack.ExtraData:
+        raise WireError("trailing bytes after the msgpack document") from None
+    except msgpack.StackError:
+        raise WireError(f"message nests deeper than {max_depth} levels") from None
+    except UnicodeDecodeError:
+        raise WireError("a string is not valid UTF-8") from None
+    except (ValueError, TypeError) as exc:  # FormatError, bad map keys, truncation...
+        text = str(exc) or type(exc).__name__
+        if "max_ext_len" in text:
+            text = "msgpack ext types are not allowed"
+        raise WireError(f"not valid msgpack: {text}") from None
+    _depth(obj, max_depth)
+    return obj
+
+
+# --- stream messages -------------------------------------------------------------------
+
+def make_body(kind: str, host: str, epoch: str, seq: int, time: float,
+              data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The body of one stream message (a heartbeat has ``data: None``)."""
+    return {"v": VERSION, "kind": kind, "host": host, "epoch": epoch, "seq": seq,
+            "time": time, "data": data}
+
+
+def encode_stream(body: Mapping[str, Any]) -> list[bytes]:
+    """The two frames ``[topic, msgpack(body)]`` of one stream message."""
+    return [topic(body["host"]), pack(body)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_body(body: Any) -> dict[str, Any]:
+    """Validate a decoded stream body (or a snapshot reply); ``WireError`` names the field."""
+    if not isinstance(body, dict):
+        raise WireError(f"body is a {type(body).__name__}, not a map")
+    if body.get("v") != VERSION:
+        raise WireError(f"body.v = {body.get('v')!r}: only version {VERSION} is understood")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"body.kind = {kind!r}: must be one of {', '.join(KINDS)}")
+    for key in ("host", "epoch"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise WireError(f"body.{key} = {body.get(key)!r}: must be a non-empty string")
+    seq = body.get("seq")
+    if not _is_int(seq) or seq < 0:
+        raise WireError(f"body.seq = {seq!r}: must be an integer >= 0")
+    t = body.get("time")
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        raise WireError(f"body.time = {t!r}: must be a number")
+    data = body.get("data")
+    if kind == "snapshot" and not isinstance(data, dict):
+        raise WireError("body.data of a snapshot must be a map")
+    if kind == "heartbeat" and data is not None:
+        raise WireError("body.data of a heartbeat must be nil")
+    return body
+
+
+def decode_stream(frames: Sequence[bytes], *,
+                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Decode and validate one received stream message (a list of frames)."""
+    if len(frames) != 2:
+        raise WireError(f"stream message has {len(frames)} frames, expected 2")
+    host = host_of_topic(bytes(frames[0]))
+    body = check_body(unpack(bytes(frames[1]), max_bytes=max_bytes))
+    if body["host"] != host:
+        raise WireError(f"topic names host {host!r} but the body says {body['host']!r}")
+    return body
+
+
+# --- requests and replies --------------------------------------------------------------
+
+def error_reply(message: str) -> dict[str, Any]:
+    return {"v": VERSION, "ok": False, "error": message}
+
+
+def ok_reply(**fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "ok": True, **fields}
+
+
+def decode_request(payload: bytes, *, max_bytes: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
+    """Decode one request: a map with a string ``op``; ``WireError`` otherwise."""
+    req = unpack(payload, max_bytes=max_bytes)
+    if not isinstance(req, dict):
+        raise WireError(f"request is a {type(req).__name__}, not a map with an 'op'")
+    op = req.get("op")
+    if not isinstance(op, str) or not op:
+        raise WireError(f"request.op = {op!r}: must be a non-empty string")
+    return req
+
+
+def decode_reply(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+                 ) -> dict[str, Any]:
+    """Decode one reply: a map with ``v`` and a boolean ``ok``."""
+    rep = unpack(payload, max_bytes=max_bytes)
+    if not isinstance(rep, dict) or rep.get("v") != VERSION or not isinstance(
+        rep.get("ok"), bool
+    ):
+        raise WireError("reply is not a {v: 1, ok: bool, ...} map")
+    if not rep["ok"] and not isinstance(rep.get("error"), str):
+        raise WireError("error reply without an error message")
+    return rep
+
+
+def split_envelope(frames: Sequence[bytes], *, max_envelope: int = 8
+                   ) -> tuple[list[bytes], bytes]:
+    """Split a ROUTER message into (reply envelope, payload).
+
+    A DEALER client sends ``[payload]`` (ROUTER sees ``[id, payload]``); a REQ client
+    sends ``["", payload]`` (ROUTER sees ``[id, "", payload]``). Replies go back with
+    the same envelope. Anything else is a ``WireError`` (the envelope is still usable
+    for the error reply when it has the identity frame).
+    """
+    if len(frames) < 2:
+        raise WireError("request without a payload frame")
+    if len(frames) > max_envelope + 1:
+        raise WireError(f"request has {len(frames)} frames; at most {max_envelope + 1}")
+    envelope = [bytes(f) for f in frames[:-1]]
+    return envelope, bytes(frames[-1])

@@ -1,0 +1,125 @@
+"""wire: strict msgpack decoding, stream message shapes, requests and replies."""
+
+import datetime
+
+import msgpack
+import pytest
+
+from hostagent import wire
+
+
+def test_round_trip_plain_document():
+    doc = {"a": [1, 2.5, None, True, "é"], "b": {"0": 3}}
+    assert wire.unpack(wire.pack(doc)) == doc
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        (b"", "empty message"),
+        (b"\xc1", "not valid msgpack"),
+        (b"\x81\x01\x02", "map key"),  # {1: 2}: int map key
+        (b"\xa3ab", "incomplete"),
+        (b"\x01\x02", "trailing bytes"),
+        (b"\xdd\xff\xff\xff\xff", "exceeds"),  # array header claiming 2**32-1 items
+        (b"\xdf\xff\xff\xff\xff", "exceeds"),  # map header claiming 2**32-1 items
+        (b"\xa2\xff\xfe", "UTF-8"),
+        (msgpack.packb(msgpack.ExtType(5, b"xx")), "ext types"),
+        (msgpack.packb(datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC), datetime=True),
+         "ext types"),
+    ],
+)
+def test_unpack_refuses_bad_input(payload, needle):
+    with pytest.raises(wire.WireError, match=needle):
+        wire.unpack(payload)
+
+
+def test_unpack_size_limit_and_depth():
+    with pytest.raises(wire.WireError, match="over the limit of 10 bytes"):
+        wire.unpack(wire.pack("x" * 20), max_bytes=10)
+    nested: list = []
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(wire.WireError, match="deeper than 32"):
+        wire.unpack(wire.pack(nested))
+    assert wire.unpack(wire.pack(nested), max_depth=50) == nested
+
+
+def test_topic_has_trailing_dot_and_round_trips():
+    assert wire.topic("h1") == b"hostagent.h1."
+    assert not wire.topic("h10").startswith(wire.topic("h1"))
+    assert wire.host_of_topic(b"hostagent.h1.") == "h1"
+    for bad in (b"other.h1.", b"hostagent.h1", b"hostagent..", b"hostagent.\xff."):
+        with pytest.raises(wire.WireError):
+            wire.host_of_topic(bad)
+
+
+def _body(**over):
+    body = wire.make_body("snapshot", "h1", "ep", 3, 1.5, {"schema": 1})
+    body.update(over)
+    return body
+
+
+def test_stream_round_trip():
+    frames = wire.encode_stream(_body())
+    assert frames[0] == b"hostagent.h1."
+    assert wire.decode_stream(frames) == _body()
+    hb = wire.make_body("heartbeat", "h1", "ep", 3, 2.0, None)
+    assert wire.decode_stream(wire.encode_stream(hb))["kind"] == "heartbeat"
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"v": 2}, "body.v"),
+        ({"kind": "delta"}, "body.kind"),
+        ({"host": ""}, "body.host"),
+        ({"epoch": 5}, "body.epoch"),
+        ({"seq": -1}, "body.seq"),
+        ({"seq": True}, "body.seq"),
+        ({"seq": "3"}, "body.seq"),
+        ({"time": "now"}, "body.time"),
+        ({"time": float("nan")}, "body.time"),
+        ({"data": None}, "data of a snapshot"),
+        ({"kind": "heartbeat"}, "data of a heartbeat"),
+    ],
+)
+def test_stream_body_checks(over, needle):
+    frames = [wire.topic("h1"), wire.pack(_body(**over))]
+    with pytest.raises(wire.WireError, match=needle):
+        wire.decode_stream(frames)
+
+
+def test_stream_frame_count_and_topic_mismatch():
+    frames = wire.encode_stream(_body())
+    with pytest.raises(wire.WireError, match="3 frames"):
+        wire.decode_stream([*frames, b"x"])
+    with pytest.raises(wire.WireError, match="topic names host 'h2'"):
+        wire.decode_stream([wire.topic("h2"), frames[1]])
+    with pytest.raises(wire.WireError, match="not a map"):
+        wire.decode_stream([frames[0], wire.pack([1, 2])])
+
+
+def test_requests_and_replies():
+    assert wire.decode_request(wire.pack({"op": "snapshot"})) == {"op": "snapshot"}
+    with pytest.raises(wire.WireError, match="request.op"):
+        wire.decode_request(wire.pack({"op": 3}))
+    with pytest.raises(wire.WireError, match="not a map"):
+        wire.decode_request(wire.pack("snapshot"))
+    with pytest.raises(wire.WireError, match="over the limit"):
+        wire.decode_request(wire.pack({"op": "x", "pad": "y" * wire.MAX_REQUEST_BYTES}))
+    assert wire.decode_reply(wire.pack(wire.ok_reply(a=1))) == {"v": 1, "ok": True, "a": 1}
+    assert wire.decode_reply(wire.pack(wire.error_reply("no")))["error"] == "no"
+    with pytest.raises(wire.WireError):
+        wire.decode_reply(wire.pack({"v": 1, "ok": False}))
+    with pytest.raises(wire.WireError):
+        wire.decode_reply(wire.pack({"ok": True}))
+
+
+def test_split_envelope():
+    assert wire.split_envelope([b"id", b"p"]) == ([b"id"], b"p")
+    assert wire.split_envelope([b"id", b"", b"p"]) == ([b"id", b""], b"p")
+    with pytest.raises(wire.WireError, match="without a payload"):
+        wire.split_envelope([b"id"])
+    with pytest.raises(wire.WireError, match="at most"):
+        wire.split_envelope([b"x"] * 20)
