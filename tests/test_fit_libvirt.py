@@ -195,3 +195,27 @@ def test_cachetune_fragment_accepted_and_read_back(tmp_path):
     want = sorted((tuple(e["vcpus"]), e["id"], e["level"], e["type"], e["bytes"])
                   for e in answer["placement"]["cache"])
     assert got == want == [((0, 1), 0, 3, "both", 2 << 20), ((2, 3), 1, 3, "both", 1 << 20)]
+
+
+def test_hostdev_fragment_accepted_and_read_back(tmp_path):
+    topo = make_topology(2, 4, 2, pci=[("0000:3b:00.1", 1, "8086", "154d"),
+                                       ("0000:af:00.0", 0, "8086", "154d")])
+    req = flavor(2, 512, cpu_policy="dedicated", pci_devices="8086:154d",
+                 pci_numa_affinity_policy="required")
+    answer = fit(make_snapshot(topo, taken={4: "x"}), req)
+    assert answer["fits"]
+    devices = answer["libvirt_xml"]["devices"]
+    xml = domain_xml("pci", answer, 512).replace("</domain>", devices + "</domain>")
+    conn = open_conn(node_file(tmp_path, 2, 4, 2, 16384))
+    try:
+        dom = conn.defineXML(xml)
+        dom.create()
+        root = ET.fromstring(dom.XMLDesc(0))
+    finally:
+        conn.close()
+    addrs = [
+        "{}:{}:{}.{}".format(*(a.get(k)[2:] for k in ("domain", "bus", "slot", "function")))
+        for a in root.findall("devices/hostdev/source/address")]
+    host = answer["placement"]["cells"][0]["host_cell"]
+    assert addrs == [d["address"] for d in answer["placement"]["pci"]]
+    assert addrs == ["0000:3b:00.1" if host == 1 else "0000:af:00.0"]

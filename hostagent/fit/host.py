@@ -17,6 +17,7 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class HostCell:
 @dataclass(frozen=True)
 class HostView:
     cells: tuple[HostCell, ...]
-    topo: HostTopology
+    topology: Mapping[str, Any]  # the snapshot's topology dict
     cpu_ratio: float
     ram_ratio: float
     shared_cpus: tuple[int, ...]
@@ -81,6 +82,11 @@ class HostView:
                 return c
         raise KeyError(cell_id)
 
+    @functools.cached_property
+    def topo(self) -> HostTopology:
+        """The ``HostTopology`` (built only when the reservations planner needs it)."""
+        return topology_from_dict(self.topology)
+
 
 def _bad(field: str, why: str) -> RequestError:
     return RequestError(f"snapshot {field}: {why}")
@@ -94,9 +100,8 @@ def host_view(snapshot: Mapping[str, Any]) -> HostView:
         if not isinstance(snapshot.get(key), Mapping):
             raise _bad(key, "missing or not an object")
     try:
-        topo = topology_from_dict(snapshot["topology"])
-        return _view(topo, snapshot["config"], snapshot["usage"])
-    except (KeyError, TypeError, ValueError) as exc:
+        return _view(snapshot["topology"], snapshot["config"], snapshot["usage"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _bad("", f"not a valid schema-v1 snapshot ({type(exc).__name__}: {exc})") from None
 
 
@@ -106,8 +111,11 @@ def _ids(value: Any) -> list[int]:
     return []
 
 
-def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any]) -> HostView:
-    online = {c.id for c in topo.cpus if c.online}
+def _view(
+    topo: Mapping[str, Any], config: Mapping[str, Any], usage: Mapping[str, Any]
+) -> HostView:
+    cpus = topo["cpus"]
+    online = {c["id"] for c in cpus if c["online"]}
     dedicated_all = set(_ids(config.get("dedicated_cpus"))) & online
     shared_all = set(_ids(config.get("shared_cpus"))) & online
     reserved_mem = {int(k): int(v) for k, v in (config.get("reserved_memory_kib") or {}).items()}
@@ -125,39 +133,42 @@ def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any
     for uc in ucells.values():
         taken.update(_ids(uc.get("pinned_cpus")))
 
-    cpu_by_id = {c.id: c for c in topo.cpus}
+    cpu_by_id = {c["id"]: c for c in cpus}
     cells = []
-    for cell in topo.cells:
-        members = [c for c in cell.cpus if c in online]
+    for cell in topo["cells"]:
+        cid = int(cell["id"])
+        members = [c for c in cell["cpus"] if c in online]
         member_set = set(members)
         seen: set[int] = set()
         cores: list[tuple[int, ...]] = []
         for cpu in sorted(members):
             if cpu in seen:
                 continue
-            sib = cpu_by_id[cpu].siblings if cpu in cpu_by_id else (cpu,)
-            core = tuple(sorted((set(sib) & member_set) | {cpu}))
+            sib = cpu_by_id[cpu]["siblings"] if cpu in cpu_by_id else (cpu,)
+            core = tuple(sorted(member_set.intersection(sib) | {cpu}))
             seen.update(core)
             cores.append(core)
         dedicated = frozenset(member_set & dedicated_all)
         free = frozenset(dedicated - taken)
-        uc = ucells.get(cell.id, {})
-        huge_kib = sum(p.size_kib * p.total for p in cell.hugepages)
-        small_total = cell.memory_kib - huge_kib - reserved_mem.get(cell.id, 0)
+        uc = ucells.get(cid, {})
+        pools = cell.get("hugepages") or []
+        huge_kib = sum(int(p["size_kib"]) * int(p["total"]) for p in pools)
+        small_total = int(cell["memory_kib"]) - huge_kib - reserved_mem.get(cid, 0)
         pages: dict[int, int] = {}
         upages = {int(h["size_kib"]): h for h in uc.get("hugepages") or []}
-        for pool in cell.hugepages:
-            if pool.size_kib in upages and "free" in upages[pool.size_kib]:
-                free_pages = int(upages[pool.size_kib]["free"])
+        for pool in pools:
+            size = int(pool["size_kib"])
+            if size in upages and "free" in upages[size]:
+                free_pages = int(upages[size]["free"])
             else:
-                used = int(upages.get(pool.size_kib, {}).get("used", 0))
-                free_pages = pool.total - used - reserved_pages.get((cell.id, pool.size_kib), 0)
-            pages[pool.size_kib] = max(0, free_pages)
-        sockets = {cpu_by_id[c].socket for c in members if c in cpu_by_id}
-        tpc = max((len(c) for c in cores if set(c) & dedicated), default=1)
+                used = int(upages.get(size, {}).get("used", 0))
+                free_pages = int(pool["total"]) - used - reserved_pages.get((cid, size), 0)
+            pages[size] = max(0, free_pages)
+        sockets = {cpu_by_id[c]["socket"] for c in members if c in cpu_by_id}
+        tpc = max((len(c) for c in cores if dedicated.intersection(c)), default=1)
         cells.append(
             HostCell(
-                id=cell.id,
+                id=cid,
                 cores=tuple(cores),
                 dedicated=dedicated,
                 free=free,
@@ -180,25 +191,25 @@ def _view(topo: HostTopology, config: Mapping[str, Any], usage: Mapping[str, Any
             used_pci.add(str(addr["address"] if isinstance(addr, Mapping) else addr))
     pci = tuple(
         PciDev(
-            address=p.address,
-            vendor=_hex4(p.vendor),
-            device=_hex4(p.device),
-            numa_node=p.numa_node,
-            free=p.address not in used_pci,
-            assignable=not _hex(p.class_).startswith(_NON_ASSIGNABLE_CLASSES),
+            address=p["address"],
+            vendor=_hex4(p["vendor"]),
+            device=_hex4(p["device"]),
+            numa_node=int(p["numa_node"]),
+            free=p["address"] not in used_pci,
+            assignable=not _hex(p["class"]).startswith(_NON_ASSIGNABLE_CLASSES),
         )
-        for p in sorted(topo.pci, key=lambda p: p.address)
+        for p in sorted(topo.get("pci") or [], key=lambda p: p["address"])
     )
     floating = usage.get("floating") or {}
     cache_of: dict[tuple[int, int], int] = {}
-    for cache in topo.caches:
-        if cache.type == "instruction":
+    for cache in topo.get("caches") or []:
+        if cache["type"] == "instruction":
             continue
-        for cpu in cache.cpus:
-            cache_of[(cache.level, cpu)] = cache.id
+        for cpu in cache["cpus"]:
+            cache_of[(cache["level"], cpu)] = cache["id"]
     return HostView(
         cells=tuple(cells),
-        topo=topo,
+        topology=topo,
         cpu_ratio=float(config.get("cpu_allocation_ratio", 4.0) or 4.0),
         ram_ratio=float(config.get("ram_allocation_ratio", 1.0) or 1.0),
         shared_cpus=tuple(sorted(shared_all)),

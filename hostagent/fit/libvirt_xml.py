@@ -16,7 +16,6 @@ Keys of the returned dict (only those that apply are present):
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,12 +25,14 @@ METADATA_NS = "https://hostagent.dev/xmlns/fit/1"
 SMALL_PAGE_KIB = 4
 
 
-def _s(el: ET.Element) -> str:
-    return ET.tostring(el, encoding="unicode")
+def _q(value: object) -> str:
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
 
 
-def _sub(parent: ET.Element, tag: str, **attrs: Any) -> ET.Element:
-    return ET.SubElement(parent, tag, {k: str(v) for k, v in attrs.items()})
+def _el(tag: str, attrs: Mapping[str, object] | None = None, body: str | None = None) -> str:
+    """One element as text; ``body`` None makes it empty (``<tag ... />``)."""
+    a = "".join(f' {k}="{_q(v)}"' for k, v in (attrs or {}).items())
+    return f"<{tag}{a} />" if body is None else f"<{tag}{a}>{body}</{tag}>"
 
 
 def fragments(
@@ -44,13 +45,12 @@ def fragments(
     """Build the fragments from a placement dict (the ``placement`` part of a fit answer)."""
     out: dict[str, str] = {}
     cells = placement["cells"]
-    vcpu = ET.Element("vcpu", {"placement": "static"})
+    vattrs: dict[str, object] = {"placement": "static"}
     if placement.get("floating") and floating_cpus:
-        vcpu.set("cpuset", format_cpulist(floating_cpus))
-    vcpu.text = str(vcpus)
-    out["vcpu"] = _s(vcpu)
+        vattrs["cpuset"] = format_cpulist(floating_cpus)
+    out["vcpu"] = _el("vcpu", vattrs, str(vcpus))
 
-    cputune = ET.Element("cputune")
+    tune: list[str] = []
     pins: dict[int, str] = {}
     for cell in cells:
         for v, cpu in cell["pinning"].items():
@@ -60,73 +60,67 @@ def fragments(
             for v in cell["shared_vcpus"]:
                 pins[int(v)] = cpus
     for v in sorted(pins):
-        _sub(cputune, "vcpupin", vcpu=v, cpuset=pins[v])
+        tune.append(_el("vcpupin", {"vcpu": v, "cpuset": pins[v]}))
     if placement.get("emulator_cpus"):
-        _sub(cputune, "emulatorpin", cpuset=format_cpulist(placement["emulator_cpus"]))
+        tune.append(_el("emulatorpin", {"cpuset": format_cpulist(placement["emulator_cpus"])}))
     if realtime:
-        _sub(cputune, "vcpusched", vcpus=format_cpulist(realtime), scheduler="fifo",
-             priority=1)
+        tune.append(_el("vcpusched", {"vcpus": format_cpulist(realtime), "scheduler": "fifo",
+                                      "priority": 1}))
     groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
     for entry in placement.get("cache") or []:
         groups.setdefault(tuple(entry["vcpus"]), []).append(entry)
     for group_vcpus, entries in groups.items():
-        tune = _sub(cputune, "cachetune", vcpus=format_cpulist(group_vcpus))
+        caches = []
         for e in sorted(entries, key=lambda e: (e["level"], e["id"], e["type"])):
             size, unit = (e["bytes"] // 1024, "KiB") if e["bytes"] % 1024 == 0 else (
                 e["bytes"], "B")
-            _sub(tune, "cache", id=e["id"], level=e["level"], type=e["type"], size=size,
-                 unit=unit)
-    if len(cputune):
-        out["cputune"] = _s(cputune)
+            caches.append(_el("cache", {"id": e["id"], "level": e["level"], "type": e["type"],
+                                        "size": size, "unit": unit}))
+        tune.append(_el("cachetune", {"vcpus": format_cpulist(group_vcpus)}, "".join(caches)))
+    if tune:
+        out["cputune"] = _el("cputune", None, "".join(tune))
 
     if cells:
-        numatune = ET.Element("numatune")
         hosts = sorted({c["host_cell"] for c in cells})
-        _sub(numatune, "memory", mode="strict", nodeset=format_cpulist(hosts))
-        for c in cells:
-            _sub(numatune, "memnode", cellid=c["guest_cell"], mode="strict",
-                 nodeset=c["host_cell"])
-        out["numatune"] = _s(numatune)
+        body = _el("memory", {"mode": "strict", "nodeset": format_cpulist(hosts)})
+        body += "".join(_el("memnode", {"cellid": c["guest_cell"], "mode": "strict",
+                                        "nodeset": c["host_cell"]}) for c in cells)
+        out["numatune"] = _el("numatune", None, body)
 
-    cpu = ET.Element("cpu")
     topo = placement["topology"]
-    _sub(cpu, "topology", sockets=topo["sockets"], dies=1, cores=topo["cores"],
-         threads=topo["threads"])
+    body = _el("topology", {"sockets": topo["sockets"], "dies": 1, "cores": topo["cores"],
+                            "threads": topo["threads"]})
     if cells:
-        numa = _sub(cpu, "numa")
-        for c in cells:
-            _sub(numa, "cell", id=c["guest_cell"], cpus=format_cpulist(c["vcpus"]),
-                 memory=c["memory_mib"], unit="MiB")
-    out["cpu"] = _s(cpu)
+        body += _el("numa", None, "".join(
+            _el("cell", {"id": c["guest_cell"], "cpus": format_cpulist(c["vcpus"]),
+                         "memory": c["memory_mib"], "unit": "MiB"}) for c in cells))
+    out["cpu"] = _el("cpu", None, body)
 
     by_size: dict[int, list[int]] = {}
     for c in cells:
         if c["page_size_kib"] != SMALL_PAGE_KIB:
             by_size.setdefault(c["page_size_kib"], []).append(c["guest_cell"])
     if by_size:
-        backing = ET.Element("memoryBacking")
-        huge = _sub(backing, "hugepages")
-        for size in sorted(by_size):
-            _sub(huge, "page", size=size, unit="KiB", nodeset=format_cpulist(by_size[size]))
-        out["memoryBacking"] = _s(backing)
+        pages = "".join(_el("page", {"size": size, "unit": "KiB",
+                                     "nodeset": format_cpulist(by_size[size])})
+                        for size in sorted(by_size))
+        out["memoryBacking"] = _el("memoryBacking", None, _el("hugepages", None, pages))
 
     devs = placement.get("pci") or []
     if devs:
-        devices = ET.Element("devices")
+        body = ""
         for d in devs:
             dom, bus, rest = d["address"].split(":")
             slot, func = rest.split(".")
-            hd = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
-            src = _sub(hd, "source")
-            _sub(src, "address", domain=f"0x{dom}", bus=f"0x{bus}", slot=f"0x{slot}",
-                 function=f"0x{func}")
-        out["devices"] = _s(devices)
+            addr = _el("address", {"domain": f"0x{dom}", "bus": f"0x{bus}",
+                                   "slot": f"0x{slot}", "function": f"0x{func}"})
+            body += _el("hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"},
+                        _el("source", None, addr))
+        out["devices"] = _el("devices", None, body)
 
     reserved = sorted({t for c in cells for t in c.get("reserved_cpus", [])})
     if reserved:
-        ET.register_namespace("hostagent", METADATA_NS)
-        meta = ET.Element("metadata")
-        fit_el = ET.SubElement(meta, f"{{{METADATA_NS}}}fit")
-        ET.SubElement(fit_el, f"{{{METADATA_NS}}}idle", {"cpus": format_cpulist(reserved)})
-        out["metadata"] = _s(meta)
+        idle = _el("hostagent:idle", {"cpus": format_cpulist(reserved)})
+        out["metadata"] = _el("metadata", None, _el(
+            "hostagent:fit", {"xmlns:hostagent": METADATA_NS}, idle))
     return out
