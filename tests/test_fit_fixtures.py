@@ -150,3 +150,28 @@ def test_cdp_reservation_on_fixture():
     assert any("CDP" in r["message"] for r in both["reasons"])
     if ok["fits"]:
         assert {e["type"] for e in ok["placement"]["cache"]} == {"code", "data"}
+
+
+def test_pci_device_held_by_a_placed_guest_is_not_offered_again():
+    from fit_hosts import make_topology
+
+    topo = make_topology(2, 4, 2, pci=[("0000:3b:00.0", 1, "8086", "154d"),
+                                       ("0000:3b:00.1", 1, "8086", "154d")])
+    config = Config(resources=ResourcesConfig(dedicated_cpus=tuple(c.id for c in topo.cpus)))
+    request = flavor(2, 512, cpu_policy="dedicated", pci_devices="8086:154d",
+                     pci_numa_affinity_policy="required")
+    guests: list[Any] = []
+    got: list[str] = []
+    for i in range(3):
+        snap = build_snapshot(topo, config, guests, host="h", epoch="e", seq=i, now=0.0)
+        answer = fit(snap, request)
+        if not answer["fits"]:
+            break
+        got.extend(d["address"] for d in answer["placement"]["pci"])
+        uuid = f"00000000-0000-4000-8000-{i:012d}"
+        xml = domain(f"p{i}", uuid, answer, 512).replace(
+            "</domain>", answer["libvirt_xml"]["devices"] + "</domain>")
+        guests.append(record_from_xml(xml, uuid=uuid, name=f"p{i}"))
+    assert got == ["0000:3b:00.0", "0000:3b:00.1"]
+    assert {p["address"] for p in snap["usage"]["pci"]} == set(got)
+    assert answer["reasons"][0]["message"] == "needs 1 free 8086:154d devices, the host has 0"

@@ -444,3 +444,21 @@ def test_bad_strategy_and_snapshot():
         fit({"topology": {}, "config": {}}, flavor(1, 64))
     with pytest.raises(RequestError, match="not a valid schema-v1 snapshot"):
         fit({"topology": {"cells": 3}, "config": {}, "usage": {}}, flavor(1, 64))
+
+
+def test_floating_usage_counts_host_wide():
+    flat = host(dedicated=[], cpu_ratio=1.0, memory_mib=1024)
+    flat["usage"].pop("floating")
+    flat["usage"]["floating_vcpus"] = 15
+    flat["usage"]["floating_memory_kib"] = 1536 * 1024
+    a = fit(flat, flavor(2, 256))
+    assert reasons(a, "shared_threads")[0]["message"] == (
+        "2 shared vCPUs, 1 left (cpu_allocation_ratio 1)")
+    assert not reasons(a, "memory")  # 2048 MiB - 1536 MiB floating leaves 512 MiB
+    b = fit(flat, flavor(1, 600))
+    assert reasons(b) == [{"host_cell": None, "guest_cell": None, "resource": "memory",
+                           "message": "needs 600 MiB, 512 MiB left under "
+                                      "ram_allocation_ratio 1"}]
+    nested = host(dedicated=[], cpu_ratio=1.0, floating_vcpus=15)
+    assert not fit(nested, flavor(2, 256))["fits"]
+    assert fit(nested, flavor(1, 256))["fits"]

@@ -12,7 +12,9 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
   ``config.reserved_memory_kib``; ``usage.cells[].memory_used_kib`` is what guests hold
   of it; hugepages free per size come from ``usage.cells[].hugepages[].free`` (the
   tracker subtracts the reserved pages), else from the topology minus the reserved pages;
-- vCPUs and memory of guests bound to no cell (``usage.floating``) count host-wide only.
+- vCPUs and memory of guests bound to no cell (``usage.floating_vcpus`` /
+  ``floating_memory_kib``, or ``usage.floating.{vcpus,memory_kib}``) count host-wide only;
+- a PCI function listed in ``usage.pci`` with a guest (or in ``usage.guests[].pci``) is taken.
 """
 
 from __future__ import annotations
@@ -213,8 +215,9 @@ def _view(
         cpu_ratio=float(config.get("cpu_allocation_ratio", 4.0) or 4.0),
         ram_ratio=float(config.get("ram_allocation_ratio", 1.0) or 1.0),
         shared_cpus=tuple(sorted(shared_all)),
-        floating_used=int(floating.get("vcpus", 0) or 0),
-        floating_memory_kib=int(floating.get("memory_kib", 0) or 0),
+        floating_used=int(floating.get("vcpus", usage.get("floating_vcpus", 0)) or 0),
+        floating_memory_kib=int(
+            floating.get("memory_kib", usage.get("floating_memory_kib", 0)) or 0),
         pci=pci,
         cache_of=cache_of,
         snapshot_usage_caches=tuple(usage.get("caches") or ()),
