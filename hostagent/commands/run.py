@@ -1,0 +1,36 @@
+"""``hostagent run [--config F]``: the daemon (see ``hostagent.daemon`` and docs/daemon.md).
+
+Without ``--config`` it reads ``/etc/hostagent/hostagent.toml`` when that file exists and
+runs on the built-in defaults otherwise. A bad config, an unreadable sysfs tree or an
+endpoint that cannot be bound is one ``hostagent: <message>`` line and exit code 2;
+SIGTERM/SIGINT stop it cleanly with exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the agent: publish snapshots, answer requests (systemd service)",
+        description="Run the agent daemon: probe the host, follow libvirt and hotplug, "
+        "publish snapshots over ZeroMQ and answer requests. SIGHUP reloads the config, "
+        "SIGUSR1 writes a debug dump, SIGTERM stops.",
+    )
+    p.add_argument("--config", metavar="F",
+                   help="config file (default /etc/hostagent/hostagent.toml if it exists, "
+                   "else built-in defaults)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hostagent.config import DEFAULT_PATH
+    from hostagent.daemon import run_agent
+
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_PATH):
+        path = DEFAULT_PATH
+    return run_agent(path)

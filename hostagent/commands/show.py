@@ -1,0 +1,180 @@
+"""``hostagent show [--endpoint E | --file F]``: one snapshot drawn for a person.
+
+The snapshot comes from a file (JSON: a snapshot, or a stream body / request reply
+holding one in ``data``; ``-`` is stdin) or from an agent (``--endpoint
+STREAM[,REQUEST]``: subscribe and take the first snapshot, which the agent sends to
+every new subscriber at once; default: the config's endpoints).
+
+Drawn: the summary of ``hostagent snapshot`` (cells, guests, conflicts), the hugepage
+pools per cell, a thread map (one line per core: each thread with its owner —
+``guest/v3`` a pinned vCPU, ``guest/emu`` an emulator thread, ``free`` a free dedicated
+thread, ``shared(N)`` a shared thread with N guests floating on it, ``host``,
+``offline``), and per cache ID a map of its ways by group (most significant way first;
+``.`` free, ``-`` free but shared with I/O, a letter per group as listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hostagent.commands.watch import add_client_options, client_curve, sources_from
+from hostagent.errors import HostagentError
+
+_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "show",
+        help="draw one snapshot: cells, thread map by owner, hugepages, cache-way maps",
+        description="Draw one snapshot for a person, from an agent (--endpoint) or a "
+        "JSON file (--file).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--endpoint", metavar="E",
+                     help="agent STREAM[,REQUEST] endpoint (default: from the config)")
+    src.add_argument("--file", metavar="F", help="snapshot JSON file ('-' = stdin)")
+    p.add_argument("--host", metavar="NAME", help="which host (when E carries several)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="wait this long for a snapshot (default 5)")
+    add_client_options(p)
+    p.set_defaults(func=run)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path).read()
+    except OSError as exc:
+        raise HostagentError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HostagentError(f"{path}: not JSON: {exc}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
+        doc = doc["data"]
+    if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict) or \
+            not isinstance(doc.get("topology"), dict):
+        raise HostagentError(f"{path}: not a snapshot (no 'topology' and 'usage' maps)")
+    return doc
+
+
+def fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from hostagent.subscriber import Subscriber
+
+    sources = sources_from(args, [args.endpoint] if args.endpoint else [])
+    with Subscriber(sources, hosts=[args.host] if args.host else None,
+                    curve=client_curve(args)) as sub:
+        return sub.wait_snapshot(args.host, timeout=args.timeout)
+
+
+def thread_map(snap: dict[str, Any]) -> list[str]:
+    usage, topo = snap["usage"], snap["topology"]
+    names = {g["uuid"]: g["name"] for g in usage.get("guests", [])}
+    threads = {t["cpu"]: t for t in usage.get("threads", [])}
+
+    def owner(cpu: int) -> str:
+        t = threads.get(cpu)
+        if t is None:
+            return "?"
+        if t.get("guest"):
+            who = names.get(t["guest"], t["guest"][:8])
+            if t.get("vcpu") is not None:
+                return f"{who}/v{t['vcpu']}"
+            if t.get("emulator"):
+                return f"{who}/emu"
+            if t.get("iothread") is not None:
+                return f"{who}/io{t['iothread']}"
+            return who
+        role = t.get("role", "")
+        shared = t.get("shared_guests") or []
+        if role == "dedicated":
+            return "free" + (f"+shared({len(shared)})" if shared else "")
+        if role == "shared":
+            return f"shared({len(shared)})" if shared else "shared"
+        return role or "?"
+
+    cores: dict[tuple[int, int, int, int], list[int]] = {}
+    offline = []
+    for c in topo.get("cpus", []):
+        if not c.get("online", True):
+            offline.append(c["id"])
+            continue
+        key = (c["cell"], c["socket"], c.get("die", 0), c["core"])
+        cores.setdefault(key, []).append(c["id"])
+    out = ["threads (cell socket:core  cpu=owner ...)"]
+    for (cell, sock, _die, core), cpus in sorted(cores.items(), key=lambda kv: (kv[0], kv[1])):
+        cells = "  ".join(f"{cpu}={owner(cpu)}" for cpu in sorted(cpus))
+        out.append(f"  c{cell} {sock}:{core:<4} {cells}")
+    if offline:
+        out.append(f"  offline: {' '.join(map(str, offline))}")
+    return out
+
+
+def hugepage_pools(snap: dict[str, Any]) -> list[str]:
+    from hostagent.commands.watch import _size
+
+    out = ["hugepage pools (cell size: total used free reserved)"]
+    for c in snap["usage"].get("cells", []):
+        for h in c.get("hugepages", []):
+            out.append(f"  c{c['id']} {_size(h['size_kib']):>4}: total {h.get('total', '?')}"
+                       f"  used {h.get('used', '?')}  free {h.get('free', '?')}"
+                       f"  reserved {h.get('reserved', 0)}")
+    if len(out) == 1:
+        out.append("  none")
+    return out
+
+
+def way_maps(snap: dict[str, Any]) -> list[str]:
+    from hostagent.cbm import parse_mask
+    from hostagent.probe.report import way_map
+
+    caches = snap["usage"].get("caches", [])
+    if not caches:
+        return ["cache ways: no resctrl allocation on this host"]
+    names = {g["uuid"]: g["name"] for g in snap["usage"].get("guests", [])}
+    resources = {r["name"]: r for r in (snap["topology"].get("resctrl") or {}).get(
+        "resources", [])}
+    letters: dict[str, str] = {"": "D"}
+    for c in caches:
+        for a in c.get("allocations", []):
+            if a["group"] not in letters:
+                i = len(letters) - 1
+                letters[a["group"]] = _LETTERS[i] if i < len(_LETTERS) else "?"
+    out = ["cache ways (most significant first; . free, - free but shared with I/O, "
+           "* several groups)"]
+    for c in caches:
+        res = resources.get(c.get("resource", ""), {})
+        full = parse_mask(c.get("cbm_mask") or res.get("cbm_mask", "0"))
+        shareable = parse_mask(c.get("shareable_mask") or res.get("shareable_bits") or "0")
+        holders = [(letters[a["group"]], parse_mask(a["mask"]) & full)
+                   for a in c.get("allocations", [])]
+        out.append(f"  {c.get('resource') or 'L' + str(c['level'])}#{c['id']:<3} "
+                   f"{way_map(full, shareable, holders)}  free {c['free_ways']} ways, "
+                   f"largest run {c['largest_free_run']}")
+    out.append("  groups:")
+    guest_of = {a["group"]: a.get("guest") for c in caches for a in c.get("allocations", [])}
+    for group, letter in letters.items():
+        g = guest_of.get(group)
+        who = f"  guest {names.get(g, g)}" if g else ""
+        out.append(f"    {letter} {group or '(default group)'}{who}")
+    return out
+
+
+def render(snap: dict[str, Any]) -> str:
+    from hostagent.commands.snapshot import render as summary
+
+    parts = [summary(snap).rstrip("\n"), "", *hugepage_pools(snap), "", *thread_map(snap),
+             "", *way_maps(snap)]
+    return "\n".join(parts) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    snap = load_file(args.file) if args.file else fetch(args)
+    try:
+        sys.stdout.write(render(snap))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HostagentError(f"snapshot is missing or has a bad field: {exc!r}") from None
+    return 0

@@ -1,0 +1,622 @@
+"""The agent daemon (``hostagent run``): one asyncio loop owns everything.
+
+What runs on the loop:
+- the ``Publisher`` (XPUB stream, heartbeats, welcome re-publish, ROUTER requests);
+- the ``LibvirtWatcher`` (libvirtaio events, reconnect, periodic resync);
+- udev hotplug (``UdevWatch`` on ``loop.add_reader``) → debounced re-probe;
+- the hugepage poller (counters re-read every ``hugepage_poll_seconds``);
+- signals: SIGTERM/SIGINT stop, SIGHUP reload, SIGUSR1 debug dump (+ thread stacks
+  from ``faulthandler``, which works even if the loop is stuck);
+- systemd notify: READY after the first snapshot is out, STATUS, WATCHDOG from the
+  loop (so a stuck loop trips the watchdog), RELOADING, STOPPING.
+
+Changes (libvirt events, hotplug, hugepage counters, reloads) call ``mark_dirty``.
+Coalescing is a rate limit with a leading edge: the first change after a quiet period
+is published on the next loop iteration (everything that arrived in that iteration
+goes into the same snapshot); changes within ``coalesce_ms`` of the last publish wait
+for the window to end and go out together. A rebuilt snapshot whose content
+(topology, config, usage, agent status) equals the last one is not published.
+
+The snapshot is the schema-v1 document plus one added top-level key,
+``agent: {version, libvirt: {uri, connected}}``: while libvirt is unreachable the last
+known guests are kept and ``connected`` is false.
+
+Test/demo requests: with a ``test:///`` libvirt URI the request endpoint also answers
+``{op: "test-domain", action, ...}`` (define/start/create/destroy/undefine/list), because
+the test driver's guests live inside the agent's process. The op does not exist with
+any other URI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import faulthandler
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hostagent import __version__
+from hostagent.config import Config, load_config, resolve_resources
+from hostagent.errors import ConfigError, HostagentError, ProbeError
+from hostagent.model import HostTopology, topology_to_dict
+from hostagent.notify import Notifier, watchdog_interval
+
+log = logging.getLogger("hostagent")
+
+UDEV_DEBOUNCE_SECONDS = 0.2
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+# --- logging ---------------------------------------------------------------------------
+
+class _SyslogPrefix(logging.Formatter):
+    """``<N>name: message`` — journald takes N as the priority (sd-daemon(3))."""
+
+    PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIO.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """``$JOURNAL_STREAM`` (``dev:inode``) names our stderr (systemd.exec(5))."""
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(level: str, environ: Mapping[str, str] | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal(environ):
+        handler.setFormatter(_SyslogPrefix("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))
+    # pyzmq's ZAP handler logs every CURVE handshake at debug level
+    logging.getLogger("zmq.auth").setLevel(max(_LEVELS.get(level, logging.INFO),
+                                               logging.INFO))
+
+
+# --- hugepages -------------------------------------------------------------------------
+
+def read_hugepages(sysfs_root: str, topo: HostTopology) -> HostTopology:
+    """``topo`` with every cell's hugepage counters re-read (nothing else)."""
+    from hostagent.probe.hugepages import read_pools
+    from hostagent.probe.reader import FileReader
+
+    root = sysfs_root.rstrip("/")
+    reader = FileReader()
+    node_dir = f"{root}/devices/system/node"
+    per_node = os.path.isdir(node_dir) and any(
+        n.startswith("node") and n[4:].isdigit() for n in os.listdir(node_dir))
+    cells = []
+    for cell in topo.cells:
+        d = f"{node_dir}/node{cell.id}/hugepages" if per_node else f"{root}/kernel/mm/hugepages"
+        pools = read_pools(reader, d)
+        same = pools == cell.hugepages
+        cells.append(cell if same else dataclasses.replace(cell, hugepages=pools))
+    if all(a is b for a, b in zip(cells, topo.cells, strict=True)):
+        return topo
+    return dataclasses.replace(topo, cells=tuple(cells))
+
+
+# --- configuration reload --------------------------------------------------------------
+
+def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config in force after a reload, and notes on what needs a restart.
+
+    Reloadable: ``[resources]``, ``[probe]``, ``[libvirt]``, ``[fit]``, ``[agent]``,
+    the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE allowed-clients
+    directory. Restart-only (kept as they were, with a warning): ``[host] name``, the
+    publisher's endpoints, ``send_hwm``, ``max_message_bytes``, ``[curve] enabled`` and
+    ``server_secret_key``.
+    """
+    notes = []
+    if new.host != old.host:
+        notes.append(f"[host] name {new.host.name!r} takes effect at restart")
+    pub = new.publisher
+    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
+        if getattr(pub, key) != getattr(old.publisher, key):
+            notes.append(f"publisher.{key} takes effect at restart")
+            pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})
+    curve = new.curve
+    for key in ("enabled", "server_secret_key"):
+        if getattr(curve, key) != getattr(old.curve, key):
+            notes.append(f"curve.{key} takes effect at restart")
+            curve = dataclasses.replace(curve, **{key: getattr(old.curve, key)})
+    merged = dataclasses.replace(new, host=old.host, publisher=pub, curve=curve)
+    return merged, notes
+
+
+def config_document(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON-able data (for the debug dump)."""
+    doc = dataclasses.asdict(cfg)
+    doc["host_name"] = cfg.host_name
+    return doc
+
+
+# --- the agent -------------------------------------------------------------------------
+
+class Agent:
+    """One running agent. ``Agent(path)`` loads the config (``ConfigError``);
+    ``await agent.run()`` runs until SIGTERM/SIGINT (or ``stop()``) and returns 0."""
+
+    def __init__(self, config_path: str | None, *,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.env = dict(os.environ if environ is None else environ)
+        self.epoch = secrets.token_hex(8)
+        self.notifier = Notifier(self.env)
+        self.errors: deque[dict[str, Any]] = deque(maxlen=64)
+        self.started = time.time()
+        self.topo: HostTopology | None = None
+        self.topology_doc: dict[str, Any] = {}
+        self.resources: dict[str, Any] = {}
+        self.tracker: Any = None
+        self.publisher: Any = None
+        self.watcher: Any = None
+        self.udev: Any = None
+        self.auth: Any = None
+        self.ctx: Any = None
+        self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
+                                         "hugepage_changes": 0, "reloads": 0,
+                                         "reloads_refused": 0, "dumps": 0,
+                                         "flushes": 0, "unchanged_flushes": 0}
+        self.last_dump: str | None = None
+        self._last_content: Any = None
+        self._last_publish = -1e9
+        self._dirty = False
+        self._flushing = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._udev_handle: asyncio.Handle | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._reload_lock: asyncio.Lock | None = None
+        self._stop: asyncio.Event | None = None
+
+    # --- host and snapshot -------------------------------------------------------------
+
+    def _probe(self, cfg: Config) -> HostTopology:
+        from hostagent.probe.host import probe_host
+
+        return probe_host(cfg.probe.sysfs_root, cfg.probe.resctrl_root)
+
+    def _set_host(self, topo: HostTopology, cfg: Config) -> None:
+        from hostagent.tracker import UsageTracker
+
+        self.topo = topo
+        self.topology_doc = topology_to_dict(topo)
+        self.resources = resolve_resources(cfg.resources, topo)
+        if self.tracker is None:
+            self.tracker = UsageTracker(topo, self.resources)
+        else:
+            self.tracker.set_host(topo, self.resources)
+
+    def _agent_doc(self) -> dict[str, Any]:
+        w = self.watcher
+        return {"version": __version__,
+                "libvirt": {"uri": self.config.libvirt.uri,
+                            "connected": bool(w is not None and w.connected)}}
+
+    def mark_dirty(self) -> None:
+        """Something changed: publish soon (see the module docstring for the timing)."""
+        self._dirty = True
+        if self._flush_handle is not None or self._flushing or self._stop is None:
+            return
+        window = self.config.publisher.coalesce_ms / 1000.0
+        delay = max(0.0, self._last_publish + window - time.monotonic())
+        loop = asyncio.get_running_loop()
+        self._flush_handle = loop.call_later(delay, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        self._spawn(self.flush())
+
+    async def flush(self) -> bool:
+        """Apply pending libvirt changes and publish if the content changed."""
+        if self._flushing:
+            self._dirty = True
+            return False
+        self._flushing = True
+        try:
+            self._dirty = False
+            self.counters["flushes"] += 1
+            if self.watcher is not None:
+                self.watcher.apply(self.tracker)
+            usage = self.tracker.usage()
+            agent = self._agent_doc()
+            content = (self.topology_doc, self.resources, usage, agent)
+            if content == self._last_content:
+                self.counters["unchanged_flushes"] += 1
+                return False
+            from hostagent.snapshot import assemble_snapshot
+
+            pub = self.publisher
+            snap = assemble_snapshot(self.topology_doc, self.resources, usage,
+                                     host=pub.host, epoch=self.epoch, seq=pub.next_seq(),
+                                     now=time.time())
+            snap["agent"] = agent
+            await pub.publish(snap)
+            self._last_content = content
+            self._last_publish = time.monotonic()
+            if self.notifier.enabled:
+                self.notifier.status(self._status())
+            return True
+        finally:
+            self._flushing = False
+            if self._dirty:
+                self.mark_dirty()
+
+    def latest_snapshot(self) -> dict[str, Any] | None:
+        latest = self.publisher.latest if self.publisher else None
+        return None if latest is None else latest["data"]
+
+    def _status(self) -> str:
+        pub = self.publisher
+        lv = "libvirt connected" if self.watcher and self.watcher.connected else \
+            "libvirt unavailable, retrying"
+        return f"seq {pub.seq}, {pub.subscribers} subscribers, {lv}"
+
+    def record_error(self, where: str, message: str) -> None:
+        self.errors.append({"time": time.time(), "where": where, "message": message})
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task failed: %s: %s", type(exc).__name__, exc,
+                      exc_info=exc)
+            self.record_error("task", f"{type(exc).__name__}: {exc}")
+
+    # --- hotplug, hugepages, watchdog ---------------------------------------------------
+
+    def on_udev(self, device: Any) -> None:
+        if self._udev_handle is not None:
+            self._udev_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._udev_handle = loop.call_later(UDEV_DEBOUNCE_SECONDS,
+                                            lambda: self._spawn(self.reprobe("udev")))
+
+    async def reprobe(self, why: str) -> bool:
+        """Re-read the topology; on a change the tracker recomputes and we publish."""
+        self._udev_handle = None
+        self.counters["reprobes"] += 1
+        cfg = self.config
+        try:
+            topo = await asyncio.to_thread(self._probe, cfg)
+        except ProbeError as exc:
+            log.error("re-probe after %s failed, keeping the previous topology: %s", why, exc)
+            self.record_error("probe", str(exc))
+            return False
+        if topo == self.topo:
+            return False
+        log.info("topology changed (%s): re-publishing", why)
+        self._set_host(topo, cfg)
+        self.mark_dirty()
+        return True
+
+    async def poll_hugepages(self) -> bool:
+        self.counters["hugepage_polls"] += 1
+        topo = self.topo
+        try:
+            new = await asyncio.to_thread(read_hugepages, self.config.probe.sysfs_root, topo)
+        except (ProbeError, OSError) as exc:
+            self.record_error("hugepages", str(exc))
+            return False
+        if new is topo or topo is not self.topo:
+            return False
+        self.counters["hugepage_changes"] += 1
+        log.debug("hugepage counters changed")
+        self._set_host(new, self.config)
+        self.mark_dirty()
+        return True
+
+    async def _hugepage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe.hugepage_poll_seconds)
+            await self.poll_hugepages()
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def op_fit(self, req: dict[str, Any]) -> dict[str, Any]:
+        from hostagent.fit import STRATEGIES, fit
+
+        extra = set(req) - {"op", "request", "strategy"}
+        if extra:
+            raise HostagentError(f"op fit: unknown fields {sorted(extra)} "
+                                 "(known: request, strategy)")
+        request = req.get("request")
+        if not isinstance(request, dict):
+            raise HostagentError("op fit: 'request' must be a map (a fit request)")
+        strategy = req.get("strategy", self.config.fit.cell_strategy)
+        if strategy not in STRATEGIES:
+            raise HostagentError(f"op fit: strategy={strategy!r}: must be one of "
+                                 f"{', '.join(STRATEGIES)}")
+        snap = self.latest_snapshot()
+        if snap is None:
+            raise HostagentError("no snapshot yet: the agent is starting")
+        result = await asyncio.to_thread(fit, snap, request, strategy=strategy)
+        return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
+
+    async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Define/start/stop guests in the in-process ``test:///`` driver."""
+        import libvirt
+
+        action = req.get("action")
+        actions = ("define", "create", "start", "destroy", "undefine", "list")
+        if action not in actions:
+            raise HostagentError(f"op test-domain: action={action!r}: must be one of "
+                                 f"{', '.join(actions)}")
+        conn = self.watcher.conn if self.watcher else None
+        if conn is None:
+            raise HostagentError("op test-domain: libvirt is not connected")
+        try:
+            if action == "list":
+                return {"domains": [{"name": d.name(), "uuid": d.UUIDString(),
+                                     "active": bool(d.isActive())}
+                                    for d in conn.listAllDomains()]}
+            if action in ("define", "create"):
+                xml = req.get("xml")
+                if not isinstance(xml, str) or not xml.strip():
+                    raise HostagentError(f"op test-domain {action}: 'xml' must be domain XML")
+                dom = conn.defineXML(xml) if action == "define" else conn.createXML(xml, 0)
+            else:
+                name = req.get("name")
+                if not isinstance(name, str) or not name:
+                    raise HostagentError(f"op test-domain {action}: 'name' must be a string")
+                dom = conn.lookupByName(name)
+                {"start": dom.create, "destroy": dom.destroy, "undefine": dom.undefine}[action]()
+        except libvirt.libvirtError as exc:
+            raise HostagentError(f"op test-domain {action}: {exc.get_error_message()}") from None
+        return {"name": dom.name(), "uuid": dom.UUIDString()}
+
+    # --- signals -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config file; a bad one is refused and the old one stays."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                ok = await self._reload()
+            finally:
+                self.notifier.ready(self._status())
+            return ok
+
+    async def _reload(self) -> bool:
+        old = self.config
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+            merged, notes = merge_reload(old, new)
+            topo = await asyncio.to_thread(self._probe, merged)
+            if merged.curve.enabled and merged.curve.allowed_clients_dir != \
+                    old.curve.allowed_clients_dir and not Path(
+                        merged.curve.allowed_clients_dir).is_dir():
+                raise ConfigError(f"{merged.curve.allowed_clients_dir}: allowed-clients "
+                                  "directory does not exist")
+        except HostagentError as exc:
+            self.counters["reloads_refused"] += 1
+            self.record_error("reload", str(exc))
+            log.error("reload refused, the previous configuration stays in force: %s", exc)
+            return False
+        for note in notes:
+            log.warning("reload: %s", note)
+        self.config = merged
+        self.counters["reloads"] += 1
+        set_level(merged.agent.log_level)
+        self.publisher.cfg = dataclasses.replace(
+            self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
+            heartbeat_seconds=merged.publisher.heartbeat_seconds)
+        if self.auth is not None:
+            from hostagent.curve import reload_allowed
+
+            n = reload_allowed(self.auth, merged.curve.allowed_clients_dir)
+            log.info("reload: %d allowed CURVE client keys", n)
+        if merged.libvirt.uri != old.libvirt.uri:
+            await self.watcher.close()
+            self._start_watcher()
+        else:
+            self.watcher.resync_seconds = merged.libvirt.resync_seconds
+            self.watcher.reconnect_max = merged.libvirt.reconnect_max_seconds
+            self.watcher.request_resync()
+        self._set_host(topo, merged)
+        log.info("configuration reloaded from %s", merged.source)
+        self.mark_dirty()
+        return True
+
+    def dump_document(self) -> dict[str, Any]:
+        from hostagent.debug_dump import process_info, thread_stacks
+
+        pub = self.publisher
+        return {
+            "written": time.time(),
+            "version": __version__,
+            "started": self.started,
+            "config_path": self.config_path,
+            "config": config_document(self.config),
+            "host": pub.host,
+            "epoch": self.epoch,
+            "seq": pub.seq,
+            "subscribers": pub.subscribers,
+            "publisher": pub.state(),
+            "libvirt": self.watcher.state() if self.watcher else None,
+            "udev": self.udev.state() if self.udev else {"active": False},
+            "counters": dict(self.counters),
+            "errors": list(self.errors),
+            "notify": {"socket": self.notifier.address, "last": self.notifier.sent,
+                       "watchdog_interval": watchdog_interval(self.env)},
+            "process": process_info(),
+            "threads": thread_stacks(),
+            "snapshot": self.latest_snapshot(),
+        }
+
+    async def dump(self) -> Path | None:
+        """SIGUSR1: write the debug dump; log one line with its path."""
+        from hostagent.debug_dump import write_dump
+
+        self.counters["dumps"] += 1
+        doc = self.dump_document()
+        try:
+            path = await asyncio.to_thread(write_dump, self.config.agent.runtime_dir, doc)
+        except OSError as exc:
+            log.error("debug dump failed: %s", exc)
+            self.record_error("dump", str(exc))
+            return None
+        self.last_dump = str(path)
+        log.info("debug dump written to %s (seq %d, %d subscribers)", path, doc["seq"],
+                 doc["subscribers"])
+        return path
+
+    # --- run ---------------------------------------------------------------------------
+
+    def _start_watcher(self) -> None:
+        from hostagent.libvirt_watch import LibvirtWatcher
+
+        lv = self.config.libvirt
+        self.watcher = LibvirtWatcher(
+            lv.uri, self.mark_dirty, resync_seconds=lv.resync_seconds,
+            reconnect_max_seconds=lv.reconnect_max_seconds, on_connect=self._on_connect)
+        self.watcher.start()
+
+    def _on_connect(self, conn: Any) -> None:
+        if self.config.libvirt.demo_guests and self.config.libvirt.uri.startswith("test:///"):
+            from hostagent.demo import define_demo_guests
+
+            names = define_demo_guests(conn, self.topo, self.resources)
+            log.info("demo guests defined: %s", ", ".join(names))
+
+    async def run(self) -> int:
+        import zmq
+        import zmq.asyncio
+
+        from hostagent.curve import ServerCurve, start_authenticator
+        from hostagent.libvirt_watch import ensure_event_impl
+        from hostagent.publisher import Publisher
+        from hostagent.udev_watch import UdevWatch
+
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        cfg = self.config
+        self._set_host(await asyncio.to_thread(self._probe, cfg), cfg)
+        self.ctx = zmq.asyncio.Context()
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            curve = None
+            if cfg.curve.enabled:
+                curve = ServerCurve.load(cfg.curve.server_secret_key,
+                                         cfg.curve.allowed_clients_dir)
+                self.auth = start_authenticator(self.ctx, curve.allowed_dir)
+            self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
+                                       curve=curve)
+            self.publisher.bind()
+            self.publisher.register("fit", self.op_fit)
+            if cfg.libvirt.uri.startswith("test:///"):
+                self.publisher.register("test-domain", self.op_test_domain)
+            ensure_event_impl(loop)
+            self._start_watcher()
+            await self.flush()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+            loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.dump()))
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
+                                  chain=True)
+            if cfg.probe.udev:
+                self.udev = UdevWatch(self.on_udev)
+                self.udev.start(loop)
+            tasks.append(asyncio.ensure_future(self.publisher.run()))
+            tasks.append(asyncio.ensure_future(self._hugepage_loop()))
+            interval = watchdog_interval(self.env)
+            if interval:
+                tasks.append(asyncio.ensure_future(self._watchdog_loop(interval)))
+            self.notifier.ready(self._status())
+            log.info("hostagent %s publishing host %r epoch %s on %s (requests on %s)",
+                     __version__, self.publisher.host, self.epoch,
+                     ", ".join(self.publisher.bound["stream"]),
+                     ", ".join(self.publisher.bound["request"]) or "-")
+            stop = asyncio.ensure_future(self._stop.wait())
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop:
+                    t.result()  # a crashed core task ends the agent with its error
+            log.info("stopping")
+            return 0
+        finally:
+            self.notifier.stopping()
+            await self._shutdown(loop, tasks)
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop,
+                        tasks: list[asyncio.Task[Any]]) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            faulthandler.unregister(signal.SIGUSR1)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        if self._udev_handle is not None:
+            self._udev_handle.cancel()
+        if self.udev is not None:
+            self.udev.stop(loop)
+        pending = [*tasks, *self._bg]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self.watcher is not None:
+            await self.watcher.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.auth is not None:
+            self.auth.stop()
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
+
+
+def run_agent(config_path: str | None) -> int:
+    """Load the config, set up logging, run the loop; the process exit code."""
+    agent = Agent(config_path)  # ConfigError → the CLI prints it, exit 2
+    setup_logging(agent.config.agent.log_level)
+    return asyncio.run(agent.run())

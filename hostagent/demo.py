@@ -1,0 +1,268 @@
+"""The demo: the agent on this machine's ``/sys`` with libvirt's ``test:///`` driver.
+
+Two parts:
+
+``demo_domains(topo, resources)`` / ``define_demo_guests(conn, topo, resources)``
+    Guests built to fit *this* host's probed topology and resolved config: up to three
+    *pinned* guests (1–2 vCPUs each on dedicated threads of one cell, emulator on the
+    shared threads, memory bound to that cell, hugepage-backed when the cell's pool has
+    free pages) and two *floating* guests on the shared threads. On a 2-CPU, 1-node
+    machine with ``dedicated_cpus = "1"`` that is one pinned and two floating guests.
+    The daemon defines them (and starts the first of each kind) when
+    ``[libvirt] demo_guests = true`` and the URI is ``test:///...``.
+
+``python -m hostagent.demo [--seconds N]`` (what ``scripts/demo`` runs)
+    Writes a config in a temporary directory (ipc endpoints there, a test-driver node
+    file, half the online CPUs dedicated), starts ``hostagent run`` and
+    ``hostagent watch`` beside it, then starts and destroys demo guests through the
+    agent's ``test-domain`` request op about once a second so that snapshots keep
+    arriving. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
+    processes and exits 0 (non-zero only if the agent failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as _uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hostagent.cpulist import format_cpulist
+from hostagent.model import HostTopology
+
+MIB = 1024
+
+
+def _uuid_for(name: str) -> str:
+    return str(_uuid.uuid5(_uuid.NAMESPACE_DNS, f"{name}.demo.hostagent"))
+
+
+def _domain(name: str, vcpus: int, memory_kib: int, *, pins: list[int] | None = None,
+            cpuset: str | None = None, emulator: str | None = None, node: int | None = None,
+            page_kib: int | None = None) -> str:
+    tune = ""
+    if pins:
+        tune = "".join(f"<vcpupin vcpu='{i}' cpuset='{c}'/>" for i, c in enumerate(pins))
+        if emulator:
+            tune += f"<emulatorpin cpuset='{emulator}'/>"
+        tune = f"<cputune>{tune}</cputune>"
+    numa = f"<numatune><memory mode='strict' nodeset='{node}'/></numatune>" \
+        if node is not None else ""
+    backing = (f"<memoryBacking><hugepages><page size='{page_kib}' unit='KiB'/></hugepages>"
+               f"</memoryBacking>") if page_kib else ""
+    cs = f" cpuset='{cpuset}'" if cpuset else ""
+    return (f"<domain type='test'><name>{name}</name><uuid>{_uuid_for(name)}</uuid>"
+            f"<memory unit='KiB'>{memory_kib}</memory>"
+            f"<currentMemory unit='KiB'>{memory_kib}</currentMemory>{backing}"
+            f"<vcpu placement='static'{cs}>{vcpus}</vcpu>{tune}{numa}"
+            f"<os><type arch='x86_64'>hvm</type></os></domain>")
+
+
+def demo_domains(topo: HostTopology, resources: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``[(name, xml)]``: pinned guests first, then floating ones (see module docstring)."""
+    dedicated = set(resources.get("dedicated_cpus", []))
+    shared = sorted(resources.get("shared_cpus", []))
+    shared_text = format_cpulist(shared) if shared else None
+    out: list[tuple[str, str]] = []
+    for cell in topo.cells:
+        threads = [c for c in cell.cpus if c in dedicated]
+        mem = 512 * MIB if cell.memory_kib >= 4 * 512 * MIB else max(cell.memory_kib // 8, 64 * MIB)
+        while threads and len([n for n, _ in out if n.startswith("demo-pinned")]) < 3:
+            take, threads = threads[:2], threads[2:]
+            page = None
+            for pool in cell.hugepages:
+                if pool.free * pool.size_kib >= mem and pool.size_kib <= mem:
+                    page = pool.size_kib
+                    break
+            n = len(out) + 1
+            out.append((f"demo-pinned-{n}", _domain(
+                f"demo-pinned-{n}", len(take), mem, pins=take, emulator=shared_text,
+                node=cell.id, page_kib=page)))
+    total = sum(c.memory_kib for c in topo.cells)
+    mem = 256 * MIB if total >= 16 * 256 * MIB else max(total // 32, 32 * MIB)
+    if shared:
+        for i in (1, 2):
+            name = f"demo-floating-{i}"
+            # a cpuset of one CPU would be a pin (a conflict on a shared thread): float
+            cpuset = shared_text if len(shared) > 1 else None
+            out.append((name, _domain(name, min(2, len(shared)), mem, cpuset=cpuset)))
+    return out
+
+
+def define_demo_guests(conn: Any, topo: HostTopology, resources: Mapping[str, Any]) -> list[str]:
+    """Define every demo guest in ``conn`` and start the first pinned and the first
+    floating one. Returns the names defined."""
+    names = []
+    started = set()
+    for name, xml in demo_domains(topo, resources):
+        dom = conn.defineXML(xml)
+        kind = name.rsplit("-", 1)[0]
+        if kind not in started:
+            dom.create()
+            started.add(kind)
+        names.append(name)
+    return names
+
+
+# --- the scripted demo -----------------------------------------------------------------
+
+def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float) -> Path:
+    """A config for the demo agent in ``tmp`` (returns its path)."""
+    online = [c.id for c in topo.cpus if c.online and not c.isolated]
+    half = len(online) // 2
+    dedicated = online[len(online) - half:] if half else []
+    node = tmp / "node.xml"
+    node.write_text("<node><cpu><mhz>2400</mhz><model>x86_64</model></cpu>"
+                    "<memory>8388608</memory></node>\n")
+    res = f'dedicated_cpus = "{format_cpulist(dedicated)}"\n' if dedicated else ""
+    cfg = tmp / "hostagent.toml"
+    cfg.write_text(f"""# written by hostagent.demo
+[probe]
+sysfs_root = "{sysfs_root}"
+resctrl_root = "{sysfs_root.rstrip('/')}/fs/resctrl"
+hugepage_poll_seconds = 2.0
+udev = false
+
+[libvirt]
+uri = "test://{node}"
+demo_guests = true
+
+[resources]
+{res}
+[publisher]
+endpoints = ["ipc://{tmp}/stream"]
+request_endpoints = ["ipc://{tmp}/request"]
+coalesce_ms = 50.0
+heartbeat_seconds = 1.0
+
+[agent]
+runtime_dir = "{tmp}/run"
+log_level = "info"
+""")
+    return cfg
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hostagent.cli", *args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hostagent.demo", description=(
+        "Run the agent on this machine's /sys with libvirt's test:/// driver and demo "
+        "guests, and `hostagent watch` beside it."))
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long to run (default 10)")
+    parser.add_argument("--sysfs-root", default="/sys", help="sysfs tree (default /sys)")
+    parser.add_argument("--json", action="store_true", help="watch --json")
+    args = parser.parse_args(argv)
+
+    from hostagent.errors import HostagentError
+    from hostagent.probe.host import probe_host
+    from hostagent.subscriber import request
+
+    try:
+        root = args.sysfs_root
+        topo = probe_host(root, os.path.join(root, "fs", "resctrl"))
+    except HostagentError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="hostagent-demo-") as d:
+        tmp = Path(d)
+        cfg = demo_config(tmp, topo, root, args.seconds)
+        log = tmp / "agent.log"
+        print(f"demo: {len(topo.cpus)} CPUs, {len(topo.cells)} NUMA cell(s) probed from "
+              f"{root}; agent config {cfg}", flush=True)
+        with open(log, "w") as logfh:
+            agent = subprocess.Popen(_cli("run", "--config", str(cfg)), stderr=logfh,
+                                     stdout=logfh, start_new_session=True)
+        stream, req_ep = f"ipc://{tmp}/stream", f"ipc://{tmp}/request"
+        watch = None
+        rc = 0
+        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            names = _wait_ready(req_ep, agent, request)
+            print("demo: agent is up; guests: " + ", ".join(
+                f"{n['name']}{'*' if n['active'] else ''}" for n in names)
+                + "   (* running)", flush=True)
+            watch = subprocess.Popen(
+                _cli("watch", f"{stream},{req_ep}", *(["--json"] if args.json else [])),
+                start_new_session=True)
+            _drive(req_ep, [n["name"] for n in names], args.seconds, agent, request)
+        except KeyboardInterrupt:
+            print("\ndemo: interrupted", flush=True)
+        except HostagentError as exc:
+            print(f"demo: {exc}", file=sys.stderr)
+            rc = 1
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            for p in (watch, agent):
+                if p is not None and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in (watch, agent):
+                if p is not None:
+                    try:
+                        p.wait(10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+            if agent.returncode not in (0, None):
+                rc = rc or 1
+                print(f"demo: the agent exited with {agent.returncode}; its log:",
+                      file=sys.stderr)
+            if rc:
+                sys.stderr.write(log.read_text())
+        print(f"demo: done (agent exit {agent.returncode})", flush=True)
+        return rc
+
+
+def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> list[dict]:
+    from hostagent.errors import HostagentError
+
+    deadline = time.monotonic() + 20
+    while True:
+        if agent.poll() is not None:
+            raise HostagentError(f"the agent exited with {agent.returncode} while starting")
+        try:
+            rep = request(req_ep, {"op": "test-domain", "action": "list"}, timeout=0.5)
+            if rep.get("ok") and rep["domains"]:
+                return sorted(rep["domains"], key=lambda d: d["name"])
+        except HostagentError:
+            pass
+        if time.monotonic() > deadline:
+            raise HostagentError("the agent did not come up within 20 s")
+        time.sleep(0.2)
+
+
+def _drive(req_ep: str, names: list[str], seconds: float, agent: subprocess.Popen[bytes],
+           request: Any) -> None:
+    """Toggle demo guests about once a second until ``seconds`` have passed."""
+    from hostagent.errors import HostagentError
+
+    end = time.monotonic() + seconds
+    step = 0
+    time.sleep(min(1.0, seconds / 4))
+    while time.monotonic() < end:
+        if agent.poll() is not None:
+            raise HostagentError(f"the agent exited with {agent.returncode}")
+        name = names[step % len(names)]
+        rep = request(req_ep, {"op": "test-domain", "action": "list"}, timeout=2)
+        active = {d["name"]: d["active"] for d in rep.get("domains", [])}
+        action = "destroy" if active.get(name) else "start"
+        rep = request(req_ep, {"op": "test-domain", "action": action, "name": name},
+                      timeout=2)
+        verb = "stopping" if action == "destroy" else "starting"
+        print(f"demo: {verb} {name}" + ("" if rep.get("ok") else f": {rep.get('error')}"),
+              flush=True)
+        step += 1
+        time.sleep(max(0.0, min(1.2, end - time.monotonic())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
