@@ -15,10 +15,10 @@ Two parts:
 
 ``python -m hostagent.demo [--seconds N]`` (what ``scripts/demo`` runs)
     Writes a config in a temporary directory (ipc endpoints there, a test-driver node
-    file, half the online CPUs dedicated), starts ``hostagent run`` and
-    ``hostagent watch`` beside it, then starts and destroys demo guests through the
-    agent's ``test-domain`` request op about once a second so that snapshots keep
-    arriving. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
+    file, the isolated CPUs — or else half the online ones — dedicated), starts
+    ``hostagent run`` and ``hostagent watch`` beside it, then starts and destroys demo
+    guests through the agent's ``test-domain`` request op about once a second so that
+    snapshots keep arriving. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
     processes and exits 0 (non-zero only if the agent failed).
 """
 
@@ -119,9 +119,11 @@ def define_demo_guests(conn: Any, topo: HostTopology, resources: Mapping[str, An
 
 def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float) -> Path:
     """A config for the demo agent in ``tmp`` (returns its path)."""
+    # dedicated: the isolated CPUs (isolcpus) if the host has any, else the upper half
+    isolated = [c.id for c in topo.cpus if c.online and c.isolated]
     online = [c.id for c in topo.cpus if c.online and not c.isolated]
     half = len(online) // 2
-    dedicated = online[len(online) - half:] if half else []
+    dedicated = isolated or (online[len(online) - half:] if half else [])
     node = tmp / "node.xml"
     node.write_text("<node><cpu><mhz>2400</mhz><model>x86_64</model></cpu>"
                     "<memory>8388608</memory></node>\n")
