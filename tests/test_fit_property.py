@@ -276,6 +276,22 @@ def check_invariants(snap: dict[str, Any], req: Any, answer: dict[str, Any]) -> 
         assert sorted(seen_vcpus) == list(range(req.vcpus))
     topo_d = p["topology"]
     assert topo_d["sockets"] * topo_d["cores"] * topo_d["threads"] == req.vcpus
+    used_pci = {u["address"] for u in snap["usage"].get("pci", []) if u.get("guest")}
+    host_cells = {c["host_cell"] for c in cells}
+    by_addr = {d.address: d for d in topo.pci}
+    want = {(i.vendor, i.device): i.count for i in req.pci}
+    got: dict[tuple[str, str], int] = {}
+    for d in p["pci"]:
+        dev = by_addr[d["address"]]
+        assert d["address"] not in used_pci
+        key = (dev.vendor.removeprefix("0x"), dev.device.removeprefix("0x"))
+        got[key] = got.get(key, 0) + 1
+        if req.numa and req.pci_policy == "required":
+            assert dev.numa_node in host_cells
+        if req.numa and req.pci_policy == "legacy":
+            assert dev.numa_node in host_cells or dev.numa_node < 0
+    assert got == want
+    assert len({d["address"] for d in p["pci"]}) == len(p["pci"])
 
 
 @SETTINGS
@@ -303,3 +319,71 @@ def test_fit_is_deterministic_and_pure(snap, request):
     a = json.dumps(fit(snap, request), sort_keys=True)
     b = json.dumps(fit(snap, request), sort_keys=True)
     assert a == b and snap == before
+
+
+@st.composite
+def cat_hosts(draw: Any) -> dict[str, Any]:
+    cells = draw(st.integers(1, 2))
+    l3 = draw(st.sampled_from([(1, 1), (2, 1), (1, 2)]))  # (per cell, cells per L3)
+    if l3[1] > cells:
+        l3 = (1, 1)
+    ways = draw(st.sampled_from([8, 12]))
+    n_l3 = cells * l3[0] // l3[1]
+    masks = {i: draw(st.integers(1, (1 << ways) - 1)) for i in range(n_l3)}
+    # default group masks are contiguous runs from bit 0 (as after a carve)
+    masks = {i: (1 << (m.bit_length() % ways or 1)) - 1 for i, m in masks.items()}
+    topo = make_topology(cells, 4, draw(st.integers(1, 2)), l3_per_cell=l3[0],
+                         l3_cells=l3[1], resctrl_ways=ways, default_mask=masks)
+    taken = {c.id: "g" for c in topo.cpus if draw(st.integers(0, 4)) == 0}
+    return make_snapshot(topo, taken=taken)
+
+
+@st.composite
+def cat_requests(draw: Any) -> dict[str, Any]:
+    nodes = draw(st.sampled_from([1, 2]))
+    vcpus = nodes * draw(st.integers(1, 3))
+    groups = []
+    start = 0
+    while start < vcpus and draw(st.booleans()):
+        end = draw(st.integers(start, vcpus - 1))
+        groups.append(f"vcpus={start}-{end}:type=both,size={draw(st.integers(1, 4))}mb")
+        start = end + 1
+    if not groups:
+        groups = [f"vcpus=0:type=both,size={draw(st.integers(1, 3))}mb"]
+    return {"vcpus": vcpus, "memory_mb": 256 * nodes, "extra_specs": {
+        "hw:cpu_policy": "dedicated", "hw:numa_nodes": str(nodes),
+        "hw:cache_reservation": ";".join(groups)}}
+
+
+@settings(max_examples=int(os.environ.get("FIT_CACHE_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cat_hosts(), cat_requests())
+def test_cache_reservations_never_collide(snap, request):
+    from hostagent.cbm import is_contiguous, parse_mask
+
+    req = _parse(request)
+    answer = fit(snap, request)
+    event(f"fits={answer['fits']}")
+    if not answer["fits"]:
+        assert any(r["resource"] in ("cache_ways", "dedicated_threads", "cells")
+                   for r in answer["reasons"])
+        return
+    check_invariants(snap, req, answer)
+    topo = topology_from_dict(snap["topology"])
+    free = {(w["resource"], w["id"]): parse_mask(w["free_mask"]) for w in snap["usage"]["caches"]}
+    pins = {int(v): c for cell in answer["placement"]["cells"] for v, c in cell["pinning"].items()}
+    seen: dict[tuple[str, int], int] = {}
+    for e in answer["placement"]["cache"]:
+        mask = parse_mask(e["mask"])
+        key = (e["resource"], e["id"])
+        assert mask and is_contiguous(mask) and mask & ~free[key] == 0
+        assert not seen.get(key, 0) & mask, "two groups share a way"
+        seen[key] = seen.get(key, 0) | mask
+        serving = {c.id for c in topo.caches if c.level == 3 for t in e["vcpus"]
+                   if pins[t] in c.cpus}
+        assert e["id"] in serving
+    for g in req.cache:  # every group got a mask on every cache serving its threads
+        ids = {c.id for c in topo.caches if c.level == 3 for v in g.vcpus
+               if pins[v] in c.cpus}
+        assert {e["id"] for e in answer["placement"]["cache"]
+                if tuple(e["vcpus"]) == g.vcpus} == ids
