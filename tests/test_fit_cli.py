@@ -155,3 +155,23 @@ def test_console_script_subprocess(tmp_path):
                           timeout=60)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["fits"] is False
+
+
+def test_endpoint_of_the_real_publisher(tmp_path, capsys):
+    """The agent's own ROUTER (hostagent.publisher) serves the snapshot to ``--endpoint``."""
+    import asyncio
+
+    from zmq_helpers import run, running_publisher
+
+    req = write(tmp_path, "r.json", flavor(2, 512, cpu_policy="dedicated"))
+
+    async def go() -> int:
+        async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
+            await pub.publish(SNAP)
+            return await asyncio.to_thread(
+                main, ["fit", "--endpoint", f"ipc://{tmp_path}/request", "--request", req,
+                       "--json"])
+
+    assert run(go()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["placement"]["cells"][0]["host_cell"] == 1
