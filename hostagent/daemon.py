@@ -169,8 +169,9 @@ class Agent:
     ``await agent.run()`` runs until SIGTERM/SIGINT (or ``stop()``) and returns 0."""
 
     def __init__(self, config_path: str | None, *,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, udev_monitor: Any = None) -> None:
         self.config_path = config_path
+        self._udev_monitor = udev_monitor  # tests: an object shaped like pyudev.Monitor
         self.config = load_config(config_path)
         self.env = dict(os.environ if environ is None else environ)
         self.epoch = secrets.token_hex(8)
@@ -405,7 +406,9 @@ class Agent:
                 dom = conn.lookupByName(name)
                 {"start": dom.create, "destroy": dom.destroy, "undefine": dom.undefine}[action]()
         except libvirt.libvirtError as exc:
-            raise HostagentError(f"op test-domain {action}: {exc.get_error_message()}") from None
+            what = f" {req.get('name')!r}" if isinstance(req.get("name"), str) else ""
+            raise HostagentError(
+                f"op test-domain {action}{what}: {exc.get_error_message()}") from None
         return {"name": dom.name(), "uuid": dom.UUIDString()}
 
     # --- signals -----------------------------------------------------------------------
@@ -565,7 +568,7 @@ class Agent:
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
                                   chain=True)
             if cfg.probe.udev:
-                self.udev = UdevWatch(self.on_udev)
+                self.udev = UdevWatch(self.on_udev, monitor=self._udev_monitor)
                 self.udev.start(loop)
             tasks.append(asyncio.ensure_future(self.publisher.run()))
             tasks.append(asyncio.ensure_future(self._hugepage_loop()))
