@@ -1,0 +1,27 @@
+"""One asyncio loop for every in-process test that touches libvirt events.
+
+libvirtaio binds libvirt's event implementation to one loop for the life of the process,
+so tests that need libvirt events share ``LOOP`` and run coroutines on it from the main
+thread with ``run(coro)`` (signal handlers need the main thread too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+LOOP = asyncio.new_event_loop()
+
+
+def run(coro: Any, timeout: float = 20.0) -> Any:
+    asyncio.set_event_loop(LOOP)
+    return LOOP.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+async def until(pred: Any, timeout: float = 5.0, step: float = 0.01) -> None:
+    """Let the loop run until ``pred()`` is true (AssertionError after ``timeout``)."""
+    deadline = LOOP.time() + timeout
+    while not pred():
+        if LOOP.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(step)
