@@ -1,0 +1,106 @@
+"""The daemon's commands: keys, watch, show (against a real agent process), demo."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon_helpers import DaemonProc
+from libvirt_helpers import domain_xml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, timeout=30, **kw):
+    return subprocess.run([sys.executable, "-m", "hostagent.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="module")
+def agent():
+    d = DaemonProc()
+    try:
+        d.wait_notify("READY=1")
+        xml = domain_xml("web", vcpus=2, vcpupin={0: "2", 1: "26"}, emulatorpin="0-1",
+                         numa_memory=("strict", "0"))
+        assert d.request({"op": "test-domain", "action": "create", "xml": xml})["ok"]
+        with d.subscriber() as sub:
+            while not (sub.latest("testhost") or {}).get("usage", {}).get("guests"):
+                sub.poll(2)
+        yield d
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
+def test_keys_makes_a_pair_and_refuses_to_overwrite(tmp_path):
+    r = cli("keys", str(tmp_path / "k"), "--name", "sched1")
+    assert r.returncode == 0, r.stderr
+    secret = tmp_path / "k" / "sched1.key_secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert "z85 public" in r.stdout and (tmp_path / "k" / "sched1.key").exists()
+    r = cli("keys", str(tmp_path / "k"), "--name", "sched1")
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_watch_prints_one_line_per_snapshot(agent):
+    r = cli("watch", f"{agent.stream},{agent.req}", "--count", "1")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert line.startswith("testhost seq ")
+    assert "pCPUs free c0:18/20 c1:20/20" in line
+    assert "hugepages free c0:2M=" in line and "cache ways free L3#0=" in line
+    assert "guests 1" in line
+
+
+def test_watch_json_prints_whole_snapshots(agent):
+    r = cli("watch", agent.stream, "--json", "--count", "1")
+    assert r.returncode == 0, r.stderr
+    snap = json.loads(r.stdout.splitlines()[0])
+    assert snap["host"] == "testhost" and [g["name"] for g in snap["usage"]["guests"]] == ["web"]
+
+
+def test_watch_seconds_and_config_endpoints(agent):
+    r = cli("watch", "--config", str(agent.config), "--seconds", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("testhost seq ")
+    r = cli("watch", "udp://x")
+    assert r.returncode == 2 and "must start with tcp://" in r.stderr
+
+
+def test_show_from_an_endpoint_and_from_a_file(agent, tmp_path):
+    r = cli("show", "--endpoint", agent.stream)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "host testhost" in out
+    assert "c0 0:2    2=web/v0  26=web/v1" in out
+    assert "c0 0:0    0=shared(1)  24=shared" in out  # web's emulator may run on 0
+    assert "c1 1:2    14=free  38=free" in out
+    assert "L3#0   **DDD..BBCC  free 2 ways" in out and "    B nfv-excl" in out
+    assert "hugepage pools" in out and "c0   2M: total 2048" in out
+    assert "L3#0" in out and "(default group)" in out
+    snap = json.loads(cli("watch", agent.stream, "--json", "--count", "1").stdout)
+    f = tmp_path / "snap.json"
+    f.write_text(json.dumps(snap))
+    r2 = cli("show", "--file", str(f))
+    assert r2.returncode == 0 and r2.stdout == out
+    f.write_text("{}")
+    r3 = cli("show", "--file", str(f))
+    assert r3.returncode == 2 and "not a snapshot" in r3.stderr
+    r4 = cli("show", "--endpoint", f"ipc://{tmp_path}/nobody", "--timeout", "0.3")
+    assert r4.returncode == 2 and "no snapshot within 0.3 s" in r4.stderr
+
+
+def test_demo_runs_and_exits_0():
+    r = subprocess.run([sys.executable, "-m", "hostagent.demo", "--seconds", "2.5",
+                        "--sysfs-root", str(ROOT / "fixtures/sysfs/xeon-2s-cat/sys")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert any(" seq 1 " in ln and "pCPUs free" in ln for ln in lines)
+    assert any(ln.startswith("demo: starting") or ln.startswith("demo: stopping")
+               for ln in lines)
+    assert "demo: done (agent exit 0)" in r.stdout
