@@ -174,6 +174,7 @@ class Contribution:
     floating_pages: tuple[tuple[int, int], ...] = ()  # (size_kib, pages)
     groups: tuple[str, ...] = ()  # resctrl groups this guest's cachetunes/memorytunes own
     pci: tuple[str, ...] = ()  # PCI addresses passed through
+    idle: tuple[int, ...] = ()  # dedicated threads this guest keeps idle (isolate siblings)
     conflicts: tuple[dict[str, Any], ...] = ()
 
 
@@ -232,8 +233,8 @@ def _error_contribution(rec: GuestRecord) -> Contribution:
     entry = {
         "uuid": rec.uuid, "name": rec.name, "state": rec.state, "vcpus": 0, "memory_kib": 0,
         "page_size_kib": None, "cells": [], "pinning": {}, "emulator_cpus": [], "cache": [],
-        "dedicated_cpus": [], "pci": [], "shared_vcpus": 0, "floating_vcpus": 0,
-        "domain_id": None,
+        "dedicated_cpus": [], "idle_cpus": [], "pci": [], "shared_vcpus": 0,
+        "floating_vcpus": 0, "domain_id": None,
         "error": rec.error,
     }
     c = _conflict("xml_error", f"{rec.name}: {rec.error}", [rec.uuid])
@@ -432,6 +433,38 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
     for t in range(1, spec.iothreads + 1):
         helper_threads(spec.iothreadpin.get(t, spec.cpuset), f"iothread {t}", iothread=t)
 
+    # ---- threads kept idle (the siblings of an isolate guest's vCPUs, from the metadata
+    # hostagent fit writes): a dedicated thread is held, online or not, like a pin
+    idle: list[int] = []
+    idle_not_dedicated: list[int] = []
+    idle_offline: list[int] = []
+    for cpu in spec.idle_cpus:
+        if cpu not in ctx.online:
+            idle_offline.append(cpu)
+            if cpu in ctx.dedicated:
+                idle.append(cpu)
+        elif cpu in ctx.dedicated:
+            idle.append(cpu)
+        else:
+            idle_not_dedicated.append(cpu)
+    if idle_offline:
+        unknown = [c for c in idle_offline if c not in ctx.known]
+        off = [c for c in idle_offline if c in ctx.known]
+        parts = []
+        if off:
+            parts.append(f"offline CPU(s) {format_cpulist(off)}")
+        if unknown:
+            parts.append(f"CPU(s) {format_cpulist(unknown)} that do not exist")
+        conflicts.append(_conflict(
+            "pin_offline",
+            f"{name}: the threads it keeps idle include {' and '.join(parts)}", [uuid],
+            cpus=idle_offline))
+    if idle_not_dedicated:
+        conflicts.append(_conflict(
+            "pin_not_dedicated",
+            f"{name}: keeps CPU(s) {format_cpulist(idle_not_dedicated)} idle, which are not "
+            "in dedicated_cpus", [uuid], cpus=idle_not_dedicated))
+
     if dup:
         conflicts.append(_conflict(
             "dedicated_overlap",
@@ -517,6 +550,7 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
             for s in spec.vcpusched
         ],
         "dedicated_cpus": owned,
+        "idle_cpus": list(spec.idle_cpus),
         "pci": list(spec.hostdevs),
         "shared_vcpus": sum(shared_vcpus.values()),
         "floating_vcpus": floating_vcpus,
@@ -536,6 +570,7 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
         floating_pages=tuple(sorted(floating_pages.items())),
         groups=tuple(groups),
         pci=spec.hostdevs,
+        idle=tuple(idle),
         conflicts=tuple(conflicts),
     )
 
@@ -573,6 +608,13 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             "dedicated_overlap", f"dedicated CPU {cpu} is held by {who}",
             [u for u, _ in holders], cpus=[cpu]))
 
+    # threads kept idle: the first guest in uuid order holds each (two guests keeping
+    # one thread idle agree, so that is no conflict)
+    held_by: dict[int, str] = {}
+    for c in contribs:
+        for cpu in c.idle:
+            held_by.setdefault(cpu, c.uuid)
+
     # shared guests per thread: group guests by identical CPU sets, then merge per
     # distinct membership signature (lists are shared between threads with equal sets)
     by_set: dict[frozenset[int], list[str]] = {}
@@ -594,6 +636,24 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
                 u for i in sig for u in sets[i][1])
             merged[key] = lst
         shared_on[cpu] = lst
+
+    # an idle thread another guest runs on (its vCPU, emulator or iothread owns it, or
+    # its shared vCPUs / emulator / iothreads are pinned onto it)
+    taken_idle: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    for c in contribs:
+        for cpu in c.idle:
+            others = set(shared_on.get(cpu, ()))
+            if cpu in owner:
+                others.add(owner[cpu][0])
+            others.discard(c.uuid)
+            if others:
+                taken_idle.setdefault((c.uuid, tuple(sorted(others))), []).append(cpu)
+    for (idler, others_t), cpus in sorted(taken_idle.items()):
+        conflicts.append(_conflict(
+            "idle_thread_taken",
+            f"{names[idler]} keeps CPU(s) {format_cpulist(cpus)} idle, but "
+            + ", ".join(names[u] for u in others_t) + " run(s) there",
+            [idler, *others_t], cpus=sorted(cpus)))
 
     # per-cell sums
     shared_vcpus: dict[int, int] = {}
@@ -639,11 +699,14 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
     for cell in topo.cells:
         cid = cell.id
         pinned = pinned_by_cell.get(cid, [])
-        # a dedicated thread is free when nobody owns it and no guest's shared vCPUs,
-        # emulator or iothreads are pinned onto it (that is a floating_on_dedicated conflict)
-        free = [t for t in ctx.cell_dedicated[cid] if t not in owner and t not in shared_on]
+        # a dedicated thread is free when nobody owns it, no guest's shared vCPUs,
+        # emulator or iothreads are pinned onto it (that is a floating_on_dedicated
+        # conflict) and no guest keeps it idle (held_by)
+        free = [t for t in ctx.cell_dedicated[cid]
+                if t not in owner and t not in shared_on and t not in held_by]
         free_cores = sum(1 for core in ctx.cell_dedicated_cores.get(cid, ())
-                         if not any(t in owner or t in shared_on for t in core))
+                         if not any(t in owner or t in shared_on or t in held_by
+                                    for t in core))
         pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
         reserved = ctx.reserved_memory.get(cid, 0)
         limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)
@@ -702,6 +765,7 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             "emulator": bool(cl and cl.emulator),
             "iothread": cl.iothread if cl else None,
             "shared_guests": shared_on.get(t, empty),
+            "held_by": held_by.get(t),
         })
 
     key = tuple(sorted(owners_of_groups.items()))

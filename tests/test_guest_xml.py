@@ -275,3 +275,67 @@ def test_pci_passthrough_addresses():
     with pytest.raises(DomainXMLError, match=r"devices/hostdev\[1\]/source/address/@bus"):
         parse_domain(_dom("<devices><hostdev type='pci'><source><address domain='0' "
                           "bus='zz' slot='1' function='0'/></source></hostdev></devices>"))
+
+
+# --------------------------------------------------------------------------- fit metadata
+
+NS = "https://hostagent.dev/xmlns/fit/1"
+
+
+def _meta(inner: str, prefix: str = "hostagent") -> str:
+    return (f"<metadata><{prefix}:fit xmlns:{prefix}='{NS}'>{inner}</{prefix}:fit>"
+            "</metadata>")
+
+
+def test_fit_metadata_namespace_is_the_one_the_fit_writes():
+    from hostagent.fit.libvirt_xml import METADATA_NS
+    from hostagent.guests.xml import FIT_METADATA_NS
+
+    assert FIT_METADATA_NS == METADATA_NS == NS
+
+
+def test_idle_cpus_from_fit_metadata():
+    s = parse_domain(_dom(_meta("<hostagent:idle cpus='26-27,9'/>")))
+    assert s.idle_cpus == (9, 26, 27)
+    # matched by namespace URI: libvirt may print another prefix; several idle elements add
+    s = parse_domain(_dom(_meta("<x:idle cpus='3'/><x:idle cpus='1-2,^2'/>", prefix="x")))
+    assert s.idle_cpus == (1, 3)
+    # other metadata, or an idle element in another namespace, is not ours
+    s = parse_domain(_dom("<metadata><other:fit xmlns:other='https://example.org/x'>"
+                          "<other:idle cpus='5'/></other:fit><idle cpus='6'/></metadata>"))
+    assert s.idle_cpus == ()
+    assert parse_domain(_dom("")).idle_cpus == ()
+
+
+def test_the_fit_fragment_parses_back():
+    from hostagent.fit.libvirt_xml import fragments
+
+    placement = {"cells": [{"guest_cell": 0, "host_cell": 0, "vcpus": [0, 1],
+                            "pinning": {"0": 2, "1": 3}, "shared_vcpus": [],
+                            "shared_cpus": [], "memory_mib": 512, "page_size_kib": 4,
+                            "reserved_cpus": [26, 27]}],
+                 "emulator_cpus": [2, 3], "topology": {"sockets": 2, "cores": 1,
+                                                       "threads": 1}}
+    x = fragments(vcpus=2, placement=placement)
+    s = parse_domain(_dom(x["vcpu"] + x["cputune"] + x["metadata"]))
+    assert s.idle_cpus == (26, 27) and s.vcpupin == {0: (2,), 1: (3,)}
+
+
+@pytest.mark.parametrize(
+    "inner, needles",
+    [
+        ("<hostagent:idle cpus='2-x'/>",
+         ["'g1'", "metadata/hostagent:fit/hostagent:idle[1]/@cpus", "not a CPU set", "'2-x'"]),
+        ("<hostagent:idle cpus='4'/><hostagent:idle cpus='9-3'/>",
+         ["hostagent:idle[2]/@cpus", "backwards", "'9-3'"]),
+        ("<hostagent:idle cpus=''/>", ["hostagent:idle[1]/@cpus", "empty"]),
+        ("<hostagent:idle/>", ["hostagent:idle[1]/@cpus", "missing attribute"]),
+        ("<hostagent:idle cpus='0-20000'/>", ["hostagent:idle[1]/@cpus", "maximum"]),
+    ],
+)
+def test_bad_fit_metadata_names_the_element_and_value(inner, needles):
+    with pytest.raises(DomainXMLError) as info:
+        parse_domain(_dom(_meta(inner)))
+    text = str(info.value)
+    for needle in needles:
+        assert needle in text, text

@@ -453,3 +453,106 @@ def test_shared_pins_onto_dedicated_threads_make_them_not_free(xeon):
     assert thread(u, 2)["guest"] is None and thread(u, 2)["shared_guests"] == [g.uuid]
     assert 2 not in cell(u, 0)["free_cpus"] and cell(u, 0)["free_pcpus"] == 19
     assert cell(u, 0)["free_cores"] == 9  # core (2, 26) is no longer whole
+
+
+# --------------------------------------------------------------------------- idle threads
+
+FIT_NS = "https://hostagent.dev/xmlns/fit/1"
+
+
+def rec_idle(name: str, idle: str, **kw) -> GuestRecord:
+    """A guest whose metadata says it keeps ``idle`` threads idle (what the fit writes for
+    an isolate guest)."""
+    meta = (f"<metadata><hostagent:fit xmlns:hostagent='{FIT_NS}'>"
+            f"<hostagent:idle cpus='{idle}'/></hostagent:fit></metadata>")
+    xml = domain_xml(name, **kw).replace("</domain>", meta + "</domain>")
+    return record_from_xml(xml, uuid=uuid_for(name), name=name)
+
+
+def test_idle_siblings_are_held_and_not_free(xeon):
+    # isolate guest: vCPUs on 2 and 3, their siblings 26 and 27 kept idle
+    g = rec_idle("iso", "26-27", vcpus=2, vcpupin={0: "2", 1: "3"}, emulatorpin="2-3")
+    u = compute_usage(xeon, resources(xeon), [g])
+    assert all("held_by" in t for t in u["threads"])
+    assert [t["cpu"] for t in u["threads"] if t["held_by"]] == [26, 27]
+    t26 = thread(u, 26)
+    assert (t26["held_by"], t26["guest"], t26["vcpu"]) == (g.uuid, None, None)
+    assert thread(u, 2)["held_by"] is None and thread(u, 2)["guest"] == g.uuid
+    c0 = cell(u, 0)
+    assert c0["pinned_cpus"] == [2, 3]  # owned threads only; idle ones are held_by
+    assert c0["free_pcpus"] == 16 and not {2, 3, 26, 27} & set(c0["free_cpus"])
+    assert c0["free_cores"] == 8
+    (entry,) = u["guests"]
+    assert entry["idle_cpus"] == [26, 27] and entry["dedicated_cpus"] == [2, 3]
+    assert u["conflicts"] == []
+    # without the metadata, the same guest leaves 26 and 27 free (what used to happen)
+    plain = rec("iso", vcpus=2, vcpupin={0: "2", 1: "3"}, emulatorpin="2-3")
+    u2 = compute_usage(xeon, resources(xeon), [plain])
+    assert {26, 27} <= set(cell(u2, 0)["free_cpus"]) and cell(u2, 0)["free_pcpus"] == 18
+
+
+def test_idle_thread_another_guest_runs_on_is_a_conflict(xeon):
+    iso = rec_idle("iso", "26-27", vcpus=2, vcpupin={0: "2", 1: "3"}, emulatorpin="2-3")
+    pin = rec("pin", vcpus=1, vcpupin={0: "26"}, emulatorpin="26")
+    spill = rec("spill", vcpus=1, cpuset="0-1,27", emulatorpin="0-1")
+    u = compute_usage(xeon, resources(xeon), [iso, pin, spill])
+    taken = [c for c in u["conflicts"] if c["kind"] == "idle_thread_taken"]
+    by_cpu = {tuple(c["cpus"]): c for c in taken}
+    assert set(by_cpu) == {(26,), (27,)}
+    assert by_cpu[(26,)]["guests"] == sorted([iso.uuid, pin.uuid])
+    assert by_cpu[(26,)]["detail"] == "iso keeps CPU(s) 26 idle, but pin run(s) there"
+    assert by_cpu[(27,)]["guests"] == sorted([iso.uuid, spill.uuid])
+    # the thread shows both: who runs there and who wants it idle
+    assert (thread(u, 26)["guest"], thread(u, 26)["held_by"]) == (pin.uuid, iso.uuid)
+    assert kinds(u) == ["floating_on_dedicated", "idle_thread_taken", "idle_thread_taken"]
+    # the guest's own vCPUs or emulator on its idle threads are not a conflict
+    own = rec_idle("own", "26", vcpus=1, vcpupin={0: "2"}, emulatorpin="2,26")
+    u2 = compute_usage(xeon, resources(xeon), [own])
+    assert u2["conflicts"] == [] and thread(u2, 26)["held_by"] == own.uuid
+    assert thread(u2, 26)["guest"] == own.uuid  # owned by its emulator, too
+
+
+def test_two_guests_keeping_one_thread_idle_agree(xeon):
+    a = rec_idle("a", "26", vcpus=1, vcpupin={0: "2"}, emulatorpin="2")
+    b = rec_idle("b", "26", vcpus=1, vcpupin={0: "4"}, emulatorpin="4")
+    u = compute_usage(xeon, resources(xeon), [a, b])
+    assert u["conflicts"] == []
+    assert thread(u, 26)["held_by"] == min(a.uuid, b.uuid)
+
+
+def test_idle_threads_not_dedicated_or_offline(xeon, large):
+    g = rec_idle("odd", "0,24,26", vcpus=1, vcpupin={0: "2"}, emulatorpin="2")
+    u = compute_usage(xeon, resources(xeon), [g])
+    (c,) = u["conflicts"]
+    assert c["kind"] == "pin_not_dedicated" and c["cpus"] == [0, 24]
+    assert c["detail"] == "odd: keeps CPU(s) 0,24 idle, which are not in dedicated_cpus"
+    assert thread(u, 0)["held_by"] is None and thread(u, 26)["held_by"] == g.uuid
+    assert cell(u, 0)["shared_cpus"] == 4  # a shared thread is not taken from the others
+
+    res = resolve_resources(
+        config_from_dict({"resources": {"dedicated_cpus": "4-63"}}).resources, large)
+    off = rec_idle("off", "63,500", vcpus=1, vcpupin={0: "4"}, emulatorpin="4")
+    u2 = compute_usage(large, res, [off])
+    (c2,) = u2["conflicts"]
+    assert c2["kind"] == "pin_offline" and c2["cpus"] == [63, 500]
+    assert c2["detail"] == (
+        "off: the threads it keeps idle include offline CPU(s) 63 and CPU(s) 500 that do "
+        "not exist")
+    # an offline dedicated thread stays held, so nobody is placed there when it returns
+    assert thread(u2, 63)["held_by"] == off.uuid and thread(u2, 63)["role"] == "offline"
+
+
+def test_incremental_tracker_with_idle_threads(xeon):
+    res = resources(xeon)
+    iso = rec_idle("iso", "26-27", vcpus=2, vcpupin={0: "2", 1: "3"}, emulatorpin="2-3")
+    pin = rec("pin", vcpus=1, vcpupin={0: "26"}, emulatorpin="26")
+    t = UsageTracker(xeon, res)
+    t.update(iso)
+    assert t.usage() == compute_usage(xeon, res, [iso])
+    t.update(pin)
+    assert t.usage() == compute_usage(xeon, res, [iso, pin])
+    assert "idle_thread_taken" in kinds(t.usage())
+    t.remove(iso.uuid)
+    u = t.usage()
+    assert u == compute_usage(xeon, res, [pin]) and u["conflicts"] == []
+    assert all(th["held_by"] is None for th in u["threads"])

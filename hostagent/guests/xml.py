@@ -13,7 +13,10 @@ XML, and follows libvirt's own rules where it matters:
 * CPU sets use libvirt's bitmap syntax: ``1-4,^3,6`` (ranges, ``^`` excludes), ids below
   16384 (``VIR_DOMAIN_CPUMASK_LEN``);
 * a ``cachetune``/``memorytune`` allocation id is the ``id`` attribute libvirt writes
-  into the live XML, else ``vcpus_<list>`` exactly as libvirt derives it (``virBitmapFormat``).
+  into the live XML, else ``vcpus_<list>`` exactly as libvirt derives it (``virBitmapFormat``);
+* ``metadata/fit/idle/@cpus`` in hostagent's namespace (``FIT_METADATA_NS``, written by
+  ``hostagent fit`` for ``isolate`` guests) lists host threads the guest keeps idle;
+  elements are matched by namespace URI, not prefix (libvirt may re-prefix them).
 
 Every problem raises ``DomainXMLError`` naming the domain, the element or attribute and
 the bad value. Nothing here knows the host: checking pins against host CPUs and cells is
@@ -34,6 +37,10 @@ MAX_CPU_ID = 16383  # libvirt's VIR_DOMAIN_CPUMASK_LEN - 1
 MEMORY_MODES = ("strict", "preferred", "interleave", "restrictive")
 CACHE_TYPES = ("both", "code", "data")
 SCHEDULERS = ("batch", "idle", "fifo", "rr")
+# hostagent's domain metadata namespace (hostagent.fit.libvirt_xml.METADATA_NS writes it)
+FIT_METADATA_NS = "https://hostagent.dev/xmlns/fit/1"
+_FIT = f"{{{FIT_METADATA_NS}}}fit"
+_IDLE = f"{{{FIT_METADATA_NS}}}idle"
 
 
 class DomainXMLError(HostagentError):
@@ -190,6 +197,7 @@ class GuestSpec:
     hugepages: bool  # memoryBacking/hugepages present
     pages: tuple[HugePage, ...]  # () with hugepages = the default size for all memory
     hostdevs: tuple[str, ...] = ()  # PCI addresses assigned (hostdev, interface hostdev)
+    idle_cpus: tuple[int, ...] = ()  # host threads kept idle (hostagent:fit metadata)
 
     def vcpu_affinity(self, vcpu: int) -> tuple[int, ...] | None:
         """Host CPUs vCPU ``vcpu`` may run on: its vcpupin, else ``<vcpu cpuset>``."""
@@ -609,6 +617,13 @@ def parse_domain(xml: str) -> GuestSpec:
             where = f"devices/{kind}[{i + 1}]/source/address"
             hostdevs.append(_pci_address(ctx, addr, where))
 
+    # ---- host threads kept idle (hostagent fit metadata for isolate guests)
+    idle: set[int] = set()
+    for fit_el in root.findall(f"metadata/{_FIT}"):
+        for i, el in enumerate(fit_el.findall(_IDLE)):
+            where = f"metadata/hostagent:fit/hostagent:idle[{i + 1}]/@cpus"
+            idle.update(ctx.cpuset(el.get("cpus"), where))
+
     return GuestSpec(
         name=name,
         uuid=uuid,
@@ -632,6 +647,7 @@ def parse_domain(xml: str) -> GuestSpec:
         hugepages=hugepages,
         pages=tuple(pages),
         hostdevs=tuple(hostdevs),
+        idle_cpus=tuple(sorted(idle)),
     )
 
 
