@@ -4,13 +4,18 @@ Shared by the publisher, the subscriber library and request clients, so that eve
 socket that receives applies the same limits:
 
 - ``unpack`` refuses anything over a byte limit, uses ``raw=False`` and
-  ``strict_map_key=True``, bounds every string/bin/array/map length and the nesting
-  depth, and rejects msgpack ext types (``Timestamp`` included). Every failure is a
-  ``WireError`` whose message says what was wrong.
+  ``strict_map_key=True``, bounds every string/bin/array/map length, rejects msgpack
+  ext types (``Timestamp`` included) and, for requests (untrusted clients), nesting
+  deeper than ``MAX_DEPTH`` (other messages rely on msgpack's own limit of about 1000
+  levels: walking a 300 KiB snapshot in Python would cost more than decoding it).
+  Every failure is a ``WireError`` whose message says what was wrong.
 - stream messages are two frames ``[topic, msgpack(body)]`` with topic
   ``hostagent.<host>.`` and ``body = {v, kind, host, epoch, seq, time, data}``;
   ``decode_stream`` checks the frame count, the body's types and that the topic names
-  the body's host.
+  the body's host. A snapshot whose msgpack ``data`` is at least ``COMPRESS_MIN_BYTES``
+  travels compressed: ``data`` is then bin ``zlib(msgpack(snapshot))`` and the body has
+  ``enc: "zlib"``; ``decode_stream`` inflates it (never beyond ``max_bytes``), so
+  callers always get ``data`` as a map. Header fields stay readable without inflating.
 - requests are one msgpack map with a string ``op``; replies are
   ``{v: 1, ok: true, ...}`` or ``{v: 1, ok: false, error: "<what was wrong>"}``.
 """
@@ -18,6 +23,7 @@ socket that receives applies the same limits:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,8 +38,11 @@ MAX_REQUEST_BYTES = 64 * 1024
 #: Default limit for stream messages and replies a client accepts (a 448-thread host with
 #: 200 guests is ~50 KiB; this leaves room for much larger hosts).
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-#: Nesting deeper than this is refused (a snapshot is ~6 levels deep).
+#: Requests nesting deeper than this are refused (a snapshot is ~6 levels deep).
 MAX_DEPTH = 32
+#: Snapshot data packing to at least this many bytes is sent zlib-compressed.
+COMPRESS_MIN_BYTES = 16 * 1024
+ENCODINGS = ("zlib",)
 
 
 class WireError(ValueError):
@@ -80,8 +89,9 @@ def _depth(obj: Any, limit: int) -> None:
 
 
 def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-           max_depth: int = MAX_DEPTH) -> Any:
-    """Strictly decode one msgpack document of at most ``max_bytes`` bytes."""
+           max_depth: int | None = None) -> Any:
+    """Strictly decode one msgpack document of at most ``max_bytes`` bytes (and at most
+    ``max_depth`` levels deep when given)."""
     size = len(payload)
     if size > max_bytes:
         raise WireError(f"message of {size} bytes is over the limit of {max_bytes} bytes")
@@ -98,7 +108,7 @@ def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     except msgpack.ExtraData:
         raise WireError("trailing bytes after the msgpack document") from None
     except msgpack.StackError:
-        raise WireError(f"message nests deeper than {max_depth} levels") from None
+        raise WireError("message nests deeper than msgpack allows") from None
     except UnicodeDecodeError:
         raise WireError("a string is not valid UTF-8") from None
     except (ValueError, TypeError) as exc:  # FormatError, bad map keys, truncation...
@@ -106,7 +116,8 @@ def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         if "max_ext_len" in text:
             text = "msgpack ext types are not allowed"
         raise WireError(f"not valid msgpack: {text}") from None
-    _depth(obj, max_depth)
+    if max_depth is not None:
+        _depth(obj, max_depth)
     return obj
 
 
@@ -119,9 +130,40 @@ def make_body(kind: str, host: str, epoch: str, seq: int, time: float,
             "time": time, "data": data}
 
 
-def encode_stream(body: Mapping[str, Any]) -> list[bytes]:
-    """The two frames ``[topic, msgpack(body)]`` of one stream message."""
+def encode_stream(body: Mapping[str, Any], *,
+                  compress_min: int | None = COMPRESS_MIN_BYTES) -> list[bytes]:
+    """The two frames ``[topic, msgpack(body)]`` of one stream message; a large
+    snapshot's ``data`` is compressed (see the module docstring)."""
+    data = body.get("data")
+    if data is not None and compress_min is not None:
+        packed = pack(data)
+        if len(packed) >= compress_min:
+            return [topic(body["host"]),
+                    pack({**body, "data": zlib.compress(packed, 1), "enc": "zlib"})]
     return [topic(body["host"]), pack(body)]
+
+
+def inflate(body: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """Replace a compressed body's ``data`` by the decoded map (in place)."""
+    enc = body.pop("enc", None)
+    if enc is None:
+        return body
+    if enc not in ENCODINGS:
+        raise WireError(f"body.enc = {enc!r}: must be one of {', '.join(ENCODINGS)}")
+    raw = body.get("data")
+    if not isinstance(raw, bytes):
+        raise WireError("body.data of a zlib body must be bin")
+    d = zlib.decompressobj()
+    try:
+        packed = d.decompress(raw, max_bytes + 1)
+    except zlib.error as exc:
+        raise WireError(f"body.data is not valid zlib: {exc}") from None
+    if len(packed) > max_bytes or d.unconsumed_tail:
+        raise WireError(f"body.data inflates to over the limit of {max_bytes} bytes")
+    if not d.eof:
+        raise WireError("body.data is truncated zlib")
+    body["data"] = unpack(packed, max_bytes=max_bytes)
+    return body
 
 
 def _is_int(value: Any) -> bool:
@@ -160,7 +202,10 @@ def decode_stream(frames: Sequence[bytes], *,
     if len(frames) != 2:
         raise WireError(f"stream message has {len(frames)} frames, expected 2")
     host = host_of_topic(bytes(frames[0]))
-    body = check_body(unpack(bytes(frames[1]), max_bytes=max_bytes))
+    body = unpack(bytes(frames[1]), max_bytes=max_bytes)
+    if isinstance(body, dict) and "enc" in body:
+        inflate(body, max_bytes)
+    body = check_body(body)
     if body["host"] != host:
         raise WireError(f"topic names host {host!r} but the body says {body['host']!r}")
     return body
@@ -178,7 +223,7 @@ def ok_reply(**fields: Any) -> dict[str, Any]:
 
 def decode_request(payload: bytes, *, max_bytes: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
     """Decode one request: a map with a string ``op``; ``WireError`` otherwise."""
-    req = unpack(payload, max_bytes=max_bytes)
+    req = unpack(payload, max_bytes=max_bytes, max_depth=MAX_DEPTH)
     if not isinstance(req, dict):
         raise WireError(f"request is a {type(req).__name__}, not a map with an 'op'")
     op = req.get("op")

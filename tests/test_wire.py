@@ -41,8 +41,12 @@ def test_unpack_size_limit_and_depth():
     for _ in range(40):
         nested = [nested]
     with pytest.raises(wire.WireError, match="deeper than 32"):
-        wire.unpack(wire.pack(nested))
-    assert wire.unpack(wire.pack(nested), max_depth=50) == nested
+        wire.unpack(wire.pack(nested), max_depth=32)
+    with pytest.raises(wire.WireError, match="deeper than 32"):
+        wire.decode_request(wire.pack({"op": "x", "n": nested}))
+    assert wire.unpack(wire.pack(nested)) == nested  # streams: msgpack's own limit
+    with pytest.raises(wire.WireError, match="nests deeper than msgpack allows"):
+        wire.unpack(b"\x91" * 1100 + b"\x90")  # 1100 nested one-element arrays
 
 
 def test_topic_has_trailing_dot_and_round_trips():
@@ -123,3 +127,41 @@ def test_split_envelope():
         wire.split_envelope([b"id"])
     with pytest.raises(wire.WireError, match="at most"):
         wire.split_envelope([b"x"] * 20)
+
+
+def test_large_snapshots_travel_compressed():
+    data = {"schema": 1, "usage": {"threads": [{"cpu": i, "guest": None} for i in range(2000)]}}
+    body = wire.make_body("snapshot", "h1", "ep", 9, 1.0, data)
+    frames = wire.encode_stream(body)
+    assert len(frames[1]) < len(wire.pack(body)) // 4
+    outer = wire.unpack(frames[1])
+    assert outer["enc"] == "zlib" and isinstance(outer["data"], bytes) and outer["seq"] == 9
+    assert wire.decode_stream(frames) == body
+    small = wire.encode_stream(_body())
+    assert "enc" not in wire.unpack(small[1])
+    assert wire.encode_stream(body, compress_min=None)[1] == wire.pack(body)
+
+
+def test_compressed_body_limits_and_errors():
+    import zlib
+
+    data = {"pad": "x" * 100_000}
+    frames = wire.encode_stream(wire.make_body("snapshot", "h1", "ep", 1, 1.0, data))
+    assert len(frames[1]) < 2000
+    with pytest.raises(wire.WireError, match="inflates to over the limit of 50000"):
+        wire.decode_stream(frames, max_bytes=50_000)  # a zlib bomb stops at the limit
+
+    def framed(**over):
+        body = {**_body(), **over}
+        return [wire.topic("h1"), wire.pack(body)]
+
+    with pytest.raises(wire.WireError, match="body.enc = 'lz4'"):
+        wire.decode_stream(framed(enc="lz4", data=b"x"))
+    with pytest.raises(wire.WireError, match="must be bin"):
+        wire.decode_stream(framed(enc="zlib", data={"a": 1}))
+    with pytest.raises(wire.WireError, match="not valid zlib"):
+        wire.decode_stream(framed(enc="zlib", data=b"not zlib"))
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.decode_stream(framed(enc="zlib", data=zlib.compress(wire.pack({"a": 1}))[:-4]))
+    with pytest.raises(wire.WireError, match="data of a snapshot must be a map"):
+        wire.decode_stream(framed(enc="zlib", data=zlib.compress(wire.pack([1]))))
