@@ -168,3 +168,36 @@ def test_this_machine():
     assert online and all(c.socket >= 0 and c.core >= 0 for c in online)
     assert sorted(x for cell in topo.cells for x in cell.cpus) == [c.id for c in online]
     assert reader.files and all(p.startswith("/sys/") for p in reader.files)
+
+
+def test_reprobe_with_static_memo(tmp_path):
+    import shutil
+
+    src = FIXTURES / "vm-1s-nosmt"
+    if not src.is_dir():
+        pytest.skip("fixture vm-1s-nosmt not generated")
+    root = tmp_path / "vm" / "sys"
+    shutil.copytree(src / "sys", root, symlinks=True)
+    memo: dict = {}
+    cold = FileReader(memo)
+    first = probe_host(root, None, reader=cold)
+    warm = FileReader(memo)
+    assert probe_host(root, None, reader=warm) == first
+    assert warm.opens < cold.opens / 2  # cache geometry and ids come from the memo
+    assert warm.files == cold.files  # still recorded: capture works with a warm reader
+    # what can change is re-read ...
+    pool = root / "devices/system/node/node0/hugepages/hugepages-2048kB"
+    (pool / "nr_hugepages").write_text("16\n")
+    (pool / "free_hugepages").write_text("16\n")
+    assert probe_host(root, None, reader=FileReader(memo)).cells[0].hugepages[0].free == 16
+    # ... what cannot change is not (cache geometry is fixed while the host runs) ...
+    (root / "devices/system/cpu/cpu0/cache/index3/size").write_text("8192K\n")
+    l3 = [c for c in probe_host(root, None, reader=FileReader(memo)).caches if c.level == 3]
+    assert l3[0].size_bytes == 16 * 1024 * 1024
+    # ... until the set of CPU directories changes, which empties the memo
+    shutil.copytree(root / "devices/system/cpu/cpu3", root / "devices/system/cpu/cpu4",
+                    symlinks=True)
+    (root / "devices/system/cpu/online").write_text("0-3\n")
+    topo = probe_host(root, None, reader=FileReader(memo))
+    assert [c.size_bytes for c in topo.caches if c.level == 3] == [8 * 1024 * 1024]
+    assert [c.id for c in topo.cpus if not c.online] == [4]

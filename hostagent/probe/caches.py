@@ -21,7 +21,9 @@ level, then type (data, instruction, unified), then id.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from typing import Any
 
 from hostagent.errors import ProbeError
 from hostagent.model import Cache
@@ -29,16 +31,57 @@ from hostagent.probe.reader import FileReader, first_cpu, to_count, to_cpus, to_
 
 TYPES = {"data": "data", "instruction": "instruction", "unified": "unified"}
 _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
+_ABSENT = ()  # memo value: this indexK directory does not exist
 
 
-def _opt_count(reader: FileReader, path: str) -> int:
-    text = reader.read(path)
-    return 0 if text is None else to_count(path, text)
+def _attr(reader: FileReader, dfd: int, d: str, name: str, texts: dict[str, str]) -> str | None:
+    text = reader.read(d + name, dfd, name)
+    if text is not None:
+        texts[d + name] = text
+    return text
+
+
+def _geometry(reader: FileReader, dfd: int, d: str, level_text: str) -> tuple[Any, ...]:
+    """(level, type, id or None, size, ways, line, {path: text}) of one ``indexK/``."""
+    texts = {d + "level": level_text}
+    level = to_count(d + "level", level_text)
+    ctype = "unified"
+    text = _attr(reader, dfd, d, "type", texts)
+    if text is not None:
+        ctype = TYPES.get(text.strip().lower(), "")
+        if not ctype:
+            raise ProbeError(d + "type", "unknown cache type", text.strip())
+    text = _attr(reader, dfd, d, "id", texts)
+    cid = None if text is None else to_count(d + "id", text)
+    text = _attr(reader, dfd, d, "size", texts)
+    size = 0 if text is None else to_size(d + "size", text)
+    text = _attr(reader, dfd, d, "ways_of_associativity", texts)
+    ways = 0 if text is None else to_count(d + "ways_of_associativity", text)
+    text = _attr(reader, dfd, d, "coherency_line_size", texts)
+    line = 0 if text is None else to_count(d + "coherency_line_size", text)
+    return level, ctype, cid, size, ways, line, texts
+
+
+def _sharing(d: str, text: str | None, cpu: int, online: set[int]) -> tuple[int, tuple[int, ...]]:
+    """(lowest CPU of ``shared_cpu_list`` as written, its online CPUs) for ``cpu``'s cache."""
+    if text is None:
+        return cpu, (cpu,)
+    path = d + "shared_cpu_list"
+    lowest = first_cpu(path, text)
+    shared = to_cpus(path, text)
+    if not online.issuperset(shared):
+        shared = tuple(c for c in shared if c in online)
+    return lowest, shared or (cpu,)
 
 
 def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> tuple[Cache, ...]:
-    """Every cache of the online CPUs (see the module docstring)."""
+    """Every cache of the online CPUs (see the module docstring).
+
+    With a ``reader.static`` memo, each ``indexK/``'s geometry (everything but
+    ``shared_cpu_list``) is parsed once and reused by later probes.
+    """
     base = f"{sysfs_root}/devices/system/cpu/cpu"
+    memo = reader.static
     covered: dict[int, set[int]] = {}  # index K -> CPUs whose indexK is already known
     read_first: set[tuple[int, int]] = set()  # (K, lowest sharing CPU) already read
     found: dict[tuple[int, str, int], Cache] = {}
@@ -52,36 +95,43 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                 k += 1
                 continue
             d = f"{prefix}{k}/"
-            level_text = reader.read(d + "level")
-            if level_text is None:
+            geo = memo.get(d) if memo is not None else None
+            if geo is _ABSENT:
                 break
-            path = d + "shared_cpu_list"
-            text = reader.read(path)
-            if text is None:
-                shared: tuple[int, ...] = (cpu,)
-                lowest = cpu
+            if geo is None:
+                dfd = reader.open_dir(d)
+                if dfd is None:
+                    if memo is not None:
+                        memo[d] = _ABSENT
+                    break
+                try:
+                    level_text = reader.read(d + "level", dfd, "level")
+                    if level_text is None:
+                        break
+                    text = reader.read(d + "shared_cpu_list", dfd, "shared_cpu_list")
+                    lowest, shared = _sharing(d, text, cpu, online)
+                    if (k, lowest) in read_first:
+                        k += 1
+                        continue
+                    geo = _geometry(reader, dfd, d, level_text)
+                finally:
+                    os.close(dfd)
+                if memo is not None:
+                    memo[d] = geo
             else:
-                lowest = first_cpu(path, text)
+                text = reader.read(d + "shared_cpu_list")
+                lowest, shared = _sharing(d, text, cpu, online)
                 if (k, lowest) in read_first:
                     k += 1
                     continue
-                shared = tuple(c for c in to_cpus(path, text) if c in online) or (cpu,)
+                reader.files.update(geo[6])
             read_first.add((k, lowest))
             if cov is None:
                 covered[k] = cov = set()
             cov.update(shared)
-            level = to_count(d + "level", level_text)
-
-            type_text = reader.read(d + "type")
-            ctype = "unified"
-            if type_text is not None:
-                ctype = TYPES.get(type_text.strip().lower(), "")
-                if not ctype:
-                    raise ProbeError(d + "type", "unknown cache type", type_text.strip())
-            id_text = reader.read(d + "id")
-            cid = shared[0] if id_text is None else to_count(d + "id", id_text)
-            size_text = reader.read(d + "size")
-            size = 0 if size_text is None else to_size(d + "size", size_text)
+            level, ctype, cid, size, ways, line, _ = geo
+            if cid is None:
+                cid = shared[0]
             key = (level, ctype, cid)
             if key not in found:
                 found[key] = Cache(
@@ -89,8 +139,8 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                     id=cid,
                     type=ctype,
                     size_bytes=size,
-                    ways=_opt_count(reader, d + "ways_of_associativity"),
-                    line_bytes=_opt_count(reader, d + "coherency_line_size"),
+                    ways=ways,
+                    line_bytes=line,
                     cpus=shared,
                 )
             k += 1

@@ -18,15 +18,13 @@ figure for it, so ``memory_free_kib`` is 0 (unknown). Its hugepages come from
 
 from __future__ import annotations
 
-import re
-
 from hostagent.errors import ProbeError
 from hostagent.model import Cell
 from hostagent.probe.hugepages import read_pools
-from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex
+from hostagent.probe.reader import FileReader, numbered, to_count, to_cpus, to_hex
 
-NODE_RE = re.compile(r"node[0-9]+")
-MEMORY_RE = re.compile(r"memory[0-9]+")
+IS_NODE = numbered("node")
+IS_MEMORY_BLOCK = numbered("memory")
 
 
 def parse_meminfo(path: str, text: str) -> tuple[int, int]:
@@ -52,7 +50,7 @@ def parse_meminfo(path: str, text: str) -> tuple[int, int]:
 def _single_cell(reader: FileReader, sysfs_root: str, online: set[int]) -> Cell:
     mem_dir = f"{sysfs_root}/devices/system/memory"
     memory_kib = 0
-    blocks = reader.listdir(mem_dir, MEMORY_RE)
+    blocks = reader.listdir(mem_dir, IS_MEMORY_BLOCK)
     if blocks:
         path = f"{mem_dir}/block_size_bytes"
         text = reader.read(path)
@@ -71,7 +69,7 @@ def _single_cell(reader: FileReader, sysfs_root: str, online: set[int]) -> Cell:
 def read_cells(reader: FileReader, sysfs_root: str, online: set[int]) -> tuple[Cell, ...]:
     """Every NUMA cell, sorted by id (see the module docstring)."""
     base = f"{sysfs_root}/devices/system/node"
-    names = reader.listdir(base, NODE_RE)
+    names = reader.listdir(base, IS_NODE)
     if not names:
         return (_single_cell(reader, sysfs_root, online),)
     ids = sorted(int(n[4:]) for n in names)

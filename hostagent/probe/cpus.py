@@ -23,13 +23,12 @@ any, else -1.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from hostagent.model import Cpu
-from hostagent.probe.reader import FileReader, to_cpus, to_int
+from hostagent.probe.reader import FileReader, numbered, to_cpus, to_int
 
-CPU_RE = re.compile(r"cpu[0-9]+")
+IS_CPU = numbered("cpu")
 NO_CLUSTER = 65535
 
 
@@ -40,7 +39,7 @@ def cpu_dir(sysfs_root: str) -> str:
 def read_cpu_ids(reader: FileReader, sysfs_root: str) -> tuple[list[int], set[int]]:
     """(every CPU id, sorted; the set of online CPU ids)."""
     base = cpu_dir(sysfs_root)
-    names = reader.listdir(base, CPU_RE)
+    names = reader.listdir(base, IS_CPU)
     if names is None:
         reader.need(base)  # raises: the tree has no devices/system/cpu
         names = []
@@ -57,7 +56,7 @@ def read_isolated(reader: FileReader, sysfs_root: str) -> set[int]:
 
 
 def _opt_int(reader: FileReader, path: str) -> int | None:
-    text = reader.read(path)
+    text = reader.read_static(path)
     return None if text is None else to_int(path, text)
 
 

@@ -9,18 +9,22 @@ plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.cbm.cache_
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from typing import TYPE_CHECKING, Any
 
 from hostagent.cbm import cache_ways
 from hostagent.errors import ProbeError
-from hostagent.model import HostTopology, topology_to_dict
+from hostagent.model import HostTopology
 from hostagent.probe.caches import read_caches
 from hostagent.probe.cells import read_cells
 from hostagent.probe.cpus import read_cpu_ids, read_cpus
 from hostagent.probe.pci import read_pci
 from hostagent.probe.reader import FileReader
 from hostagent.probe.resctrl import read_resctrl
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["FileReader", "probe_host", "probe_json", "read_resctrl"]
 
@@ -35,6 +39,11 @@ def probe_host(
 
     ``resctrl_root`` ``None``, missing or unmounted gives ``resctrl=None``. Pass a
     ``reader`` to see which files were read. Bad files raise ``ProbeError``.
+
+    To re-probe the same host quickly, give each probe a new ``FileReader(static=memo)``
+    sharing one ``memo`` dict: files that cannot change while the host runs are then read
+    once. The memo is emptied by itself when the set of ``cpuN`` directories changes (a CPU
+    was physically added or removed).
     """
     root = os.fspath(sysfs_root).rstrip("/") or "/"
     if root == "/":
@@ -43,6 +52,13 @@ def probe_host(
         raise ProbeError(root, "not a directory (expected a sysfs tree)")
     reader = reader if reader is not None else FileReader()
     all_ids, online = read_cpu_ids(reader, root)
+    memo = reader.static
+    if memo is not None:
+        key = f"{root}/devices/system/cpu/"
+        listing = ",".join(map(str, all_ids))
+        if memo.get(key) != listing:
+            memo.clear()
+            memo[key] = listing
     cells = read_cells(reader, root, online)
     cell_of = {cpu: cell.id for cell in cells for cpu in cell.cpus}
     cpus = read_cpus(reader, root, all_ids, online, cell_of)
@@ -52,8 +68,38 @@ def probe_host(
     return HostTopology(cells=cells, cpus=cpus, caches=caches, resctrl=resctrl, pci=pci)
 
 
+_RENAMES = {"class_": "class"}
+_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
+_SCALARS = (int, str, bool, float, type(None))
+_SCALAR_SET = frozenset(_SCALARS)
+
+
+def _plain(value: Any) -> Any:
+    """``hostagent.model.topology_to_dict``'s walk, several times faster on a big host.
+
+    Same output (tests compare them on every fixture): dataclass fields by name
+    (``class_`` → ``class``), mappings with string keys, tuples as lists. Tuples in the
+    model hold one type each, so a tuple whose first item is a scalar is copied as is.
+    """
+    cls = value.__class__
+    if cls in _SCALAR_SET:
+        return value
+    if cls is tuple or cls is list:
+        if not value or value[0].__class__ in _SCALARS:
+            return list(value)
+        return [_plain(v) for v in value]
+    names = _FIELDS.get(cls)
+    if names is None:
+        if isinstance(value, Mapping):
+            return {str(k): _plain(v) for k, v in value.items()}
+        if not is_dataclass(value):
+            return value
+        names = _FIELDS[cls] = tuple((f.name, _RENAMES.get(f.name, f.name)) for f in fields(cls))
+    return {key: _plain(getattr(value, name)) for name, key in names}
+
+
 def probe_json(topo: HostTopology) -> dict[str, Any]:
     """The ``probe --json`` document: ``topology_to_dict(topo)`` plus ``free_cache``."""
-    out = topology_to_dict(topo)
+    out = _plain(topo)
     out["free_cache"] = cache_ways(topo)
     return out

@@ -8,17 +8,18 @@ sorted by size. ``nr_hugepages`` is required; ``free_hugepages`` and
 
 from __future__ import annotations
 
-import re
-
 from hostagent.model import HugepagePool
 from hostagent.probe.reader import FileReader, to_count
 
-POOL_RE = re.compile(r"hugepages-([0-9]+)kB")
+
+def is_pool(name: str) -> bool:
+    """``hugepages-2048kB``."""
+    return name.startswith("hugepages-") and name.endswith("kB") and name[10:-2].isdigit()
 
 
 def read_pools(reader: FileReader, directory: str) -> tuple[HugepagePool, ...]:
     """The pools under ``directory`` (a missing directory has none)."""
-    names = reader.listdir(directory, POOL_RE)
+    names = reader.listdir(directory, is_pool)
     if not names:
         return ()
     pools = []

@@ -14,8 +14,8 @@ for anything else.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from hostagent.cpulist import parse_cpulist
 from hostagent.errors import ProbeError
@@ -35,20 +35,46 @@ class FileReader:
     ``files`` maps each path read to the exact text read; ``dirs`` maps each directory
     listed to the entry names the probe kept; ``opens`` counts every open attempt,
     including those of optional files that turned out to be missing.
+
+    ``static`` is an optional memo shared between readers of successive probes of the same
+    host: files read with ``read_static`` (attributes fixed by the hardware while it runs:
+    cache level, type, id, size, ways, line size; package, die, cluster and core ids) are
+    taken from it instead of being opened again. They are still recorded in ``files``.
     """
 
-    __slots__ = ("files", "dirs", "opens")
+    __slots__ = ("files", "dirs", "opens", "static")
 
-    def __init__(self) -> None:
+    def __init__(self, static: dict[str, Any] | None = None) -> None:
         self.files: dict[str, str] = {}
         self.dirs: dict[str, tuple[str, ...]] = {}
         self.opens = 0
+        self.static = static
 
-    def read(self, path: str) -> str | None:
-        """The file's text, or ``None`` when it does not exist (an optional file)."""
+    def read_static(self, path: str) -> str | None:
+        """``read`` for a file that does not change while the host runs (see the class)."""
+        memo = self.static
+        if memo is None:
+            return self.read(path)
+        if path in memo:
+            text = memo[path]
+            if text is not None:
+                self.files[path] = text
+            return text
+        text = memo[path] = self.read(path)
+        return text
+
+    def read(self, path: str, dir_fd: int | None = None, name: str = "") -> str | None:
+        """The file's text, or ``None`` when it does not exist (an optional file).
+
+        With ``dir_fd`` (from ``open_dir(d)``), ``path`` is ``d + name`` and the file is
+        opened relative to the directory: the kernel does not walk the whole path again.
+        """
         self.opens += 1
         try:
-            fd = os.open(path, os.O_RDONLY)
+            if dir_fd is None:
+                fd = os.open(path, os.O_RDONLY)
+            else:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
         except _MISSING:
             return None
         except OSError as exc:
@@ -73,6 +99,19 @@ class FileReader:
         self.files[path] = text
         return text
 
+    def open_dir(self, path: str) -> int | None:
+        """A descriptor of directory ``path`` for ``read(..., dir_fd=)``; ``None`` if missing.
+
+        The caller closes it with ``os.close``.
+        """
+        self.opens += 1
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except _MISSING:
+            return None
+        except OSError as exc:
+            raise ProbeError(path, f"cannot open directory ({exc.strerror})") from None
+
     def need(self, path: str) -> str:
         """The file's text; a missing file is an error."""
         text = self.read(path)
@@ -81,9 +120,9 @@ class FileReader:
         return text
 
     def listdir(
-        self, path: str, pattern: re.Pattern[str] | None = None, *, dirs_only: bool = False
+        self, path: str, keep: Callable[[str], bool] | None = None, *, dirs_only: bool = False
     ) -> list[str] | None:
-        """Entry names matching ``pattern`` (full match), or ``None`` if ``path`` is missing.
+        """Entry names for which ``keep`` is true, or ``None`` if ``path`` is missing.
 
         With ``dirs_only`` only directories (or symlinks to directories) are kept.
         """
@@ -93,8 +132,7 @@ class FileReader:
                 names = [
                     e.name
                     for e in it
-                    if (pattern is None or pattern.fullmatch(e.name))
-                    and (not dirs_only or e.is_dir())
+                    if (keep is None or keep(e.name)) and (not dirs_only or e.is_dir())
                 ]
         except _MISSING:
             return None
@@ -102,6 +140,16 @@ class FileReader:
             raise ProbeError(path, f"cannot list directory ({exc.strerror})") from None
         self.dirs[path] = tuple(names)
         return names
+
+
+def numbered(prefix: str) -> Callable[[str], bool]:
+    """A ``listdir`` filter for ``<prefix><digits>`` names (``cpu12``, ``node3``)."""
+    n = len(prefix)
+
+    def keep(name: str) -> bool:
+        return name.startswith(prefix) and name[n:].isdigit()
+
+    return keep
 
 
 # ------------------------------------------------------------------ parse helpers
@@ -153,12 +201,22 @@ def to_size(path: str, text: str) -> int:
     return int(digits) * _SIZE_UNITS[unit]
 
 
+_CPULISTS: dict[str, tuple[int, ...]] = {}  # text -> parsed: the same lists recur a lot
+
+
 def to_cpus(path: str, text: str) -> tuple[int, ...]:
     """A CPU list (``"0-3,8-11"``; empty or ``"\\n"`` → ``()``)."""
+    hit = _CPULISTS.get(text)
+    if hit is not None:
+        return hit
     try:
-        return parse_cpulist(text)
+        cpus = parse_cpulist(text)
     except ValueError:
         raise ProbeError(path, "not a CPU list", _snippet(text)) from None
+    if len(_CPULISTS) >= 8192:
+        _CPULISTS.clear()
+    _CPULISTS[text] = cpus
+    return cpus
 
 
 def first_cpu(path: str, text: str) -> int:

@@ -33,9 +33,8 @@ the resource's ``cbm_mask``; lines of other resources (``SMBA``) are ignored.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hostagent.cbm import format_mask, popcount
 from hostagent.errors import ProbeError
@@ -48,16 +47,32 @@ from hostagent.model import (
 )
 from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex, to_int
 
-RESOURCE_RE = re.compile(r"L([0-9]+)(CODE|DATA)?")
+if TYPE_CHECKING:
+    from pathlib import Path
+
+def split_resource(name: str) -> tuple[int, str] | None:
+    """``"L3CODE"`` → ``(3, "code")``, ``"L2"`` → ``(2, "both")``; other names → ``None``."""
+    if not name.startswith("L"):
+        return None
+    rest = name[1:]
+    kind = "both"
+    for suffix, k in (("CODE", "code"), ("DATA", "data")):
+        if rest.endswith(suffix):
+            rest, kind = rest[: -len(suffix)], k
+            break
+    return (int(rest), kind) if rest.isdigit() else None
+
+
+def is_resource(name: str) -> bool:
+    return split_resource(name) is not None
 NOT_GROUPS = frozenset({"info", "mon_groups", "mon_data"})
-_TYPE = {None: "both", "CODE": "code", "DATA": "data"}
 _TYPE_ORDER = {"both": 0, "code": 1, "data": 2}
 
 
 def _resource(reader: FileReader, info: str, name: str, caches: list[Cache]) -> ResctrlResource:
-    m = RESOURCE_RE.fullmatch(name)
-    assert m is not None
-    level = int(m.group(1))
+    split = split_resource(name)
+    assert split is not None
+    level, rtype = split
     d = f"{info}/{name}/"
     mask = to_hex(d + "cbm_mask", reader.need(d + "cbm_mask"))
     if mask == 0:
@@ -78,7 +93,7 @@ def _resource(reader: FileReader, info: str, name: str, caches: list[Cache]) -> 
     return ResctrlResource(
         name=name,
         level=level,
-        type=_TYPE[m.group(2)],
+        type=rtype,
         cbm_mask=format_mask(mask, width),
         cbm_bits=bits,
         min_cbm_bits=min_bits,
@@ -108,7 +123,7 @@ def parse_schemata(
         if not sep or not name:
             raise ProbeError(path, "not a schemata line", line)
         is_mb = name == "MB"
-        if not is_mb and not RESOURCE_RE.fullmatch(name):
+        if not is_mb and split_resource(name) is None:
             continue
         masks: dict[int, str] = {}
         for item in rest.split(";"):
@@ -194,7 +209,7 @@ def read_resctrl(
     root = os.fspath(resctrl_root).rstrip("/") or "/"
     reader = reader if reader is not None else FileReader()
     info = f"{root}/info"
-    names = reader.listdir(info, RESOURCE_RE)
+    names = reader.listdir(info, is_resource)
     if names is None:
         return None
     by_level = sorted(caches, key=lambda c: (c.level, c.id))
