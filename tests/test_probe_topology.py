@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from hostagent.cbm import cache_ways
 from hostagent.model import topology_from_dict, topology_to_dict
 from hostagent.probe.host import FileReader, probe_host, probe_json
 
@@ -156,6 +157,9 @@ def test_dict_round_trip_and_json_shape(name):
     assert topology_from_dict(d) == topo
     doc = probe_json(topo)
     assert set(doc) == {"cells", "cpus", "caches", "resctrl", "pci", "free_cache"}
+    free = doc.pop("free_cache")
+    assert doc == d  # probe_json's fast walk gives exactly topology_to_dict
+    assert free == cache_ways(topo)
     assert [c["id"] for c in doc["cpus"]] == sorted(c["id"] for c in doc["cpus"])
 
 
