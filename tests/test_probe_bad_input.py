@@ -259,3 +259,19 @@ def test_offline_cpu_from_online_file(vm):
     assert (cpu3.online, cpu3.socket, cpu3.core, cpu3.siblings, cpu3.cell) == (
         False, -1, -1, (), -1)
     assert not any(3 in c.cpus for c in topo.caches)
+
+
+def test_file_that_cannot_be_opened(vm, capsys, monkeypatch):
+    """Works as root too: a socket where a file is expected fails to open (ENXIO)."""
+    import socket
+
+    path = vm / NODE0 / "meminfo"
+    path.unlink()
+    monkeypatch.chdir(path.parent)  # AF_UNIX paths are limited to 108 bytes
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind("meminfo")
+        msg = expect_error(capsys, vm, path, None)
+    finally:
+        sock.close()
+    assert "cannot open" in msg
