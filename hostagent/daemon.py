@@ -194,6 +194,7 @@ class Agent:
         self.last_dump: str | None = None
         self._last_content: Any = None
         self._last_publish = -1e9
+        self._last_status = -1e9
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -267,7 +268,8 @@ class Agent:
             await pub.publish(snap)
             self._last_content = content
             self._last_publish = time.monotonic()
-            if self.notifier.enabled:
+            if self.notifier.enabled and time.monotonic() - self._last_status >= 1.0:
+                self._last_status = time.monotonic()  # STATUS at most once a second
                 self.notifier.status(self._status())
             return True
         finally:

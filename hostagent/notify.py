@@ -5,7 +5,8 @@ One datagram of newline-separated ``KEY=VALUE`` lines to the AF_UNIX socket name
 variable every call is a no-op that returns ``False``, so the daemon runs the same way
 under systemd, in a terminal and in tests (which point ``NOTIFY_SOCKET`` at a socket
 of their own). Send errors are logged once and never raised: a notify failure must not
-stop the agent.
+stop the agent, and a receiver that does not read (its queue full) makes the send fail
+instead of blocking the loop.
 
 ``watchdog_interval`` reads ``$WATCHDOG_USEC`` / ``$WATCHDOG_PID`` and returns how often
 to send ``WATCHDOG=1`` (half the timeout, as sd_watchdog_enabled(3) recommends).
@@ -40,9 +41,10 @@ class Notifier:
             return False
         text = "\n".join(f"{k}={_one_line(v)}" for k, v in fields.items())
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                               | socket.SOCK_NONBLOCK) as s:
                 s.connect(self.address)
-                s.sendall(text.encode())
+                s.send(text.encode())  # never blocks: a full receiver drops, not stalls
         except OSError as exc:
             if not self._warned:
                 log.warning("cannot notify systemd at %r: %s", self.address, exc)

@@ -62,3 +62,11 @@ def test_watchdog_interval():
     pid = str(os.getpid())
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": pid}) == 1.0
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+def test_a_receiver_that_does_not_read_never_blocks_the_sender(notify_socket):
+    path, sock = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    results = [n.status("x" * 1000) for _ in range(2000)]  # far beyond the socket queue
+    assert results[0] is True and results[-1] is False
+    assert sock.recv(4096) == b"STATUS=" + b"x" * 1000
