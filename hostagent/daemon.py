@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import logging
 import os
 import secrets
@@ -577,6 +578,10 @@ class Agent:
             interval = watchdog_interval(self.env)
             if interval:
                 tasks.append(asyncio.ensure_future(self._watchdog_loop(interval)))
+            # Everything built so far lives as long as the agent: keep it out of the
+            # cyclic collector, whose full passes would otherwise walk it on every publish
+            # burst (the per-event garbage is acyclic and freed by reference counting).
+            gc.freeze()
             self.notifier.ready(self._status())
             log.info("hostagent %s publishing host %r epoch %s on %s (requests on %s)",
                      __version__, self.publisher.host, self.epoch,

@@ -22,6 +22,7 @@ socket that receives applies the same limits:
 
 from __future__ import annotations
 
+import gc
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,8 @@ MAX_DEPTH = 32
 #: Snapshot data packing to at least this many bytes is sent zlib-compressed.
 COMPRESS_MIN_BYTES = 16 * 1024
 ENCODINGS = ("zlib",)
+#: Decoding a message this large runs with the cyclic garbage collector paused.
+GC_PAUSE_BYTES = 64 * 1024
 
 
 class WireError(ValueError):
@@ -97,6 +100,11 @@ def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         raise WireError(f"message of {size} bytes is over the limit of {max_bytes} bytes")
     if size == 0:
         raise WireError("empty message")
+    # A big snapshot is ~50k new containers: keep the cyclic collector from running
+    # (repeatedly, over the caller's whole heap) in the middle of building them.
+    pause_gc = size >= GC_PAUSE_BYTES and gc.isenabled()
+    if pause_gc:
+        gc.disable()
     try:
         obj = msgpack.unpackb(
             payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
@@ -116,6 +124,9 @@ def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         if "max_ext_len" in text:
             text = "msgpack ext types are not allowed"
         raise WireError(f"not valid msgpack: {text}") from None
+    finally:
+        if pause_gc:
+            gc.enable()
     if max_depth is not None:
         _depth(obj, max_depth)
     return obj

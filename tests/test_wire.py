@@ -165,3 +165,22 @@ def test_compressed_body_limits_and_errors():
         wire.decode_stream(framed(enc="zlib", data=zlib.compress(wire.pack({"a": 1}))[:-4]))
     with pytest.raises(wire.WireError, match="data of a snapshot must be a map"):
         wire.decode_stream(framed(enc="zlib", data=zlib.compress(wire.pack([1]))))
+
+
+def test_large_decode_pauses_and_restores_the_collector():
+    import gc
+
+    big = wire.pack({"x": ["y" * 10] * 20_000})
+    assert len(big) >= wire.GC_PAUSE_BYTES
+    assert gc.isenabled()
+    assert len(wire.unpack(big)["x"]) == 20_000
+    assert gc.isenabled()
+    with pytest.raises(wire.WireError):
+        wire.unpack(big[:-1])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        wire.unpack(big)
+        assert not gc.isenabled()  # a caller's own choice is kept
+    finally:
+        gc.enable()
