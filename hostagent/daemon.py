@@ -196,6 +196,8 @@ class Agent:
         self._last_content: Any = None
         self._last_publish = -1e9
         self._last_status = -1e9
+        self._memo: dict[str, Any] = {}
+        self._memo_key: tuple[str, str] | None = None
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -207,9 +209,14 @@ class Agent:
     # --- host and snapshot -------------------------------------------------------------
 
     def _probe(self, cfg: Config) -> HostTopology:
-        from hostagent.probe.host import probe_host
+        """Probe with a memo of the files that cannot change while the host runs (cache
+        and core ids...), so hotplug re-probes read only what can change."""
+        from hostagent.probe.host import FileReader, probe_host
 
-        return probe_host(cfg.probe.sysfs_root, cfg.probe.resctrl_root)
+        key = (cfg.probe.sysfs_root, cfg.probe.resctrl_root)
+        if self._memo_key != key:
+            self._memo_key, self._memo = key, {}
+        return probe_host(*key, reader=FileReader(static=self._memo))
 
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
         from hostagent.tracker import UsageTracker
