@@ -221,6 +221,11 @@ def test_bad_config_and_unbindable_endpoint_fail_at_start_with_exit_2():
         d.start()
         assert d.proc.wait(15) == 2
         assert "cannot bind stream endpoint tcp://256.0.0.1:1" in d.log_text()
+        d.config.write_text(d.config.read_text().replace(
+            f'sysfs_root = "{d.sysfs}"', f'sysfs_root = "{d.dir}/nosys"'))
+        d.start()
+        assert d.proc.wait(15) == 2
+        assert f"hostagent: {d.dir}/nosys: not a directory" in d.log_text()
     finally:
         d.close()
 
