@@ -29,14 +29,19 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one with just that command's module imported.
+
+    Importing one command module instead of all of them keeps start-up short for the
+    commands that run often (``probe``, ``snapshot``): they never load zmq or libvirt.
+    """
     parser = argparse.ArgumentParser(
         prog="hostagent",
         description="Per-host NUMA, thread, hugepage and cache-way tracker for KVM hosts.",
     )
     parser.add_argument("--version", action="version", version=f"hostagent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in (only,) if only else COMMANDS:
         try:
             module = importlib.import_module(f"hostagent.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -48,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
