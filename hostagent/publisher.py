@@ -65,6 +65,7 @@ class Publisher:
         self.seq = 0
         self.latest: dict[str, Any] | None = None  # body of the latest snapshot
         self._latest_frames: list[bytes] | None = None
+        self._pack_cache = wire.PackCache()  # the topology is packed once per re-probe
         self._last_send = 0.0
         self._last_welcome = 0.0
         self._welcome_handle: asyncio.Handle | None = None
@@ -120,7 +121,7 @@ class Publisher:
         snap = dict(data)
         snap.update(host=self.host, epoch=self.epoch, seq=self.seq, time=t)
         body = wire.make_body("snapshot", self.host, self.epoch, self.seq, t, snap)
-        frames = wire.encode_stream(body)
+        frames = wire.encode_stream(body, cache=self._pack_cache)
         self.latest, self._latest_frames = body, frames
         self.stats["snapshots"] += 1
         self.stats["last_snapshot_bytes"] = len(frames[1])

@@ -184,6 +184,8 @@ class _Base:
         self.max_bytes = max_message_bytes
         self.request_timeout = request_timeout
         self.state = SubscriberState(dead_after=dead_after)
+        #: per host: the last snapshot's decoded topology/config, reused while unchanged
+        self._decode_caches: dict[str, wire.DecodeCache] = {}
 
     @property
     def stats(self) -> Counter[str]:
@@ -202,11 +204,21 @@ class _Base:
         return st is not None and st.alive
 
     def _decode(self, frames: list[bytes], index: int, now: float) -> Update | None:
+        cache = None
+        if len(frames) == 2:
+            try:
+                host = wire.host_of_topic(bytes(frames[0]))
+            except wire.WireError:
+                host = None
+            if host is not None:
+                cache = self._decode_caches.get(host) or wire.DecodeCache()
         try:
-            body = wire.decode_stream(frames, max_bytes=self.max_bytes)
+            body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError:
             self.state.stats["bad_messages"] += 1
             return None
+        if cache is not None and cache.parts:
+            self._decode_caches.setdefault(body["host"], cache)
         return self.state.feed(body, now, index)
 
     def _apply_reply(self, reply: dict[str, Any] | None, index: int) -> Update | None:

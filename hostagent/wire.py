@@ -23,6 +23,7 @@ socket that receives applies the same limits:
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -106,30 +107,154 @@ def unpack(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     if pause_gc:
         gc.disable()
     try:
-        obj = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
-            timestamp=0, max_str_len=size, max_bin_len=size, max_array_len=size,
-            max_map_len=size, max_ext_len=0,
-        )
-    except WireError:
-        raise
-    except msgpack.ExtraData:
-        raise WireError("trailing bytes after the msgpack document") from None
-    except msgpack.StackError:
-        raise WireError("message nests deeper than msgpack allows") from None
-    except UnicodeDecodeError:
-        raise WireError("a string is not valid UTF-8") from None
-    except (ValueError, TypeError) as exc:  # FormatError, bad map keys, truncation...
-        text = str(exc) or type(exc).__name__
-        if "max_ext_len" in text:
-            text = "msgpack ext types are not allowed"
-        raise WireError(f"not valid msgpack: {text}") from None
+        obj = msgpack.unpackb(payload, **_unpack_options(size))
+    except Exception as exc:
+        raise _wire_error(exc) from None
     finally:
         if pause_gc:
             gc.enable()
     if max_depth is not None:
         _depth(obj, max_depth)
     return obj
+
+
+def _unpack_options(size: int) -> dict[str, Any]:
+    return {"raw": False, "strict_map_key": True, "use_list": True, "ext_hook": _no_ext,
+            "timestamp": 0, "max_str_len": size, "max_bin_len": size,
+            "max_array_len": size, "max_map_len": size, "max_ext_len": 0}
+
+
+def _wire_error(exc: Exception) -> Exception:
+    """The ``WireError`` for an exception raised while unpacking (others pass through)."""
+    if isinstance(exc, WireError):
+        return exc
+    if isinstance(exc, msgpack.ExtraData):
+        return WireError("trailing bytes after the msgpack document")
+    if isinstance(exc, msgpack.StackError):
+        return WireError("message nests deeper than msgpack allows")
+    if isinstance(exc, UnicodeDecodeError):
+        return WireError("a string is not valid UTF-8")
+    if isinstance(exc, ValueError | TypeError):  # FormatError, bad map keys, truncation...
+        text = str(exc) or type(exc).__name__
+        if "max_ext_len" in text:
+            text = "msgpack ext types are not allowed"
+        return WireError(f"not valid msgpack: {text}")
+    return exc
+
+
+# --- packed parts: the unchanged topology is neither packed nor decoded again ---------
+
+#: Snapshot keys whose packed bytes the publisher keeps while the value is the same
+#: object (the daemon builds a new topology dict on every re-probe, never edits one).
+PACK_CACHED_KEYS = ("topology",)
+#: Snapshot keys whose decoded value a subscriber reuses while their bytes are unchanged.
+REUSE_KEYS = ("topology", "config")
+
+
+class PackCache:
+    """The packed bytes of the last value seen under each of ``keys`` (by identity)."""
+
+    def __init__(self, keys: Sequence[str] = PACK_CACHED_KEYS) -> None:
+        self.keys = tuple(keys)
+        self.parts: dict[str, tuple[Any, bytes]] = {}
+
+    def packed(self, key: str, value: Any) -> bytes:
+        if key not in self.keys:
+            return pack(value)
+        hit = self.parts.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        raw = pack(value)
+        self.parts[key] = (value, raw)  # the value is held: its id cannot be reused
+        return raw
+
+
+def pack_map(data: Mapping[str, Any], cache: PackCache | None = None) -> bytes:
+    """``pack(data)`` for a map, byte for byte, taking cached parts from ``cache``:
+    a map header, then each packed key followed by its packed value."""
+    if cache is None:
+        return pack(data)
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    out = [packer.pack_map_header(len(data))]
+    for key, value in data.items():
+        out.append(packer.pack(key))
+        out.append(cache.packed(key, value))
+    return b"".join(out)
+
+
+class DecodeCache:
+    """Per host on the receiving side: the decoded value of each of ``keys`` in the last
+    snapshot, with a BLAKE2b digest of its exact bytes. A value whose bytes hash the same
+    is taken from here instead of being decoded again, so what a caller gets is always
+    what the bytes say (no field the sender chooses can make it reuse a stale value)."""
+
+    def __init__(self, keys: Sequence[str] = REUSE_KEYS) -> None:
+        self.keys = tuple(keys)
+        self.parts: dict[str, tuple[bytes, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+
+def _digest(raw: memoryview) -> bytes:
+    return hashlib.blake2b(raw, digest_size=32).digest()
+
+
+def unpack_map(payload: bytes, cache: DecodeCache, *,
+               max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """``unpack(payload)``, reusing values from ``cache`` (see ``DecodeCache``); anything
+    that is not a map at the top is decoded by ``unpack`` as usual."""
+    size = len(payload)
+    if size > max_bytes:
+        raise WireError(f"message of {size} bytes is over the limit of {max_bytes} bytes")
+    if size == 0 or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
+        return unpack(payload, max_bytes=max_bytes)
+    options = _unpack_options(size)
+    unpacker = msgpack.Unpacker(None, max_buffer_size=size, **options)
+    unpacker.feed(payload)
+    view = memoryview(payload)
+    pause_gc = size >= GC_PAUSE_BYTES and gc.isenabled()
+    if pause_gc:
+        gc.disable()
+    try:
+        out: dict[str, Any] = {}
+        seen: dict[str, tuple[bytes, Any]] = {}
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if not isinstance(key, str):
+                raise WireError(f"not valid msgpack: {type(key).__name__} is not allowed "
+                                "for map key when strict_map_key=True")
+            if key not in cache.keys:
+                out[key] = unpacker.unpack()
+                continue
+            start = unpacker.tell()
+            known = cache.parts.get(key)
+            if known is None:
+                value = unpacker.unpack()
+                digest = _digest(view[start:unpacker.tell()])
+                cache.misses += 1
+            else:
+                unpacker.skip()
+                raw = view[start:unpacker.tell()]
+                digest = _digest(raw)
+                if digest == known[0]:
+                    value = known[1]
+                    cache.hits += 1
+                else:
+                    value = msgpack.unpackb(raw, **options)
+                    cache.misses += 1
+            out[key] = value
+            seen[key] = (digest, value)
+        if unpacker.tell() != size:
+            raise WireError("trailing bytes after the msgpack document")
+    except msgpack.OutOfData:
+        raise WireError("not valid msgpack: truncated data") from None
+    except Exception as exc:
+        raise _wire_error(exc) from None
+    finally:
+        if pause_gc:
+            gc.enable()
+    cache.parts = seen  # only a fully accepted message updates the cache
+    return out
 
 
 # --- stream messages -------------------------------------------------------------------
@@ -142,20 +267,24 @@ def make_body(kind: str, host: str, epoch: str, seq: int, time: float,
 
 
 def encode_stream(body: Mapping[str, Any], *,
-                  compress_min: int | None = COMPRESS_MIN_BYTES) -> list[bytes]:
+                  compress_min: int | None = COMPRESS_MIN_BYTES,
+                  cache: PackCache | None = None) -> list[bytes]:
     """The two frames ``[topic, msgpack(body)]`` of one stream message; a large
-    snapshot's ``data`` is compressed (see the module docstring)."""
+    snapshot's ``data`` is compressed (see the module docstring). ``cache`` keeps the
+    packed topology between messages (the bytes are the same as without it)."""
     data = body.get("data")
     if data is not None and compress_min is not None:
-        packed = pack(data)
+        packed = pack_map(data, cache)
         if len(packed) >= compress_min:
             return [topic(body["host"]),
                     pack({**body, "data": zlib.compress(packed, 1), "enc": "zlib"})]
     return [topic(body["host"]), pack(body)]
 
 
-def inflate(body: dict[str, Any], max_bytes: int) -> dict[str, Any]:
-    """Replace a compressed body's ``data`` by the decoded map (in place)."""
+def inflate(body: dict[str, Any], max_bytes: int,
+            cache: DecodeCache | None = None) -> dict[str, Any]:
+    """Replace a compressed body's ``data`` by the decoded map (in place); with ``cache``,
+    unchanged parts are reused (``unpack_map``)."""
     enc = body.pop("enc", None)
     if enc is None:
         return body
@@ -173,7 +302,10 @@ def inflate(body: dict[str, Any], max_bytes: int) -> dict[str, Any]:
         raise WireError(f"body.data inflates to over the limit of {max_bytes} bytes")
     if not d.eof:
         raise WireError("body.data is truncated zlib")
-    body["data"] = unpack(packed, max_bytes=max_bytes)
+    if cache is None:
+        body["data"] = unpack(packed, max_bytes=max_bytes)
+    else:
+        body["data"] = unpack_map(packed, cache, max_bytes=max_bytes)
     return body
 
 
@@ -208,14 +340,17 @@ def check_body(body: Any) -> dict[str, Any]:
 
 
 def decode_stream(frames: Sequence[bytes], *,
-                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """Decode and validate one received stream message (a list of frames)."""
+                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  cache: DecodeCache | None = None) -> dict[str, Any]:
+    """Decode and validate one received stream message (a list of frames). ``cache``
+    (one per host) lets a compressed snapshot reuse the previous one's unchanged
+    topology and config objects; the result is equal to a decode without it."""
     if len(frames) != 2:
         raise WireError(f"stream message has {len(frames)} frames, expected 2")
     host = host_of_topic(bytes(frames[0]))
     body = unpack(bytes(frames[1]), max_bytes=max_bytes)
     if isinstance(body, dict) and "enc" in body:
-        inflate(body, max_bytes)
+        inflate(body, max_bytes, cache)
     body = check_body(body)
     if body["host"] != host:
         raise WireError(f"topic names host {host!r} but the body says {body['host']!r}")

@@ -188,3 +188,32 @@ def test_subscriber_maxmsgsize_drops_oversized_snapshots(tmp_path):
             big.close()
     run(main())
 
+
+
+def test_unchanged_topology_is_reused_and_snapshots_stay_full(tmp_path):
+    topo = {"cpus": [{"id": i, "siblings": [i, i ^ 1]} for i in range(2000)]}
+
+    def data(n):
+        return {"schema": 1, "topology": topo, "usage": {"n": n, "pad": list(range(3000))}}
+
+    async def main():
+        async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
+            sub = AsyncSubscriber([source(tmp_path)])
+            await pub.publish(data(1))
+            first = await sub.wait_snapshot("h1")
+            await pub.publish(data(2))
+            while sub.hosts["h1"].seq < 2:
+                await sub.poll(2.0)
+            second = sub.latest("h1")
+            assert "enc" in wire.unpack(pub._latest_frames[1])  # travelled compressed
+            assert wire.decode_stream(pub._latest_frames)["data"] == second  # full document
+            assert second["usage"]["n"] == 2 and second["topology"] == topo
+            assert second["topology"] is first["topology"]  # reused, not decoded again
+            # a plain uncompressed body is still accepted
+            await pub.xpub.send_multipart([wire.topic("h1"), wire.pack(
+                wire.make_body("snapshot", "h1", pub.epoch, 3, 1.0, data(3)))])
+            while sub.hosts["h1"].seq < 3:
+                await sub.poll(2.0)
+            assert sub.latest("h1")["usage"]["n"] == 3
+            sub.close()
+    run(main())

@@ -184,3 +184,80 @@ def test_large_decode_pauses_and_restores_the_collector():
         assert not gc.isenabled()  # a caller's own choice is kept
     finally:
         gc.enable()
+
+
+def _big_snapshot(n_guests: int = 3) -> dict:
+    topo = {"cpus": [{"id": i, "cell": i // 64, "siblings": [i, i ^ 1]} for i in range(448)]}
+    usage = {"threads": [{"cpu": i, "guest": None, "shared_guests": []} for i in range(448)],
+             "guests": [{"name": f"g{i}", "pinning": {"0": i}} for i in range(n_guests)]}
+    return {"schema": 1, "host": "h1", "topology": topo, "config": {"dedicated_cpus": [1, 2]},
+            "usage": usage}
+
+
+def test_pack_cache_gives_the_same_bytes_and_follows_a_new_topology():
+    snap = _big_snapshot()
+    cache = wire.PackCache()
+    assert wire.pack_map(snap, cache) == wire.pack(snap)
+    assert cache.parts["topology"][0] is snap["topology"]
+    assert wire.pack_map(snap, cache) == wire.pack(snap)  # from the cache
+    changed = {**snap, "topology": {"cpus": []}}  # a re-probe builds a new dict
+    assert wire.pack_map(changed, cache) == wire.pack(changed)
+    body = wire.make_body("snapshot", "h1", "ep", 2, 1.0, snap)
+    assert wire.encode_stream(body, cache=cache) == wire.encode_stream(body)
+
+
+def test_decode_cache_reuses_unchanged_parts_and_equals_a_full_decode():
+    cache = wire.DecodeCache()
+    first = wire.make_body("snapshot", "h1", "ep", 1, 1.0, _big_snapshot(3))
+    second = wire.make_body("snapshot", "h1", "ep", 2, 2.0, _big_snapshot(4))
+    frames1, frames2 = wire.encode_stream(first), wire.encode_stream(second)
+    got1 = wire.decode_stream(frames1, cache=cache)
+    got2 = wire.decode_stream(frames2, cache=cache)
+    assert got1 == wire.decode_stream(frames1) == first
+    assert got2 == wire.decode_stream(frames2) == second
+    assert got2["data"]["topology"] is got1["data"]["topology"]  # not decoded again
+    assert got2["data"]["usage"] is not got1["data"]["usage"]
+    assert isinstance(got2["data"]["topology"]["cpus"], list)  # lists stay lists
+    assert cache.hits == 2 and cache.misses == 2
+
+
+def test_decode_cache_never_returns_a_value_the_bytes_do_not_say():
+    cache = wire.DecodeCache()
+    a = _big_snapshot()
+    wire.decode_stream(wire.encode_stream(wire.make_body("snapshot", "h1", "ep", 1, 1.0, a)),
+                       cache=cache)
+    # same length, same shape, one cpu moved to another cell: bytes differ, so decoded
+    b = _big_snapshot()
+    b["topology"]["cpus"][5]["cell"] = 6
+    body = wire.make_body("snapshot", "h1", "ep", 2, 1.0, b)
+    # a hostile sender also claims whatever digest it likes: only the bytes count
+    outer = wire.unpack(wire.encode_stream(body)[1])
+    outer["topology_digest"] = cache.parts["topology"][0]
+    got = wire.decode_stream([wire.topic("h1"), wire.pack(outer)], cache=cache)
+    assert got["data"] == b and got["data"]["topology"]["cpus"][5]["cell"] == 6
+    assert cache.hits == 1 and cache.misses == 3  # config reused, topology decoded
+    # a bad message decodes nothing and leaves the cache as it was
+    parts = dict(cache.parts)
+    raw = wire.pack_map(a)
+    for bad, needle in ((raw[:-3], "truncated"), (raw + b"\x01", "trailing"),
+                        (b"\x81\x01\x02", "map key"),
+                        (raw.replace(b"dedicated_cpus", b"dedicated\xff\xfecpus"), "UTF-8")):
+        with pytest.raises(wire.WireError, match=needle):
+            wire.unpack_map(bad, cache)
+    assert cache.parts == parts
+    # and a non-map document goes the usual way (the body check refuses it)
+    assert wire.unpack_map(wire.pack([1, 2]), cache) == [1, 2]
+    with pytest.raises(wire.WireError, match="over the limit"):
+        wire.unpack_map(raw, cache, max_bytes=10)
+
+
+def test_decode_cache_refuses_a_tampered_reused_part():
+    cache = wire.DecodeCache()
+    snap = _big_snapshot()
+    raw = wire.pack_map(snap)
+    wire.unpack_map(raw, cache)
+    # the reused part skips decoding; a broken copy of it must still fail, not reuse
+    tampered = raw.replace(wire.pack("siblings"), b"\xa8sibl\xff\xfe\xfd\xfc")
+    with pytest.raises(wire.WireError, match="UTF-8"):
+        wire.unpack_map(tampered, cache)
+    assert wire.unpack_map(raw, cache) == snap
