@@ -34,30 +34,34 @@ _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
 _ABSENT = ()  # memo value: this indexK directory does not exist
 
 
-def _attr(reader: FileReader, dfd: int, d: str, name: str, texts: dict[str, str]) -> str | None:
-    text = reader.read(d + name, dfd, name)
+def _attr(
+    reader: FileReader, dfd: int | None, d: str, r: str, name: str, texts: dict[str, str]
+) -> str | None:
+    text = reader.read(d + name, dfd, r + name)
     if text is not None:
         texts[d + name] = text
     return text
 
 
-def _geometry(reader: FileReader, dfd: int, d: str, level_text: str) -> tuple[Any, ...]:
+def _geometry(
+    reader: FileReader, dfd: int | None, d: str, r: str, level_text: str
+) -> tuple[Any, ...]:
     """(level, type, id or None, size, ways, line, {path: text}) of one ``indexK/``."""
     texts = {d + "level": level_text}
     level = to_count(d + "level", level_text)
     ctype = "unified"
-    text = _attr(reader, dfd, d, "type", texts)
+    text = _attr(reader, dfd, d, r, "type", texts)
     if text is not None:
         ctype = TYPES.get(text.strip().lower(), "")
         if not ctype:
             raise ProbeError(d + "type", "unknown cache type", text.strip())
-    text = _attr(reader, dfd, d, "id", texts)
+    text = _attr(reader, dfd, d, r, "id", texts)
     cid = None if text is None else to_count(d + "id", text)
-    text = _attr(reader, dfd, d, "size", texts)
+    text = _attr(reader, dfd, d, r, "size", texts)
     size = 0 if text is None else to_size(d + "size", text)
-    text = _attr(reader, dfd, d, "ways_of_associativity", texts)
+    text = _attr(reader, dfd, d, r, "ways_of_associativity", texts)
     ways = 0 if text is None else to_count(d + "ways_of_associativity", text)
-    text = _attr(reader, dfd, d, "coherency_line_size", texts)
+    text = _attr(reader, dfd, d, r, "coherency_line_size", texts)
     line = 0 if text is None else to_count(d + "coherency_line_size", text)
     return level, ctype, cid, size, ways, line, texts
 
@@ -80,70 +84,87 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
     With a ``reader.static`` memo, each ``indexK/``'s geometry (everything but
     ``shared_cpu_list``) is parsed once and reused by later probes.
     """
-    base = f"{sysfs_root}/devices/system/cpu/cpu"
+    cpu_base = f"{sysfs_root}/devices/system/cpu"
+    base = cpu_base + "/cpu"
     memo = reader.static
-    covered: dict[int, set[int]] = {}  # index K -> CPUs whose indexK is already known
+    # index K -> {CPU whose indexK is already known: the CPU that read that cache}
+    covered: dict[int, dict[int, int]] = {}
     read_first: set[tuple[int, int]] = set()  # (K, lowest sharing CPU) already read
+    ends: dict[int, int] = {}  # CPU that read caches -> its number of indexes
     found: dict[tuple[int, str, int], Cache] = {}
     online = set(online)
-    for cpu in sorted(online):
-        prefix = f"{base}{cpu}/cache/index"
-        k = 0
-        while True:
-            cov = covered.get(k)
-            if cov is not None and cpu in cov:
-                k += 1
-                continue
-            d = f"{prefix}{k}/"
-            geo = memo.get(d) if memo is not None else None
-            if geo is _ABSENT:
-                break
-            if geo is None:
-                dfd = reader.open_dir(d)
-                if dfd is None:
-                    if memo is not None:
-                        memo[d] = _ABSENT
+    cpu_fd = reader.open_dir(cpu_base) if online else None
+    try:
+        for cpu in sorted(online):
+            rel = f"cpu{cpu}/cache/index"
+            prefix = f"{base}{cpu}/cache/index"
+            k = 0
+            last_reader = -1  # who read this CPU's index k-1 when it was covered, else -1
+            while True:
+                cov = covered.get(k)
+                if cov is not None:
+                    owner = cov.get(cpu)
+                    if owner is not None:
+                        last_reader = owner
+                        k += 1
+                        continue
+                if last_reader >= 0 and ends.get(last_reader) == k:
+                    # this CPU shares its index k-1 with a CPU that has no index k: caches
+                    # beyond a shared cache are shared too, so this CPU has none either
                     break
-                try:
-                    level_text = reader.read(d + "level", dfd, "level")
+                last_reader = -1
+                d = f"{prefix}{k}/"
+                geo = memo.get(d) if memo is not None else None
+                if geo is _ABSENT:
+                    break
+                if geo is None:
+                    r = f"{rel}{k}/"
+                    level_text = reader.read(d + "level", cpu_fd, r + "level")
                     if level_text is None:
+                        if memo is not None:
+                            memo[d] = _ABSENT
                         break
-                    text = reader.read(d + "shared_cpu_list", dfd, "shared_cpu_list")
+                    text = reader.read(d + "shared_cpu_list", cpu_fd, r + "shared_cpu_list")
                     lowest, shared = _sharing(d, text, cpu, online)
                     if (k, lowest) in read_first:
                         k += 1
                         continue
-                    geo = _geometry(reader, dfd, d, level_text)
-                finally:
-                    os.close(dfd)
-                if memo is not None:
-                    memo[d] = geo
-            else:
-                text = reader.read(d + "shared_cpu_list")
-                lowest, shared = _sharing(d, text, cpu, online)
-                if (k, lowest) in read_first:
-                    k += 1
-                    continue
-                reader.files.update(geo[6])
-            read_first.add((k, lowest))
-            if cov is None:
-                covered[k] = cov = set()
-            cov.update(shared)
-            level, ctype, cid, size, ways, line, _ = geo
-            if cid is None:
-                cid = shared[0]
-            key = (level, ctype, cid)
-            if key not in found:
-                found[key] = Cache(
-                    level=level,
-                    id=cid,
-                    type=ctype,
-                    size_bytes=size,
-                    ways=ways,
-                    line_bytes=line,
-                    cpus=shared,
-                )
-            k += 1
+                    geo = _geometry(reader, cpu_fd, d, r, level_text)
+                    if memo is not None:
+                        memo[d] = geo
+                else:
+                    text = reader.read(
+                        d + "shared_cpu_list", cpu_fd, f"{rel}{k}/shared_cpu_list"
+                    )
+                    lowest, shared = _sharing(d, text, cpu, online)
+                    if (k, lowest) in read_first:
+                        k += 1
+                        continue
+                    reader.files.update(geo[6])
+                read_first.add((k, lowest))
+                if cov is None:
+                    covered[k] = cov = {}
+                for c in shared:
+                    cov.setdefault(c, cpu)
+                level, ctype, cid, size, ways, line, _ = geo
+                if cid is None:
+                    cid = shared[0]
+                key = (level, ctype, cid)
+                if key not in found:
+                    found[key] = Cache(
+                        level=level,
+                        id=cid,
+                        type=ctype,
+                        size_bytes=size,
+                        ways=ways,
+                        line_bytes=line,
+                        cpus=shared,
+                    )
+                k += 1
+            ends[cpu] = k
+    finally:
+        if cpu_fd is not None:
+            os.close(cpu_fd)
     return tuple(
         found[key] for key in sorted(found, key=lambda t: (t[0], _TYPE_ORDER[t[1]], t[2]))
     )
