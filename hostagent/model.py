@@ -10,11 +10,54 @@ The dict form uses string map keys (``distances: {"1": 21}``, ``schemata: {"L3":
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 
-@dataclass(frozen=True)
+def _frozen(cls: type) -> type:
+    """``@dataclass(frozen=True)`` without its start-up cost.
+
+    ``dataclass(frozen=True)`` compiles six methods per class from source at import, which
+    made this module the slowest import of ``hostagent probe``. Here each class writes its
+    own ``__init__`` (in the class body, so it is in the bytecode cache) and this adds the
+    same ``__repr__``, ``__eq__``, ``__hash__`` and frozen ``__setattr__``/``__delattr__`` as
+    closures. The classes are still dataclasses (``fields``, ``replace``, ``asdict`` work).
+    """
+    cls = dataclass(init=False, repr=False, eq=False)(cls)
+    names = tuple(f.name for f in fields(cls))
+    values = attrgetter(*names)
+    qualname = cls.__qualname__
+
+    def __repr__(self: Any) -> str:
+        items = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+        return f"{self.__class__.__qualname__}({items})"
+
+    def __eq__(self: Any, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return values(self) == values(other)
+        return NotImplemented
+
+    def __hash__(self: Any) -> int:
+        return hash(values(self))
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+
+    for fn in (__repr__, __eq__, __hash__, __setattr__, __delattr__):
+        fn.__qualname__ = f"{qualname}.{fn.__name__}"
+        setattr(cls, fn.__name__, fn)
+    return cls
+
+
+@_frozen
 class HugepagePool:
     """One hugepage pool of one cell (``node/nodeN/hugepages/hugepages-<size>kB``)."""
 
@@ -23,8 +66,11 @@ class HugepagePool:
     free: int
     surplus: int
 
+    def __init__(self, size_kib: int, total: int, free: int, surplus: int) -> None:
+        self.__dict__.update(size_kib=size_kib, total=total, free=free, surplus=surplus)
 
-@dataclass(frozen=True)
+
+@_frozen
 class Cell:
     """One NUMA cell. ``cpus`` may be empty (memory-only node) and memory may be 0."""
 
@@ -35,8 +81,26 @@ class Cell:
     distances: Mapping[int, int]
     hugepages: tuple[HugepagePool, ...]
 
+    def __init__(
+        self,
+        id: int,
+        cpus: tuple[int, ...],
+        memory_kib: int,
+        memory_free_kib: int,
+        distances: Mapping[int, int],
+        hugepages: tuple[HugepagePool, ...],
+    ) -> None:
+        self.__dict__.update(
+            id=id,
+            cpus=cpus,
+            memory_kib=memory_kib,
+            memory_free_kib=memory_free_kib,
+            distances=distances,
+            hugepages=hugepages,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class Cpu:
     """One logical CPU (hardware thread). Offline CPUs have no topology: ids are -1."""
 
@@ -50,8 +114,32 @@ class Cpu:
     siblings: tuple[int, ...]
     isolated: bool
 
+    def __init__(
+        self,
+        id: int,
+        online: bool,
+        cell: int,
+        socket: int,
+        die: int,
+        cluster: int,
+        core: int,
+        siblings: tuple[int, ...],
+        isolated: bool,
+    ) -> None:
+        self.__dict__.update(
+            id=id,
+            online=online,
+            cell=cell,
+            socket=socket,
+            die=die,
+            cluster=cluster,
+            core=core,
+            siblings=siblings,
+            isolated=isolated,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class Cache:
     """One cache instance: unique per (level, type, id)."""
 
@@ -63,8 +151,28 @@ class Cache:
     line_bytes: int
     cpus: tuple[int, ...]
 
+    def __init__(
+        self,
+        level: int,
+        id: int,
+        type: str,
+        size_bytes: int,
+        ways: int,
+        line_bytes: int,
+        cpus: tuple[int, ...],
+    ) -> None:
+        self.__dict__.update(
+            level=level,
+            id=id,
+            type=type,
+            size_bytes=size_bytes,
+            ways=ways,
+            line_bytes=line_bytes,
+            cpus=cpus,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class ResctrlResource:
     """One ``info/<name>/`` cache resource (L3, L3CODE, L3DATA, L2, L2CODE, L2DATA)."""
 
@@ -80,8 +188,36 @@ class ResctrlResource:
     granularity_bytes: int
     min_bytes: int
 
+    def __init__(
+        self,
+        name: str,
+        level: int,
+        type: str,
+        cbm_mask: str,
+        cbm_bits: int,
+        min_cbm_bits: int,
+        num_closids: int,
+        shareable_bits: str,
+        sparse_masks: bool,
+        granularity_bytes: int,
+        min_bytes: int,
+    ) -> None:
+        self.__dict__.update(
+            name=name,
+            level=level,
+            type=type,
+            cbm_mask=cbm_mask,
+            cbm_bits=cbm_bits,
+            min_cbm_bits=min_cbm_bits,
+            num_closids=num_closids,
+            shareable_bits=shareable_bits,
+            sparse_masks=sparse_masks,
+            granularity_bytes=granularity_bytes,
+            min_bytes=min_bytes,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class MemoryBandwidth:
     """``info/MB/``. ``unit`` is "percent" or "MBps" (mounted with ``-o mba_MBps``)."""
 
@@ -91,8 +227,24 @@ class MemoryBandwidth:
     unit: str
     delay_linear: bool | None = None
 
+    def __init__(
+        self,
+        bandwidth_gran: int,
+        min_bandwidth: int,
+        num_closids: int,
+        unit: str,
+        delay_linear: bool | None = None,
+    ) -> None:
+        self.__dict__.update(
+            bandwidth_gran=bandwidth_gran,
+            min_bandwidth=min_bandwidth,
+            num_closids=num_closids,
+            unit=unit,
+            delay_linear=delay_linear,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class ResctrlGroup:
     """The default group (name "") or a top-level CTRL_MON group.
 
@@ -107,8 +259,19 @@ class ResctrlGroup:
     cpus: tuple[int, ...]
     tasks: int
 
+    def __init__(
+        self,
+        name: str,
+        mode: str,
+        schemata: Mapping[str, Mapping[int, str]],
+        mb: Mapping[int, int],
+        cpus: tuple[int, ...],
+        tasks: int,
+    ) -> None:
+        self.__dict__.update(name=name, mode=mode, schemata=schemata, mb=mb, cpus=cpus, tasks=tasks)
 
-@dataclass(frozen=True)
+
+@_frozen
 class Resctrl:
     """A mounted resctrl filesystem."""
 
@@ -116,6 +279,15 @@ class Resctrl:
     resources: tuple[ResctrlResource, ...]
     mb: MemoryBandwidth | None
     groups: tuple[ResctrlGroup, ...]
+
+    def __init__(
+        self,
+        cdp: Mapping[str, bool],
+        resources: tuple[ResctrlResource, ...],
+        mb: MemoryBandwidth | None,
+        groups: tuple[ResctrlGroup, ...],
+    ) -> None:
+        self.__dict__.update(cdp=cdp, resources=resources, mb=mb, groups=groups)
 
     def resource(self, name: str) -> ResctrlResource | None:
         for res in self.resources:
@@ -130,7 +302,7 @@ class Resctrl:
         return None
 
 
-@dataclass(frozen=True)
+@_frozen
 class PciDevice:
     """One PCI function. ``numa_node`` is -1 when the kernel does not know."""
 
@@ -141,8 +313,26 @@ class PciDevice:
     device: str
     sriov_totalvfs: int
 
+    def __init__(
+        self,
+        address: str,
+        numa_node: int,
+        class_: str,
+        vendor: str,
+        device: str,
+        sriov_totalvfs: int,
+    ) -> None:
+        self.__dict__.update(
+            address=address,
+            numa_node=numa_node,
+            class_=class_,
+            vendor=vendor,
+            device=device,
+            sriov_totalvfs=sriov_totalvfs,
+        )
 
-@dataclass(frozen=True)
+
+@_frozen
 class HostTopology:
     """Everything the probe reads from one host; immutable, re-probed on hotplug."""
 
@@ -151,6 +341,16 @@ class HostTopology:
     caches: tuple[Cache, ...]
     resctrl: Resctrl | None
     pci: tuple[PciDevice, ...] = field(default=())
+
+    def __init__(
+        self,
+        cells: tuple[Cell, ...],
+        cpus: tuple[Cpu, ...],
+        caches: tuple[Cache, ...],
+        resctrl: Resctrl | None,
+        pci: tuple[PciDevice, ...] = (),
+    ) -> None:
+        self.__dict__.update(cells=cells, cpus=cpus, caches=caches, resctrl=resctrl, pci=pci)
 
     def cell(self, cell_id: int) -> Cell | None:
         for c in self.cells:
