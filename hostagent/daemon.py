@@ -262,7 +262,12 @@ class Agent:
                 self.watcher.apply(self.tracker)
             usage = self.tracker.usage()
             agent = self._agent_doc()
-            content = (self.topology_doc, self.resources, usage, agent)
+            # the usage is compared as its msgpack bytes (cheaper than comparing the
+            # dicts), which the publisher then sends without packing it again
+            from hostagent import wire
+
+            usage_raw = wire.pack(usage)
+            content = (self.topology_doc, self.resources, usage_raw, agent)
             if content == self._last_content:
                 self.counters["unchanged_flushes"] += 1
                 return False
@@ -273,7 +278,7 @@ class Agent:
                                      host=pub.host, epoch=self.epoch, seq=pub.next_seq(),
                                      now=time.time())
             snap["agent"] = agent
-            await pub.publish(snap)
+            await pub.publish(snap, packed={"usage": usage_raw})
             self._last_content = content
             self._last_publish = time.monotonic()
             if self.notifier.enabled and time.monotonic() - self._last_status >= 1.0:

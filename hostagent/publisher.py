@@ -110,12 +110,16 @@ class Publisher:
     def next_seq(self) -> int:
         return self.seq + 1
 
-    async def publish(self, data: Mapping[str, Any], *, now: float | None = None) -> int:
+    async def publish(self, data: Mapping[str, Any], *, now: float | None = None,
+                      packed: Mapping[str, bytes] | None = None) -> int:
         """Send ``data`` as the next snapshot; returns its ``seq``.
 
         ``data``'s ``host``, ``epoch``, ``seq`` and ``time`` are set to the message's
-        (a shallow copy; the caller's dict is not changed).
+        (a shallow copy; the caller's dict is not changed). ``packed`` gives parts the
+        caller already packed (``{"usage": pack(data["usage"])}``), not packed again.
         """
+        for key, raw in (packed or {}).items():
+            self._pack_cache.put(key, data[key], raw)
         t = time.time() if now is None else now
         self.seq += 1
         snap = dict(data)

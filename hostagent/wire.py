@@ -145,10 +145,13 @@ def _wire_error(exc: Exception) -> Exception:
 # --- packed parts: the unchanged topology is neither packed nor decoded again ---------
 
 #: Snapshot keys whose packed bytes the publisher keeps while the value is the same
-#: object (the daemon builds a new topology dict on every re-probe, never edits one).
-PACK_CACHED_KEYS = ("topology",)
+#: object (the daemon builds a new topology dict on every re-probe and a new usage dict
+#: on every change, never edits one; it hands over the usage bytes it packed to compare).
+PACK_CACHED_KEYS = ("topology", "usage")
 #: Snapshot keys whose decoded value a subscriber reuses while their bytes are unchanged.
 REUSE_KEYS = ("topology", "config")
+#: Snapshot keys whose lists a subscriber rebuilds from the previous snapshot's elements.
+ELEMENT_REUSE_KEYS = ("usage",)
 
 
 class PackCache:
@@ -168,6 +171,11 @@ class PackCache:
         self.parts[key] = (value, raw)  # the value is held: its id cannot be reused
         return raw
 
+    def put(self, key: str, value: Any, raw: bytes) -> None:
+        """Record ``raw`` (which must be ``pack(value)``) as the bytes of ``value``."""
+        if key in self.keys:
+            self.parts[key] = (value, raw)
+
 
 def pack_map(data: Mapping[str, Any], cache: PackCache | None = None) -> bytes:
     """``pack(data)`` for a map, byte for byte, taking cached parts from ``cache``:
@@ -183,20 +191,45 @@ def pack_map(data: Mapping[str, Any], cache: PackCache | None = None) -> bytes:
 
 
 class DecodeCache:
-    """Per host on the receiving side: the decoded value of each of ``keys`` in the last
-    snapshot, with a BLAKE2b digest of its exact bytes. A value whose bytes hash the same
-    is taken from here instead of being decoded again, so what a caller gets is always
-    what the bytes say (no field the sender chooses can make it reuse a stale value)."""
+    """Per host on the receiving side, from the last snapshot accepted:
 
-    def __init__(self, keys: Sequence[str] = REUSE_KEYS) -> None:
+    - the decoded value of each of ``keys`` (``topology``, ``config``) with a BLAKE2b-256
+      digest of its exact bytes; a value whose bytes hash the same is taken from here
+      instead of being decoded again;
+    - for each list inside each of ``element_keys`` (``usage``: threads, guests, cells,
+      caches, ...), its elements by their exact bytes; an element with the same bytes is
+      taken from here (the lookup compares the bytes themselves).
+
+    So what a caller gets is always what the bytes say: no field the sender chooses can
+    make it reuse a stale value. Reused objects are shared between snapshots."""
+
+    def __init__(self, keys: Sequence[str] = REUSE_KEYS,
+                 element_keys: Sequence[str] = ELEMENT_REUSE_KEYS) -> None:
         self.keys = tuple(keys)
+        self.element_keys = tuple(element_keys)
         self.parts: dict[str, tuple[bytes, Any]] = {}
+        self.elements: dict[tuple[str, str], dict[bytes, Any]] = {}
         self.hits = 0
         self.misses = 0
 
 
 def _digest(raw: memoryview) -> bytes:
     return hashlib.blake2b(raw, digest_size=32).digest()
+
+
+def _is_map(first: int) -> bool:
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+
+def _is_array(first: int) -> bool:
+    return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
+
+
+def _str_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise WireError(f"not valid msgpack: {type(key).__name__} is not allowed for map "
+                        "key when strict_map_key=True")
+    return key
 
 
 def unpack_map(payload: bytes, cache: DecodeCache, *,
@@ -206,7 +239,7 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
     size = len(payload)
     if size > max_bytes:
         raise WireError(f"message of {size} bytes is over the limit of {max_bytes} bytes")
-    if size == 0 or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
+    if size == 0 or not _is_map(payload[0]):
         return unpack(payload, max_bytes=max_bytes)
     options = _unpack_options(size)
     unpacker = msgpack.Unpacker(None, max_buffer_size=size, **options)
@@ -215,33 +248,61 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
     pause_gc = size >= GC_PAUSE_BYTES and gc.isenabled()
     if pause_gc:
         gc.disable()
+    hits = misses = 0
     try:
         out: dict[str, Any] = {}
         seen: dict[str, tuple[bytes, Any]] = {}
+        elements: dict[tuple[str, str], dict[bytes, Any]] = {}
         for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if not isinstance(key, str):
-                raise WireError(f"not valid msgpack: {type(key).__name__} is not allowed "
-                                "for map key when strict_map_key=True")
+            key = _str_key(unpacker.unpack())
+            start = unpacker.tell()
+            if key in cache.element_keys and start < size and _is_map(payload[start]):
+                inner: dict[str, Any] = {}
+                for _ in range(unpacker.read_map_header()):
+                    sub = _str_key(unpacker.unpack())
+                    at = unpacker.tell()
+                    if at >= size or not _is_array(payload[at]):
+                        inner[sub] = unpacker.unpack()
+                        continue
+                    known_items = cache.elements.get((key, sub), {})
+                    items: dict[bytes, Any] = {}
+                    values = []
+                    for _ in range(unpacker.read_array_header()):
+                        a = unpacker.tell()
+                        unpacker.skip()
+                        raw = view[a:unpacker.tell()].tobytes()
+                        value = known_items.get(raw)
+                        if value is None:
+                            value = items.get(raw)
+                        if value is None:
+                            value = msgpack.unpackb(raw, **options)
+                            misses += 1
+                        else:
+                            hits += 1
+                        items[raw] = value
+                        values.append(value)
+                    inner[sub] = values
+                    elements[(key, sub)] = items
+                out[key] = inner
+                continue
             if key not in cache.keys:
                 out[key] = unpacker.unpack()
                 continue
-            start = unpacker.tell()
             known = cache.parts.get(key)
             if known is None:
                 value = unpacker.unpack()
                 digest = _digest(view[start:unpacker.tell()])
-                cache.misses += 1
+                misses += 1
             else:
                 unpacker.skip()
-                raw = view[start:unpacker.tell()]
-                digest = _digest(raw)
+                raw_view = view[start:unpacker.tell()]
+                digest = _digest(raw_view)
                 if digest == known[0]:
                     value = known[1]
-                    cache.hits += 1
+                    hits += 1
                 else:
-                    value = msgpack.unpackb(raw, **options)
-                    cache.misses += 1
+                    value = msgpack.unpackb(raw_view, **options)
+                    misses += 1
             out[key] = value
             seen[key] = (digest, value)
         if unpacker.tell() != size:
@@ -253,7 +314,10 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
     finally:
         if pause_gc:
             gc.enable()
-    cache.parts = seen  # only a fully accepted message updates the cache
+    # only a fully accepted message updates the cache
+    cache.parts, cache.elements = seen, elements
+    cache.hits += hits
+    cache.misses += misses
     return out
 
 

@@ -284,3 +284,16 @@ def test_keypair_files(tmp_path):
     junk.write_text("hello\n")
     with pytest.raises(ConfigError, match="junk.key_secret"):
         ServerCurve.load(str(junk), str(tmp_path))
+
+
+def test_publish_takes_parts_the_caller_already_packed(tmp_path):
+    async def main():
+        async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
+            usage = {"threads": [{"cpu": i, "guest": None} for i in range(3000)]}
+            data = {"schema": 1, "topology": {"cells": []}, "usage": usage}
+            await pub.publish(data, packed={"usage": wire.pack(usage)})
+            body = wire.decode_stream(pub._latest_frames)
+            assert body["data"] == {**data, "host": "h1", "epoch": pub.epoch, "seq": 1,
+                                    "time": body["time"]}
+            assert "enc" in wire.unpack(pub._latest_frames[1])
+    run(main())

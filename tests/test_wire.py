@@ -217,15 +217,21 @@ def test_decode_cache_reuses_unchanged_parts_and_equals_a_full_decode():
     assert got2 == wire.decode_stream(frames2) == second
     assert got2["data"]["topology"] is got1["data"]["topology"]  # not decoded again
     assert got2["data"]["usage"] is not got1["data"]["usage"]
+    u1, u2 = got1["data"]["usage"], got2["data"]["usage"]
+    assert u2["threads"][7] is u1["threads"][7]  # unchanged list elements are reused
+    assert u2["guests"][2] is u1["guests"][2] and u2["guests"][3] == {"name": "g3",
+                                                                       "pinning": {"0": 3}}
     assert isinstance(got2["data"]["topology"]["cpus"], list)  # lists stay lists
-    assert cache.hits == 2 and cache.misses == 2
+    assert isinstance(u2["threads"], list) and isinstance(u2["threads"][0]["shared_guests"],
+                                                          list)
+    assert cache.misses == 2 + 448 + 3 + 1 and cache.hits == 2 + 448 + 3
 
 
 def test_decode_cache_never_returns_a_value_the_bytes_do_not_say():
     cache = wire.DecodeCache()
     a = _big_snapshot()
-    wire.decode_stream(wire.encode_stream(wire.make_body("snapshot", "h1", "ep", 1, 1.0, a)),
-                       cache=cache)
+    first = wire.decode_stream(
+        wire.encode_stream(wire.make_body("snapshot", "h1", "ep", 1, 1.0, a)), cache=cache)
     # same length, same shape, one cpu moved to another cell: bytes differ, so decoded
     b = _big_snapshot()
     b["topology"]["cpus"][5]["cell"] = 6
@@ -235,7 +241,12 @@ def test_decode_cache_never_returns_a_value_the_bytes_do_not_say():
     outer["topology_digest"] = cache.parts["topology"][0]
     got = wire.decode_stream([wire.topic("h1"), wire.pack(outer)], cache=cache)
     assert got["data"] == b and got["data"]["topology"]["cpus"][5]["cell"] == 6
-    assert cache.hits == 1 and cache.misses == 3  # config reused, topology decoded
+    assert got["data"]["config"] is first["data"]["config"]  # reused
+    assert got["data"]["topology"] is not first["data"]["topology"]  # decoded again
+    b["usage"]["threads"][3]["guest"] = "x"  # an element that differs is decoded
+    got = wire.decode_stream(wire.encode_stream(body), cache=cache)
+    assert got["data"]["usage"]["threads"][3]["guest"] == "x" and got["data"] == b
+    assert first["data"]["usage"]["threads"][3]["guest"] is None  # the old one untouched
     # a bad message decodes nothing and leaves the cache as it was
     parts = dict(cache.parts)
     raw = wire.pack_map(a)
@@ -245,6 +256,10 @@ def test_decode_cache_never_returns_a_value_the_bytes_do_not_say():
         with pytest.raises(wire.WireError, match=needle):
             wire.unpack_map(bad, cache)
     assert cache.parts == parts
+    # odd shapes inside the reused keys decode as they are
+    for odd in ({"usage": [1, 2]}, {"usage": {"n": 5, "l": [[1], {"a": None}]}},
+                {"topology": None, "usage": {}}):
+        assert wire.unpack_map(wire.pack(odd), wire.DecodeCache()) == odd
     # and a non-map document goes the usual way (the body check refuses it)
     assert wire.unpack_map(wire.pack([1, 2]), cache) == [1, 2]
     with pytest.raises(wire.WireError, match="over the limit"):
