@@ -22,6 +22,7 @@ from hostagent.errors import ProbeError
 
 _BIG = 4096  # kernfs attributes are at most a page; a read this long may be a seq_file
 _MISSING = (FileNotFoundError, NotADirectoryError)
+_open, _read, _close, _RDONLY = os.open, os.read, os.close, os.O_RDONLY
 
 
 def _snippet(text: str, limit: int = 80) -> str:
@@ -71,19 +72,16 @@ class FileReader:
         """
         self.opens += 1
         try:
-            if dir_fd is None:
-                fd = os.open(path, os.O_RDONLY)
-            else:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            fd = _open(path, _RDONLY) if dir_fd is None else _open(name, _RDONLY, dir_fd=dir_fd)
         except _MISSING:
             return None
         except OSError as exc:
             raise ProbeError(path, f"cannot open ({exc.strerror})") from None
         try:
-            data = os.read(fd, 65536)
+            data = _read(fd, 65536)
             if len(data) >= _BIG:
                 chunks = [data]
-                while chunk := os.read(fd, 65536):
+                while chunk := _read(fd, 65536):
                     chunks.append(chunk)
                 data = b"".join(chunks)
         except IsADirectoryError:
@@ -91,12 +89,11 @@ class FileReader:
         except OSError as exc:
             raise ProbeError(path, f"cannot read ({exc.strerror})") from None
         finally:
-            os.close(fd)
+            _close(fd)
         try:
-            text = data.decode()
+            text = self.files[path] = data.decode()
         except UnicodeDecodeError:
             raise ProbeError(path, "is not text", data[:40]) from None
-        self.files[path] = text
         return text
 
     def open_dir(self, path: str) -> int | None:
