@@ -16,6 +16,11 @@ socket that receives applies the same limits:
   travels compressed: ``data`` is then bin ``zlib(msgpack(snapshot))`` and the body has
   ``enc: "zlib"``; ``decode_stream`` inflates it (never beyond ``max_bytes``), so
   callers always get ``data`` as a map. Header fields stay readable without inflating.
+  The publisher packs the topology once per re-probe (``PackCache``) and also keeps it
+  as an independent deflate segment that it splices into each compressed snapshot
+  (``zlib_chunks``): still one standard zlib stream of exactly ``msgpack(snapshot)``.
+  Subscribers keep the last decoded topology/config and usage list elements per host
+  (``DecodeCache``) and reuse those whose bytes are unchanged.
 - requests are one msgpack map with a string ``op``; replies are
   ``{v: 1, ok: true, ...}`` or ``{v: 1, ok: false, error: "<what was wrong>"}``.
 """
@@ -148,6 +153,8 @@ def _wire_error(exc: Exception) -> Exception:
 #: object (the daemon builds a new topology dict on every re-probe and a new usage dict
 #: on every change, never edits one; it hands over the usage bytes it packed to compare).
 PACK_CACHED_KEYS = ("topology", "usage")
+#: Snapshot keys whose compressed bytes the publisher keeps too (see ``zlib_chunks``).
+DEFLATE_CACHED_KEYS = ("topology",)
 #: Snapshot keys whose decoded value a subscriber reuses while their bytes are unchanged.
 REUSE_KEYS = ("topology", "config")
 #: Snapshot keys whose lists a subscriber rebuilds from the previous snapshot's elements.
@@ -155,11 +162,15 @@ ELEMENT_REUSE_KEYS = ("usage",)
 
 
 class PackCache:
-    """The packed bytes of the last value seen under each of ``keys`` (by identity)."""
+    """The packed bytes of the last value seen under each of ``keys`` (by identity), and
+    for ``deflate_keys`` also those bytes as an independent raw-deflate segment."""
 
-    def __init__(self, keys: Sequence[str] = PACK_CACHED_KEYS) -> None:
+    def __init__(self, keys: Sequence[str] = PACK_CACHED_KEYS,
+                 deflate_keys: Sequence[str] = DEFLATE_CACHED_KEYS) -> None:
         self.keys = tuple(keys)
+        self.deflate_keys = tuple(deflate_keys)
         self.parts: dict[str, tuple[Any, bytes]] = {}
+        self.deflated: dict[str, tuple[bytes, bytes]] = {}  # key: (raw, segment)
 
     def packed(self, key: str, value: Any) -> bytes:
         if key not in self.keys:
@@ -176,17 +187,69 @@ class PackCache:
         if key in self.keys:
             self.parts[key] = (value, raw)
 
+    def segment(self, key: str, raw: bytes) -> bytes:
+        """``raw`` deflated on its own (see ``zlib_chunks``), kept while ``raw`` is."""
+        hit = self.deflated.get(key)
+        if hit is not None and hit[0] is raw:
+            return hit[1]
+        seg = _deflate_segment(raw, final=False)
+        self.deflated[key] = (raw, seg)
+        return seg
+
+
+def pack_map_chunks(data: Mapping[str, Any], cache: PackCache
+                    ) -> list[tuple[bytes, str | None]]:
+    """``pack(data)`` as consecutive chunks: each value of ``cache.deflate_keys`` is a
+    chunk of its own, tagged with its key; the bytes in between are joined, untagged."""
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    chunks: list[tuple[bytes, str | None]] = []
+    run = [packer.pack_map_header(len(data))]
+    for key, value in data.items():
+        run.append(packer.pack(key))
+        raw = cache.packed(key, value)
+        if key in cache.deflate_keys:
+            chunks.append((b"".join(run), None))
+            chunks.append((raw, key))
+            run = []
+        else:
+            run.append(raw)
+    chunks.append((b"".join(run), None))
+    return chunks
+
 
 def pack_map(data: Mapping[str, Any], cache: PackCache | None = None) -> bytes:
     """``pack(data)`` for a map, byte for byte, taking cached parts from ``cache``:
     a map header, then each packed key followed by its packed value."""
     if cache is None:
         return pack(data)
-    packer = msgpack.Packer(use_bin_type=True, datetime=False)
-    out = [packer.pack_map_header(len(data))]
-    for key, value in data.items():
-        out.append(packer.pack(key))
-        out.append(cache.packed(key, value))
+    return b"".join(c for c, _ in pack_map_chunks(data, cache))
+
+
+#: zlib stream header: deflate, 32 KiB window, "fastest" level (RFC 1950).
+_ZLIB_HEADER = b"\x78\x01"
+
+
+def _deflate_segment(raw: bytes, *, final: bool) -> bytes:
+    """``raw`` as raw deflate blocks from a fresh compressor (no reference to earlier
+    data), ending byte-aligned (sync flush) or with the final block."""
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return c.compress(raw) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
+def zlib_chunks(chunks: list[tuple[bytes, str | None]], cache: PackCache) -> bytes:
+    """One valid zlib stream of the joined chunks (``zlib.decompress`` gives them back):
+    a header, each chunk as independent deflate blocks (the tagged ones taken from
+    ``cache``), the last one final, then the Adler-32 of everything."""
+    out = [_ZLIB_HEADER]
+    adler = 1
+    last = len(chunks) - 1
+    for i, (raw, key) in enumerate(chunks):
+        adler = zlib.adler32(raw, adler)
+        if key is not None and i != last:
+            out.append(cache.segment(key, raw))
+        elif raw or i == last:
+            out.append(_deflate_segment(raw, final=i == last))
+    out.append(adler.to_bytes(4, "big"))
     return b"".join(out)
 
 
@@ -338,10 +401,16 @@ def encode_stream(body: Mapping[str, Any], *,
     packed topology between messages (the bytes are the same as without it)."""
     data = body.get("data")
     if data is not None and compress_min is not None:
-        packed = pack_map(data, cache)
-        if len(packed) >= compress_min:
-            return [topic(body["host"]),
-                    pack({**body, "data": zlib.compress(packed, 1), "enc": "zlib"})]
+        if cache is None:
+            packed = pack(data)
+            if len(packed) >= compress_min:
+                return [topic(body["host"]),
+                        pack({**body, "data": zlib.compress(packed, 1), "enc": "zlib"})]
+        else:
+            chunks = pack_map_chunks(data, cache)
+            if sum(len(c) for c, _ in chunks) >= compress_min:
+                return [topic(body["host"]),
+                        pack({**body, "data": zlib_chunks(chunks, cache), "enc": "zlib"})]
     return [topic(body["host"]), pack(body)]
 
 

@@ -203,7 +203,7 @@ def test_pack_cache_gives_the_same_bytes_and_follows_a_new_topology():
     changed = {**snap, "topology": {"cpus": []}}  # a re-probe builds a new dict
     assert wire.pack_map(changed, cache) == wire.pack(changed)
     body = wire.make_body("snapshot", "h1", "ep", 2, 1.0, snap)
-    assert wire.encode_stream(body, cache=cache) == wire.encode_stream(body)
+    assert wire.decode_stream(wire.encode_stream(body, cache=cache)) == body
 
 
 def test_decode_cache_reuses_unchanged_parts_and_equals_a_full_decode():
@@ -276,3 +276,32 @@ def test_decode_cache_refuses_a_tampered_reused_part():
     with pytest.raises(wire.WireError, match="UTF-8"):
         wire.unpack_map(tampered, cache)
     assert wire.unpack_map(raw, cache) == snap
+
+
+def test_spliced_zlib_is_one_standard_stream_of_the_same_bytes():
+    import zlib
+
+    snap = _big_snapshot()
+    cache = wire.PackCache()
+    body = wire.make_body("snapshot", "h1", "ep", 1, 1.0, snap)
+    frames = wire.encode_stream(body, cache=cache)
+    outer = wire.unpack(frames[1])
+    assert outer["enc"] == "zlib"
+    assert zlib.decompress(outer["data"]) == wire.pack(snap)  # any zlib reader
+    segment = cache.deflated["topology"][1]
+    assert segment in outer["data"]
+    again = wire.encode_stream(body, cache=cache)
+    assert again == frames and cache.deflated["topology"][1] is segment  # reused
+    # a new topology object gets a new segment; the stream is still the same bytes
+    body["data"] = {**snap, "topology": {"cpus": list(range(5000))}}
+    moved = wire.unpack(wire.encode_stream(body, cache=cache)[1])["data"]
+    assert zlib.decompress(moved) == wire.pack(body["data"])
+    assert cache.deflated["topology"][1] is not segment
+    # the cached key first, last, or absent
+    for data in ({"topology": snap["topology"], "usage": snap["usage"]},
+                 {"usage": snap["usage"], "topology": snap["topology"]},
+                 {"usage": snap["usage"]}, {"topology": snap["topology"]}):
+        chunks = wire.pack_map_chunks(data, cache)
+        assert zlib.decompress(wire.zlib_chunks(chunks, cache)) == wire.pack(data)
+        b = wire.make_body("snapshot", "h1", "ep", 1, 1.0, data)
+        assert wire.decode_stream(wire.encode_stream(b, cache=cache)) == b
