@@ -1,12 +1,13 @@
 """The probe on the fixture trees: cells, CPUs, caches, hugepages and PCI."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from hostagent.cbm import cache_ways
 from hostagent.model import topology_from_dict, topology_to_dict
-from hostagent.probe.host import FileReader, probe_host, probe_json
+from hostagent.probe.host import FileReader, probe_host, probe_json, probe_json_text
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell", "big-448",
@@ -205,3 +206,12 @@ def test_reprobe_with_static_memo(tmp_path):
     topo = probe_host(root, None, reader=FileReader(memo))
     assert [c.size_bytes for c in topo.caches if c.level == 3] == [8 * 1024 * 1024]
     assert [c.id for c in topo.cpus if not c.online] == [4]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_probe_json_text_is_probe_json(name):
+    """The CLI's direct encoding is the same document as ``probe_json``, compact."""
+    topo = probe(name)
+    text = probe_json_text(topo)
+    assert json.loads(text) == probe_json(topo)
+    assert text == json.dumps(probe_json(topo), separators=(",", ":"))

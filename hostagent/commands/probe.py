@@ -53,11 +53,9 @@ def run(args: argparse.Namespace) -> int:
     sysfs, resctrl = roots(args)
     topo = probe_host(sysfs, resctrl)
     if args.json:
-        import json
+        from hostagent.probe.host import probe_json_text
 
-        from hostagent.probe.host import probe_json
-
-        sys.stdout.write(json.dumps(probe_json(topo)) + "\n")  # no indent: keeps the C encoder
+        sys.stdout.write(probe_json_text(topo) + "\n")
     else:
         from hostagent.probe.report import render
 

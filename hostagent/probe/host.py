@@ -3,7 +3,8 @@
 Assembles the area readers (cpus, cells, caches, hugepages, resctrl, pci) around one
 ``FileReader``, which records every file read (``hostagent capture`` copies exactly those).
 ``probe_json`` is the ``hostagent probe --json`` document: the schema-v1 ``topology`` dict
-plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.cbm.cache_ways``).
+plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.cbm.cache_ways``);
+``probe_json_text`` is that document as compact JSON text, encoded straight from the model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hostagent.probe.resctrl import read_resctrl
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["FileReader", "probe_host", "probe_json", "read_resctrl"]
+__all__ = ["FileReader", "probe_host", "probe_json", "probe_json_text", "read_resctrl"]
 
 
 def probe_host(
@@ -103,3 +104,30 @@ def probe_json(topo: HostTopology) -> dict[str, Any]:
     out = _plain(topo)
     out["free_cache"] = cache_ways(topo)
     return out
+
+
+def _encode(value: Any) -> Any:
+    """``json.dumps`` ``default`` hook: a model object as its schema dict, one level deep.
+
+    Its fields are handed back as they are; the C encoder writes tuples as arrays and int
+    map keys as strings, which is what ``_plain`` produces.
+    """
+    cls = value.__class__
+    names = _FIELDS.get(cls)
+    if names is None:
+        if isinstance(value, Mapping):
+            return dict(value)
+        if not is_dataclass(value):
+            raise TypeError(f"{cls.__name__} is not JSON serializable")
+        names = _FIELDS[cls] = tuple((f.name, _RENAMES.get(f.name, f.name)) for f in fields(cls))
+    return {key: getattr(value, name) for name, key in names}
+
+
+def probe_json_text(topo: HostTopology) -> str:
+    """``probe_json(topo)`` as compact JSON text (no spaces), without building the dict tree
+    first: the ``hostagent probe --json`` output."""
+    import json
+
+    doc = _encode(topo)
+    doc["free_cache"] = cache_ways(topo)
+    return json.dumps(doc, default=_encode, separators=(",", ":"), check_circular=False)
