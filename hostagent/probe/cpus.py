@@ -23,6 +23,7 @@ any, else -1.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from hostagent.model import Cpu
@@ -55,15 +56,17 @@ def read_isolated(reader: FileReader, sysfs_root: str) -> set[int]:
     return set(to_cpus(path, text)) if text is not None else set()
 
 
-def _opt_int(reader: FileReader, path: str) -> int | None:
-    text = reader.read_static(path)
+def _opt_int(reader: FileReader, path: str, dfd: int | None, rel: str) -> int | None:
+    text = reader.read_static(path, dfd, rel)
     return None if text is None else to_int(path, text)
 
 
-def _members(reader: FileReader, paths: tuple[str, ...], online: set[int]) -> list[int] | None:
+def _members(
+    reader: FileReader, paths: tuple[str, ...], online: set[int], dfd: int | None, rel: str
+) -> list[int] | None:
     """CPUs of the first list file that exists, restricted to online CPUs."""
     for path in paths:
-        text = reader.read(path)
+        text = reader.read(path, dfd, rel + path.rpartition("/")[2])
         if text is not None:
             return [c for c in to_cpus(path, text) if c in online]
     return None
@@ -79,46 +82,81 @@ def read_cpus(
     """One ``Cpu`` per id in ``all_ids`` (see the module docstring for what is read)."""
     base = cpu_dir(sysfs_root)
     isolated = read_isolated(reader, sysfs_root)
+    out: dict[int, Cpu] = {}
+    dfd = reader.open_dir(base) if online else None  # topology files are opened relative to it
+    try:
+        _online_cpus(reader, base, dfd, online, isolated, cell_of, out)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+    for cpu in all_ids:
+        if cpu not in out:
+            out[cpu] = Cpu(
+                id=cpu,
+                online=False,
+                cell=cell_of.get(cpu, -1),
+                socket=-1,
+                die=-1,
+                cluster=-1,
+                core=-1,
+                siblings=(),
+                isolated=cpu in isolated,
+            )
+    return tuple(out[c] for c in sorted(out))
+
+
+def _online_cpus(
+    reader: FileReader,
+    base: str,
+    dfd: int | None,
+    online: set[int],
+    isolated: set[int],
+    cell_of: Mapping[int, int],
+    out: dict[int, Cpu],
+) -> None:
+    """Fill ``out`` with a ``Cpu`` per online CPU (topology read once per core)."""
     pkg_of: dict[int, int] = {}
     die_of: dict[int, int] = {}
     packages = 0
     die_lists = True  # False once a die_cpus_list turned out missing: don't retry per core
-    out: dict[int, Cpu] = {}
     for cpu in sorted(online):
         if cpu in out:
             continue
         t = f"{base}/cpu{cpu}/topology/"
+        r = f"cpu{cpu}/topology/"
         path = t + "thread_siblings_list"
-        text = reader.read(path)
+        text = reader.read(path, dfd, r + "thread_siblings_list")
         siblings = [c for c in to_cpus(path, text) if c in online] if text is not None else []
         if cpu not in siblings:
             siblings = sorted({*siblings, cpu})
         sib = tuple(siblings)
 
-        core = _opt_int(reader, t + "core_id")
+        core = _opt_int(reader, t + "core_id", dfd, r + "core_id")
         if core is None or core < 0:
             core = sib[0]
-        cluster = _opt_int(reader, t + "cluster_id")
+        cluster = _opt_int(reader, t + "cluster_id", dfd, r + "cluster_id")
         if cluster is None or cluster < 0 or cluster == NO_CLUSTER:
             cluster = -1
 
         socket = pkg_of.get(cpu)
         if socket is None:
-            socket = _opt_int(reader, t + "physical_package_id")
+            socket = _opt_int(reader, t + "physical_package_id", dfd, r + "physical_package_id")
             if socket is None or socket < 0:
                 socket = packages
             packages += 1
             members = _members(
-                reader, (t + "package_cpus_list", t + "core_siblings_list"), online
+                reader, (t + "package_cpus_list", t + "core_siblings_list"), online, dfd, r
             )
             for m in members or sib:
                 pkg_of.setdefault(m, socket)
         die = die_of.get(cpu)
         if die is None:
-            die = _opt_int(reader, t + "die_id")
+            die = _opt_int(reader, t + "die_id", dfd, r + "die_id")
             if die is None or die < 0:
                 die = 0
-            members = _members(reader, (t + "die_cpus_list",), online) if die_lists else None
+            members = None
+            if die_lists:
+                members = _members(reader, (t + "die_cpus_list",), online, dfd, r)
             die_lists = members is not None
             for m in members or sib:
                 die_of.setdefault(m, die)
@@ -136,17 +174,3 @@ def read_cpus(
                     siblings=sib,
                     isolated=s in isolated,
                 )
-    for cpu in all_ids:
-        if cpu not in out:
-            out[cpu] = Cpu(
-                id=cpu,
-                online=False,
-                cell=cell_of.get(cpu, -1),
-                socket=-1,
-                die=-1,
-                cluster=-1,
-                core=-1,
-                siblings=(),
-                isolated=cpu in isolated,
-            )
-    return tuple(out[c] for c in sorted(out))

@@ -51,17 +51,17 @@ class FileReader:
         self.opens = 0
         self.static = static
 
-    def read_static(self, path: str) -> str | None:
+    def read_static(self, path: str, dir_fd: int | None = None, name: str = "") -> str | None:
         """``read`` for a file that does not change while the host runs (see the class)."""
         memo = self.static
         if memo is None:
-            return self.read(path)
+            return self.read(path, dir_fd, name)
         if path in memo:
             text = memo[path]
             if text is not None:
                 self.files[path] = text
             return text
-        text = memo[path] = self.read(path)
+        text = memo[path] = self.read(path, dir_fd, name)
         return text
 
     def read(self, path: str, dir_fd: int | None = None, name: str = "") -> str | None:
