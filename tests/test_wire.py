@@ -236,9 +236,12 @@ def test_decode_cache_never_returns_a_value_the_bytes_do_not_say():
     b = _big_snapshot()
     b["topology"]["cpus"][5]["cell"] = 6
     body = wire.make_body("snapshot", "h1", "ep", 2, 1.0, b)
-    # a hostile sender also claims whatever digest it likes: only the bytes count
+    # a hostile sender also claims in the header that the topology is unchanged (a
+    # digest of the old one): no header field decides the reuse, only the bytes
+    import hashlib
+
     outer = wire.unpack(wire.encode_stream(body)[1])
-    outer["topology_digest"] = cache.parts["topology"][0]
+    outer["topology_digest"] = hashlib.blake2b(cache.parts["topology"][0]).digest()
     got = wire.decode_stream([wire.topic("h1"), wire.pack(outer)], cache=cache)
     assert got["data"] == b and got["data"]["topology"]["cpus"][5]["cell"] == 6
     assert got["data"]["config"] is first["data"]["config"]  # reused
