@@ -34,35 +34,47 @@ _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
 _ABSENT = ()  # memo value: this indexK directory does not exist
 
 
-def _attr(
-    reader: FileReader, dfd: int | None, d: str, r: str, name: str, texts: dict[str, str]
-) -> str | None:
-    text = reader.read(d + name, dfd, r + name)
-    if text is not None:
-        texts[d + name] = text
-    return text
+_ATTRS = ("type", "id", "size", "ways_of_associativity", "coherency_line_size")
+
+
+def _count(path: str, text: str | None) -> int | None:
+    """``to_count`` with the common case inlined: a plain non-negative decimal."""
+    if text is None:
+        return None
+    if text[:1].isdigit():
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    return to_count(path, text)
 
 
 def _geometry(
-    reader: FileReader, dfd: int | None, d: str, r: str, level_text: str
+    reader: FileReader, dfd: int | None, d: str, r: str, level_text: str, keep: bool
 ) -> tuple[Any, ...]:
-    """(level, type, id or None, size, ways, line, {path: text}) of one ``indexK/``."""
-    texts = {d + "level": level_text}
-    level = to_count(d + "level", level_text)
+    """(level, type, id or None, size, ways, line, {path: text} or None) of one ``indexK/``.
+
+    The texts are kept (``keep``) only for a static memo, which replays them into later
+    readers' ``files``.
+    """
+    read = reader.read
+    ttype, tid, tsize, tways, tline = [read(d + n, dfd, r + n) for n in _ATTRS]
+    level = _count(d + "level", level_text)
     ctype = "unified"
-    text = _attr(reader, dfd, d, r, "type", texts)
-    if text is not None:
-        ctype = TYPES.get(text.strip().lower(), "")
+    if ttype is not None:
+        ctype = TYPES.get(ttype.strip().lower(), "")
         if not ctype:
-            raise ProbeError(d + "type", "unknown cache type", text.strip())
-    text = _attr(reader, dfd, d, r, "id", texts)
-    cid = None if text is None else to_count(d + "id", text)
-    text = _attr(reader, dfd, d, r, "size", texts)
-    size = 0 if text is None else to_size(d + "size", text)
-    text = _attr(reader, dfd, d, r, "ways_of_associativity", texts)
-    ways = 0 if text is None else to_count(d + "ways_of_associativity", text)
-    text = _attr(reader, dfd, d, r, "coherency_line_size", texts)
-    line = 0 if text is None else to_count(d + "coherency_line_size", text)
+            raise ProbeError(d + "type", "unknown cache type", ttype.strip())
+    cid = _count(d + "id", tid)
+    size = 0 if tsize is None else to_size(d + "size", tsize)
+    ways = _count(d + "ways_of_associativity", tways) or 0
+    line = _count(d + "coherency_line_size", tline) or 0
+    texts = None
+    if keep:
+        texts = {d + "level": level_text}
+        for n, text in zip(_ATTRS, (ttype, tid, tsize, tways, tline), strict=True):
+            if text is not None:
+                texts[d + n] = text
     return level, ctype, cid, size, ways, line, texts
 
 
@@ -129,7 +141,7 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                     if (k, lowest) in read_first:
                         k += 1
                         continue
-                    geo = _geometry(reader, cpu_fd, d, r, level_text)
+                    geo = _geometry(reader, cpu_fd, d, r, level_text, memo is not None)
                     if memo is not None:
                         memo[d] = geo
                 else:
