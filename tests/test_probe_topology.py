@@ -215,3 +215,58 @@ def test_probe_json_text_is_probe_json(name):
     text = probe_json_text(topo)
     assert json.loads(text) == probe_json(topo)
     assert text == json.dumps(probe_json(topo), separators=(",", ":"))
+
+
+class _MissingLog(FileReader):
+    """A reader that also lists the files it tried that did not exist."""
+
+    __slots__ = ("missing",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missing: list[str] = []
+
+    def read(self, path, dir_fd=None, name=""):
+        text = super().read(path, dir_fd, name)
+        if text is None:
+            self.missing.append(path)
+        return text
+
+
+def test_cache_index_end_tried_once_per_last_shared_cache():
+    """Only the CPU that read a socket's L3 looks for an index after it; every other CPU
+    of the socket shares that L3 and stops there (docs/probe.md, Caches)."""
+    reader = _MissingLog()
+    topo = probe("xeon-2s-cat", reader)
+    tried = sorted(p.split("/devices/system/cpu/", 1)[1] for p in reader.missing
+                   if "/cache/index" in p)
+    assert tried == ["cpu0/cache/index4/level", "cpu12/cache/index4/level"]
+    assert len(caches(topo, 3)) == 2 and len(caches(topo, 1, "data")) == 24
+
+
+def test_cache_index_end_assumption_and_its_limit(tmp_path):
+    """The documented limit: caches beyond a shared cache are assumed shared too. A CPU
+    with an extra index after a cache it shares with a CPU whose list ended there is not
+    read past that cache; a CPU whose last cache is its own is read to its own end."""
+    import shutil
+
+    src = FIXTURES / "vm-1s-nosmt" / "sys"
+    if not src.is_dir():
+        pytest.skip("fixture vm-1s-nosmt not generated")
+    root = tmp_path / "sys"
+    shutil.copytree(src, root, symlinks=True)
+
+    def add_l4(cpu):
+        base = root / f"devices/system/cpu/cpu{cpu}/cache"
+        last = max(int(p.name[5:]) for p in base.glob("index*"))
+        extra = base / f"index{last + 1}"
+        shutil.copytree(base / f"index{last}", extra)
+        (extra / "level").write_text("4\n")
+        (extra / "shared_cpu_list").write_text(f"{cpu}\n")
+        (extra / "id").write_text(f"{cpu}\n")
+
+    add_l4(1)  # cpu1's last cache (L3) is cpu0's, and cpu0 has no L4: not looked for
+    assert [c for c in probe_host(root, None).caches if c.level == 4] == []
+    add_l4(0)  # cpu0 reads its own L4, so cpu1 goes on past the shared L3 and finds its own
+    l4 = [(c.id, c.cpus) for c in probe_host(root, None).caches if c.level == 4]
+    assert l4 == [(0, (0,)), (1, (1,))]
