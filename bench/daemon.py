@@ -130,8 +130,8 @@ def latency(agent: Agent, host: str, xml: str, events: int, gap: float,
             split: list[float] | None = None) -> list[float]:
     """ms per event: start/destroy the domain in ``xml`` until a subscriber sees it.
     ``split`` receives, per event, the ms until the agent stamped the snapshot
-    (request, libvirt event, domain read, tracker); the rest is packing, compression,
-    ZeroMQ and the subscriber's decode."""
+    (request, libvirt event, domain read, tracker, packing the usage); the rest is
+    packing the header, compression, ZeroMQ and the subscriber's decode."""
     ctx = zmq.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.linger = 0
@@ -324,9 +324,9 @@ def main() -> int:
     rows.append((f"event → subscriber, big, p50 / p99 ({len(lat_big)} events)",
                  f"{pct(lat_big, 50):.2f} / {pct(lat_big, 99):.2f} ms",
                  f"{peer_ms:.0f} ms per fresh view", "p99 < 10 ms"))
-    rows.append(("  of which agent: request → snapshot built",
+    rows.append(("  of which agent: request → snapshot built, usage packed",
                  f"{pct(split, 50):.2f} / {pct(split, 99):.2f} ms", "", ""))
-    rows.append(("  of which pack+zlib, ZeroMQ, subscriber decode",
+    rows.append(("  of which zlib, ZeroMQ, subscriber decode",
                  f"{pct(rest, 50):.2f} / {pct(rest, 99):.2f} ms", "", ""))
     rows.append(("snapshot size, big (wire: msgpack+zlib)", f"{wire_bytes / 1024:.1f} KiB",
                  f"{peer_json / 1024:.0f} KiB JSON", "< 64 KiB"))
