@@ -184,7 +184,8 @@ class _Base:
         self.max_bytes = max_message_bytes
         self.request_timeout = request_timeout
         self.state = SubscriberState(dead_after=dead_after)
-        #: per host: the last snapshot's decoded topology/config, reused while unchanged
+        #: per host: the last snapshot's topology/config and usage list elements, reused
+        #: while their bytes are unchanged (wire.DecodeCache)
         self._decode_caches: dict[str, wire.DecodeCache] = {}
 
     @property
@@ -217,7 +218,7 @@ class _Base:
         except wire.WireError:
             self.state.stats["bad_messages"] += 1
             return None
-        if cache is not None and cache.parts:
+        if cache is not None and (cache.parts or cache.elements):
             self._decode_caches.setdefault(body["host"], cache)
         return self.state.feed(body, now, index)
 
