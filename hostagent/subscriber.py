@@ -235,6 +235,29 @@ class _Base:
         self.state.stats["fetches"] += 1
         return self.state.feed(body, time.monotonic(), index)
 
+    def _open(self, zmq: Any, ctx: Any, poller: Any, curve: ClientCurve | None,
+              max_message_bytes: int, rcvhwm: int) -> None:
+        """One SUB socket per source, all registered with ``poller`` (sync or asyncio)."""
+        self._zmq = zmq
+        self.ctx = ctx
+        self.poller = poller
+        self.socks = []
+        for src in self.sources:
+            s = ctx.socket(zmq.SUB)
+            _setup_sub(s, zmq, src, self.topics, max_message_bytes, curve, rcvhwm)
+            self.socks.append(s)
+            poller.register(s, zmq.POLLIN)
+
+    def _expire_and_wait(self, deadline: float | None) -> tuple[list[Update], float | None]:
+        """Liveness updates due now, and how long the next poll may wait (seconds or None)."""
+        now = time.monotonic()
+        out = self.state.expire(now)
+        wait = self.state.next_expiry(now)
+        if deadline is not None:
+            left = max(0.0, deadline - now)
+            wait = left if wait is None else min(wait, left)
+        return out, wait
+
 
 class Subscriber(_Base):
     """Blocking subscriber (one SUB socket per source, all polled together)."""
@@ -248,27 +271,15 @@ class Subscriber(_Base):
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout)
-        self._zmq = zmq
-        self.ctx = ctx or zmq.Context.instance()
-        self.poller = zmq.Poller()
-        self.socks = []
-        for src in self.sources:
-            s = self.ctx.socket(zmq.SUB)
-            _setup_sub(s, zmq, src, self.topics, max_message_bytes, curve, rcvhwm)
-            self.socks.append(s)
-            self.poller.register(s, zmq.POLLIN)
+        self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), curve,
+                   max_message_bytes, rcvhwm)
 
     def poll(self, timeout: float | None = None) -> list[Update]:
         """Wait up to ``timeout`` seconds (``None``: forever) for updates."""
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            now = time.monotonic()
-            out = self.state.expire(now)
-            wait = self.state.next_expiry(now)
-            if deadline is not None:
-                left = max(0.0, deadline - now)
-                wait = left if wait is None else min(wait, left)
+            out, wait = self._expire_and_wait(deadline)
             events = dict(self.poller.poll(None if wait is None else wait * 1000 + 1))
             for i, s in enumerate(self.socks):
                 if s not in events:
@@ -345,26 +356,14 @@ class AsyncSubscriber(_Base):
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout)
-        self._zmq = zmq
-        self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.poller = zmq.asyncio.Poller()
-        self.socks = []
-        for src in self.sources:
-            s = self.ctx.socket(zmq.SUB)
-            _setup_sub(s, zmq, src, self.topics, max_message_bytes, curve, rcvhwm)
-            self.socks.append(s)
-            self.poller.register(s, zmq.POLLIN)
+        self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(), curve,
+                   max_message_bytes, rcvhwm)
 
     async def poll(self, timeout: float | None = None) -> list[Update]:
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            now = time.monotonic()
-            out = self.state.expire(now)
-            wait = self.state.next_expiry(now)
-            if deadline is not None:
-                left = max(0.0, deadline - now)
-                wait = left if wait is None else min(wait, left)
+            out, wait = self._expire_and_wait(deadline)
             events = dict(await self.poller.poll(None if wait is None else wait * 1000 + 1))
             for i, s in enumerate(self.socks):
                 if s not in events:
