@@ -48,7 +48,7 @@ from typing import Any
 from hostagent import __version__
 from hostagent.config import Config, load_config, resolve_resources
 from hostagent.errors import ConfigError, HostagentError, ProbeError
-from hostagent.model import HostTopology, topology_to_dict
+from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
 
 log = logging.getLogger("hostagent")
@@ -122,10 +122,10 @@ def read_hugepages(sysfs_root: str, topo: HostTopology) -> HostTopology:
         d = f"{node_dir}/node{cell.id}/hugepages" if per_node else f"{root}/kernel/mm/hugepages"
         pools = read_pools(reader, d)
         same = pools == cell.hugepages
-        cells.append(cell if same else dataclasses.replace(cell, hugepages=pools))
+        cells.append(cell if same else replace(cell, hugepages=pools))
     if all(a is b for a, b in zip(cells, topo.cells, strict=True)):
         return topo
-    return dataclasses.replace(topo, cells=tuple(cells))
+    return replace(topo, cells=tuple(cells))
 
 
 # --- configuration reload --------------------------------------------------------------

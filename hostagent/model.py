@@ -1,31 +1,41 @@
-"""The host model: frozen dataclasses for what the probe finds, and their schema-v1 dicts.
+"""The host model: immutable records for what the probe finds, and their schema-v1 dicts.
 
 Field names are the snapshot schema's keys (docs/schema.md, design §4.2), so
 ``topology_to_dict`` is a thin walk and ``topology_from_dict`` its exact inverse: a
 scheduler holding a snapshot can rebuild the same ``HostTopology`` the agent used.
 The dict form uses string map keys (``distances: {"1": 21}``, ``schemata: {"L3":
-{"0": "ff"}}``) so JSON and msgpack carry the same document; the dataclasses use ints.
+{"0": "ff"}}``) so JSON and msgpack carry the same document; the records use ints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import FrozenInstanceError, dataclass, field, fields
 from operator import attrgetter
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _M = TypeVar("_M")
+
+
+class FrozenError(AttributeError):
+    """Raised on assigning to or deleting a field of a model object (they are immutable)."""
 
 
 def _frozen(cls: type) -> type:
-    """``@dataclass(frozen=True)`` without its start-up cost.
+    """Make ``cls`` an immutable record of the fields annotated in its body, in order.
 
-    ``dataclass(frozen=True)`` compiles six methods per class from source at import, which
-    made this module the slowest import of ``hostagent probe``. Here each class writes its
-    own ``__init__`` (in the class body, so it is in the bytecode cache) and this adds the
-    same ``__repr__``, ``__eq__``, ``__hash__`` and frozen ``__setattr__``/``__delattr__`` as
-    closures. The classes are still dataclasses (``fields``, ``replace``, ``asdict`` work).
+    What ``@dataclass(frozen=True)`` would give, without importing ``dataclasses`` (which
+    pulls in ``inspect`` and compiles methods from source at import: together the slowest
+    part of ``hostagent probe``'s start-up). Each class writes its own ``__init__``; this
+    adds ``_fields`` (the field names), ``__repr__``, ``__eq__``, ``__hash__`` and a
+    ``__setattr__``/``__delattr__`` that refuse changes. ``replace`` makes a changed copy.
+
+    An instance's ``__dict__`` holds exactly its fields, in field order (each ``__init__``
+    sets them in that order and nothing else can): ``probe --json`` writes it as is.
     """
-    cls = dataclass(init=False, repr=False, eq=False)(cls)
-    names = tuple(f.name for f in fields(cls))
+    names = tuple(cls.__annotations__)  # own annotations, in order (no inheritance here)
     values = attrgetter(*names)
     qualname = cls.__qualname__
 
@@ -42,19 +52,26 @@ def _frozen(cls: type) -> type:
         return hash(values(self))
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
-        if type(self) is cls or name in names:
-            raise FrozenInstanceError(f"cannot assign to field {name!r}")
-        super(cls, self).__setattr__(name, value)
+        raise FrozenError(f"cannot assign to field {name!r} of {qualname}")
 
     def __delattr__(self: Any, name: str) -> None:
-        if type(self) is cls or name in names:
-            raise FrozenInstanceError(f"cannot delete field {name!r}")
-        super(cls, self).__delattr__(name)
+        raise FrozenError(f"cannot delete field {name!r} of {qualname}")
 
     for fn in (__repr__, __eq__, __hash__, __setattr__, __delattr__):
         fn.__qualname__ = f"{qualname}.{fn.__name__}"
         setattr(cls, fn.__name__, fn)
+    cls._fields = names
+    cls.__match_args__ = names
     return cls
+
+
+def replace(obj: _M, **changes: Any) -> _M:
+    """A copy of model object ``obj`` with the given fields changed (``dataclasses.replace``)."""
+    names = obj._fields  # type: ignore[attr-defined]
+    unknown = set(changes).difference(names)
+    if unknown:
+        raise TypeError(f"{obj.__class__.__qualname__} has no field {sorted(unknown)[0]!r}")
+    return obj.__class__(**{n: changes[n] if n in changes else getattr(obj, n) for n in names})
 
 
 @_frozen
@@ -340,7 +357,7 @@ class HostTopology:
     cpus: tuple[Cpu, ...]
     caches: tuple[Cache, ...]
     resctrl: Resctrl | None
-    pci: tuple[PciDevice, ...] = field(default=())
+    pci: tuple[PciDevice, ...] = ()
 
     def __init__(
         self,
@@ -371,11 +388,9 @@ _RENAMES = {"class_": "class"}
 
 
 def _to_plain(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return {
-            _RENAMES.get(f.name, f.name): _to_plain(getattr(value, f.name))
-            for f in fields(value)
-        }
+    names = getattr(value.__class__, "_fields", None)
+    if names is not None:
+        return {_RENAMES.get(n, n): _to_plain(getattr(value, n)) for n in names}
     if isinstance(value, Mapping):
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, tuple | list):

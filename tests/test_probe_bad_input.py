@@ -275,3 +275,33 @@ def test_file_that_cannot_be_opened(vm, capsys, monkeypatch):
     finally:
         sock.close()
     assert "cannot open" in msg
+
+
+@pytest.mark.parametrize("name", ["level", "shared_cpu_list", "type", "size"])
+def test_cache_file_that_is_a_directory(vm, capsys, name):
+    """Cache files are read several per call (``FileReader.read_many``): errors still
+    name the one file."""
+    path = vm / CPU / f"cpu0/cache/index1/{name}"
+    path.unlink()
+    path.mkdir()
+    assert "is a directory" in expect_error(capsys, vm, path, None)
+
+
+def test_cache_file_that_cannot_be_opened(vm, capsys, monkeypatch):
+    import socket
+
+    path = vm / CPU / "cpu0/cache/index2/ways_of_associativity"
+    path.unlink()
+    monkeypatch.chdir(path.parent)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(path.name)
+        assert "cannot open" in expect_error(capsys, vm, path, None)
+    finally:
+        sock.close()
+
+
+def test_cache_file_that_is_not_text(vm, capsys):
+    path = vm / CPU / "cpu0/cache/index0/coherency_line_size"
+    path.write_bytes(b"\xff\xfe64\n")
+    assert "is not text" in expect_error(capsys, vm, path, b"\xff\xfe64\n")

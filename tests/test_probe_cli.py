@@ -83,9 +83,28 @@ def test_probe_path_imports_no_heavy_libraries():
         "from hostagent.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    rc = main(['probe', '--json', '--sysfs-root', {str(root)!r}])\n"
-        "heavy = {'libvirt', 'zmq', 'psutil', 'pyudev', 'msgpack'}\n"
+        "heavy = {'libvirt', 'zmq', 'psutil', 'pyudev', 'msgpack',\n"
+        "         'dataclasses', 'inspect', 'typing', 'shutil'}  # start-up: docs/probe.md\n"
         "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "0 []"
+
+
+def test_in_process_probe_leaves_the_garbage_collector_as_it_was(capsys):
+    """The probe command pauses the cyclic collector while it runs (``hostagent probe`` as
+    a program also freezes what is left at exit); called as a function it restores it."""
+    import gc
+
+    root = root_of("vm-1s-nosmt")
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    assert run_cli(capsys, "probe", "--sysfs-root", str(root))[0] == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()
+    try:
+        assert run_cli(capsys, "probe", "--sysfs-root", str(root), "--json")[0] == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

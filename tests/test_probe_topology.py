@@ -215,6 +215,8 @@ def test_probe_json_text_is_probe_json(name):
     text = probe_json_text(topo)
     assert json.loads(text) == probe_json(topo)
     assert text == json.dumps(probe_json(topo), separators=(",", ":"))
+    assert "free_cache" not in vars(topo)  # records were handed out, not changed
+    assert probe_json_text(topo) == text
 
 
 class _MissingLog(FileReader):
@@ -232,6 +234,11 @@ class _MissingLog(FileReader):
             self.missing.append(path)
         return text
 
+    def read_many(self, d, names, dir_fd=None, rel=""):
+        texts = super().read_many(d, names, dir_fd, rel)
+        self.missing += [d + n for n, t in zip(names, texts, strict=True) if t is None]
+        return texts
+
 
 def test_cache_index_end_tried_once_per_last_shared_cache():
     """Only the CPU that read a socket's L3 looks for an index after it; every other CPU
@@ -239,7 +246,7 @@ def test_cache_index_end_tried_once_per_last_shared_cache():
     reader = _MissingLog()
     topo = probe("xeon-2s-cat", reader)
     tried = sorted(p.split("/devices/system/cpu/", 1)[1] for p in reader.missing
-                   if "/cache/index" in p)
+                   if "/cache/index" in p and p.endswith("/level"))
     assert tried == ["cpu0/cache/index4/level", "cpu12/cache/index4/level"]
     assert len(caches(topo, 3)) == 2 and len(caches(topo, 1, "data")) == 24
 

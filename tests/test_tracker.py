@@ -189,7 +189,7 @@ def test_memory_beyond_the_cell_is_a_conflict(xeon):
 
 
 def test_default_hugepage_size_rule(xeon, large):
-    from dataclasses import replace
+    from hostagent.model import replace
 
     assert default_hugepage_kib(xeon) == 2048
     assert default_hugepage_kib(probe_fixture("no-node-dir")) is None
@@ -364,7 +364,7 @@ def test_cachetune_without_group_is_a_conflict(xeon, large):
 
 
 def test_unprivileged_group_names_match_by_pattern(xeon):
-    from dataclasses import replace
+    from hostagent.model import replace
 
     rc = xeon.resctrl
     assert rc is not None

@@ -46,6 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import gc
+
+    # one short pass that builds thousands of objects, none in a cycle: collecting
+    # garbage while it runs only costs time (about 2 ms on a 448-thread host)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run(args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _run(args: argparse.Namespace) -> int:
     import sys
 
     from hostagent.probe.host import probe_host

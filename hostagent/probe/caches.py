@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
 
 from hostagent.errors import ProbeError
 from hostagent.model import Cache
 from hostagent.probe.reader import FileReader, first_cpu, to_count, to_cpus, to_size
+
+TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
+if TYPE_CHECKING:
+    from typing import Any
 
 TYPES = {"data": "data", "instruction": "instruction", "unified": "unified"}
 _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
 _ABSENT = ()  # memo value: this indexK directory does not exist
 
 
+_IDENTITY = ("level", "shared_cpu_list")
 _ATTRS = ("type", "id", "size", "ways_of_associativity", "coherency_line_size")
 
 
@@ -57,8 +61,7 @@ def _geometry(
     The texts are kept (``keep``) only for a static memo, which replays them into later
     readers' ``files``.
     """
-    read = reader.read
-    ttype, tid, tsize, tways, tline = [read(d + n, dfd, r + n) for n in _ATTRS]
+    ttype, tid, tsize, tways, tline = reader.read_many(d, _ATTRS, dfd, r)
     level = _count(d + "level", level_text)
     ctype = "unified"
     if ttype is not None:
@@ -131,12 +134,11 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                     break
                 if geo is None:
                     r = f"{rel}{k}/"
-                    level_text = reader.read(d + "level", cpu_fd, r + "level")
+                    level_text, text = reader.read_many(d, _IDENTITY, cpu_fd, r)
                     if level_text is None:
                         if memo is not None:
                             memo[d] = _ABSENT
                         break
-                    text = reader.read(d + "shared_cpu_list", cpu_fd, r + "shared_cpu_list")
                     lowest, shared = _sharing(d, text, cpu, online)
                     if (k, lowest) in read_first:
                         k += 1

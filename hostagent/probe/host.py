@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
-from typing import TYPE_CHECKING, Any
 
 from hostagent.cbm import cache_ways
 from hostagent.errors import ProbeError
@@ -24,8 +22,10 @@ from hostagent.probe.pci import read_pci
 from hostagent.probe.reader import FileReader
 from hostagent.probe.resctrl import read_resctrl
 
+TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
 __all__ = ["FileReader", "probe_host", "probe_json", "probe_json_text", "read_resctrl"]
 
@@ -93,9 +93,10 @@ def _plain(value: Any) -> Any:
     if names is None:
         if isinstance(value, Mapping):
             return {str(k): _plain(v) for k, v in value.items()}
-        if not is_dataclass(value):
+        fields = getattr(cls, "_fields", None)
+        if fields is None:
             return value
-        names = _FIELDS[cls] = tuple((f.name, _RENAMES.get(f.name, f.name)) for f in fields(cls))
+        names = _FIELDS[cls] = tuple((n, _RENAMES.get(n, n)) for n in fields)
     return {key: _plain(getattr(value, name)) for name, key in names}
 
 
@@ -110,17 +111,28 @@ def _encode(value: Any) -> Any:
     """``json.dumps`` ``default`` hook: a model object as its schema dict, one level deep.
 
     Its fields are handed back as they are; the C encoder writes tuples as arrays and int
-    map keys as strings, which is what ``_plain`` produces.
+    map keys as strings, which is what ``_plain`` produces. A record whose field names are
+    the schema's keys is handed over as its own ``__dict__`` (which holds exactly its
+    fields, in order: ``hostagent.model``), so nothing is copied: callers must not change
+    the result.
     """
     cls = value.__class__
     names = _FIELDS.get(cls)
     if names is None:
         if isinstance(value, Mapping):
             return dict(value)
-        if not is_dataclass(value):
+        fields = getattr(cls, "_fields", None)
+        if fields is None:
             raise TypeError(f"{cls.__name__} is not JSON serializable")
-        names = _FIELDS[cls] = tuple((f.name, _RENAMES.get(f.name, f.name)) for f in fields(cls))
+        names = _FIELDS[cls] = tuple((n, _RENAMES.get(n, n)) for n in fields)
+        if all(n == key for n, key in names):
+            _AS_DICT.add(cls)
+    if cls in _AS_DICT:
+        return value.__dict__
     return {key: getattr(value, name) for name, key in names}
+
+
+_AS_DICT: set[type] = set()  # records whose ``__dict__`` is their schema dict
 
 
 def probe_json_text(topo: HostTopology) -> str:
@@ -128,6 +140,6 @@ def probe_json_text(topo: HostTopology) -> str:
     first: the ``hostagent probe --json`` output."""
     import json
 
-    doc = _encode(topo)
+    doc = dict(_encode(topo))
     doc["free_cache"] = cache_ways(topo)
     return json.dumps(doc, default=_encode, separators=(",", ":"), check_circular=False)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from hostagent.cpulist import parse_cpulist
 from hostagent.errors import ProbeError
+
+TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
+if TYPE_CHECKING:
+    from typing import Any
 
 _BIG = 4096  # kernfs attributes are at most a page; a read this long may be a seq_file
 _MISSING = (FileNotFoundError, NotADirectoryError)
@@ -95,6 +98,49 @@ class FileReader:
         except UnicodeDecodeError:
             raise ProbeError(path, "is not text", data[:40]) from None
         return text
+
+    def read_many(
+        self, d: str, names: tuple[str, ...], dir_fd: int | None = None, rel: str = ""
+    ) -> list[str | None]:
+        """``[read(d + n, dir_fd, rel + n) for n in names]`` in one tight loop.
+
+        The cache probe reads five or seven files per cache directory, thousands on a big
+        host; one call per directory instead of one per file takes about a third off the
+        Python side of it. Errors are ``read``'s: a file that cannot be read or decoded
+        raises ``ProbeError`` naming it (and the later names are not read).
+        """
+        out: list[str | None] = []
+        files = self.files
+        self.opens += len(names)
+        for n in names:
+            try:
+                fd = _open(d + n, _RDONLY) if dir_fd is None else _open(
+                    rel + n, _RDONLY, dir_fd=dir_fd)
+            except _MISSING:
+                out.append(None)
+                continue
+            except OSError:
+                fd = -1
+            data = None
+            if fd >= 0:
+                try:
+                    data = _read(fd, _BIG)
+                except OSError:
+                    pass
+                finally:
+                    _close(fd)
+            if data is None or len(data) >= _BIG:
+                # cannot open or read it, or a long file: ``read`` again, which raises the
+                # error naming the file or reads it all
+                self.opens -= 1
+                out.append(self.read(d + n, dir_fd, rel + n))
+                continue
+            try:
+                text = files[d + n] = data.decode()
+            except UnicodeDecodeError:
+                raise ProbeError(d + n, "is not text", data[:40]) from None
+            out.append(text)
+        return out
 
     def open_dir(self, path: str) -> int | None:
         """A descriptor of directory ``path`` for ``read(..., dir_fd=)``; ``None`` if missing.
