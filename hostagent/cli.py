@@ -4,19 +4,25 @@ Each command module defines ``register(subparsers)``, which adds its parser and 
 ``func`` (a callable taking the parsed args and returning an exit code). Modules import
 their heavy dependencies inside ``func`` so that ``hostagent --help`` stays fast.
 Every ``HostagentError`` is printed as ``hostagent: <message>`` with exit code 2.
+
+Only the named command's module is imported. A command with an option table
+(``QUICK_OPTIONS``, ``hostagent.commands.options``) whose command line is a plain one is
+run without argparse; every other line goes through the argparse parser of
+``hostagent.cli_parser``.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
-import os
 import sys
-from collections.abc import Sequence
 
-from hostagent import __version__
 from hostagent.errors import HostagentError
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 COMMANDS = (
     "probe",
@@ -29,65 +35,6 @@ COMMANDS = (
     "fit",
     "keys",
 )
-
-
-def terminal_columns() -> int:
-    """Columns for help text: ``$COLUMNS``, else stdout's terminal width, else 80 (the rule
-    of ``shutil.get_terminal_size``, without importing ``shutil`` and what it loads)."""
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
-    except (AttributeError, ValueError, OSError):
-        return 80
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, told the width instead of asking ``shutil`` for it.
-
-    argparse builds a formatter for every ``add_argument``; the stock one imports
-    ``shutil`` (and with it bz2, lzma, fnmatch) on the first, about 2 ms of every run.
-    """
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        if width is None:
-            width = max(terminal_columns() - 2, 20)
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with ``HelpFormatter`` as the default formatter; the
-    sub-command parsers are of this class too."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser, or (``only``) one with just that command's module imported.
-
-    Importing one command module instead of all of them keeps start-up short for the
-    commands that run often (``probe``, ``snapshot``): they never load zmq or libvirt.
-    """
-    parser = ArgumentParser(
-        prog="hostagent",
-        description="Per-host NUMA, thread, hugepage and cache-way tracker for KVM hosts.",
-    )
-    parser.add_argument("--version", action="version", version=f"hostagent {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in (only,) if only else COMMANDS:
-        try:
-            module = importlib.import_module(f"hostagent.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"hostagent.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,11 +55,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     only = argv[0] if argv and argv[0] in COMMANDS else None
-    parser = build_parser(only)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    args = _quick_args(only, argv[1:]) if only else None
+    if args is None:
+        from hostagent.cli_parser import build_parser
+
+        parser = build_parser(only)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+    return run_command(args)
+
+
+def _quick_args(command: str, argv: list[str]) -> Any:
+    """The parsed arguments of a command with an option table (``QUICK_OPTIONS``, see
+    ``hostagent.commands.options``) when its line needs no argparse; else ``None``."""
+    module = importlib.import_module(f"hostagent.commands.{command}")
+    options = getattr(module, "QUICK_OPTIONS", None)
+    if options is None:
+        return None
+    from hostagent.commands.options import quick_parse
+
+    values = quick_parse(argv, options)
+    if values is None:
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command=command, func=module.run, **values)
+
+
+def run_command(args: Any) -> int:
+    """Call ``args.func(args)``; a ``HostagentError`` is one ``hostagent: ...`` line on
+    stderr and exit code 2."""
     try:
         return int(args.func(args) or 0)
     except HostagentError as exc:

@@ -9,18 +9,28 @@ or psutil on this path.
 
 from __future__ import annotations
 
-import argparse
+from hostagent.commands.options import Option, add_options
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    import argparse
+
+ROOT_OPTIONS = (
+    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
+    Option(
+        "--resctrl-root",
+        "D",
+        "resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
+    ),
+)
+QUICK_OPTIONS = (
+    *ROOT_OPTIONS,
+    Option("--json", None, "print the schema-v1 topology plus free_cache"),
+)
 
 
 def add_root_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sysfs-root", metavar="D", help="sysfs tree to read (default /sys)"
-    )
-    parser.add_argument(
-        "--resctrl-root",
-        metavar="D",
-        help="resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
-    )
+    add_options(parser, ROOT_OPTIONS)
 
 
 def roots(args: argparse.Namespace) -> tuple[str, str]:
@@ -38,10 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="show this host's NUMA cells, cores, caches, hugepages, resctrl and PCI",
         description="Read the host topology from sysfs and resctrl and print it.",
     )
-    add_root_options(p)
-    p.add_argument(
-        "--json", action="store_true", help="print the schema-v1 topology plus free_cache"
-    )
+    add_options(p, QUICK_OPTIONS)
     p.set_defaults(func=run)
 
 

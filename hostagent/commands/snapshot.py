@@ -10,10 +10,24 @@ A bad config, an unreadable tree or an unreachable libvirt URI is one
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
+from hostagent.commands.options import Option, add_options
 from hostagent.cpulist import format_cpulist
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
+QUICK_OPTIONS = (
+    Option("--config", "F", "config file (default: built-in defaults)"),
+    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
+    Option("--resctrl-root", "D",
+           "resctrl mount (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)"),
+    Option("--libvirt", "URI", "libvirt URI (default from the config, qemu:///system)"),
+    Option("--host", "NAME", "host name to publish (default: config, else the hostname)"),
+    Option("--json", None, "print the whole snapshot as JSON"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,15 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Probe the host, read the guests from libvirt once, and print the "
         "schema-v1 snapshot (a readable summary, or --json).",
     )
-    p.add_argument("--config", metavar="F", help="config file (default: built-in defaults)")
-    p.add_argument("--sysfs-root", metavar="D", help="sysfs tree to read (default /sys)")
-    p.add_argument("--resctrl-root", metavar="D",
-                   help="resctrl mount (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)")
-    p.add_argument("--libvirt", metavar="URI", help="libvirt URI (default from the config, "
-                   "qemu:///system)")
-    p.add_argument("--host", metavar="NAME", help="host name to publish (default: config, "
-                   "else the hostname)")
-    p.add_argument("--json", action="store_true", help="print the whole snapshot as JSON")
+    add_options(p, QUICK_OPTIONS)
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,78 @@
+"""Option tables: the options of a command declared once, for argparse and a quick parser.
+
+A command whose options are all ``--name VALUE`` or ``--flag`` (``probe``, ``snapshot``)
+lists them as ``QUICK_OPTIONS``, a tuple of ``Option``. ``add_options`` adds them to the
+command's argparse parser, which gives ``--help``, the usage line and the error messages.
+``quick_parse`` reads an ordinary command line against the same table without importing
+argparse: for ``hostagent probe --json`` on a big host that is about 5 of its ~45 ms
+(argparse, the ``gettext`` and ``locale`` modules it loads, and building the parser).
+
+The quick parser only answers when the line is one it reads exactly as argparse would:
+known long options, each given in full, values after a space or ``=``. For anything
+else — ``-h``/``--help``, an unknown or abbreviated option, a value starting with ``-``
+after a space, a missing value, a positional argument, ``--`` — it returns ``None`` and the
+caller lets argparse parse the line with its own rules and messages. The tests check that
+the two give the same values on a table of command lines.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+
+class Option:
+    """``--name METAVAR`` (a string value, default ``None``) or, with ``metavar=None``, a
+    ``--flag`` (``True`` when given, default ``False``)."""
+
+    __slots__ = ("flag", "metavar", "help", "dest")
+
+    def __init__(self, flag: str, metavar: str | None, help: str) -> None:
+        if not flag.startswith("--") or len(flag) < 3 or "=" in flag:
+            raise ValueError(f"option {flag!r}: expected a long option such as --name")
+        self.flag = flag
+        self.metavar = metavar
+        self.help = help
+        self.dest = flag[2:].replace("-", "_")
+
+    def __repr__(self) -> str:
+        return f"Option({self.flag!r}, {self.metavar!r})"
+
+
+def add_options(parser: Any, options: Sequence[Option]) -> None:
+    """Add ``options`` to an ``argparse.ArgumentParser``."""
+    for opt in options:
+        if opt.metavar is None:
+            parser.add_argument(opt.flag, action="store_true", help=opt.help)
+        else:
+            parser.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
+
+
+def quick_parse(argv: Sequence[str], options: Sequence[Option]) -> dict[str, Any] | None:
+    """``{dest: value}`` for every option (defaults filled in), or ``None`` when the line
+    is not one this parser reads exactly as argparse would (see the module docstring)."""
+    by_flag = {opt.flag: opt for opt in options}
+    values: dict[str, Any] = {
+        opt.dest: (False if opt.metavar is None else None) for opt in options
+    }
+    i, n = 0, len(argv)
+    while i < n:
+        name, eq, value = argv[i].partition("=")
+        opt = by_flag.get(name)
+        if opt is None:
+            return None
+        if opt.metavar is None:
+            if eq:
+                return None  # argparse: "ignored explicit argument"
+            values[opt.dest] = True
+        elif eq:
+            values[opt.dest] = value
+        else:
+            i += 1
+            if i == n or argv[i].startswith("-"):
+                return None  # missing value, or argparse's own rules for "-..." values
+            values[opt.dest] = argv[i]
+        i += 1
+    return values
