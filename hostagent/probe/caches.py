@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 TYPES = {"data": "data", "instruction": "instruction", "unified": "unified"}
+# the kernel's exact file texts ("Data\n"), parsed without strip() and lower()
+_TYPE_TEXTS = {f"{t.capitalize()}\n": t for t in TYPES}
 _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
 _ABSENT = ()  # memo value: this indexK directory does not exist
 
@@ -53,25 +55,41 @@ def _count(path: str, text: str | None) -> int | None:
     return to_count(path, text)
 
 
+_KIB_SUFFIX = "K\n"
+
+
 def _geometry(
     reader: FileReader, dfd: int | None, d: str, r: str, level_text: str, keep: bool
 ) -> tuple[Any, ...]:
     """(level, type, id or None, size, ways, line, {path: text} or None) of one ``indexK/``.
 
     The texts are kept (``keep``) only for a static memo, which replays them into later
-    readers' ``files``.
+    readers' ``files``. The common texts (decimal counts, ``"<n>K"`` sizes, lowercase
+    types) are parsed inline; anything else goes through the checking parsers, which name
+    the file in their errors.
     """
     ttype, tid, tsize, tways, tline = reader.read_many(d, _ATTRS, dfd, r)
-    level = _count(d + "level", level_text)
-    ctype = "unified"
-    if ttype is not None:
-        ctype = TYPES.get(ttype.strip().lower(), "")
+    try:
+        level = int(level_text)
+        cid = None if tid is None else int(tid)
+        ways = 0 if tways is None else int(tways)
+        line = 0 if tline is None else int(tline)
+        if level < 0 or ways < 0 or line < 0 or (cid is not None and cid < 0):
+            raise ValueError
+    except ValueError:
+        level = _count(d + "level", level_text)
+        cid = _count(d + "id", tid)
+        ways = _count(d + "ways_of_associativity", tways) or 0
+        line = _count(d + "coherency_line_size", tline) or 0
+    ctype = "unified" if ttype is None else _TYPE_TEXTS.get(ttype)
+    if ctype is None:
+        ctype = TYPES.get(ttype.strip().lower(), "")  # type: ignore[union-attr]
         if not ctype:
-            raise ProbeError(d + "type", "unknown cache type", ttype.strip())
-    cid = _count(d + "id", tid)
-    size = 0 if tsize is None else to_size(d + "size", tsize)
-    ways = _count(d + "ways_of_associativity", tways) or 0
-    line = _count(d + "coherency_line_size", tline) or 0
+            raise ProbeError(d + "type", "unknown cache type", ttype.strip())  # type: ignore[union-attr]
+    if tsize is not None and tsize.endswith(_KIB_SUFFIX) and tsize[:-2].isdigit():
+        size = int(tsize[:-2]) << 10
+    else:
+        size = 0 if tsize is None else to_size(d + "size", tsize)
     texts = None
     if keep:
         texts = {d + "level": level_text}
@@ -82,12 +100,12 @@ def _geometry(
 
 
 def _sharing(d: str, text: str | None, cpu: int, online: set[int]) -> tuple[int, tuple[int, ...]]:
-    """(lowest CPU of ``shared_cpu_list`` as written, its online CPUs) for ``cpu``'s cache."""
+    """(lowest CPU of ``shared_cpu_list``, offline ones too; its online CPUs) of a cache."""
     if text is None:
         return cpu, (cpu,)
     path = d + "shared_cpu_list"
-    lowest = first_cpu(path, text)
     shared = to_cpus(path, text)
+    lowest = shared[0] if shared else first_cpu(path, text)  # empty: raises, naming it
     if not online.issuperset(shared):
         shared = tuple(c for c in shared if c in online)
     return lowest, shared or (cpu,)

@@ -31,6 +31,7 @@ from hostagent.probe.reader import FileReader, numbered, to_cpus, to_int
 
 IS_CPU = numbered("cpu")
 NO_CLUSTER = 65535
+_CORE_FILES = ("thread_siblings_list", "core_id", "cluster_id")  # read once per core
 
 
 def cpu_dir(sysfs_root: str) -> str:
@@ -125,16 +126,21 @@ def _online_cpus(
         t = f"{base}/cpu{cpu}/topology/"
         r = f"cpu{cpu}/topology/"
         path = t + "thread_siblings_list"
-        text = reader.read(path, dfd, r + "thread_siblings_list")
+        if reader.static is None:
+            text, core_text, cluster_text = reader.read_many(t, _CORE_FILES, dfd, r)
+        else:  # the ids are static: taken from the memo when it has them
+            text = reader.read(path, dfd, r + "thread_siblings_list")
+            core_text = reader.read_static(t + "core_id", dfd, r + "core_id")
+            cluster_text = reader.read_static(t + "cluster_id", dfd, r + "cluster_id")
         siblings = [c for c in to_cpus(path, text) if c in online] if text is not None else []
         if cpu not in siblings:
             siblings = sorted({*siblings, cpu})
         sib = tuple(siblings)
 
-        core = _opt_int(reader, t + "core_id", dfd, r + "core_id")
+        core = None if core_text is None else to_int(t + "core_id", core_text)
         if core is None or core < 0:
             core = sib[0]
-        cluster = _opt_int(reader, t + "cluster_id", dfd, r + "cluster_id")
+        cluster = None if cluster_text is None else to_int(t + "cluster_id", cluster_text)
         if cluster is None or cluster < 0 or cluster == NO_CLUSTER:
             cluster = -1
 

@@ -46,13 +46,29 @@ class FileReader:
     taken from it instead of being opened again. They are still recorded in ``files``.
     """
 
-    __slots__ = ("files", "dirs", "opens", "static")
+    __slots__ = ("_files", "_batches", "dirs", "opens", "static")
 
     def __init__(self, static: dict[str, Any] | None = None) -> None:
-        self.files: dict[str, str] = {}
+        self._files: dict[str, str] = {}
+        # (directory, names, texts) of each read_many call, added to ``files`` when asked
+        # for: the command that only probes never pays for building thousands of paths
+        self._batches: list[tuple[str, tuple[str, ...], list[str | None]]] = []
         self.dirs: dict[str, tuple[str, ...]] = {}
         self.opens = 0
         self.static = static
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Each path read → the exact text read."""
+        batches = self._batches
+        if batches:
+            files = self._files
+            for d, names, texts in batches:
+                for n, text in zip(names, texts, strict=True):
+                    if text is not None:
+                        files[d + n] = text
+            batches.clear()
+        return self._files
 
     def read_static(self, path: str, dir_fd: int | None = None, name: str = "") -> str | None:
         """``read`` for a file that does not change while the host runs (see the class)."""
@@ -62,7 +78,7 @@ class FileReader:
         if path in memo:
             text = memo[path]
             if text is not None:
-                self.files[path] = text
+                self._files[path] = text
             return text
         text = memo[path] = self.read(path, dir_fd, name)
         return text
@@ -94,7 +110,7 @@ class FileReader:
         finally:
             _close(fd)
         try:
-            text = self.files[path] = data.decode()
+            text = self._files[path] = data.decode()
         except UnicodeDecodeError:
             raise ProbeError(path, "is not text", data[:40]) from None
         return text
@@ -110,14 +126,14 @@ class FileReader:
         raises ``ProbeError`` naming it (and the later names are not read).
         """
         out: list[str | None] = []
-        files = self.files
+        append = out.append
         self.opens += len(names)
         for n in names:
             try:
                 fd = _open(d + n, _RDONLY) if dir_fd is None else _open(
                     rel + n, _RDONLY, dir_fd=dir_fd)
             except _MISSING:
-                out.append(None)
+                append(None)
                 continue
             except OSError:
                 fd = -1
@@ -133,13 +149,13 @@ class FileReader:
                 # cannot open or read it, or a long file: ``read`` again, which raises the
                 # error naming the file or reads it all
                 self.opens -= 1
-                out.append(self.read(d + n, dir_fd, rel + n))
+                append(self.read(d + n, dir_fd, rel + n))
                 continue
             try:
-                text = files[d + n] = data.decode()
+                append(data.decode())
             except UnicodeDecodeError:
                 raise ProbeError(d + n, "is not text", data[:40]) from None
-            out.append(text)
+        self._batches.append((d, names, out))
         return out
 
     def open_dir(self, path: str) -> int | None:
