@@ -5,9 +5,12 @@ and, for each, ``index0``, ``index1``, ... until an index has no ``level`` file:
 
 - if an already-read ``indexK`` of a lower CPU listed this CPU in its ``shared_cpu_list``,
   this CPU's ``indexK`` is the same cache and nothing of it is read;
-- otherwise ``level`` and ``shared_cpu_list`` are read; if the lowest CPU of that list
-  already had its ``indexK`` read, the cache is known and skipped; else ``type``, ``id``,
-  ``size``, ``ways_of_associativity`` and ``coherency_line_size`` are read.
+- otherwise its seven files are read in one ``read_many`` call: ``level``,
+  ``shared_cpu_list``, ``type``, ``id``, ``size``, ``ways_of_associativity`` and
+  ``coherency_line_size``. If the lowest CPU of that list already had its ``indexK`` read
+  (rare: the lists are symmetric, so the rule above has almost always applied), the cache
+  is known and the texts are dropped. A re-probe with a static memo reads only
+  ``shared_cpu_list`` (the rest cannot change while the host runs).
 
 A cache's CPUs are its ``shared_cpu_list`` restricted to online CPUs (the kernel already
 drops offline CPUs; a stale list is trimmed). Fallbacks: ``shared_cpu_list`` missing → the
@@ -39,8 +42,8 @@ _TYPE_ORDER = {"data": 0, "instruction": 1, "unified": 2}
 _ABSENT = ()  # memo value: this indexK directory does not exist
 
 
-_IDENTITY = ("level", "shared_cpu_list")
 _ATTRS = ("type", "id", "size", "ways_of_associativity", "coherency_line_size")
+_FILES = ("level", "shared_cpu_list", *_ATTRS)  # one read_many per index directory
 
 
 def _count(path: str, text: str | None) -> int | None:
@@ -58,17 +61,15 @@ def _count(path: str, text: str | None) -> int | None:
 _KIB_SUFFIX = "K\n"
 
 
-def _geometry(
-    reader: FileReader, dfd: int | None, d: str, r: str, level_text: str, keep: bool
-) -> tuple[Any, ...]:
+def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
     """(level, type, id or None, size, ways, line, {path: text} or None) of one ``indexK/``.
 
     The texts are kept (``keep``) only for a static memo, which replays them into later
-    readers' ``files``. The common texts (decimal counts, ``"<n>K"`` sizes, lowercase
-    types) are parsed inline; anything else goes through the checking parsers, which name
-    the file in their errors.
+    readers' ``files``. The common texts (decimal counts, ``"<n>K"`` sizes, the kernel's
+    ``"Data"``/``"Instruction"``/``"Unified"``) are parsed inline; anything else goes
+    through the checking parsers, which name the file in their errors.
     """
-    ttype, tid, tsize, tways, tline = reader.read_many(d, _ATTRS, dfd, r)
+    level_text, _, ttype, tid, tsize, tways, tline = texts
     try:
         level = int(level_text)
         cid = None if tid is None else int(tid)
@@ -90,13 +91,12 @@ def _geometry(
         size = int(tsize[:-2]) << 10
     else:
         size = 0 if tsize is None else to_size(d + "size", tsize)
-    texts = None
+    kept = None
     if keep:
-        texts = {d + "level": level_text}
-        for n, text in zip(_ATTRS, (ttype, tid, tsize, tways, tline), strict=True):
-            if text is not None:
-                texts[d + n] = text
-    return level, ctype, cid, size, ways, line, texts
+        # not shared_cpu_list: it can change (CPU hotplug) and is read again every time
+        kept = {d + n: t for n, t in zip(_FILES, texts, strict=True)
+                if t is not None and n != "shared_cpu_list"}
+    return level, ctype, cid, size, ways, line, kept
 
 
 def _sharing(d: str, text: str | None, cpu: int, online: set[int]) -> tuple[int, tuple[int, ...]]:
@@ -151,8 +151,8 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                 if geo is _ABSENT:
                     break
                 if geo is None:
-                    r = f"{rel}{k}/"
-                    level_text, text = reader.read_many(d, _IDENTITY, cpu_fd, r)
+                    texts = reader.read_many(d, _FILES, cpu_fd, f"{rel}{k}/")
+                    level_text, text = texts[0], texts[1]
                     if level_text is None:
                         if memo is not None:
                             memo[d] = _ABSENT
@@ -161,7 +161,7 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                     if (k, lowest) in read_first:
                         k += 1
                         continue
-                    geo = _geometry(reader, cpu_fd, d, r, level_text, memo is not None)
+                    geo = _geometry(d, texts, memo is not None)
                     if memo is not None:
                         memo[d] = geo
                 else:
