@@ -8,9 +8,9 @@ and, for each, ``index0``, ``index1``, ... until an index has no ``level`` file:
 - otherwise its seven files are read in one ``read_many`` call: ``level``,
   ``shared_cpu_list``, ``type``, ``id``, ``size``, ``ways_of_associativity`` and
   ``coherency_line_size``. If the lowest CPU of that list already had its ``indexK`` read
-  (rare: the lists are symmetric, so the rule above has almost always applied), the cache
-  is known and the texts are dropped. A re-probe with a static memo reads only
-  ``shared_cpu_list`` (the rest cannot change while the host runs).
+  (only if two CPUs of one cache ever printed different lists: otherwise the rule above
+  has applied), the cache is known and the texts are dropped. A re-probe with a static
+  memo reads only ``shared_cpu_list`` (the rest cannot change while the host runs).
 
 A cache's CPUs are its ``shared_cpu_list`` restricted to online CPUs (the kernel already
 drops offline CPUs; a stale list is trimmed). Fallbacks: ``shared_cpu_list`` missing → the
