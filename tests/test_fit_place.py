@@ -462,3 +462,66 @@ def test_floating_usage_counts_host_wide():
     nested = host(dedicated=[], cpu_ratio=1.0, floating_vcpus=15)
     assert not fit(nested, flavor(2, 256))["fits"]
     assert fit(nested, flavor(1, 256))["fits"]
+
+
+def floating_pages(snap, **pages_by_size):
+    snap = copy.deepcopy(snap)
+    snap["usage"]["floating_hugepages"] = [
+        {"size_kib": int(size[1:]), "pages": n} for size, n in pages_by_size.items()]
+    return snap
+
+
+def test_floating_guests_hugepages_count_against_all_cells():
+    """A guest with hugepages but no NUMA binding holds pages on cells the snapshot cannot
+    name: no cell offers more than what all cells have left after them."""
+    snap = host(hugepages={2048: 512}, dedicated=[])  # 2 cells x 512 free
+    ok = fit(snap, flavor(1, 900, mem_page_size="2MB"))
+    assert ok["fits"]
+    held = floating_pages(snap, s2048=600)  # 1024 - 600 = 424 left in all
+    no = fit(held, flavor(1, 900, mem_page_size="2MB"))  # 450 pages
+    assert not no["fits"]
+    assert reasons(no, "hugepages")[0]["message"] == (
+        "needs 450 2048 KiB pages; all cells together have 424 left after the 600 held by "
+        "guests bound to no cell")
+    assert fit(held, flavor(1, 848, mem_page_size="2MB"))["fits"]  # 424 pages
+
+
+def test_floating_pages_also_limit_a_guest_spread_over_cells():
+    snap = floating_pages(host(hugepages={2048: 512}, dedicated=[]), s2048=600)
+    # two guest cells of 220 pages each: each fits the 424 left, both together do not
+    two = fit(snap, flavor(2, 880, mem_page_size="2MB", numa_nodes=2))
+    assert not two["fits"]
+    assert any("needs 440 2048 KiB pages" in r["message"] for r in reasons(two, "hugepages"))
+    assert fit(snap, flavor(2, 840, mem_page_size="2MB", numa_nodes=2))["fits"]  # 420 pages
+
+
+def test_floating_pages_steer_the_page_size_choice():
+    snap = host(hugepages={2048: 1024, 1048576: 2}, dedicated=[])
+    assert fit(snap, flavor(1, 2048, mem_page_size="large"))["placement"]["cells"][0][
+        "page_size_kib"] == 1048576
+    held = floating_pages(snap, s1048576=3)  # of the four 1 GiB pages, one is left
+    a = fit(held, flavor(1, 2048, mem_page_size="large"))
+    assert a["fits"] and a["placement"]["cells"][0]["page_size_kib"] == 2048
+
+
+@pytest.mark.parametrize("bad", [[{"size_kib": 0, "pages": 1}],
+                                 [{"size_kib": 2048, "pages": -1}],
+                                 [{"size_kib": "x", "pages": 1}], [{"pages": 1}]])
+def test_bad_floating_hugepages_entry_is_refused(bad):
+    snap = host(hugepages={2048: 512})
+    snap["usage"]["floating_hugepages"] = bad
+    with pytest.raises(RequestError, match="snapshot"):
+        fit(snap, flavor(1, 512))
+
+
+def test_floating_pages_checked_on_the_whole_placement_when_sizes_vary():
+    """With ``large``, each guest cell picks its size on its own; the sum is checked on the
+    complete placement."""
+    snap = floating_pages(host(hugepages={1048576: 2}, dedicated=[]), s1048576=1)
+    two = fit(snap, flavor(2, 4096, mem_page_size="large", numa_nodes=2))
+    assert not two["fits"]
+    assert [r["message"] for r in reasons(two, "hugepages")] == [
+        "needs 4 1048576 KiB pages; all cells together have 3 left after the 1 held by "
+        "guests bound to no cell"]
+    assert fit(snap, flavor(1, 3072, mem_page_size="large"))["fits"] is False  # 2 a cell
+    assert fit(snap, flavor(1, 2048, mem_page_size="large"))["fits"]

@@ -14,11 +14,15 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
   tracker subtracts the reserved pages), else from the topology minus the reserved pages;
 - vCPUs and memory of guests bound to no cell (``usage.floating_vcpus`` /
   ``floating_memory_kib``, or ``usage.floating.{vcpus,memory_kib}``) count host-wide only;
+  so do their hugepages (``usage.floating_hugepages``): the kernel may have taken them
+  from any cell, so no cell offers more pages of a size than all cells together have
+  left after them, and a placement's pages of that size must fit in that remainder;
 - a PCI function listed in ``usage.pci`` with a guest (or in ``usage.guests[].pci``) is taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,6 +81,10 @@ class HostView:
     pci: tuple[PciDev, ...]
     cache_of: Mapping[tuple[int, int], int]  # (level, cpu) -> cache id
     snapshot_usage_caches: tuple[Mapping[str, Any], ...]
+    # hugepages held by guests bound to no cell (on cells unknown): size KiB -> pages, and
+    # for those sizes the pages all cells together have left after them
+    floating_pages: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    pages_left: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
     def cell(self, cell_id: int) -> HostCell:
         for c in self.cells:
@@ -137,6 +145,7 @@ def _view(
 
     cpu_by_id = {c["id"]: c for c in cpus}
     cells = []
+    cell_pages: list[dict[int, int]] = []
     for cell in topo["cells"]:
         cid = int(cell["id"])
         members = [c for c in cell["cpus"] if c in online]
@@ -157,6 +166,7 @@ def _view(
         huge_kib = sum(int(p["size_kib"]) * int(p["total"]) for p in pools)
         small_total = int(cell["memory_kib"]) - huge_kib - reserved_mem.get(cid, 0)
         pages: dict[int, int] = {}
+        cell_pages.append(pages)  # capped below for floating guests' pages
         upages = {int(h["size_kib"]): h for h in uc.get("hugepages") or []}
         for pool in pools:
             size = int(pool["size_kib"])
@@ -202,6 +212,15 @@ def _view(
         )
         for p in sorted(topo.get("pci") or [], key=lambda p: p["address"])
     )
+    floating_pages = _floating_pages(usage.get("floating_hugepages") or ())
+    pages_left: dict[int, int] = {}
+    for size, held in floating_pages.items():
+        # those pages came from cells unknown: no cell can give more than what all cells
+        # together have left after them
+        left = pages_left[size] = max(0, sum(p.get(size, 0) for p in cell_pages) - held)
+        for p in cell_pages:
+            if p.get(size, 0) > left:
+                p[size] = left
     floating = usage.get("floating") or {}
     cache_of: dict[tuple[int, int], int] = {}
     for cache in topo.get("caches") or []:
@@ -221,7 +240,21 @@ def _view(
         pci=pci,
         cache_of=cache_of,
         snapshot_usage_caches=tuple(usage.get("caches") or ()),
+        floating_pages=floating_pages,
+        pages_left=pages_left,
     )
+
+
+def _floating_pages(items: Any) -> dict[int, int]:
+    """``usage.floating_hugepages`` (``[{size_kib, pages}]``) as {size KiB: pages}."""
+    out: dict[int, int] = {}
+    for item in items:
+        size, pages = int(item["size_kib"]), int(item["pages"])
+        if size <= 0 or pages < 0:
+            raise ValueError(f"floating_hugepages entry {dict(item)}: size_kib must be "
+                             "positive and pages not negative")
+        out[size] = out.get(size, 0) + pages
+    return out
 
 
 def _hex(text: str) -> str:

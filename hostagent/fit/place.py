@@ -205,6 +205,10 @@ class _Search:
             if problems:
                 self.leaf_reasons = [Reason(None, None, "pci_devices", p) for p in problems]
                 return None
+        problems = floating_page_problems(view, req, chosen)
+        if problems:
+            self.leaf_reasons = [Reason(None, None, "hugepages", p) for p in problems]
+            return None
         entries: list[dict[str, Any]] = []
         if req.cache:
             entries, problems = cache_mod.plan_all(view, req, chosen)
@@ -266,8 +270,34 @@ def _pci_summary(view: HostView, req: FitRequest) -> list[Reason]:
     return out
 
 
+def floating_page_problems(view: HostView, req: FitRequest,
+                           chosen: Sequence[CellFit]) -> list[str]:
+    """Hugepages of guests bound to no cell come from cells the snapshot cannot name, so
+    per size the pages this placement takes plus those must fit in the free pages of all
+    cells together (a necessary condition: the per-cell counts cannot see them)."""
+    out = []
+    for size, held in sorted(view.floating_pages.items()):
+        if not held:
+            continue
+        taken = sum(req.cells[cf.guest_cell].memory_kib // size
+                    for cf in chosen if cf.page_size_kib == size)
+        if not taken:
+            continue
+        left = view.pages_left.get(size, 0)
+        if taken > left:
+            out.append(f"needs {taken} {size} KiB pages; all cells together have {left} left "
+                       f"after the {held} held by guests bound to no cell")
+    return out
+
+
 def _host_wide_checks(view: HostView, req: FitRequest) -> list[Reason]:
     out: list[Reason] = []
+    size = req.page_size
+    if isinstance(size, int) and view.floating_pages.get(size):
+        # the whole guest takes pages of this size: check once, before any search
+        whole = [CellFit(g.index, -1, (), (), (), size, None, ()) for g in req.cells]
+        out.extend(Reason(None, None, "hugepages", p)
+                   for p in floating_page_problems(view, req, whole))
     if req.emulator_policy == "share" and req.pinned and not view.shared_cpus:
         non_rt = set(req.dedicated_vcpus) - set(req.realtime)
         if not non_rt and not any(c.shared for c in req.cells):
