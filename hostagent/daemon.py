@@ -263,22 +263,20 @@ class Agent:
             usage = self.tracker.usage()
             agent = self._agent_doc()
             # the usage is compared as its msgpack bytes (cheaper than comparing the
-            # dicts), which the publisher then sends without packing it again
-            from hostagent import wire
-
-            usage_raw = wire.pack(usage)
+            # dicts), packed by the publisher's cache, which then sends those bytes
+            pub = self.publisher
+            usage_raw = pub.pack_part("usage", usage)
             content = (self.topology_doc, self.resources, usage_raw, agent)
             if content == self._last_content:
                 self.counters["unchanged_flushes"] += 1
                 return False
             from hostagent.snapshot import assemble_snapshot
 
-            pub = self.publisher
             snap = assemble_snapshot(self.topology_doc, self.resources, usage,
                                      host=pub.host, epoch=self.epoch, seq=pub.next_seq(),
                                      now=time.time())
             snap["agent"] = agent
-            await pub.publish(snap, packed={"usage": usage_raw})
+            await pub.publish(snap)
             self._last_content = content
             self._last_publish = time.monotonic()
             if self.notifier.enabled and time.monotonic() - self._last_status >= 1.0:

@@ -110,13 +110,20 @@ class Publisher:
     def next_seq(self) -> int:
         return self.seq + 1
 
+    def pack_part(self, key: str, value: Any) -> bytes:
+        """``wire.pack(value)``, from the publisher's cache when ``key`` is one it keeps
+        (``wire.PackCache``): a caller comparing parts by their bytes (the daemon's
+        usage) packs them here, and ``publish`` then sends those same bytes."""
+        return self._pack_cache.packed(key, value)
+
     async def publish(self, data: Mapping[str, Any], *, now: float | None = None,
                       packed: Mapping[str, bytes] | None = None) -> int:
         """Send ``data`` as the next snapshot; returns its ``seq``.
 
         ``data``'s ``host``, ``epoch``, ``seq`` and ``time`` are set to the message's
         (a shallow copy; the caller's dict is not changed). ``packed`` gives parts the
-        caller already packed (``{"usage": pack(data["usage"])}``), not packed again.
+        caller already packed (``{"usage": pack(data["usage"])}``), not packed again
+        (``pack_part`` is better: it keeps the blocks of the usage, see ``wire``).
         """
         for key, raw in (packed or {}).items():
             self._pack_cache.put(key, data[key], raw)

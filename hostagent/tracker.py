@@ -70,6 +70,7 @@ class Context:
     group_schemata: dict[str, Mapping[str, Mapping[int, str]]]
     pci_addresses: frozenset[str]
     _cache_memo: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
+    _threads: list[dict[str, Any]] = field(default_factory=list)  # the last fold's entries
 
 
 def default_hugepage_kib(topo: HostTopology) -> int | None:
@@ -750,23 +751,41 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             "hugepages": hp_out,
         })
 
+    # one entry per thread; an entry equal to the previous fold's is that same dict, so
+    # packers can keep its bytes (entries are never changed once made: read-only)
     threads = []
     empty: list[str] = []
-    for cpu in topo.cpus:
+    previous = ctx._threads
+    same_length = len(previous) == len(topo.cpus)
+    for i, cpu in enumerate(topo.cpus):
         t = cpu.id
         held = owner.get(t)
         cl = held[1] if held else None
+        guest = held[0] if held else None
+        vcpu = cl.vcpu if cl else None
+        emulator = bool(cl and cl.emulator)
+        iothread = cl.iothread if cl else None
+        shared = shared_on.get(t, empty)
+        holder = held_by.get(t)
+        if same_length:
+            old = previous[i]
+            if (old["guest"] == guest and old["vcpu"] == vcpu and old["held_by"] == holder
+                    and old["emulator"] == emulator and old["iothread"] == iothread
+                    and old["shared_guests"] == shared):
+                threads.append(old)
+                continue
         threads.append({
             "cpu": t,
             "cell": ctx.cpu_cell.get(t),
             "role": _role(ctx, t),
-            "guest": held[0] if held else None,
-            "vcpu": cl.vcpu if cl else None,
-            "emulator": bool(cl and cl.emulator),
-            "iothread": cl.iothread if cl else None,
-            "shared_guests": shared_on.get(t, empty),
-            "held_by": held_by.get(t),
+            "guest": guest,
+            "vcpu": vcpu,
+            "emulator": emulator,
+            "iothread": iothread,
+            "shared_guests": shared,
+            "held_by": holder,
         })
+    ctx._threads = threads
 
     key = tuple(sorted(owners_of_groups.items()))
     caches = ctx._cache_memo.get(key)

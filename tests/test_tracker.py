@@ -556,3 +556,30 @@ def test_incremental_tracker_with_idle_threads(xeon):
     u = t.usage()
     assert u == compute_usage(xeon, res, [pin]) and u["conflicts"] == []
     assert all(th["held_by"] is None for th in u["threads"])
+
+
+def test_unchanged_thread_entries_are_the_previous_dicts(xeon):
+    """A fold hands over the same dict for a thread whose entry did not change (packers
+    keep its bytes); changed threads get new, correct entries."""
+    res = resources(xeon)
+    a = rec("a", vcpus=2, vcpupin={0: "2", 1: "26"}, emulatorpin="0")
+    b = rec("b", vcpus=1, vcpupin={0: "3"}, emulatorpin="0")
+    t = UsageTracker(xeon, res)
+    t.update(a)
+    before = t.usage()["threads"]
+    t.update(b)
+    after = t.usage()
+    assert after == compute_usage(xeon, res, [a, b])
+    changed = {th["cpu"] for old, th in zip(before, after["threads"], strict=True)
+               if old is not th}
+    assert changed == {0, 3}  # b's vCPU, and thread 0 where both emulators run
+    assert thread(after, 3)["guest"] == b.uuid and thread(after, 2) is before[2]
+    t.remove(a.uuid)
+    gone = t.usage()
+    assert gone == compute_usage(xeon, res, [b])
+    assert {th["cpu"] for old, th in zip(after["threads"], gone["threads"], strict=True)
+            if old is not th} == {0, 2, 26}  # a's vCPUs, and thread 0 again
+    # a new host (re-probe) starts from fresh entries
+    t.set_host(xeon, res)
+    assert all(x is not y for x, y in zip(gone["threads"], t.usage()["threads"],
+                                          strict=True))

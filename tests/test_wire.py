@@ -308,3 +308,76 @@ def test_spliced_zlib_is_one_standard_stream_of_the_same_bytes():
         assert zlib.decompress(wire.zlib_chunks(chunks, cache)) == wire.pack(data)
         b = wire.make_body("snapshot", "h1", "ep", 1, 1.0, data)
         assert wire.decode_stream(wire.encode_stream(b, cache=cache)) == b
+
+
+def _usage(threads: int = 100, guests: int = 70) -> dict:
+    return {"cells": [{"id": 0, "free_pcpus": 3}],
+            "threads": [{"cpu": i, "guest": None, "shared_guests": []} for i in range(threads)],
+            "caches": [],
+            "guests": [{"name": f"g{i}", "vcpus": i % 5} for i in range(guests)],
+            "conflicts": []}
+
+
+def test_usage_is_packed_in_blocks_of_elements_with_the_same_bytes(monkeypatch):
+    monkeypatch.setattr(wire, "BLOCK_ELEMENTS", 32)
+    usage = _usage()
+    cache = wire.PackCache()
+    raw = cache.packed("usage", usage)
+    assert raw == wire.pack(usage)
+    chunks = cache.chunks("usage", usage)
+    blocks = [c for c, tag in chunks if tag == wire.BLOCK]
+    assert len(blocks) == 4 + 3  # 100 threads and 70 guests, 32 a block
+    assert b"".join(c for c, _ in chunks) == raw
+    assert cache.packed("usage", usage) is raw  # the same object: from the cache
+    # the next fold: one thread changed, the other entries the same dicts
+    nxt = {**usage, "threads": list(usage["threads"])}
+    nxt["threads"][40] = {"cpu": 40, "guest": "u1", "shared_guests": []}
+    kept = cache.elements[id(usage["threads"][39])][1]
+    assert cache.packed("usage", nxt) == wire.pack(nxt)
+    assert cache.elements[id(nxt["threads"][39])][1] is kept  # not packed again
+    assert id(usage["threads"][40]) not in cache.elements  # dropped with its entry
+    # an equal but new dict is packed again, to the same bytes
+    again = {**nxt, "threads": [dict(t) for t in nxt["threads"]]}
+    assert cache.packed("usage", again) == wire.pack(again)
+
+
+@pytest.mark.parametrize("usage", [
+    _usage(0, 0), _usage(32, 1), _usage(33, 64),
+    {"threads": "not a list", "guests": [1, "two", None]},
+    {"other": [{"a": 1}] * 40},
+])
+def test_block_packing_edge_cases_match_plain_msgpack(usage, monkeypatch):
+    import zlib
+
+    monkeypatch.setattr(wire, "BLOCK_ELEMENTS", 32)
+    cache = wire.PackCache()
+    assert cache.packed("usage", usage) == wire.pack(usage)
+    data = {"topology": {"cpus": [1, 2]}, "usage": usage, "agent": {"v": "x"}}
+    chunks = wire.pack_map_chunks(data, cache)
+    assert zlib.decompress(wire.zlib_chunks(chunks, cache)) == wire.pack(data)
+
+
+def test_unchanged_blocks_keep_their_deflate_segments(monkeypatch):
+    import zlib
+
+    monkeypatch.setattr(wire, "BLOCK_ELEMENTS", 32)
+    cache = wire.PackCache()
+    first = {"topology": {"cpus": list(range(300, 9000))}, "usage": _usage(200, 70)}
+    body = wire.make_body("snapshot", "h1", "ep", 1, 1.0, first)
+    frames = wire.encode_stream(body, cache=cache)
+    assert zlib.decompress(wire.unpack(frames[1])["data"]) == wire.pack(first)
+    segments = dict(cache.blocks)
+    assert len(segments) == 7 + 3  # 200 threads, 70 guests
+    usage = first["usage"]
+    threads = list(usage["threads"])
+    threads[100] = {"cpu": 100, "guest": "u1", "shared_guests": []}
+    second = {**first, "usage": {**usage, "threads": threads}}
+    body2 = wire.make_body("snapshot", "h1", "ep", 2, 2.0, second)
+    got = wire.decode_stream(wire.encode_stream(body2, cache=cache))
+    assert got == body2
+    reused = [raw for raw, seg in cache.blocks.items() if segments.get(raw) is seg]
+    assert len(cache.blocks) == 10 and len(reused) == 9  # only block 3 deflated again
+    # a subscriber with a decode cache gets the same snapshot
+    dcache = wire.DecodeCache()
+    wire.decode_stream(frames, cache=dcache)
+    assert wire.decode_stream(wire.encode_stream(body2, cache=cache), cache=dcache) == body2
