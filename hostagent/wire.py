@@ -19,6 +19,8 @@ socket that receives applies the same limits:
   The publisher packs the topology once per re-probe (``PackCache``) and also keeps it
   as an independent deflate segment that it splices into each compressed snapshot
   (``zlib_chunks``): still one standard zlib stream of exactly ``msgpack(snapshot)``.
+  The usage's ``threads`` and ``guests`` lists are packed element by element and
+  deflated in blocks, so one guest's change re-packs and re-deflates only its part.
   Subscribers keep the last decoded topology/config and usage list elements per host
   (``DecodeCache``) and reuse those whose bytes are unchanged.
 - requests are one msgpack map with a string ``op``; replies are
