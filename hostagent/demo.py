@@ -6,10 +6,9 @@ Two parts:
     Guests built to fit *this* host's probed topology and resolved config: up to three
     *pinned* guests (1–2 vCPUs each on dedicated threads of one cell, emulator on the
     shared threads, memory bound to that cell, hugepage-backed when the cell's pool has
-    free pages) and two *floating* guests confined to the shared threads (only when
-    there are at least two: a one-thread confinement is a pin, which the tracker reports
-    as a conflict). On a 2-CPU, 1-node machine with ``dedicated_cpus = "1"`` that is one
-    pinned guest.
+    free pages) and two *floating* guests confined to the shared threads (when there
+    are any). On a 2-CPU, 1-node machine with ``dedicated_cpus = "1"`` that is one
+    pinned guest and two floating guests on CPU 0.
     The daemon defines them (and starts the first of each kind) when
     ``[libvirt] demo_guests = true`` and the URI is ``test:///...``.
 
@@ -89,10 +88,10 @@ def demo_domains(topo: HostTopology, resources: Mapping[str, Any]) -> list[tuple
                 node=cell.id, page_kib=page)))
     total = sum(c.memory_kib for c in topo.cells)
     mem = 256 * MIB if total >= 16 * 256 * MIB else max(total // 32, 32 * MIB)
-    # Floating guests are confined to the shared threads (as Nova does). With a single
-    # shared thread that confinement would be a one-CPU pin, which the tracker reports as
-    # a conflict, so a host that small gets no floating demo guests.
-    if len(shared) > 1 or (shared and not dedicated):
+    # Floating guests are confined to the shared threads (as Nova does); on a host with a
+    # single shared thread that is a one-thread shared set, which the tracker counts as
+    # shared vCPUs there (not as a stray pin).
+    if shared:
         for i in (1, 2):
             name = f"demo-floating-{i}"
             cpuset = shared_text if dedicated else None

@@ -366,7 +366,7 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
     unpinned: list[int] = []
     for v in range(spec.vcpus):
         aff = spec.vcpu_affinity(v)
-        if aff is not None and len(aff) == 1:
+        if aff is not None and len(aff) == 1 and not _whole_shared_set(ctx, aff[0]):
             cpu = aff[0]
             pinning[str(v)] = cpu
             if cpu not in ctx.online:
@@ -574,6 +574,17 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
         idle=tuple(idle),
         conflicts=tuple(conflicts),
     )
+
+
+def _whole_shared_set(ctx: Context, cpu: int) -> bool:
+    """``cpu`` is a shared thread and the only one of its cell (or of the host): a vCPU
+    confined to it is a shared vCPU on a one-thread shared set, not a stray pin."""
+    if cpu not in ctx.shared:
+        return False
+    if len(ctx.shared) == 1:
+        return True
+    cell = ctx.cpu_cell.get(cpu)
+    return cell is not None and ctx.cell_shared_count.get(cell, 0) == 1
 
 
 def _split(kib: int, hosts: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -583,3 +583,17 @@ def test_unchanged_thread_entries_are_the_previous_dicts(xeon):
     t.set_host(xeon, res)
     assert all(x is not y for x, y in zip(gone["threads"], t.usage()["threads"],
                                           strict=True))
+
+
+def test_one_thread_shared_set_is_not_a_stray_pin(xeon):
+    """A vCPU confined to a cell's only shared thread is a shared vCPU there (what the
+    fitter writes on such a host), not ``pin_not_dedicated``; with two shared threads in
+    the cell, a pin to one of them still is."""
+    one = resources(xeon, shared_cpus="0,12")  # cell 0: thread 0, cell 1: thread 12
+    g = rec("lone", vcpus=2, cpuset="0", emulatorpin="0")
+    u = compute_usage(xeon, one, [g])
+    assert u["conflicts"] == []
+    assert cell(u, 0)["shared_vcpus"] == 2 and thread(u, 0)["shared_guests"] == [g.uuid]
+    assert thread(u, 0)["guest"] is None
+    two = compute_usage(xeon, resources(xeon), [g])  # cell 0 shares 0-1,24-25
+    assert kinds(two) == ["pin_not_dedicated", "pin_not_dedicated"]
