@@ -116,17 +116,13 @@ class Publisher:
         usage) packs them here, and ``publish`` then sends those same bytes."""
         return self._pack_cache.packed(key, value)
 
-    async def publish(self, data: Mapping[str, Any], *, now: float | None = None,
-                      packed: Mapping[str, bytes] | None = None) -> int:
+    async def publish(self, data: Mapping[str, Any], *, now: float | None = None) -> int:
         """Send ``data`` as the next snapshot; returns its ``seq``.
 
         ``data``'s ``host``, ``epoch``, ``seq`` and ``time`` are set to the message's
-        (a shallow copy; the caller's dict is not changed). ``packed`` gives parts the
-        caller already packed (``{"usage": pack(data["usage"])}``), not packed again
-        (``pack_part`` is better: it keeps the blocks of the usage, see ``wire``).
+        (a shallow copy; the caller's dict is not changed). Parts packed before with
+        ``pack_part`` are sent as those bytes, not packed again.
         """
-        for key, raw in (packed or {}).items():
-            self._pack_cache.put(key, data[key], raw)
         t = time.time() if now is None else now
         self.seq += 1
         snap = dict(data)

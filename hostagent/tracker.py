@@ -449,17 +449,10 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
         else:
             idle_not_dedicated.append(cpu)
     if idle_offline:
-        unknown = [c for c in idle_offline if c not in ctx.known]
-        off = [c for c in idle_offline if c in ctx.known]
-        parts = []
-        if off:
-            parts.append(f"offline CPU(s) {format_cpulist(off)}")
-        if unknown:
-            parts.append(f"CPU(s) {format_cpulist(unknown)} that do not exist")
         conflicts.append(_conflict(
             "pin_offline",
-            f"{name}: the threads it keeps idle include {' and '.join(parts)}", [uuid],
-            cpus=idle_offline))
+            f"{name}: the threads it keeps idle include {_offline_text(ctx, idle_offline)}",
+            [uuid], cpus=idle_offline))
     if idle_not_dedicated:
         conflicts.append(_conflict(
             "pin_not_dedicated",
@@ -472,15 +465,8 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
             f"{name}: several vCPUs are pinned to dedicated CPU(s) {format_cpulist(dup)}",
             [uuid], cpus=sorted(set(dup))))
     for what, bad in sorted(offline_pins.items()):
-        unknown = sorted(c for c in bad if c not in ctx.known)
-        off = sorted(c for c in bad if c in ctx.known)
-        parts = []
-        if off:
-            parts.append(f"offline CPU(s) {format_cpulist(off)}")
-        if unknown:
-            parts.append(f"CPU(s) {format_cpulist(unknown)} that do not exist")
         conflicts.append(_conflict(
-            "pin_offline", f"{name}: {what} is pinned to {' and '.join(parts)}", [uuid],
+            "pin_offline", f"{name}: {what} is pinned to {_offline_text(ctx, bad)}", [uuid],
             cpus=sorted(bad)))
     if floating_dedicated:
         conflicts.append(_conflict(
@@ -574,6 +560,18 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
         idle=tuple(idle),
         conflicts=tuple(conflicts),
     )
+
+
+def _offline_text(ctx: Context, cpus: Iterable[int]) -> str:
+    """``"offline CPU(s) 5 and CPU(s) 900 that do not exist"`` for CPUs that are not online."""
+    off = sorted(c for c in cpus if c in ctx.known)
+    unknown = sorted(c for c in cpus if c not in ctx.known)
+    parts = []
+    if off:
+        parts.append(f"offline CPU(s) {format_cpulist(off)}")
+    if unknown:
+        parts.append(f"CPU(s) {format_cpulist(unknown)} that do not exist")
+    return " and ".join(parts)
 
 
 def _whole_shared_set(ctx: Context, cpu: int) -> bool:
@@ -766,8 +764,7 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
     # packers can keep its bytes (entries are never changed once made: read-only)
     threads = []
     empty: list[str] = []
-    previous = ctx._threads
-    same_length = len(previous) == len(topo.cpus)
+    previous = ctx._threads  # empty on a new context (topology or config changed)
     for i, cpu in enumerate(topo.cpus):
         t = cpu.id
         held = owner.get(t)
@@ -778,7 +775,7 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
         iothread = cl.iothread if cl else None
         shared = shared_on.get(t, empty)
         holder = held_by.get(t)
-        if same_length:
+        if previous:
             old = previous[i]
             if (old["guest"] == guest and old["vcpu"] == vcpu and old["held_by"] == holder
                     and old["emulator"] == emulator and old["iothread"] == iothread

@@ -219,12 +219,6 @@ class PackCache:
             return hit[1]
         return [(raw, key if key in self.deflate_keys else None)]
 
-    def put(self, key: str, value: Any, raw: bytes) -> None:
-        """Record ``raw`` (which must be ``pack(value)``) as the bytes of ``value``."""
-        if key in self.keys:
-            self.parts[key] = (value, raw)
-            self.chunked.pop(key, None)
-
     def segment(self, key: str, raw: bytes) -> bytes:
         """``raw`` deflated on its own (see ``zlib_chunks``), kept while ``raw`` is."""
         hit = self.deflated.get(key)

@@ -510,7 +510,7 @@ def test_floating_pages_steer_the_page_size_choice():
 def test_bad_floating_hugepages_entry_is_refused(bad):
     snap = host(hugepages={2048: 512})
     snap["usage"]["floating_hugepages"] = bad
-    with pytest.raises(RequestError, match="snapshot"):
+    with pytest.raises(RequestError, match="usage.floating_hugepages entry .*size_kib"):
         fit(snap, flavor(1, 512))
 
 

@@ -286,12 +286,14 @@ def test_keypair_files(tmp_path):
         ServerCurve.load(str(junk), str(tmp_path))
 
 
-def test_publish_takes_parts_the_caller_already_packed(tmp_path):
+def test_publish_sends_the_parts_packed_before(tmp_path):
     async def main():
         async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
             usage = {"threads": [{"cpu": i, "guest": None} for i in range(3000)]}
             data = {"schema": 1, "topology": {"cells": []}, "usage": usage}
-            await pub.publish(data, packed={"usage": wire.pack(usage)})
+            raw = pub.pack_part("usage", usage)
+            assert raw == wire.pack(usage) and pub.pack_part("usage", usage) is raw
+            await pub.publish(data)
             body = wire.decode_stream(pub._latest_frames)
             assert body["data"] == {**data, "host": "h1", "epoch": pub.epoch, "seq": 1,
                                     "time": body["time"]}

@@ -10,12 +10,11 @@ A bad config, an unreadable tree or an unreachable libvirt URI is one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostagent.commands.options import Option, add_options
 from hostagent.cpulist import format_cpulist
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 

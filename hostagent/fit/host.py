@@ -22,10 +22,9 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hostagent.errors import RequestError
@@ -83,8 +82,8 @@ class HostView:
     snapshot_usage_caches: tuple[Mapping[str, Any], ...]
     # hugepages held by guests bound to no cell (on cells unknown): size KiB -> pages, and
     # for those sizes the pages all cells together have left after them
-    floating_pages: Mapping[int, int] = dataclasses.field(default_factory=dict)
-    pages_left: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    floating_pages: Mapping[int, int] = field(default_factory=dict)
+    pages_left: Mapping[int, int] = field(default_factory=dict)
 
     def cell(self, cell_id: int) -> HostCell:
         for c in self.cells:
@@ -249,10 +248,13 @@ def _floating_pages(items: Any) -> dict[int, int]:
     """``usage.floating_hugepages`` (``[{size_kib, pages}]``) as {size KiB: pages}."""
     out: dict[int, int] = {}
     for item in items:
-        size, pages = int(item["size_kib"]), int(item["pages"])
+        try:
+            size, pages = int(item["size_kib"]), int(item["pages"])
+        except (KeyError, TypeError, ValueError):
+            size = pages = -1
         if size <= 0 or pages < 0:
-            raise ValueError(f"floating_hugepages entry {dict(item)}: size_kib must be "
-                             "positive and pages not negative")
+            raise ValueError(f"usage.floating_hugepages entry {item!r}: expected "
+                             "{size_kib: a positive integer, pages: an integer >= 0}")
         out[size] = out.get(size, 0) + pages
     return out
 

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +205,7 @@ class _Search:
             if problems:
                 self.leaf_reasons = [Reason(None, None, "pci_devices", p) for p in problems]
                 return None
-        problems = floating_page_problems(view, req, chosen)
+        problems = floating_page_problems(view, _pages_taken(req, chosen))
         if problems:
             self.leaf_reasons = [Reason(None, None, "hugepages", p) for p in problems]
             return None
@@ -270,23 +270,27 @@ def _pci_summary(view: HostView, req: FitRequest) -> list[Reason]:
     return out
 
 
-def floating_page_problems(view: HostView, req: FitRequest,
-                           chosen: Sequence[CellFit]) -> list[str]:
+def floating_page_problems(view: HostView, taken: Mapping[int, int]) -> list[str]:
     """Hugepages of guests bound to no cell come from cells the snapshot cannot name, so
-    per size the pages this placement takes plus those must fit in the free pages of all
-    cells together (a necessary condition: the per-cell counts cannot see them)."""
+    per size the pages a placement takes (``taken``: size KiB -> pages) must fit in what
+    all cells together have left after them (a necessary condition: the per-cell counts
+    cannot see them)."""
     out = []
     for size, held in sorted(view.floating_pages.items()):
-        if not held:
-            continue
-        taken = sum(req.cells[cf.guest_cell].memory_kib // size
-                    for cf in chosen if cf.page_size_kib == size)
-        if not taken:
-            continue
+        need = taken.get(size, 0)
         left = view.pages_left.get(size, 0)
-        if taken > left:
-            out.append(f"needs {taken} {size} KiB pages; all cells together have {left} left "
+        if held and need > left:
+            out.append(f"needs {need} {size} KiB pages; all cells together have {left} left "
                        f"after the {held} held by guests bound to no cell")
+    return out
+
+
+def _pages_taken(req: FitRequest, chosen: Sequence[CellFit]) -> dict[int, int]:
+    """Hugepages per size the placement ``chosen`` takes."""
+    out: dict[int, int] = {}
+    for cf in chosen:
+        size = cf.page_size_kib
+        out[size] = out.get(size, 0) + req.cells[cf.guest_cell].memory_kib // size
     return out
 
 
@@ -295,9 +299,9 @@ def _host_wide_checks(view: HostView, req: FitRequest) -> list[Reason]:
     size = req.page_size
     if isinstance(size, int) and view.floating_pages.get(size):
         # the whole guest takes pages of this size: check once, before any search
-        whole = [CellFit(g.index, -1, (), (), (), size, None, ()) for g in req.cells]
+        need = {size: sum(g.memory_kib // size for g in req.cells)}
         out.extend(Reason(None, None, "hugepages", p)
-                   for p in floating_page_problems(view, req, whole))
+                   for p in floating_page_problems(view, need))
     if req.emulator_policy == "share" and req.pinned and not view.shared_cpus:
         non_rt = set(req.dedicated_vcpus) - set(req.realtime)
         if not non_rt and not any(c.shared for c in req.cells):

@@ -120,10 +120,12 @@ class FileReader:
     ) -> list[str | None]:
         """``[read(d + n, dir_fd, rel + n) for n in names]`` in one tight loop.
 
-        The cache probe reads five or seven files per cache directory, thousands on a big
-        host; one call per directory instead of one per file takes about a third off the
-        Python side of it. Errors are ``read``'s: a file that cannot be read or decoded
-        raises ``ProbeError`` naming it (and the later names are not read).
+        The probe reads seven files per cache directory and three per core's
+        ``topology/``, thousands on a big host; one call per directory instead of one per
+        file takes about a third off the Python side of it, and the paths for ``files``
+        are built only when someone asks for them. Errors are ``read``'s: a file that
+        cannot be read or decoded raises ``ProbeError`` naming it (and the later names are
+        not read).
         """
         out: list[str | None] = []
         append = out.append
