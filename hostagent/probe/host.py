@@ -10,7 +10,6 @@ plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.cbm.cache_
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from hostagent.cbm import cache_ways
 from hostagent.errors import ProbeError
@@ -78,7 +77,7 @@ _SCALAR_SET = frozenset(_SCALARS)
 def _plain(value: Any) -> Any:
     """``hostagent.model.topology_to_dict``'s walk, several times faster on a big host.
 
-    Same output (tests compare them on every fixture): dataclass fields by name
+    Same output (tests compare them on every fixture): record fields by name
     (``class_`` → ``class``), mappings with string keys, tuples as lists. Tuples in the
     model hold one type each, so a tuple whose first item is a scalar is copied as is.
     """
@@ -91,7 +90,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     names = _FIELDS.get(cls)
     if names is None:
-        if isinstance(value, Mapping):
+        if hasattr(value, "keys"):  # a mapping by dict()'s rule; no collections.abc import
             return {str(k): _plain(v) for k, v in value.items()}
         fields = getattr(cls, "_fields", None)
         if fields is None:
@@ -107,39 +106,12 @@ def probe_json(topo: HostTopology) -> dict[str, Any]:
     return out
 
 
-def _encode(value: Any) -> Any:
-    """``json.dumps`` ``default`` hook: a model object as its schema dict, one level deep.
-
-    Its fields are handed back as they are; the C encoder writes tuples as arrays and int
-    map keys as strings, which is what ``_plain`` produces. A record whose field names are
-    the schema's keys is handed over as its own ``__dict__`` (which holds exactly its
-    fields, in order: ``hostagent.model``), so nothing is copied: callers must not change
-    the result.
-    """
-    cls = value.__class__
-    names = _FIELDS.get(cls)
-    if names is None:
-        if isinstance(value, Mapping):
-            return dict(value)
-        fields = getattr(cls, "_fields", None)
-        if fields is None:
-            raise TypeError(f"{cls.__name__} is not JSON serializable")
-        names = _FIELDS[cls] = tuple((n, _RENAMES.get(n, n)) for n in fields)
-        if all(n == key for n, key in names):
-            _AS_DICT.add(cls)
-    if cls in _AS_DICT:
-        return value.__dict__
-    return {key: getattr(value, name) for name, key in names}
-
-
-_AS_DICT: set[type] = set()  # records whose ``__dict__`` is their schema dict
-
-
 def probe_json_text(topo: HostTopology) -> str:
-    """``probe_json(topo)`` as compact JSON text (no spaces), without building the dict tree
-    first: the ``hostagent probe --json`` output."""
-    import json
+    """``probe_json(topo)`` as compact JSON text (no spaces), written straight from the
+    model by ``hostagent.jsontext`` (no dict tree first, and no ``json`` import: start-up
+    time): the ``hostagent probe --json`` output."""
+    from hostagent.jsontext import dumps
 
-    doc = dict(_encode(topo))
+    doc = dict(vars(topo))  # the record's fields, in order (hostagent.model)
     doc["free_cache"] = cache_ways(topo)
-    return json.dumps(doc, default=_encode, separators=(",", ":"), check_circular=False)
+    return dumps(doc)
