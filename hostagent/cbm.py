@@ -18,12 +18,11 @@ mask; they are reported so that a planner can prefer other ways.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from hostagent.model import HostTopology, Resctrl, ResctrlResource
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 

@@ -75,14 +75,12 @@ def _quick_args(command: str, argv: list[str]) -> Any:
     options = getattr(module, "QUICK_OPTIONS", None)
     if options is None:
         return None
-    from hostagent.commands.options import quick_parse
+    from hostagent.commands.options import QuickArgs, quick_parse
 
     values = quick_parse(argv, options)
     if values is None:
         return None
-    from types import SimpleNamespace
-
-    return SimpleNamespace(command=command, func=module.run, **values)
+    return QuickArgs(command=command, func=module.run, **values)
 
 
 def run_command(args: Any) -> int:

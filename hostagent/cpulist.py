@@ -7,7 +7,9 @@ bad text, and callers wrap it in an error naming the file or option.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+TYPE_CHECKING = False  # collections.abc is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def parse_cpulist(text: str) -> tuple[int, ...]:

@@ -9,11 +9,9 @@ The dict form uses string map keys (``distances: {"1": 21}``, ``schemata: {"L3":
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from operator import attrgetter
-
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any, TypeVar
 
     _M = TypeVar("_M")
@@ -36,7 +34,6 @@ def _frozen(cls: type) -> type:
     sets them in that order and nothing else can): ``probe --json`` writes it as is.
     """
     names = tuple(cls.__annotations__)  # own annotations, in order (no inheritance here)
-    values = attrgetter(*names)
     qualname = cls.__qualname__
 
     def __repr__(self: Any) -> str:
@@ -45,11 +42,11 @@ def _frozen(cls: type) -> type:
 
     def __eq__(self: Any, other: object) -> bool:
         if other.__class__ is self.__class__:
-            return values(self) == values(other)
+            return self.__dict__ == other.__dict__  # the fields, and only them
         return NotImplemented
 
     def __hash__(self: Any) -> int:
-        return hash(values(self))
+        return hash(tuple(self.__dict__.values()))
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         raise FrozenError(f"cannot assign to field {name!r} of {qualname}")
@@ -391,7 +388,7 @@ def _to_plain(value: Any) -> Any:
     names = getattr(value.__class__, "_fields", None)
     if names is not None:
         return {_RENAMES.get(n, n): _to_plain(getattr(value, n)) for n in names}
-    if isinstance(value, Mapping):
+    if hasattr(value, "keys"):  # a mapping by dict()'s rule; no collections.abc import
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         return [_to_plain(v) for v in value]

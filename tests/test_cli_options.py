@@ -9,7 +9,7 @@ import pytest
 from hostagent.cli import main
 from hostagent.cli_parser import build_parser
 from hostagent.commands import probe, snapshot
-from hostagent.commands.options import Option, quick_parse
+from hostagent.commands.options import Option, QuickArgs, quick_parse
 
 PLAIN = [
     [],
@@ -104,3 +104,13 @@ def test_option_table_entries_are_checked():
     with pytest.raises(ValueError, match="expected a long option"):
         Option("--a=b", "X", "no = in a name")
     assert Option("--sysfs-root", "D", "").dest == "sysfs_root"
+
+
+def test_quick_args_read_like_argparse_namespace():
+    from hostagent.cli import _quick_args
+
+    args = _quick_args("probe", ["--json", "--sysfs-root=/x"])
+    assert (args.json, args.sysfs_root, args.resctrl_root, args.command) == (
+        True, "/x", None, "probe")
+    assert args == QuickArgs(**vars(args)) and args != QuickArgs(json=True)
+    assert repr(QuickArgs(json=True)) == "QuickArgs(json=True)"

@@ -23,6 +23,21 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+class QuickArgs:
+    """A quick-parsed command line: its values as attributes, like argparse's ``Namespace``
+    (a class of its own: ``types.SimpleNamespace`` would import ``types`` at start-up)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"QuickArgs({items})"
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is QuickArgs and vars(self) == vars(other)
+
+
 class Option:
     """``--name METAVAR`` (a string value, default ``None``) or, with ``metavar=None``, a
     ``--flag`` (``True`` when given, default ``False``)."""

@@ -25,7 +25,6 @@ level, then type (data, instruction, unified), then id.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from hostagent.errors import ProbeError
 from hostagent.model import Cache
@@ -33,6 +32,7 @@ from hostagent.probe.reader import FileReader, first_cpu, to_count, to_cpus, to_
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 TYPES = {"data": "data", "instruction": "instruction", "unified": "unified"}

@@ -24,10 +24,13 @@ any, else -1.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from hostagent.model import Cpu
 from hostagent.probe.reader import FileReader, numbered, to_cpus, to_int
+
+TYPE_CHECKING = False  # collections.abc is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 IS_CPU = numbered("cpu")
 NO_CLUSTER = 65535

@@ -14,13 +14,13 @@ for anything else.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 
 from hostagent.cpulist import parse_cpulist
 from hostagent.errors import ProbeError
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from typing import Any
 
 _BIG = 4096  # kernfs attributes are at most a page; a read this long may be a seq_file

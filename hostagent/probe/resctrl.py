@@ -33,7 +33,6 @@ the resource's ``cbm_mask``; lines of other resources (``SMBA``) are ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from hostagent.cbm import format_mask, popcount
 from hostagent.errors import ProbeError
@@ -48,6 +47,7 @@ from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex, to_int
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
 def split_resource(name: str) -> tuple[int, str] | None:
