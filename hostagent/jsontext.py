@@ -39,10 +39,15 @@ _RENAMES = {"class_": "class"}  # record field -> schema key (a Python keyword a
 
 def dumps(value: Any) -> str:
     """``value`` as compact JSON text: ``json.dumps(value, separators=(",", ":"))``."""
-    return _writer(value)(value)
+    return _WRITERS.get(value.__class__, _other)(value)
 
 
-def _string(text: str) -> str:
+# Each writer takes a value of one exact type and returns its text. ``_other`` handles the
+# rest and adds a writer for each record class it meets, so a record costs one call plus
+# one per field that is not written by a C function (strings repeat, and are looked up).
+
+
+def _quote(text: str) -> str:
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return f'"{text}"'  # the common case: nothing to escape
     return '"' + "".join([_char(c) for c in text]) + '"'
@@ -61,6 +66,21 @@ def _char(c: str) -> str:
     return f"\\u{0xD800 | (n >> 10):04x}\\u{0xDC00 | (n & 0x3FF):04x}"
 
 
+class _Quoted(dict):  # type: ignore[type-arg]
+    """str → its JSON text. A miss is quoted, and kept while there are few (cache types,
+    group names, PCI addresses and masks repeat; a lookup is cheaper than ``_quote``)."""
+
+    def __missing__(self, text: str) -> str:
+        quoted = _quote(text)
+        if len(self) < _QUOTED_MAX and len(text) <= 64:
+            self[text] = quoted
+        return quoted
+
+
+_QUOTED_MAX = 4096
+_string = _Quoted().__getitem__
+
+
 def _float(value: float) -> str:
     if value != value:
         return "NaN"
@@ -69,19 +89,14 @@ def _float(value: float) -> str:
     return float.__repr__(value)
 
 
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
-
-
-def _null(value: None) -> str:
-    return "null"
+_INT_ONLY = {int}
 
 
 def _array(values: tuple[Any, ...] | list[Any]) -> str:
     if not values:
         return "[]"
-    if values[0].__class__ is int and all(v.__class__ is int for v in values):
-        return "[" + ",".join(map(int.__repr__, values)) + "]"  # CPU lists: the bulk
+    if set(map(type, values)) == _INT_ONLY:  # CPU lists: the bulk of the text
+        return "[" + ",".join(map(int.__repr__, values)) + "]"
     get = _WRITERS.get
     return "[" + ",".join([get(v.__class__, _other)(v) for v in values]) + "]"
 
@@ -107,33 +122,35 @@ def _object(mapping: Any) -> str:
     ) + "}"
 
 
-_RECORD_KEYS: dict[type, tuple[str, ...]] = {}  # record class -> its '"key":' texts
-
-
-def _record(value: Any, keys: tuple[str, ...]) -> str:
+def _record_writer(keys: tuple[str, ...]) -> Callable[[Any], str]:
+    """The writer of one record class whose fields' keys are ``keys``: one ``%`` template
+    for the whole object, filled with its values' texts."""
     get = _WRITERS.get
-    pairs = zip(keys, value.__dict__.values(), strict=True)
-    return "{" + ",".join([k + get(v.__class__, _other)(v) for k, v in pairs]) + "}"
+    template = "{" + ",".join(_string(k).replace("%", "%%") + ":%s" for k in keys) + "}"
+    count = len(keys)
+
+    def write(value: Any) -> str:
+        texts = tuple([get(v.__class__, _other)(v) for v in value.__dict__.values()])
+        if len(texts) != count:
+            raise TypeError(f"{value.__class__.__name__} record's attributes are not its fields")
+        return template % texts
+
+    return write
 
 
 def _other(value: Any) -> str:
     """A record, a mapping or a subclass of a plain type (exact plain types have writers)."""
     cls = value.__class__
-    keys = _RECORD_KEYS.get(cls)
-    if keys is not None:
-        return _record(value, keys)
     fields = getattr(cls, "_fields", None)
     if fields is not None and isinstance(getattr(value, "__dict__", None), dict):
-        keys = tuple(_string(_RENAMES.get(n, n)) + ":" for n in fields)
         if list(value.__dict__) != list(fields):
             raise TypeError(f"{cls.__name__} record's attributes are not its fields")
-        _RECORD_KEYS[cls] = keys
-        return _record(value, keys)
+        keys = tuple(_RENAMES.get(n, n) for n in fields)
+        write = _WRITERS[cls] = _record_writer(keys)
+        return write(value)
     if hasattr(value, "keys"):
         return _object(value)
-    if isinstance(value, bool):
-        return _bool(value)
-    for base in (str, int, float, tuple, list):
+    for base in (str, int, float, tuple, list):  # bool cannot be subclassed
         if isinstance(value, base):
             return _WRITERS[base](base(value))
     raise TypeError(f"Object of type {cls.__name__} is not JSON serializable")
@@ -142,14 +159,10 @@ def _other(value: Any) -> str:
 _WRITERS: dict[type, Callable[[Any], str]] = {
     str: _string,
     int: int.__repr__,
-    bool: _bool,
-    type(None): _null,
+    bool: {True: "true", False: "false"}.__getitem__,
+    type(None): {None: "null"}.__getitem__,
     float: _float,
     tuple: _array,
     list: _array,
     dict: _object,
 }
-
-
-def _writer(value: Any) -> Callable[[Any], str]:
-    return _WRITERS.get(value.__class__, _other)
