@@ -525,3 +525,41 @@ def test_floating_pages_checked_on_the_whole_placement_when_sizes_vary():
         "guests bound to no cell"]
     assert fit(snap, flavor(1, 3072, mem_page_size="large"))["fits"] is False  # 2 a cell
     assert fit(snap, flavor(1, 2048, mem_page_size="large"))["fits"]
+
+
+def test_a_spread_guest_falls_back_on_another_page_size_when_floating_pages_leave_too_few():
+    """Each guest cell prefers 1 GiB pages; together they need 4 of the 3 left after the
+    guest bound to no cell, so the second cell takes 2 MiB pages instead."""
+    snap = host(hugepages={2048: 1024, 1048576: 2}, dedicated=[])
+    both = fit(snap, flavor(2, 4096, mem_page_size="large", numa_nodes=2))
+    assert [c["page_size_kib"] for c in both["placement"]["cells"]] == [1048576, 1048576]
+    held = floating_pages(snap, s1048576=1)
+    for size in ("large", "any"):
+        a = fit(held, flavor(2, 4096, mem_page_size=size, numa_nodes=2))
+        assert a["fits"], a["reasons"]
+        assert [c["page_size_kib"] for c in a["placement"]["cells"]] == [1048576, 2048]
+    # with most 2 MiB pages held too, no mix fits: the preferred mix's shortfall is reported
+    short = floating_pages(snap, s1048576=1, s2048=1800)  # 248 of 2048 left: 1 GiB worth
+    no = fit(short, flavor(2, 4096, mem_page_size="large", numa_nodes=2))
+    assert not no["fits"]
+    assert [r["message"] for r in reasons(no, "hugepages")] == [
+        "needs 4 1048576 KiB pages; all cells together have 3 left after the 1 held by "
+        "guests bound to no cell"]
+    # "any" can still use small pages for the second cell
+    small = fit(short, flavor(2, 4096, mem_page_size="any", numa_nodes=2))
+    assert small["fits"]
+    assert [c["page_size_kib"] for c in small["placement"]["cells"]] == [1048576, 4]
+
+
+def test_page_size_options_are_only_for_a_choice_of_sizes():
+    from hostagent.fit.cellfit import page_size_options
+    from hostagent.fit.host import host_view
+    from hostagent.fit.request import parse_request
+
+    snap = host(hugepages={2048: 1024, 1048576: 2}, dedicated=[])
+    view = host_view(snap)
+    req = parse_request(flavor(1, 2048, mem_page_size="any"))
+    assert page_size_options(req, req.cells[0], view.cells[0]) == [1048576, 2048, 4]
+    fixed = parse_request(flavor(1, 2048, mem_page_size="2MB"))
+    with pytest.raises(ValueError, match="2048 is one size, not a choice of sizes"):
+        page_size_options(fixed, fixed.cells[0], view.cells[0])

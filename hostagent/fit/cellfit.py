@@ -78,34 +78,54 @@ def choose_page_size(
             return None, "memory", (
                 f"needs {_mib(mem)} of small-page memory, {_mib(cell.small_free_kib)} free")
         return SMALL_PAGE_KIB, "", ""
-    huge = sorted(cell.pages, reverse=True)
-    if ps == "large":
-        cands = huge
-    elif ps == "any":
-        cands = huge + [SMALL_PAGE_KIB]
-    else:
-        assert isinstance(ps, int)
-        if ps not in cell.pages:
-            have = ", ".join(str(s) for s in sorted(cell.pages)) or "none"
-            return None, "hugepages", f"no {ps} KiB pages in this cell (sizes: {have})"
-        cands = [ps]
+    if isinstance(ps, int) and ps not in cell.pages:
+        have = ", ".join(str(s) for s in sorted(cell.pages)) or "none"
+        return None, "hugepages", f"no {ps} KiB pages in this cell (sizes: {have})"
+    cands = _page_candidates(ps, cell)
     if not cands:
         return None, "hugepages", "no hugepage pools in this cell"
     why = []
     for size in cands:
-        if size == SMALL_PAGE_KIB:
-            if mem <= cell.small_free_kib:
-                return size, "", ""
-            why.append(f"small pages: {_mib(cell.small_free_kib)} free")
-            continue
-        if mem % size:
-            why.append(f"{size} KiB pages: {_mib(mem)} is not a whole number of pages")
-            continue
-        need = mem // size
-        if need <= cell.pages[size]:
+        problem = _page_problem(size, mem, cell)
+        if problem is None:
             return size, "", ""
-        why.append(f"{size} KiB pages: needs {need}, {cell.pages[size]} free")
+        why.append(problem)
     return None, "hugepages", f"needs {_mib(mem)}; " + "; ".join(why)
+
+
+def page_size_options(req: FitRequest, g: GuestCell, cell: HostCell) -> list[int]:
+    """For a ``large`` or ``any`` request: every page size (KiB) the guest cell's memory
+    fits in on this host cell, in the order ``choose_page_size`` tries them (so its answer
+    first). The placement search falls back on the others when the preferred sizes of all
+    its cells together do not fit (pages held by guests bound to no cell)."""
+    ps = req.page_size
+    if ps not in ("large", "any"):
+        raise ValueError(f"page size {ps!r} is one size, not a choice of sizes")
+    return [s for s in _page_candidates(ps, cell) if _page_problem(s, g.memory_kib, cell) is None]
+
+
+def _page_candidates(ps: int | str, cell: HostCell) -> list[int]:
+    """Hugepage sizes to try for page size ``ps`` (an int, ``large`` or ``any``), in order."""
+    huge = sorted(cell.pages, reverse=True)
+    if ps == "large":
+        return huge
+    if ps == "any":
+        return huge + [SMALL_PAGE_KIB]
+    return [ps] if ps in cell.pages else []  # type: ignore[list-item]
+
+
+def _page_problem(size: int, mem: int, cell: HostCell) -> str | None:
+    """Why ``mem`` KiB do not fit in the cell's free pages of ``size``; ``None`` if they do."""
+    if size == SMALL_PAGE_KIB:
+        if mem <= cell.small_free_kib:
+            return None
+        return f"small pages: {_mib(cell.small_free_kib)} free"
+    if mem % size:
+        return f"{size} KiB pages: {_mib(mem)} is not a whole number of pages"
+    need = mem // size
+    if need <= cell.pages[size]:
+        return None
+    return f"{size} KiB pages: needs {need}, {cell.pages[size]} free"
 
 
 def _best_fit_core(

@@ -23,12 +23,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hostagent.fit import cache as cache_mod
 from hostagent.fit import pci as pci_mod
-from hostagent.fit.cellfit import CellFit, Reason, fit_cell
+from hostagent.fit.cellfit import CellFit, Reason, fit_cell, page_size_options
 from hostagent.fit.host import HostCell, HostView, PciDev
 from hostagent.fit.request import FitRequest
 
@@ -205,17 +205,22 @@ class _Search:
             if problems:
                 self.leaf_reasons = [Reason(None, None, "pci_devices", p) for p in problems]
                 return None
-        problems = floating_page_problems(view, _pages_taken(req, chosen))
+        cells = list(chosen)
+        problems = floating_page_problems(view, _pages_taken(req, cells))
+        if problems and req.page_size in ("large", "any"):
+            other = other_page_sizes(view, req, cells)
+            if other is not None:
+                cells, problems = other, []
         if problems:
             self.leaf_reasons = [Reason(None, None, "hugepages", p) for p in problems]
             return None
         entries: list[dict[str, Any]] = []
         if req.cache:
-            entries, problems = cache_mod.plan_all(view, req, chosen)
+            entries, problems = cache_mod.plan_all(view, req, cells)
             if problems:
                 self.leaf_reasons = [Reason(None, None, "cache_ways", p) for p in problems]
                 return None
-        return Outcome(True, cells=list(chosen), pci=devs, cache=entries)
+        return Outcome(True, cells=cells, pci=devs, cache=entries)
 
 
 def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
@@ -292,6 +297,52 @@ def _pages_taken(req: FitRequest, chosen: Sequence[CellFit]) -> dict[int, int]:
         size = cf.page_size_kib
         out[size] = out.get(size, 0) + req.cells[cf.guest_cell].memory_kib // size
     return out
+
+
+def other_page_sizes(
+    view: HostView, req: FitRequest, chosen: Sequence[CellFit]
+) -> list[CellFit] | None:
+    """``chosen`` with other page sizes (a ``large`` or ``any`` request) whose pages fit
+    what all cells have left after the guests bound to no cell, or ``None`` if no mix does.
+
+    Each guest cell keeps to the sizes that fit its host cell (``page_size_options``); the
+    mixes are tried in the cells' preference order with the last guest cell changing
+    first, so earlier guest cells keep their preferred size longest. Pinning does not
+    depend on the page size, so only ``page_size_kib`` changes.
+    """
+    limit = {s: view.pages_left.get(s, 0) for s, held in view.floating_pages.items() if held}
+    by_id = {c.id: c for c in view.cells}
+    guest = [req.cells[cf.guest_cell] for cf in chosen]
+    options = [page_size_options(req, g, by_id[cf.host_cell]) for g, cf in zip(
+        guest, chosen, strict=True)]
+    sizes: list[int] = []
+    taken = dict.fromkeys(limit, 0)
+    failed: set[tuple[int, tuple[int, ...]]] = set()  # (cell index, pages taken per size)
+
+    def choose(i: int) -> bool:
+        if i == len(chosen):
+            return True
+        state = (i, tuple(taken.values()))
+        if state in failed:
+            return False
+        for size in options[i]:
+            n = guest[i].memory_kib // size
+            if size in limit and taken[size] + n > limit[size]:
+                continue
+            if size in limit:
+                taken[size] += n
+            sizes.append(size)
+            if choose(i + 1):
+                return True
+            sizes.pop()
+            if size in limit:
+                taken[size] -= n
+        failed.add(state)
+        return False
+
+    if not choose(0):
+        return None
+    return [replace(cf, page_size_kib=size) for cf, size in zip(chosen, sizes, strict=True)]
 
 
 def _host_wide_checks(view: HostView, req: FitRequest) -> list[Reason]:
