@@ -7,8 +7,8 @@ encoding the document takes. The probe document holds few types, and this module
 exactly those:
 
 - model records (``hostagent.model``: a class with ``_fields``, whose instance
-  ``__dict__`` holds those fields in order) as objects keyed by field name, ``class_``
-  written as ``class`` (the schema's key, design §4.2);
+  ``__dict__`` holds those fields in order, and ``_keys``, each field's key in the
+  schema, design §4.2) as objects with those keys (without ``_keys``, the field names);
 - mappings (``dict``, or anything with ``keys()``, the rule ``dict()`` itself uses) as
   objects; keys may be ``str``, ``int``, ``float``, ``bool`` or ``None``;
 - ``tuple`` and ``list`` as arrays; ``str``, ``int``, ``float``, ``bool`` and ``None``
@@ -34,7 +34,6 @@ __all__ = ["dumps"]
 _ESCAPES = {
     '"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f",
 }
-_RENAMES = {"class_": "class"}  # record field -> schema key (a Python keyword as a key)
 
 
 def dumps(value: Any) -> str:
@@ -145,8 +144,7 @@ def _other(value: Any) -> str:
     if fields is not None and isinstance(getattr(value, "__dict__", None), dict):
         if list(value.__dict__) != list(fields):
             raise TypeError(f"{cls.__name__} record's attributes are not its fields")
-        keys = tuple(_RENAMES.get(n, n) for n in fields)
-        write = _WRITERS[cls] = _record_writer(keys)
+        write = _WRITERS[cls] = _record_writer(getattr(cls, "_keys", fields))
         return write(value)
     if hasattr(value, "keys"):
         return _object(value)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     _M = TypeVar("_M")
 
 
+_RENAMES = {"class_": "class"}  # field -> schema key, where the key is a Python keyword
+
+
 class FrozenError(AttributeError):
     """Raised on assigning to or deleting a field of a model object (they are immutable)."""
 
@@ -27,8 +30,9 @@ def _frozen(cls: type) -> type:
     What ``@dataclass(frozen=True)`` would give, without importing ``dataclasses`` (which
     pulls in ``inspect`` and compiles methods from source at import: together the slowest
     part of ``hostagent probe``'s start-up). Each class writes its own ``__init__``; this
-    adds ``_fields`` (the field names), ``__repr__``, ``__eq__``, ``__hash__`` and a
-    ``__setattr__``/``__delattr__`` that refuse changes. ``replace`` makes a changed copy.
+    adds ``_fields`` (the field names), ``_keys`` (each field's key in the schema: the
+    same name, except ``class_`` → ``class``), ``__repr__``, ``__eq__``, ``__hash__`` and
+    a ``__setattr__``/``__delattr__`` that refuse changes. ``replace`` makes a changed copy.
 
     An instance's ``__dict__`` holds exactly its fields, in field order (each ``__init__``
     sets them in that order and nothing else can): ``probe --json`` writes it as is.
@@ -58,6 +62,7 @@ def _frozen(cls: type) -> type:
         fn.__qualname__ = f"{qualname}.{fn.__name__}"
         setattr(cls, fn.__name__, fn)
     cls._fields = names
+    cls._keys = tuple(_RENAMES.get(n, n) for n in names)
     cls.__match_args__ = names
     return cls
 
@@ -381,18 +386,32 @@ class HostTopology:
 
 # --------------------------------------------------------------------------- dict form
 
-_RENAMES = {"class_": "class"}
+_SCALARS = (int, str, bool, float, type(None))
+_SCALAR_SET = frozenset(_SCALARS)
+_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}  # record class -> (field, key) pairs
 
 
 def _to_plain(value: Any) -> Any:
-    names = getattr(value.__class__, "_fields", None)
-    if names is not None:
-        return {_RENAMES.get(n, n): _to_plain(getattr(value, n)) for n in names}
-    if hasattr(value, "keys"):  # a mapping by dict()'s rule; no collections.abc import
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
+    """The schema dict form of a model value: record fields by their ``_keys``, mappings
+    with string keys, tuples as lists. Tuples in the model hold one type each, so a tuple
+    whose first item is a scalar is copied as is: the daemon walks the topology on every
+    re-probe, and a 448-thread host has over a thousand CPU tuples."""
+    cls = value.__class__
+    if cls in _SCALAR_SET:
+        return value
+    if cls is tuple or cls is list:
+        if not value or value[0].__class__ in _SCALARS:
+            return list(value)
         return [_to_plain(v) for v in value]
-    return value
+    names = _NAMES.get(cls)
+    if names is None:
+        if hasattr(value, "keys"):  # a mapping by dict()'s rule; no collections.abc import
+            return {str(k): _to_plain(v) for k, v in value.items()}
+        keys = getattr(cls, "_keys", None)
+        if keys is None:
+            return value
+        names = _NAMES[cls] = tuple(zip(cls._fields, keys, strict=True))
+    return {key: _to_plain(getattr(value, name)) for name, key in names}
 
 
 def topology_to_dict(topo: HostTopology) -> dict[str, Any]:

@@ -22,6 +22,8 @@ def test_fields_are_the_annotations_in_order():
     assert Cell._fields == ("id", "cpus", "memory_kib", "memory_free_kib", "distances",
                             "hugepages")
     assert HostTopology._fields[-1] == "pci"
+    assert Cell._keys == Cell._fields  # schema keys: the field names ...
+    assert PciDevice._keys[PciDevice._fields.index("class_")] == "class"  # ... but keywords
 
 
 def test_records_refuse_changes():

@@ -159,7 +159,7 @@ def test_dict_round_trip_and_json_shape(name):
     doc = probe_json(topo)
     assert set(doc) == {"cells", "cpus", "caches", "resctrl", "pci", "free_cache"}
     free = doc.pop("free_cache")
-    assert doc == d  # probe_json's fast walk gives exactly topology_to_dict
+    assert doc == d  # probe_json is topology_to_dict plus free_cache
     assert free == cache_ways(topo)
     assert [c["id"] for c in doc["cpus"]] == sorted(c["id"] for c in doc["cpus"])
 

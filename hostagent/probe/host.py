@@ -13,7 +13,7 @@ import os
 
 from hostagent.cbm import cache_ways
 from hostagent.errors import ProbeError
-from hostagent.model import HostTopology
+from hostagent.model import HostTopology, topology_to_dict
 from hostagent.probe.caches import read_caches
 from hostagent.probe.cells import read_cells
 from hostagent.probe.cpus import read_cpu_ids, read_cpus
@@ -68,40 +68,9 @@ def probe_host(
     return HostTopology(cells=cells, cpus=cpus, caches=caches, resctrl=resctrl, pci=pci)
 
 
-_RENAMES = {"class_": "class"}
-_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
-_SCALARS = (int, str, bool, float, type(None))
-_SCALAR_SET = frozenset(_SCALARS)
-
-
-def _plain(value: Any) -> Any:
-    """``hostagent.model.topology_to_dict``'s walk, several times faster on a big host.
-
-    Same output (tests compare them on every fixture): record fields by name
-    (``class_`` → ``class``), mappings with string keys, tuples as lists. Tuples in the
-    model hold one type each, so a tuple whose first item is a scalar is copied as is.
-    """
-    cls = value.__class__
-    if cls in _SCALAR_SET:
-        return value
-    if cls is tuple or cls is list:
-        if not value or value[0].__class__ in _SCALARS:
-            return list(value)
-        return [_plain(v) for v in value]
-    names = _FIELDS.get(cls)
-    if names is None:
-        if hasattr(value, "keys"):  # a mapping by dict()'s rule; no collections.abc import
-            return {str(k): _plain(v) for k, v in value.items()}
-        fields = getattr(cls, "_fields", None)
-        if fields is None:
-            return value
-        names = _FIELDS[cls] = tuple((n, _RENAMES.get(n, n)) for n in fields)
-    return {key: _plain(getattr(value, name)) for name, key in names}
-
-
 def probe_json(topo: HostTopology) -> dict[str, Any]:
     """The ``probe --json`` document: ``topology_to_dict(topo)`` plus ``free_cache``."""
-    out = _plain(topo)
+    out = topology_to_dict(topo)
     out["free_cache"] = cache_ways(topo)
     return out
 
