@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hostagent.commands.options import Option, add_options
+from hostagent.commands.probe import ROOT_OPTIONS
 from hostagent.cpulist import format_cpulist
 
 if TYPE_CHECKING:
@@ -20,9 +21,7 @@ if TYPE_CHECKING:
 
 QUICK_OPTIONS = (
     Option("--config", "F", "config file (default: built-in defaults)"),
-    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
-    Option("--resctrl-root", "D",
-           "resctrl mount (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)"),
+    *ROOT_OPTIONS,
     Option("--libvirt", "URI", "libvirt URI (default from the config, qemu:///system)"),
     Option("--host", "NAME", "host name to publish (default: config, else the hostname)"),
     Option("--json", None, "print the whole snapshot as JSON"),
