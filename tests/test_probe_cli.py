@@ -76,14 +76,17 @@ def test_this_machine_report_and_json(capsys):
     assert rc == 0 and json.loads(out)["cpus"]
 
 
-def test_probe_path_imports_no_heavy_libraries():
+@pytest.mark.parametrize("fixture, rc", [("vm-1s-nosmt", 0), (None, 2)])
+def test_probe_path_imports_no_heavy_libraries(fixture, rc):
     """``probe --json`` loads none of the modules that cost its start-up time (docs/probe.md
-    §Speed). The harness itself imports only ``os`` and ``sys``, loaded at start-up anyway."""
-    root = root_of("vm-1s-nosmt")
+    §Speed), nor does its error path (a root that is not there). The harness itself
+    imports only ``os`` and ``sys``, loaded at start-up anyway."""
+    root = root_of(fixture) if fixture else "/nonexistent"
     code = (
         "import os, sys\n"
         "from hostagent.cli import main\n"
         "real, sys.stdout = sys.stdout, open(os.devnull, 'w')\n"
+        "sys.stderr = open(os.devnull, 'w')\n"
         f"rc = main(['probe', '--json', '--sysfs-root', {str(root)!r}])\n"
         "heavy = {'libvirt', 'zmq', 'psutil', 'pyudev', 'msgpack', 'dataclasses', 'inspect',\n"
         "         'typing', 'shutil', 'argparse', 'json', 're', 'enum', 'functools',\n"
@@ -92,7 +95,7 @@ def test_probe_path_imports_no_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "0 []"
+    assert out.strip() == f"{rc} []"
 
 
 def test_in_process_probe_leaves_the_garbage_collector_as_it_was(capsys):
