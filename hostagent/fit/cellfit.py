@@ -111,7 +111,7 @@ def _page_candidates(ps: int | str, cell: HostCell) -> list[int]:
         return huge
     if ps == "any":
         return huge + [SMALL_PAGE_KIB]
-    return [ps] if ps in cell.pages else []  # type: ignore[list-item]
+    return [ps]  # type: ignore[list-item]  # a size the cell has (checked by the caller)
 
 
 def _page_problem(size: int, mem: int, cell: HostCell) -> str | None:
