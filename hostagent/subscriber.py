@@ -48,7 +48,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,14 +379,20 @@ class _Base:
             poller.register(s, zmq.POLLIN)
             poller.register(mon, zmq.POLLIN)
 
-    def _monitors_ready(self) -> Iterator[int]:
-        """Indexes of the sources whose monitor has an event to read, one per event (read
-        before deciding on a reconnect: a retry event may be queued behind the drop).
-        The poller wakes on them; ``EVENTS`` is a plain option read, cheap per source."""
+    def _monitors_ready(self, indexes: Iterable[int]) -> Iterator[int]:
+        """Of ``indexes``, each source whose monitor has an event to read, once per event
+        (the caller reads it before asking again)."""
         zmq = self._zmq
-        for i, mon in enumerate(self.monitors):
-            while mon.get(zmq.EVENTS) & zmq.POLLIN:
+        for i in indexes:
+            while self.monitors[i].get(zmq.EVENTS) & zmq.POLLIN:
                 yield i
+
+    def _reconnects_due(self) -> list[int]:
+        """Sources whose reconnect is due: their monitor is read once more first, in case
+        libzmq's retry event is queued behind the drop (the application polled late)."""
+        now = time.monotonic()
+        return [i for i, link in enumerate(self._links)
+                if link.retry_at is not None and now >= link.retry_at]
 
     def _on_monitor(self, index: int, frames: list[bytes]) -> None:
         """One monitor event of source ``index``'s socket."""
@@ -457,10 +463,13 @@ class Subscriber(_Base):
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for i in self._monitors_ready():
+            for i in self._monitors_ready(self._reconnects_due()):
                 self._on_monitor(i, self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(self.poller.poll(None if wait is None else wait * 1000 + 1))
+            for i in self._monitors_ready(i for i, m in enumerate(self.monitors)
+                                          if m in events):
+                self._on_monitor(i, self.monitors[i].recv_multipart(zmq.NOBLOCK))
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
@@ -543,10 +552,13 @@ class AsyncSubscriber(_Base):
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for i in self._monitors_ready():
+            for i in self._monitors_ready(self._reconnects_due()):
                 self._on_monitor(i, await self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(await self.poller.poll(None if wait is None else wait * 1000 + 1))
+            for i in self._monitors_ready(i for i, m in enumerate(self.monitors)
+                                          if m in events):
+                self._on_monitor(i, await self.monitors[i].recv_multipart(zmq.NOBLOCK))
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue

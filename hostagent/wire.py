@@ -556,6 +556,9 @@ SNAPSHOT_SUBMAPS = {"topology": (("resctrl", True),),
                     "config": (("reserved_memory_kib", False),)}
 
 
+_DICT_ONLY = frozenset({dict})
+
+
 def _kind(value: Any) -> str:
     return type(value).__name__
 
@@ -564,7 +567,8 @@ def check_snapshot(data: Any, body: Mapping[str, Any] | None = None) -> dict[str
     """Check a snapshot's structure against schema v1 (not every field: the containers a
     reader walks, see ``SNAPSHOT_*``), and that its ``host``, ``epoch`` and ``seq``, where
     present, are those of the message ``body``; ``WireError`` names the first key found
-    wrong. Costs one ``isinstance`` per list element (about 20 µs on a 448-thread host)."""
+    wrong. The lists are walked in C: 46–157 µs on a 448-thread host with 200 guests on
+    a loaded 2-core machine, where decoding that snapshot took 8–10 ms."""
     if not isinstance(data, dict):
         raise WireError(f"data is a {_kind(data)}, not a map")
     schema = data.get("schema")
@@ -583,6 +587,8 @@ def check_snapshot(data: Any, body: Mapping[str, Any] | None = None) -> dict[str
                 continue
             if not isinstance(items, list):
                 raise WireError(f"data.{part}.{key} is a {_kind(items)}, not a list")
+            if set(map(type, items)) <= _DICT_ONLY:  # the usual case, walked in C
+                continue
             for i, item in enumerate(items):
                 if not isinstance(item, dict):
                     raise WireError(f"data.{part}.{key}[{i}] is a {_kind(item)}, not a map")
