@@ -266,6 +266,12 @@ def _setup_sub(sock: Any, zmq: Any, topics: list[bytes], max_bytes: int,
         sock.subscribe(t)
 
 
+def reconnect_delay(failures: int) -> float:
+    """Seconds to wait after a drop before the library reconnects, when ``failures``
+    reconnects of that source came before it with no snapshot in between."""
+    return min(RECONNECT_MAX_SECONDS, RECONNECT_GRACE_SECONDS * 2 ** min(failures, 16))
+
+
 #: unique inproc addresses for the monitor sockets (pyzmq's default, derived from the
 #: socket's fd, can still be bound by a just-closed socket's monitor)
 _monitor_ids = itertools.count()
@@ -402,8 +408,7 @@ class _Base:
         link = self._links[index]
         if event == self._zmq.EVENT_DISCONNECTED:
             self.state.stats["disconnects"] += 1
-            link.retry_at = time.monotonic() + min(RECONNECT_MAX_SECONDS,
-                                      RECONNECT_GRACE_SECONDS * 2 ** min(link.failures, 16))
+            link.retry_at = time.monotonic() + reconnect_delay(link.failures)
         else:  # libzmq is connecting or retrying by itself
             link.retry_at = None
 

@@ -15,7 +15,15 @@ from zmq_helpers import run, running_publisher, snapshot_data, source
 
 from hostagent import wire
 from hostagent.curve import ClientCurve, ServerCurve, make_keypair, start_authenticator
-from hostagent.subscriber import AsyncSubscriber, Source, Subscriber, SubscriberState
+from hostagent.subscriber import (
+    RECONNECT_GRACE_SECONDS,
+    RECONNECT_MAX_SECONDS,
+    AsyncSubscriber,
+    Source,
+    Subscriber,
+    SubscriberState,
+    reconnect_delay,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 20.0  # generous bound for anything that should happen "soon" on a loaded machine
@@ -106,6 +114,33 @@ def test_async_subscriber_resyncs_with_the_agent_after_an_oversized_frame(tmp_pa
                 await sub.poll(0.2)
             assert sub.latest("h1")["usage"] == {"n": 21}
             assert sub.stats["reconnects"] >= 1
+            sub.close()
+    run(main(), timeout=60)
+
+
+def test_reconnect_delay_doubles_up_to_its_cap():
+    assert [reconnect_delay(n) for n in range(4)] == [
+        RECONNECT_GRACE_SECONDS * k for k in (1, 2, 4, 8)]
+    assert reconnect_delay(10) == reconnect_delay(10**6) == RECONNECT_MAX_SECONDS
+
+
+def test_agent_whose_snapshots_are_all_too_big_backs_off_then_recovers(tmp_path):
+    async def main():
+        async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
+            await pub.publish({**snapshot_data(1), "pad": "x" * 10_000})
+            sub = AsyncSubscriber([source(tmp_path)], max_message_bytes=4096)
+            deadline = time.monotonic() + WAIT
+            while sub.stats["reconnects"] < 2:  # every re-publish drops the connection
+                assert time.monotonic() < deadline, dict(sub.stats)
+                await sub.poll(0.2)
+            assert sub._links[0].failures == sub.stats["reconnects"]  # no reset between
+            assert sub.latest("h1") is None
+            await pub.publish(snapshot_data(2))  # small again: the next reconnect gets it
+            deadline = time.monotonic() + WAIT
+            while sub.latest("h1") is None:
+                assert time.monotonic() < deadline, dict(sub.stats)
+                await sub.poll(0.2)
+            assert sub.latest("h1")["usage"] == {"n": 2} and sub._links[0].failures == 0
             sub.close()
     run(main(), timeout=60)
 
