@@ -393,7 +393,7 @@ class _Base:
             while self.monitors[i].get(zmq.EVENTS) & zmq.POLLIN:
                 yield i
 
-    def _reconnects_due(self) -> list[int]:
+    def _due_links(self) -> list[int]:
         """Sources whose reconnect is due: their monitor is read once more first, in case
         libzmq's retry event is queued behind the drop (the application polled late)."""
         now = time.monotonic()
@@ -412,7 +412,7 @@ class _Base:
         else:  # libzmq is connecting or retrying by itself
             link.retry_at = None
 
-    def _reconnect_due(self, now: float) -> None:
+    def _reconnect_dropped(self, now: float) -> None:
         """Connect again every source whose dropped connection libzmq did not retry."""
         for i, link in enumerate(self._links):
             if link.retry_at is None or now < link.retry_at:
@@ -434,7 +434,7 @@ class _Base:
         """Reconnects and liveness updates due now, and how long the next poll may wait
         (seconds or None)."""
         now = time.monotonic()
-        self._reconnect_due(now)
+        self._reconnect_dropped(now)
         out = self.state.expire(now)
         waits = [w for w in (self.state.next_expiry(now),
                              *(link.retry_at - now for link in self._links
@@ -444,6 +444,8 @@ class _Base:
 
     def _close(self) -> None:
         for s, mon in zip(self.socks, self.monitors, strict=True):
+            if s.closed:
+                continue
             s.disable_monitor()
             mon.close(linger=0)
             s.close(linger=0)
@@ -468,7 +470,7 @@ class Subscriber(_Base):
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for i in self._monitors_ready(self._reconnects_due()):
+            for i in self._monitors_ready(self._due_links()):
                 self._on_monitor(i, self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(self.poller.poll(None if wait is None else wait * 1000 + 1))
@@ -557,7 +559,7 @@ class AsyncSubscriber(_Base):
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for i in self._monitors_ready(self._reconnects_due()):
+            for i in self._monitors_ready(self._due_links()):
                 self._on_monitor(i, await self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(await self.poller.poll(None if wait is None else wait * 1000 + 1))
