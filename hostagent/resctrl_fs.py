@@ -65,6 +65,7 @@ __all__ = [
 
 PREFIX = "hostagent-"
 NAME_MAX = 64
+QUOTE_MAX = 300  # characters of a file's text quoted in an error message
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]+")
 
 # Test hooks (set in a child process only): called with the plan between planning and
@@ -303,20 +304,21 @@ def reserve(
                 raise _fail(root, "creating", path, exc, "nothing was created") from None
             created = True
         else:
-            try:
-                previous = Path(path, "schemata").read_text()
-            except OSError:
-                previous = None
+            previous = _read_text(os.path.join(path, "schemata"))
         target = os.path.join(path, "schemata")
+        cpus_written = False
+        moved: list[int] = []
         try:
             _write(target, plan.text)
             if cpu_ids is not None:
                 target = os.path.join(path, "cpus_list")
                 _write(target, format_cpulist(cpu_ids) + "\n")
+                cpus_written = True
             if pids is not None:
                 target = os.path.join(path, "tasks")
                 for pid in pids:
                     _write(target, f"{pid}\n", append=True)
+                    moved.append(pid)
         except OSError as exc:
             status = last_cmd_status(root)
             if created:
@@ -325,22 +327,84 @@ def reserve(
                     outcome = f"group {name} removed"
                 except OSError as rm_exc:
                     outcome = f"could not remove group {name}: {rm_exc.strerror}"
-            elif previous is not None:
-                try:
-                    _write(os.path.join(path, "schemata"), _rewritable(previous))
-                    outcome = f"group {name} keeps its previous schemata"
-                except OSError:
-                    outcome = f"group {name} was not changed (the kernel applies a write whole)"
             else:
-                outcome = f"group {name} was not changed"
+                outcome = _put_back(
+                    os.path.join(path, "schemata"), previous, f"group {name}",
+                    "reserve it again or release it",
+                )
+                if cpus_written:
+                    outcome += f"; its CPUs were already set to {format_cpulist(cpu_ids or ())}"
+                if moved:
+                    outcome += "; tasks already moved into it stay there: " + ",".join(
+                        map(str, moved))
             raise _fail(root, "writing", target, exc, outcome, status) from None
         action = "created" if created else "updated"
         return ReserveResult(action, name, path, plan, cpu_ids, pids)
 
 
-def _rewritable(schemata: str) -> str:
-    """A schemata file as read, in a form that can be written back (names unpadded)."""
-    return "".join(line.strip() + "\n" for line in schemata.splitlines() if line.strip())
+def _normal_schemata(text: str) -> str:
+    """A schemata file as read, in a form that can be written back and compared: one
+    line per resource, names and values without the kernel's padding (``MB:0= 30``)."""
+    out = []
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        if not line.strip():
+            continue
+        if not sep:
+            out.append(line.strip())
+            continue
+        items = []
+        for item in rest.split(";"):
+            key, eq, value = item.partition("=")
+            if item.strip():
+                items.append(f"{key.strip()}={value.strip()}" if eq else item.strip())
+        out.append(f"{name.strip()}:" + ";".join(items))
+    return "".join(line + "\n" for line in out)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _quote(text: str | None) -> str:
+    """A file's text for a one-line message (``repr``, at most ``QUOTE_MAX`` characters)."""
+    if text is None:
+        return "nothing (it cannot be read)"
+    if len(text) > QUOTE_MAX:
+        return repr(text[:QUOTE_MAX]) + "..."
+    return repr(text)
+
+
+def _put_back(path: str, previous: str | None, who: str, advice: str) -> str:
+    """After a failed write to the schemata file ``path``: make it hold ``previous``
+    again if it does not, and say what is true afterwards.
+
+    What is said is read back from the file, never assumed: the kernel's file ignores
+    the truncating open and refuses a bad write whole, but a plain file (a fixture
+    copy) is emptied by the open, and a write back can fail too.
+    """
+    now = _read_text(path)
+    if previous is None:
+        return (f"{who}: its previous schemata could not be read, so it was not written "
+                f"back; {path} now reads {_quote(now)}; {advice}")
+    want = _normal_schemata(previous)
+    if now is not None and _normal_schemata(now) == want:
+        return f"{who} keeps its previous schemata"
+    error = None
+    try:
+        _write(path, want)
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+    now = _read_text(path)
+    if now is not None and _normal_schemata(now) == want:
+        return f"{who} keeps its previous schemata (written back)"
+    what = (f"writing its previous schemata back failed too ({error})" if error
+            else "its previous schemata was written back but reads differently")
+    return (f"{who}: {what}; {path} now reads {_quote(now)} (before: {_quote(previous)}); "
+            f"{advice}")
 
 
 def release(resctrl_root: str | os.PathLike[str], group: str) -> bool:
@@ -400,8 +464,7 @@ def carve(
         try:
             _write(target, "".join(line + "\n" for line in out))
         except OSError as exc:
-            raise _fail(
-                root, "writing", target, exc,
-                "the default group was not changed (the kernel applies a write whole)",
-            ) from None
+            status = last_cmd_status(root)
+            outcome = _put_back(target, current, "the default group", "write it back by hand")
+            raise _fail(root, "writing", target, exc, outcome, status) from None
     return plan
