@@ -63,9 +63,12 @@ def test_failed_update_on_a_plain_file_says_what_the_file_now_holds(tmp_path):
         f"large); {schemata} now reads '' (before: 'L3:0=7c0;1=004\\n'); reserve it "
         "again or release it"
     )
-    # with room again the same request succeeds
+    # with room again the same request succeeds: the emptied group (no CPUs, no tasks)
+    # is an incomplete leftover, replaced
     r = reserve(resctrl, sysfs, "rt1", "type=both,size=4608k,cache-id=1")
-    assert r.action == "updated" and schemata.read_text() == "L3:0=7c0;1=00c\n"
+    assert r.action == "created" and schemata.read_text() == "L3:0=7c0;1=00c\n"
+    assert r.cleaned == (f"{schemata.parent} was incomplete: its schemata has no L3 line "
+                         "(a reserve stopped or failed while writing it); removed")
     kernel_accepts(resctrl, sysfs)
 
 
