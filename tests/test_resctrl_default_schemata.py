@@ -62,7 +62,7 @@ def test_incomplete_root_schemata_is_an_error_everywhere(tmp_path, capsys, text,
         code, out, err = cli(capsys, resctrl, sysfs, *argv)
         assert (code, out) == (2, ""), argv
         assert err.startswith(f"hostagent: {resctrl}/schemata: {problem}"), (argv, err)
-        assert f"(read {text!r})" in err, err  # the text that was read
+        assert f"(read {text.strip()!r})" in err, err  # the text that was read
         assert "every way would look free" in err
         assert listing(resctrl) == before  # nothing was created or written
         assert root_schemata.read_text() == text

@@ -45,7 +45,7 @@ from hostagent.model import (
     ResctrlGroup,
     ResctrlResource,
 )
-from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex, to_int
+from hostagent.probe.reader import FileReader, _snippet, to_count, to_cpus, to_hex, to_int
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
@@ -248,7 +248,8 @@ def read_resctrl(
     assert default is not None
     problem = _default_schemata_problem(default, resources, by_level)
     if problem:  # the text is read again only here, to quote it
-        raise ProbeError(f"{root}/schemata", problem, reader.read(f"{root}/schemata"))
+        text = reader.read(f"{root}/schemata") or ""
+        raise ProbeError(f"{root}/schemata", problem, _snippet(text))
     groups = [default]
     subdirs = reader.listdir(root, None, dirs_only=True) or []
     for name in sorted(n for n in subdirs if n not in NOT_GROUPS):
