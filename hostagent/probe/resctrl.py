@@ -21,7 +21,9 @@ Otherwise it reads:
   ``mba_MBps``); else ``"percent"``.
 - the default group (the root, name ``""``) and every top-level directory with a
   ``schemata`` file (``info``, ``mon_groups`` and ``mon_data`` are never groups; MON groups
-  below ``mon_groups/`` are not allocation groups): ``schemata`` (required for the root),
+  below ``mon_groups/`` are not allocation groups): ``schemata`` (required for the root,
+  with a mask for every cache resource and cache ID: a missing one is an error, never
+  "all free"),
   ``mode`` (missing → ``shareable``), ``cpus_list`` (missing → none) and ``tasks`` (the
   number of non-empty lines; missing → 0).
 
@@ -43,7 +45,7 @@ from hostagent.model import (
     ResctrlGroup,
     ResctrlResource,
 )
-from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex, to_int
+from hostagent.probe.reader import FileReader, _snippet, to_count, to_cpus, to_hex, to_int
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
@@ -171,6 +173,31 @@ def _group(
     )
 
 
+def _default_schemata_problem(
+    default: ResctrlGroup, resources: list[ResctrlResource], caches: list[Cache]
+) -> str | None:
+    """What is missing from the default group's schemata, or None.
+
+    The kernel always prints a mask for every cache resource and cache ID. Without one,
+    that cache's ways would count as held by nobody (all free), and a plan would copy
+    an empty mask into a new group.
+    """
+    for res in resources:
+        masks = default.schemata.get(res.name)
+        if masks is None:
+            return (f"the default group has no {res.name} line (info/{res.name} exists); "
+                    "without it every way would look free")
+        ids = sorted({c.id for c in caches if c.level == res.level and c.type != "instruction"})
+        missing = [i for i in ids if i not in masks]
+        if missing:
+            which = (f"cache id {missing[0]}" if len(missing) == 1
+                     else "cache ids " + ", ".join(map(str, missing)))
+            return (f"the default group's {res.name} line has no mask for {which} "
+                    f"(cache ids: {', '.join(map(str, ids))}); without it every way would "
+                    "look free")
+    return None
+
+
 def _memory_bandwidth(
     reader: FileReader, root: str, groups: list[ResctrlGroup]
 ) -> MemoryBandwidth | None:
@@ -219,6 +246,10 @@ def read_resctrl(
 
     default = _group(reader, root + "/", "", widths, required=True)
     assert default is not None
+    problem = _default_schemata_problem(default, resources, by_level)
+    if problem:  # the text is read again only here, to quote it
+        text = reader.read(f"{root}/schemata") or ""
+        raise ProbeError(f"{root}/schemata", problem, _snippet(text))
     groups = [default]
     subdirs = reader.listdir(root, None, dirs_only=True) or []
     for name in sorted(n for n in subdirs if n not in NOT_GROUPS):
