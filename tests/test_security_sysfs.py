@@ -7,7 +7,9 @@ generous timeout, so that a regression fails the test instead of hanging the sui
 filling the machine's memory.
 """
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -372,11 +374,9 @@ def test_hugepage_poll_keeps_the_last_good_value_and_keeps_publishing():
             assert sub.latest("testhost")["topology"]["cells"][0]["hugepages"][0]["free"] == 60
             (pool / "free_hugepages").write_text("12\n")
             wait_for(sub, lambda s: s["topology"]["cells"][0]["hugepages"][0]["free"] == 12)
-        d.signal(__import__("signal").SIGUSR1)
+        d.signal(signal.SIGUSR1)
         text = d.wait_log("debug dump written to ")
         dump = text.split("debug dump written to ")[1].split(" ")[0]
-        import json
-
         errors = json.loads(Path(dump).read_text())["errors"]
         hp = [e for e in errors if e["where"] == "hugepages"]
         assert len(hp) == 1 and f"{pool}/free_hugepages" in hp[0]["message"], errors
