@@ -198,6 +198,7 @@ class Agent:
         self._last_status = -1e9
         self._memo: dict[str, Any] = {}
         self._memo_key: tuple[str, str] | None = None
+        self._hugepage_error: str | None = None  # the poll's error, logged once until it ends
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -334,6 +335,7 @@ class Agent:
         except ProbeError as exc:
             log.error("re-probe after %s failed, keeping the previous topology: %s", why, exc)
             self.record_error("probe", str(exc))
+            self._memo_key = None  # the next probe starts a new memo: no bad text kept in it
             return False
         if topo == self.topo:
             return False
@@ -343,13 +345,25 @@ class Agent:
         return True
 
     async def poll_hugepages(self) -> bool:
+        """Re-read the hugepage counters; on a change the tracker recomputes and we publish.
+
+        A bad file (``ProbeError``: a count no kernel prints, a FIFO, ...) keeps the last
+        good counters. It is logged and recorded once, not at every poll, until a poll
+        succeeds again.
+        """
         self.counters["hugepage_polls"] += 1
         topo = self.topo
         try:
             new = await asyncio.to_thread(read_hugepages, self.config.probe.sysfs_root, topo)
         except (ProbeError, OSError) as exc:
-            self.record_error("hugepages", str(exc))
+            if str(exc) != self._hugepage_error:
+                self._hugepage_error = str(exc)
+                log.error("hugepage counters not updated, keeping the last ones: %s", exc)
+                self.record_error("hugepages", str(exc))
             return False
+        if self._hugepage_error is not None:
+            self._hugepage_error = None
+            log.info("hugepage counters readable again")
         if new is topo or topo is not self.topo:
             return False
         self.counters["hugepage_changes"] += 1

@@ -30,6 +30,9 @@ Otherwise it reads:
 Schemata lines may have right-aligned names (``    L3:0=ff``) and space-padded values
 (``MB:0= 20;1=  30``). Cache masks are rewritten lowercase, zero-padded to the width of
 the resource's ``cbm_mask``; lines of other resources (``SMBA``) are ignored.
+
+Every number is a 32-bit unsigned value in the kernel (masks, CLOSIDs, minimums, domain
+ids, MB values): a larger one is an error (``hostagent.probe.limits.MAX_U32``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from hostagent.model import (
     ResctrlGroup,
     ResctrlResource,
 )
+from hostagent.probe.limits import MAX_U32
 from hostagent.probe.reader import FileReader, _snippet, to_count, to_cpus, to_hex, to_int
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
@@ -62,7 +66,18 @@ def split_resource(name: str) -> tuple[int, str] | None:
         if rest.endswith(suffix):
             rest, kind = rest[: -len(suffix)], k
             break
-    return (int(rest), kind) if rest.isdigit() else None
+    # "L<n>": the kernel has L2 and L3; n of more than nine digits is not a cache level
+    ok = rest.isdigit() and rest.isascii() and len(rest) < 10
+    return (int(rest), kind) if ok else None
+
+
+def _u32(path: str, text: str, what: str, item: str) -> int:
+    """A decimal ``text`` (ASCII digits) up to ``MAX_U32``; else an error showing ``item``."""
+    if not (text.isdigit() and text.isascii()):
+        raise ProbeError(path, f"bad {what}", item)
+    if len(text) > 10 or int(text) > MAX_U32:
+        raise ProbeError(path, f"{what} out of range 0..{MAX_U32}", item)
+    return int(text)
 
 
 def is_resource(name: str) -> bool:
@@ -136,17 +151,18 @@ def parse_schemata(
             key = key.strip()
             if not eq or not key.isdigit():
                 raise ProbeError(path, f"bad {name} entry", item)
+            dom = _u32(path, key, f"{name} domain id", item)
             if is_mb:
-                value = value.strip()
-                if not value.isdigit():
-                    raise ProbeError(path, f"bad {name} value for domain {key}", item)
-                mb[int(key)] = int(value)
+                mb[dom] = _u32(path, value.strip(), f"{name} value for domain {key}", item)
             else:
                 try:
-                    bits = to_hex(path, value)
-                except ProbeError:
-                    raise ProbeError(path, f"bad {name} mask for cache id {key}", item) from None
-                masks[int(key)] = format_mask(bits, widths.get(name, 4 * len(value.strip())))
+                    bits = to_hex(path, value, MAX_U32)
+                except ProbeError as exc:
+                    problem = f"bad {name} mask for cache id {key}"
+                    if exc.problem.startswith("out of range"):
+                        problem += f": {exc.problem}"
+                    raise ProbeError(path, problem, item) from None
+                masks[dom] = format_mask(bits, widths.get(name, 4 * len(value.strip())))
         if not is_mb:
             caches[name] = masks
     return caches, mb
