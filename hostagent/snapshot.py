@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hostagent.config import Config, resolve_resources
-from hostagent.guests.source import GuestRecord
+from hostagent.guests.xml import GuestRecord
 from hostagent.model import HostTopology, topology_to_dict
 from hostagent.tracker import compute_usage
 

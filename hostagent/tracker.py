@@ -33,8 +33,7 @@ from typing import Any
 
 from hostagent.cbm import cache_ways, parse_mask, popcount
 from hostagent.cpulist import format_cpulist
-from hostagent.guests.source import GuestRecord
-from hostagent.guests.xml import GuestSpec
+from hostagent.guests.xml import GuestRecord, GuestSpec
 from hostagent.model import HostTopology
 
 DEFAULT_HUGEPAGE_KIB = 2048

@@ -221,6 +221,20 @@ class GuestSpec:
         return True, fallback.size_kib if fallback else None
 
 
+@dataclass(frozen=True)
+class GuestRecord:
+    """One domain as read from libvirt (``hostagent.guests.source.read_guest``): its
+    identity, state and parsed XML. ``spec`` is None when inactive or unparsable; then
+    ``error`` says why it did not parse (None for an inactive domain)."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    spec: GuestSpec | None
+    error: str | None = None
+
+
 # --------------------------------------------------------------------------- helpers
 
 _UNIT_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
