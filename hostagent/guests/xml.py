@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import HostagentError
@@ -458,8 +459,7 @@ def _parse_identity(root: ET.Element) -> tuple[_Ctx, str, str, int | None]:
     return ctx, name, uuid, domain_id
 
 
-@dataclass(frozen=True)
-class _Vcpu:
+class _Vcpu(NamedTuple):
     """``vcpu``: the maximum count, ``current``, ``placement`` and ``cpuset``."""
 
     count: int = 1
@@ -484,21 +484,20 @@ def _parse_vcpu(ctx: _Ctx, el: ET.Element | None) -> _Vcpu:
     return _Vcpu(nvcpus, current, placement, cpuset)
 
 
-@dataclass(frozen=True)
-class _CpuTune:
+class _CpuTune(NamedTuple):
     """``cputune``: pins, vCPU schedulers, cache and memory bandwidth allocations."""
 
-    vcpupin: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    emulatorpin: tuple[int, ...] | None = None
-    iothreadpin: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    vcpusched: tuple[VcpuSched, ...] = ()
-    cachetunes: tuple[CacheTune, ...] = ()
-    memorytunes: tuple[MemoryTune, ...] = ()
+    vcpupin: dict[int, tuple[int, ...]]
+    emulatorpin: tuple[int, ...] | None
+    iothreadpin: dict[int, tuple[int, ...]]
+    vcpusched: tuple[VcpuSched, ...]
+    cachetunes: tuple[CacheTune, ...]
+    memorytunes: tuple[MemoryTune, ...]
 
 
 def _parse_cputune(ctx: _Ctx, cputune: ET.Element | None, nvcpus: int) -> _CpuTune:
     if cputune is None:
-        return _CpuTune()
+        return _CpuTune({}, None, {}, (), (), ())
     vcpupin = _parse_vcpupins(ctx, cputune, nvcpus)
     emulatorpin = None
     emu = cputune.find("emulatorpin")
