@@ -83,12 +83,8 @@ def default_hugepage_kib(topo: HostTopology) -> int | None:
     return DEFAULT_HUGEPAGE_KIB if DEFAULT_HUGEPAGE_KIB in sizes else min(sizes)
 
 
-def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
-    """Index ``topo`` and the resolved config (``hostagent.config.resolve_resources``)."""
-    dedicated = frozenset(resources.get("dedicated_cpus", ()))
-    shared = frozenset(resources.get("shared_cpus", ()))
-    online = frozenset(c.id for c in topo.cpus if c.online)
-    known = frozenset(c.id for c in topo.cpus)
+def _online_cpu_cells(topo: HostTopology, online: frozenset[int]) -> dict[int, int]:
+    """Online CPU → its cell: the cell that lists it, else the CPU's own ``cell``."""
     cpu_cell: dict[int, int] = {}
     for cell in topo.cells:
         for cpu in cell.cpus:
@@ -97,6 +93,16 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
     for c in topo.cpus:
         if c.online and c.id not in cpu_cell and c.cell >= 0:
             cpu_cell[c.id] = c.cell
+    return cpu_cell
+
+
+def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
+    """Index ``topo`` and the resolved config (``hostagent.config.resolve_resources``)."""
+    dedicated = frozenset(resources.get("dedicated_cpus", ()))
+    shared = frozenset(resources.get("shared_cpus", ()))
+    online = frozenset(c.id for c in topo.cpus if c.online)
+    known = frozenset(c.id for c in topo.cpus)
+    cpu_cell = _online_cpu_cells(topo, online)
     cell_ids = tuple(sorted(c.id for c in topo.cells))
     cell_dedicated = {
         cid: tuple(sorted(t for t in dedicated if cpu_cell.get(t) == cid)) for cid in cell_ids
