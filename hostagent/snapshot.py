@@ -1,4 +1,4 @@
-"""The snapshot: one schema-v1 dict = topology + resolved config + usage (design §4.2).
+"""The snapshot: one schema-v1 dict = topology + resolved config + usage (docs/schema.md).
 
 ``build_snapshot`` assembles it from scratch. A daemon that keeps the topology dict and
 a ``UsageTracker`` uses ``assemble_snapshot`` to avoid re-walking the topology per change.

@@ -283,7 +283,8 @@ def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
 
 class _GuestAccount:
     """The running account of what one guest holds, filled step by step by
-    ``guest_contribution`` and turned into a ``Contribution`` at the end."""
+    ``guest_contribution`` and turned into a ``Contribution`` at the end. Section
+    numbers (§) are those of docs/tracker.md."""
 
     __slots__ = (
         "ctx", "rec", "spec", "uuid", "name", "conflicts", "missing_cells", "offline_pins",
