@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from hostagent.cbm import cache_ways, parse_mask, popcount
 from hostagent.cpulist import format_cpulist
@@ -813,28 +813,33 @@ def _idle_threads_taken(
             [idler, *others_t], cpus=sorted(cpus)))
 
 
-@dataclass
-class _Sums:
+class _Sums(NamedTuple):
     """The contributions added up per host cell, page pool, group and PCI address."""
 
-    shared_vcpus: dict[int, int] = field(default_factory=dict)  # cell → vCPUs
-    memory: dict[int, int] = field(default_factory=dict)  # cell → KiB
-    mem_users: dict[int, list[str]] = field(default_factory=dict)  # cell → uuids
-    pages: dict[tuple[int, int], int] = field(default_factory=dict)  # (cell, size) → pages
-    page_users: dict[tuple[int, int], list[str]] = field(default_factory=dict)
-    floating_vcpus: int = 0
-    floating_memory: int = 0
-    floating_pages: dict[int, int] = field(default_factory=dict)  # size → pages
-    group_owners: dict[str, str] = field(default_factory=dict)  # resctrl group → uuid
-    pci_users: dict[str, list[str]] = field(default_factory=dict)  # address → uuids
+    shared_vcpus: dict[int, int]  # cell → vCPUs
+    memory: dict[int, int]  # cell → KiB
+    mem_users: dict[int, list[str]]  # cell → uuids
+    pages: dict[tuple[int, int], int]  # (cell, size KiB) → pages
+    page_users: dict[tuple[int, int], list[str]]  # (cell, size KiB) → uuids
+    floating_vcpus: int
+    floating_memory: int
+    floating_pages: dict[int, int]  # size KiB → pages
+    group_owners: dict[str, str]  # resctrl group → uuid
+    pci_users: dict[str, list[str]]  # address → uuids
 
 
 def _sum_contributions(contribs: list[Contribution],
                        conflicts: list[dict[str, Any]]) -> _Sums:
     """Add up the contributions; their own conflicts join ``conflicts``."""
-    s = _Sums()
-    shared_vcpus, memory, mem_users = s.shared_vcpus, s.memory, s.mem_users
-    pages, page_users, floating_pages = s.pages, s.page_users, s.floating_pages
+    shared_vcpus: dict[int, int] = {}
+    memory: dict[int, int] = {}
+    mem_users: dict[int, list[str]] = {}
+    pages: dict[tuple[int, int], int] = {}
+    page_users: dict[tuple[int, int], list[str]] = {}
+    floating_vcpus = floating_memory = 0
+    floating_pages: dict[int, int] = {}
+    group_owners: dict[str, str] = {}
+    pci_users: dict[str, list[str]] = {}
     for c in contribs:
         for cell, n in c.shared_vcpus:
             shared_vcpus[cell] = shared_vcpus.get(cell, 0) + n
@@ -844,16 +849,17 @@ def _sum_contributions(contribs: list[Contribution],
         for cell, size, n in c.pages:
             pages[(cell, size)] = pages.get((cell, size), 0) + n
             page_users.setdefault((cell, size), []).append(c.uuid)
-        s.floating_vcpus += c.floating_vcpus
-        s.floating_memory += c.floating_memory_kib
+        floating_vcpus += c.floating_vcpus
+        floating_memory += c.floating_memory_kib
         for size, n in c.floating_pages:
             floating_pages[size] = floating_pages.get(size, 0) + n
         for g in c.groups:
-            s.group_owners.setdefault(g, c.uuid)
+            group_owners.setdefault(g, c.uuid)
         for addr in c.pci:
-            s.pci_users.setdefault(addr, []).append(c.uuid)
+            pci_users.setdefault(addr, []).append(c.uuid)
         conflicts.extend(c.conflicts)
-    return s
+    return _Sums(shared_vcpus, memory, mem_users, pages, page_users, floating_vcpus,
+                 floating_memory, floating_pages, group_owners, pci_users)
 
 
 def _pci_users(pci_users: Mapping[str, list[str]], names: Mapping[str, str],
@@ -992,12 +998,13 @@ def _cache_allocations(topo: HostTopology, group_owners: Mapping[str, str],
     ``previous`` (the previous fold's on the same topology, or None) is handed back as
     is when every group it lists has the same owner now: its contents depend on nothing
     else."""
-    if previous is not None and all(
-        a["guest"] == group_owners.get(a["group"])
-        for c in previous for a in c["allocations"]
-    ):
-        return previous
-    return cache_ways(topo, group_owners)
+    if previous is None:
+        return cache_ways(topo, group_owners)
+    for cache in previous:
+        for alloc in cache["allocations"]:
+            if alloc["guest"] != group_owners.get(alloc["group"]):
+                return cache_ways(topo, group_owners)
+    return previous
 
 
 def _role(ctx: Context, cpu: int) -> str:
