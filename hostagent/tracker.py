@@ -47,9 +47,10 @@ _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 # --------------------------------------------------------------------------- context
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """Host indexes for one (topology, resolved config) pair. Treat as immutable."""
+    """Host indexes for one (topology, resolved config) pair. Immutable: it holds
+    nothing about guests or past folds (treat its dicts as read-only too)."""
 
     topo: HostTopology
     resources: Mapping[str, Any]

@@ -63,9 +63,12 @@ def _rec(name: str, domain_id: int | None = None, **kw) -> GuestRecord:
     return record_from_xml(xml, uuid=uuid_for(name), name=name)
 
 
-def test_context_keeps_no_state_of_past_folds():
+def test_context_keeps_no_state_of_past_folds(xeon):
     """The host indexes only: the memos of the last fold live in ``UsageTracker``."""
     assert all(not f.name.startswith("_") for f in dataclasses.fields(Context))
+    ctx = make_context(xeon, _resources(xeon))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.topo = xeon  # type: ignore[misc]
 
 
 def test_fold_is_pure_and_previous_only_lends_unchanged_objects(xeon):
