@@ -401,7 +401,7 @@ def parse_domain(xml: str) -> GuestSpec:
     topology, cells = _parse_cpu(ctx, root.find("cpu"), nvcpus)
     extra = _parse_memory_devices(ctx, root)
     cells = _add_memory_devices(ctx, cells, extra)
-    if memory_kib == 0:
+    if memory_kib == 0:  # no <memory>: the guest cells' sum, else the memory devices'
         memory_kib = sum(c.memory_kib for c in cells) + (0 if cells else sum(extra.values()))
         current_memory = current_memory or memory_kib
     _check_memnodes(ctx, numatune, cells)
