@@ -301,16 +301,29 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read and validate a config file; ``None`` gives the defaults."""
+    """Read and validate a config file; ``None`` gives the defaults.
+
+    An empty (or whitespace-only) file is refused: a truncated file is an accident, and
+    reading it as "every option at its default" would switch a running agent to another
+    libvirt, sysfs root and CPU split. A file with only comments is the defaults.
+    """
     if path is None:
         return Config()
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            text = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the config file is empty (a truncated file?); "
+                          "write at least one comment to run on the defaults")
+    try:
+        data = tomllib.loads(text.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return config_from_dict(data, str(path))

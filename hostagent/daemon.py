@@ -47,7 +47,7 @@ from typing import Any
 
 from hostagent import __version__
 from hostagent.config import Config, load_config, resolve_resources
-from hostagent.errors import ConfigError, HostagentError, ProbeError
+from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
 
@@ -133,15 +133,19 @@ def read_hugepages(sysfs_root: str, topo: HostTopology) -> HostTopology:
 def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config in force after a reload, and notes on what needs a restart.
 
-    Reloadable: ``[resources]``, ``[probe]``, ``[libvirt]``, ``[fit]``, ``[agent]``,
-    the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE allowed-clients
-    directory. Restart-only (kept as they were, with a warning): ``[host] name``, the
-    publisher's endpoints, ``send_hwm``, ``max_message_bytes``, ``[curve] enabled`` and
-    ``server_secret_key``.
+    Reloadable: ``[resources]``, ``[probe]`` (but ``udev``), ``[libvirt]``, ``[fit]``,
+    ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
+    allowed-clients directory. Restart-only (kept as they were, with a warning):
+    ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
+    ``max_message_bytes``, ``[curve] enabled`` and ``server_secret_key``.
     """
     notes = []
     if new.host != old.host:
         notes.append(f"[host] name {new.host.name!r} takes effect at restart")
+    probe = new.probe
+    if probe.udev != old.probe.udev:
+        notes.append("probe.udev takes effect at restart")
+        probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
     for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
         if getattr(pub, key) != getattr(old.publisher, key):
@@ -152,7 +156,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         if getattr(curve, key) != getattr(old.curve, key):
             notes.append(f"curve.{key} takes effect at restart")
             curve = dataclasses.replace(curve, **{key: getattr(old.curve, key)})
-    merged = dataclasses.replace(new, host=old.host, publisher=pub, curve=curve)
+    merged = dataclasses.replace(new, host=old.host, probe=probe, publisher=pub, curve=curve)
     return merged, notes
 
 
@@ -188,6 +192,7 @@ class Agent:
         self.udev: Any = None
         self.auth: Any = None
         self.ctx: Any = None
+        self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
                                          "hugepage_changes": 0, "reloads": 0,
                                          "reloads_refused": 0, "dumps": 0,
@@ -456,16 +461,19 @@ class Agent:
             return ok
 
     async def _reload(self) -> bool:
+        """Everything that can fail (config file, probe, allowed CURVE keys) is read
+        first; only then is anything applied: a failure changes nothing."""
+        from hostagent.curve import load_allowed_keys
+
         old = self.config
+        allowed = None
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             merged, notes = merge_reload(old, new)
             topo = await asyncio.to_thread(self._probe, merged)
-            if merged.curve.enabled and merged.curve.allowed_clients_dir != \
-                    old.curve.allowed_clients_dir and not Path(
-                        merged.curve.allowed_clients_dir).is_dir():
-                raise ConfigError(f"{merged.curve.allowed_clients_dir}: allowed-clients "
-                                  "directory does not exist")
+            if self.auth is not None:  # bad key files are skipped; a missing dir refuses
+                allowed = await asyncio.to_thread(load_allowed_keys,
+                                                  merged.curve.allowed_clients_dir)
         except HostagentError as exc:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
@@ -479,11 +487,14 @@ class Agent:
         self.publisher.cfg = dataclasses.replace(
             self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
             heartbeat_seconds=merged.publisher.heartbeat_seconds)
-        if self.auth is not None:
-            from hostagent.curve import reload_allowed
-
-            n = reload_allowed(self.auth, merged.curve.allowed_clients_dir)
-            log.info("reload: %d allowed CURVE client keys", n)
+        if allowed is not None:
+            removed = self.auth.replace(allowed)
+            for message in allowed.skipped:
+                self.record_error("curve", message)
+            log.info("reload: %d allowed CURVE client keys, %d removed", len(allowed.keys),
+                     len(removed))
+            if removed:  # ZAP runs only at a handshake: cut the live sessions
+                await self._drop_connections()
         if merged.libvirt.uri != old.libvirt.uri:
             await self.watcher.close()
             self._start_watcher()
@@ -495,6 +506,21 @@ class Agent:
         log.info("configuration reloaded from %s", merged.source)
         self.mark_dirty()
         return True
+
+    async def _drop_connections(self) -> None:
+        """Close every client connection (clients whose key is still allowed reconnect);
+        an endpoint that cannot be bound again stops the agent with that error (exit 2,
+        systemd restarts it) rather than leave it running unreachable."""
+        try:
+            await self.publisher.drop_connections()
+        except HostagentError as exc:
+            log.error("%s: stopping", exc)
+            self.record_error("reload", str(exc))
+            self.exit_error = exc
+            self.stop()
+            return
+        log.info("reload: client keys were removed: every client connection was closed; "
+                 "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
         from hostagent.debug_dump import process_info, thread_stacks
@@ -579,6 +605,10 @@ class Agent:
                 curve = ServerCurve.load(cfg.curve.server_secret_key,
                                          cfg.curve.allowed_clients_dir)
                 self.auth = start_authenticator(self.ctx, curve.allowed_dir)
+                log.info("CURVE: %d allowed client keys in %s", len(self.auth.keys),
+                         curve.allowed_dir)
+                for message in self.auth.skipped:
+                    self.record_error("curve", message)
             self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
                                        curve=curve)
             self.publisher.bind()
@@ -616,6 +646,8 @@ class Agent:
             for t in done:
                 if t is not stop:
                     t.result()  # a crashed core task ends the agent with its error
+            if self.exit_error is not None:
+                raise self.exit_error
             log.info("stopping")
             return 0
         finally:

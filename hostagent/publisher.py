@@ -16,6 +16,11 @@ first, and re-publishes at most once per coalescing window.
 Slow subscribers: ``SNDHWM`` bounds each subscriber's queue; beyond it XPUB drops for
 that subscriber only and never blocks (the subscriber sees a ``seq`` gap and resyncs).
 
+Reload: assigning ``cfg`` takes effect at once: the heartbeat loop re-reads its period
+(and is woken from its wait). ``drop_connections()`` closes every client connection
+(unbind and bind again every endpoint): CURVE clients are authenticated only at their
+handshake, so this is how a client whose key was removed loses its live session.
+
 Requests: a ROUTER answers one msgpack map per message (from DEALER ``[payload]`` or REQ
 ``["", payload]`` clients) with ``{v: 1, ok: true, ...}`` or
 ``{v: 1, ok: false, error}``. ``{op: "snapshot"}`` returns the latest snapshot as a
@@ -29,6 +34,7 @@ disconnects that peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -46,6 +52,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 #: Subscription messages are a flag byte plus a topic prefix.
 MAX_SUBSCRIPTION_BYTES = 1024
+#: ``drop_connections`` retries a bind refused with EADDRINUSE (the old listener still
+#: closing) for this long before giving up.
+REBIND_TIMEOUT_SECONDS = 5.0
 
 
 class Publisher:
@@ -57,6 +66,7 @@ class Publisher:
 
         self._zmq = zmq
         self.ctx = ctx
+        self._cfg_changed = asyncio.Event()  # wakes the heartbeat loop on a new cfg
         self.cfg = cfg
         self.host = host
         self.epoch = epoch
@@ -98,6 +108,46 @@ class Publisher:
                 except zmq.ZMQError as exc:
                     raise HostagentError(f"cannot bind {kind} endpoint {ep}: {exc}") from None
                 self.bound[kind].append(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+
+    @property
+    def cfg(self) -> PublisherConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: PublisherConfig) -> None:
+        """A new config (SIGHUP): the heartbeat loop re-reads its period at once."""
+        self._cfg = cfg
+        self._cfg_changed.set()
+
+    async def drop_connections(self) -> None:
+        """Close every client connection: unbind each bound endpoint, then bind it again.
+
+        Clients reconnect by themselves (ZeroMQ's reconnect) and pass the CURVE/ZAP
+        handshake again; one whose key is no longer allowed fails it. Subscribers get
+        the latest snapshot again (welcome re-publish); a request in flight loses its
+        reply. A bind refused with EADDRINUSE is retried for ``REBIND_TIMEOUT_SECONDS``;
+        ``HostagentError`` names the endpoint if it still fails.
+        """
+        zmq = self._zmq
+        self.stats["connection_drops"] += 1
+        socks = (("stream", self.xpub), ("request", self.router))
+        for kind, sock in socks:
+            for ep in self.bound[kind]:
+                sock.unbind(ep)  # closes the connections accepted through ep
+        for kind, sock in socks:
+            for ep in self.bound[kind]:
+                deadline = time.monotonic() + REBIND_TIMEOUT_SECONDS
+                delay = 0.005
+                while True:
+                    try:
+                        sock.bind(ep)
+                        break
+                    except zmq.ZMQError as exc:
+                        if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                            raise HostagentError(
+                                f"cannot bind {kind} endpoint {ep} again: {exc}") from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.2)
 
     def close(self) -> None:
         if self._welcome_handle is not None:
@@ -146,11 +196,13 @@ class Publisher:
         await self.xpub.send_multipart(frames, copy=False)
 
     async def _heartbeats(self) -> None:
-        period = self.cfg.heartbeat_seconds
         while True:
-            wait = self._last_send + period - time.monotonic()
+            # the period is read on every turn; a new cfg (reload) ends the wait early
+            wait = self._last_send + self.cfg.heartbeat_seconds - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                self._cfg_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cfg_changed.wait(), wait)
                 continue
             await self.heartbeat()
 
