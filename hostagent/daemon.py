@@ -387,7 +387,8 @@ class Agent:
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy)
+        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
+                                         search_steps=self.config.fit.search_steps)
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
     async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:

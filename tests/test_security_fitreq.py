@@ -150,7 +150,7 @@ def test_wrong_types_and_signs_are_refused(request_, part):
 
 
 def test_limits_are_named_constants():
-    from hostagent.fit import limits
+    from hostagent import fit_limits as limits
 
     assert limits.MAX_VCPUS == 8192 and limits.MAX_MEMORY_MB == 1 << 32
     assert limits.MAX_GUEST_CELLS == 128 and limits.MAX_PAGE_SIZE_KIB == 16 << 20

@@ -4,7 +4,7 @@ A request is ``{"vcpus": N, "memory_mb": M, "extra_specs": {...}, "image_propert
 The extra specs follow Nova's ``hw:`` keys (docs/fit.md lists every key, value and rule);
 image properties (``hw_<name>``) may narrow what the flavor allows, never widen it. Every
 invalid value or combination raises ``RequestError`` naming the key and the value. Every
-field is bounded by what a host can have (``hostagent.fit.limits``) and refused early,
+field is bounded by what a host can have (``hostagent.fit_limits``) and refused early,
 before anything of that size is built.
 
 Parsing is pure and host-independent: whatever depends on the host (threads per core,
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostagent.errors import RequestError
-from hostagent.fit.limits import (
+from hostagent.fit_limits import (
     MAX_GUEST_CELLS,
     MAX_INT_BITS,
     MAX_KEY_CHARS,

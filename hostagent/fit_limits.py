@@ -4,6 +4,9 @@ A fit request comes from clients of the agent's request endpoint and from files;
 beyond what any host can have cannot fit anywhere, so it is refused while parsing (one
 line naming the field, the value and the limit) instead of building structures of that
 size. Each bound is generous: what the largest Linux hosts can have, not what is common.
+The fit search's step budget lives here too. A module of its own (not in
+``hostagent.fit``), so that the configuration can read the defaults without importing
+the fitter.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ MAX_VALUE_CHARS = 4096
 #: An integer given as a spec value (turned into text) must fit in 64 bits, as over the
 #: wire (msgpack).
 MAX_INT_BITS = 64
+
+#: Search steps one fit may take (``hostagent.fit.place`` says what a step is);
+#: ``[fit] search_steps`` overrides it. Typical requests take under 100 steps; the worst
+#: case in the tests (every complete placement refused by its cache reservations on an
+#: 8-cell host) is stopped by it after about 0.1-0.4 s.
+STEP_BUDGET = 5000
+
+#: The largest ``[fit] search_steps`` accepted (a fit of that many steps takes about a
+#: minute of one core).
+MAX_SEARCH_STEPS = 1_000_000
 
 
 def size_text(kib: int) -> str:
