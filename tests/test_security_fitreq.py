@@ -454,6 +454,18 @@ def test_hostile_fit_requests_over_the_wire(agent448):
     assert agent448.proc.poll() is None
 
 
+def test_fit_op_fields_are_quoted_short_and_never_an_internal_error(agent448):
+    rep = agent448.request({"op": "fit", "request": {"vcpus": 1, "memory_mb": 1},
+                            "strategy": "x" * 60_000}, timeout=60)
+    assert rep["ok"] is False and rep["error"].startswith("op fit: strategy='xxx")
+    assert "(60000 characters): must be one of spread, pack" in rep["error"]
+    assert len(rep["error"]) < 300
+    rep = agent448.request({"op": "fit", "request": {"vcpus": 1, "memory_mb": 1},
+                            b"k": 1, "z": 2}, timeout=60)
+    assert rep == {"v": 1, "ok": False, "error": "op fit: unknown fields [\"b'k'\", 'z'] "
+                                                 "(known: request, strategy)"}
+
+
 def test_snapshot_is_answered_while_a_fit_runs(agent448):
     """A fit that exhausts its search budget (AGENT_SEARCH_STEPS) runs in a thread; a
     snapshot asked after it is answered before it."""

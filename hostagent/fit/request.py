@@ -176,8 +176,9 @@ _VCPUS_WHY = "no host has more CPUs"
 _MEMORY_WHY = "4 PiB, more than any host can address"
 
 
-def _show(value: Any) -> str:
-    """``repr(value)`` for a message, cut short: a huge integer or string is described."""
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message, cut short: a huge integer or a long string is
+    described (its bit count, its length), never printed whole."""
     if isinstance(value, int) and not isinstance(value, bool) and \
             value.bit_length() > MAX_INT_BITS:
         return f"<an integer of {value.bit_length()} bits>"
@@ -191,7 +192,7 @@ def _show(value: Any) -> str:
 
 
 def _fail(where: str, key: str, value: Any, why: str) -> RequestError:
-    return RequestError(f"{where} {key}={_show(value)}: {why}")
+    return RequestError(f"{where} {key}={short_repr(value)}: {why}")
 
 
 def _show_key(key: str) -> str:
@@ -209,7 +210,7 @@ class _Specs:
                                "(MAX_SPEC_KEYS)")
         for key, value in data.items():
             if not isinstance(key, str):
-                raise _fail(where, _show(key), value, "keys must be strings")
+                raise _fail(where, short_repr(key), value, "keys must be strings")
             if len(key) > MAX_KEY_CHARS:
                 raise RequestError(f"{where} {_show_key(key)}: keys may have at most "
                                    f"{MAX_KEY_CHARS} characters")
