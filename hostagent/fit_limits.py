@@ -48,7 +48,7 @@ MAX_INT_BITS = 64
 #: Search steps one fit may take (``hostagent.fit.place`` says what a step is);
 #: ``[fit] search_steps`` overrides it. Typical requests take under 100 steps; the worst
 #: case in the tests (every complete placement refused by its cache reservations on an
-#: 8-cell host) is stopped by it after about 0.1-0.4 s.
+#: 8-cell host) is stopped by it after 0.3-1 s on a loaded 2-core machine.
 STEP_BUDGET = 5000
 
 #: The largest ``[fit] search_steps`` accepted (a fit of that many steps takes about a
