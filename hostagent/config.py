@@ -22,6 +22,7 @@ from typing import Any
 
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
+from hostagent.fit_limits import MAX_SEARCH_STEPS, STEP_BUDGET
 from hostagent.model import HostTopology
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
@@ -91,6 +92,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class FitConfig:
     cell_strategy: str = "spread"  # "spread" | "pack"
+    search_steps: int = STEP_BUDGET  # the fit search's step budget (docs/fit.md)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", dict: "a table"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _search_steps(r: _Reader) -> int:
+    value = r.integer("search_steps", STEP_BUDGET, minimum=1)
+    if value > MAX_SEARCH_STEPS:
+        r.fail("search_steps", value, f"must be at most {MAX_SEARCH_STEPS}")
+    return value
 
 
 def _resources(r: _Reader) -> ResourcesConfig:
@@ -295,7 +304,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             runtime_dir=ag.get("runtime_dir", "/run/hostagent", str),
             log_level=ag.choice("log_level", "info", _LOG_LEVELS),
         ),
-        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES)),
+        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
+                      search_steps=_search_steps(ft)),
         source=source,
     )
 

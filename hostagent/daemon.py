@@ -391,22 +391,25 @@ class Agent:
 
     async def op_fit(self, req: dict[str, Any]) -> dict[str, Any]:
         from hostagent.fit import STRATEGIES, fit
+        from hostagent.fit.request import short_repr
 
         extra = set(req) - {"op", "request", "strategy"}
         if extra:
-            raise HostagentError(f"op fit: unknown fields {sorted(extra)} "
-                                 "(known: request, strategy)")
+            names = sorted(k if isinstance(k, str) else repr(k) for k in extra)
+            shown = [n if len(n) <= 64 else n[:48] + "…" for n in names[:8]]
+            raise HostagentError(f"op fit: unknown fields {shown} (known: request, strategy)")
         request = req.get("request")
         if not isinstance(request, dict):
             raise HostagentError("op fit: 'request' must be a map (a fit request)")
         strategy = req.get("strategy", self.config.fit.cell_strategy)
-        if strategy not in STRATEGIES:
-            raise HostagentError(f"op fit: strategy={strategy!r}: must be one of "
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise HostagentError(f"op fit: strategy={short_repr(strategy)}: must be one of "
                                  f"{', '.join(STRATEGIES)}")
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy)
+        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
+                                         search_steps=self.config.fit.search_steps)
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
     async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,12 @@ oversized (over ``MAX_REQUEST_BYTES``) or wrong-typed request, an unknown op or 
 failing handler get an error reply and are counted; nothing a client sends stops the
 loop. Frames over ``max_message_bytes`` are cut by libzmq (``MAXMSGSIZE``), which
 disconnects that peer.
+
+Every request is served in its own task and its reply is sent when it is ready (the
+ROUTER envelope routes it), so a slow handler (a fit runs in a worker thread) never
+delays the others: ``snapshot`` is answered at once. At most ``MAX_REQUESTS_IN_FLIGHT``
+handler requests run at a time; one more is answered ``busy: ...`` at once instead of
+being queued. ``snapshot`` is never counted: it is answered on the spot.
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ MAX_SUBSCRIPTION_BYTES = 1024
 #: closing) for this long before giving up.
 REBIND_TIMEOUT_SECONDS = 5.0
 
+#: Requests for registered handlers (``fit``, ``test-domain``) served at the same time;
+#: one more gets the error reply ``busy: N requests in flight (the limit); retry later``.
+#: Below the worker threads asyncio gives ``to_thread`` (at least 5), so fits never hold
+#: every worker the probe needs.
+MAX_REQUESTS_IN_FLIGHT = 4
+
 
 class Publisher:
     """Owns the XPUB and ROUTER sockets of one agent; use from one asyncio loop only."""
@@ -80,6 +92,8 @@ class Publisher:
         self._last_welcome = 0.0
         self._welcome_handle: asyncio.Handle | None = None
         self.handlers: dict[str, Handler] = {}
+        self.in_flight = 0  # handler requests being served
+        self._serving: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
         self.subscribers = 0
         self.bound: dict[str, list[str]] = {"stream": [], "request": []}
@@ -268,10 +282,22 @@ class Publisher:
     async def _requests(self) -> None:
         while True:
             frames = await self.router.recv_multipart()
-            reply_frames = await self.answer(frames)
-            if reply_frames is not None:
-                await self.router.send_multipart(reply_frames)
+            task = asyncio.ensure_future(self._serve(frames))
+            self._serving.add(task)
+            task.add_done_callback(self._served)
             await asyncio.sleep(0)  # a flood of requests must not starve the loop
+
+    async def _serve(self, frames: list[bytes]) -> None:
+        """Answer one request and send its reply as soon as it is ready."""
+        reply_frames = await self.answer(frames)
+        if reply_frames is not None:
+            await self.router.send_multipart(reply_frames)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["internal_errors"] += 1
+            log.error("sending a reply failed: %s", task.exception())
 
     async def answer(self, frames: list[bytes]) -> list[bytes] | None:
         """The reply frames for one ROUTER message (``None`` if it cannot be answered)."""
@@ -313,8 +339,16 @@ class Publisher:
         if handler is None:
             known = ", ".join(sorted({"snapshot", *self.handlers}))
             raise wire.WireError(f"unknown op {op[:64]!r} (known: {known})")
+        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            self.stats["busy_requests"] += 1
+            raise HostagentError(f"busy: {self.in_flight} requests in flight (the limit); "
+                                 "retry later")
         self.stats[f"op_{op}"] += 1
-        result = await handler(req)
+        self.in_flight += 1
+        try:
+            result = await handler(req)
+        finally:
+            self.in_flight -= 1
         return wire.ok_reply(**result)
 
     # --- main --------------------------------------------------------------------------
@@ -328,15 +362,16 @@ class Publisher:
             for t in done:
                 t.result()  # re-raise a crash of one part
         finally:
-            for t in tasks:
+            for t in (*tasks, *self._serving):
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._serving, return_exceptions=True)
 
     def state(self) -> dict[str, Any]:
         """Counters and endpoints for the debug dump."""
         return {"host": self.host, "epoch": self.epoch, "seq": self.seq,
                 "subscribers": self.subscribers, "endpoints": self.bound,
-                "curve": self.curve is not None, "counters": dict(self.stats)}
+                "curve": self.curve is not None, "requests_in_flight": self.in_flight,
+                "counters": dict(self.stats)}
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
