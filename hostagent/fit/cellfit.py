@@ -152,15 +152,31 @@ def _best_fit_core(
 def pin_prefer(
     cores: Sequence[tuple[int, ...]], free: frozenset[int], n: int
 ) -> list[int] | None:
+    """``n`` free threads for ``prefer``, touching as few whole cores as possible.
+
+    A core is *whole* when all its threads are free (an ``isolate``/``require`` guest can
+    still take it), *broken* when only some are. When the broken cores' free threads
+    hold the ``n`` vCPUs, only they are used; otherwise just enough whole cores are taken,
+    all their threads (siblings for the guest), and the rest comes from broken cores.
+    Cores are chosen by best fit (the smallest free count that holds what is left, else
+    the largest; ties: first in order), and a core's free threads are taken ascending.
+    """
     avail = {i: [t for t in core if t in free] for i, core in enumerate(cores)}
+    whole = {i: avail[i] if len(avail[i]) == len(core) else [] for i, core in enumerate(cores)}
+    broken = {i: [] if whole[i] else avail[i] for i in avail}
+    spare = sum(len(v) for v in broken.values())
     out: list[int] = []
-    while len(out) < n:
-        i = _best_fit_core(cores, avail, n - len(out))
+    while n - len(out) > spare:  # the broken cores alone cannot hold the rest
+        i = _best_fit_core(cores, whole, n - len(out) - spare)
         if i < 0:
             return None
-        take = avail[i][: n - len(out)]
+        out.extend(whole[i][: n - len(out)])
+        whole[i] = []
+    while len(out) < n:
+        i = _best_fit_core(cores, broken, n - len(out))
+        take = broken[i][: n - len(out)]
         out.extend(take)
-        avail[i] = avail[i][len(take):]
+        broken[i] = broken[i][len(take):]
     return out
 
 
