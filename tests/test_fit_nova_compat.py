@@ -174,3 +174,116 @@ def test_prefer_counts_a_core_with_a_non_dedicated_thread_as_broken():
     snap = make_snapshot(make_topology(1, 4, 2), dedicated=[0, 1, 2, 3, 5, 6, 7])
     a = fit(snap, flavor(1, 512, cpu_policy="dedicated"))
     assert pins(a) == {0: 0}
+
+
+# ----------------------------------------------------------------------------- item 9
+
+
+def require(vcpus: int, memory: int = 512, **specs):
+    return flavor(vcpus, memory, cpu_policy="dedicated", cpu_thread_policy="require", **specs)
+
+
+def one_cell(cores: int = 8, threads: int = 2, **kw) -> dict:
+    # make_topology numbering: cores (0,8) (1,9) ... (7,15) for 8 cores x 2 threads
+    return make_snapshot(make_topology(1, cores, threads), **kw)
+
+
+def test_require_with_an_odd_count_fits_as_on_nova():
+    """9 vCPUs on 2-thread cores: 4 whole cores and the last one half used (Nova places
+    it the same way); the half-used core's other thread is kept idle."""
+    a = fit(one_cell(), require(9))
+    assert a["fits"], a["reasons"]
+    assert pins(a) == {0: 0, 1: 8, 2: 1, 3: 9, 4: 2, 5: 10, 6: 3, 7: 11, 8: 4}
+    cell = a["placement"]["cells"][0]
+    assert cell["reserved_cpus"] == [12]
+    assert '<hostagent:idle cpus="12" />' in a["libvirt_xml"]["metadata"]
+    # 9 is no multiple of 2: the guest cannot be shown 2 threads on every core, so it is
+    # shown none rather than siblings the host does not have
+    assert a["placement"]["topology"] == {"sockets": 9, "cores": 1, "threads": 1}
+
+
+def test_require_odd_count_refused_only_without_enough_whole_cores():
+    snap = one_cell(cores=5, taken={0: "a"})  # 4 whole cores left
+    a = fit(snap, require(9))
+    assert not a["fits"]
+    assert [r["message"] for r in a["reasons"] if r["resource"] == "sibling_threads"] == [
+        "require needs 5 cores with 2 free sibling threads, the cell has 4"]
+    assert fit(snap, require(7))["fits"]
+
+
+def test_require_guest_cells_of_odd_size_fit_and_the_topology_follows():
+    # 6 vCPUs over 2 guest cells of 3: each cell takes 2 cores, the second half used
+    a = fit(make_snapshot(make_topology(2, 4, 2)), require(6, 1024, numa_nodes=2))
+    assert a["fits"], a["reasons"]
+    cells = a["placement"]["cells"]
+    assert [len(c["reserved_cpus"]) for c in cells] == [1, 1]
+    # guest core (2,3) would span two guest cells: the topology shows 1 thread per core
+    assert a["placement"]["topology"]["threads"] == 1
+    # cells that are multiples of the host's threads keep 2 threads per guest core
+    b = fit(make_snapshot(make_topology(2, 4, 2)), require(8, 1024, numa_nodes=2))
+    assert b["placement"]["topology"]["threads"] == 2
+    assert all(c["reserved_cpus"] == [] for c in b["placement"]["cells"])
+
+
+def test_require_mixed_guest_with_an_odd_dedicated_count():
+    snap = make_snapshot(make_topology(1, 8, 2), dedicated=list(range(2, 8)) + list(
+        range(10, 16)))  # cores (0,8) and (1,9) shared
+    a = fit(snap, flavor(4, 512, cpu_policy="mixed", cpu_dedicated_mask="0-2",
+                         cpu_thread_policy="require"))
+    assert a["fits"], a["reasons"]
+    assert pins(a) == {0: 2, 1: 10, 2: 3}
+    assert a["placement"]["cells"][0]["reserved_cpus"] == [11]
+    assert a["placement"]["topology"]["threads"] == 1
+
+
+def test_require_with_a_topology_limit_of_one_thread_fits():
+    """Nova's guest topology ignores the pinning, so ``hw:cpu_max_threads=1`` with require
+    boots there; here the guest is pinned on siblings and shown 1 thread per core."""
+    a = fit(one_cell(), require(4, cpu_max_threads=1))
+    assert a["fits"], a["reasons"]
+    assert pins(a) == {0: 0, 1: 8, 2: 1, 3: 9}
+    assert a["placement"]["topology"]["threads"] == 1
+
+
+def test_require_odd_count_lets_the_isolated_emulator_thread_use_the_idle_sibling():
+    a = fit(one_cell(), require(3, emulator_threads_policy="isolate"))
+    assert a["fits"], a["reasons"]
+    assert pins(a) == {0: 0, 1: 8, 2: 1}
+    assert a["placement"]["emulator_cpus"] == [9]
+    assert a["placement"]["cells"][0]["reserved_cpus"] == []
+
+
+def test_require_on_four_thread_cores_shows_the_threads_that_share_a_host_core():
+    # 4 cores x 4 threads: (0,4,8,12) (1,5,9,13) ...; 6 vCPUs -> one whole core and one
+    # half used; guest cores of 2 lie on one host core each
+    a = fit(one_cell(cores=4, threads=4), require(6))
+    assert a["fits"], a["reasons"]
+    assert pins(a) == {0: 0, 1: 4, 2: 8, 3: 12, 4: 1, 5: 5}
+    assert a["placement"]["cells"][0]["reserved_cpus"] == [9, 13]
+    assert a["placement"]["topology"]["threads"] == 2
+
+
+def test_require_idle_sibling_is_held_by_the_tracker_and_kept_from_other_guests():
+    from hostagent.config import Config, ResourcesConfig
+    from hostagent.guests.source import record_from_xml
+    from hostagent.snapshot import build_snapshot
+
+    topo = make_topology(1, 8, 2)
+    config = Config(resources=ResourcesConfig(dedicated_cpus=tuple(range(16))))
+    first = fit(build_snapshot(topo, config, [], host="t", epoch="e", seq=0, now=0.0),
+                require(9))
+    x = first["libvirt_xml"]
+    uuid = "00000000-0000-4000-8000-000000000009"
+    xml = (f"<domain type='kvm'><name>r9</name><uuid>{uuid}</uuid>"
+           "<memory unit='MiB'>512</memory>"
+           + "".join(x[k] for k in ("vcpu", "cputune", "numatune", "cpu", "metadata") if k in x)
+           + "</domain>")
+    guest = record_from_xml(xml, uuid=uuid, name="r9")
+    snap = build_snapshot(topo, config, [guest], host="t", epoch="e", seq=1, now=0.0)
+    held = {t["cpu"]: t["held_by"] for t in snap["usage"]["threads"] if t["held_by"]}
+    assert list(held) == [12]
+    # 16 threads: 9 pinned, 1 idle, so a prefer guest of 6 fits, of 7 does not
+    assert fit(snap, flavor(6, 512, cpu_policy="dedicated"))["fits"]
+    b = fit(snap, flavor(7, 512, cpu_policy="dedicated"))
+    assert not b["fits"]
+    assert 12 not in pins(fit(snap, flavor(6, 512, cpu_policy="dedicated"))).values()

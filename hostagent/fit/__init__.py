@@ -19,7 +19,7 @@ from hostagent.fit.host import HostView, host_view
 from hostagent.fit.libvirt_xml import fragments
 from hostagent.fit.place import STEP_BUDGET, STRATEGIES, Outcome, place, place_floating
 from hostagent.fit.request import FitRequest, parse_request
-from hostagent.fit.vcpu_topology import best_topology
+from hostagent.fit.vcpu_topology import VcpuTopology, best_topology, require_topology
 
 __all__ = ["STEP_BUDGET", "FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
 
@@ -45,10 +45,9 @@ def fit(
     view = host_view(snapshot)
 
     forced = 1 if req.thread_policy == "isolate" else None
-    if req.thread_policy == "require":
-        forced = None  # decided per host cell (threads per core) inside the cell fit
+    # require: the thread count follows the placement (``require_topology``, below)
     topo = best_topology(req.vcpus, req.topology, threads=forced)
-    if topo is None and req.thread_policy != "require":
+    if topo is None:
         why = ("isolate gives every vCPU its own core, so the guest has 1 thread per core; "
                if forced == 1 else "")
         return _no(strategy, [Reason(
@@ -64,14 +63,26 @@ def fit(
         return _no(strategy, out.reasons)
 
     if req.thread_policy == "require":
-        t = view.cell(out.cells[0].host_cell).threads_per_core
-        topo = best_topology(req.vcpus, req.topology, threads=t)
-    assert topo is not None
+        topo = _require_topology(view, req, out.cells) or topo
     placement = _placement(view, req, out, topo.as_dict())
     xml = fragments(vcpus=req.vcpus, placement=placement, realtime=req.realtime,
                     floating_cpus=view.shared_cpus)
     return {"fits": True, "strategy": strategy, "placement": placement, "reasons": [],
             "libvirt_xml": xml}
+
+
+def _require_topology(
+    view: HostView, req: FitRequest, cells: list[CellFit]
+) -> VcpuTopology | None:
+    """The guest topology of a placed ``require`` guest (``require_topology``)."""
+    core_of: dict[int, int] = {}
+    threads = 1
+    for cf in cells:
+        host = view.cell(cf.host_cell)
+        threads = max(threads, host.threads_per_core)
+        first = {t: core[0] for core in host.cores for t in core}
+        core_of.update((v, first[cpu]) for v, cpu in cf.pinning)
+    return require_topology(req.vcpus, req.topology, threads, core_of)
 
 
 def _no(strategy: str, reasons: list[Reason]) -> dict[str, Any]:
