@@ -2,10 +2,12 @@
 
 ``fit(snapshot, request, strategy=...)`` answers from a schema-v1 snapshot dict and a Nova
 flavor-style request dict, never changing either. ``parse_request`` validates a request on
-its own. Modules: ``request`` (parsing), ``host`` (the snapshot as free resources per
-cell), ``cellfit`` (one guest cell on one host cell), ``place`` (the search), ``pci``,
-``cache`` (reservations through ``hostagent.resctrl``), ``vcpu_topology``,
-``libvirt_xml`` (domain XML fragments), ``explain`` (reasons as text).
+its own; ``prepare(snapshot)`` reads a snapshot once for many fits (the agent keeps one per
+snapshot), and ``fit`` takes it in place of the snapshot. Modules: ``request`` (parsing),
+``host`` (the snapshot as free resources per cell), ``cellfit`` (one guest cell on one host
+cell), ``place`` (the search), ``pci``, ``cache`` (reservations through
+``hostagent.resctrl``), ``vcpu_topology``, ``libvirt_xml`` (domain XML fragments),
+``explain`` (reasons as text).
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from hostagent.fit.place import STEP_BUDGET, STRATEGIES, Outcome, place, place_f
 from hostagent.fit.request import FitRequest, parse_request
 from hostagent.fit.vcpu_topology import VcpuTopology, best_topology, require_topology
 
-__all__ = ["STEP_BUDGET", "FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
+__all__ = ["STEP_BUDGET", "FitRequest", "HostView", "RequestError", "STRATEGIES", "fit",
+           "parse_request", "prepare"]
+
+
+def prepare(snapshot: Mapping[str, Any]) -> HostView:
+    """The snapshot as the fit reads it (free threads, memory, pages, devices per cell),
+    to pass to ``fit`` in place of the snapshot for many requests: it is never changed by
+    a fit, and what a fit works out of it (the cores of a cell) is kept for the next.
+    Raises ``RequestError`` for a malformed snapshot."""
+    return host_view(snapshot)
 
 
 def fit(
-    snapshot: Mapping[str, Any],
+    snapshot: Mapping[str, Any] | HostView,
     request: Mapping[str, Any] | FitRequest,
     *,
     strategy: str = "spread",
@@ -33,6 +44,7 @@ def fit(
 ) -> dict[str, Any]:
     """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``.
 
+    ``snapshot`` is a schema-v1 snapshot dict or what ``prepare`` made of one.
     The placement search takes at most ``search_steps`` steps (``hostagent.fit.place``);
     beyond them the answer is "does not fit" with a ``search`` reason. Raises
     ``RequestError`` for an invalid request, strategy, step budget or snapshot.
@@ -42,7 +54,7 @@ def fit(
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise RequestError(f"search_steps={search_steps!r}: must be an integer >= 1")
     req = request if isinstance(request, FitRequest) else parse_request(request)
-    view = host_view(snapshot)
+    view = snapshot if isinstance(snapshot, HostView) else host_view(snapshot)
 
     forced = 1 if req.thread_policy == "isolate" else None
     # require: the thread count follows the placement (``require_topology``, below)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostagent.fit.host import SMALL_PAGE_KIB, HostCell
+from hostagent.fit.host import SMALL_PAGE_KIB, HostCell, split_cores
 from hostagent.fit.request import FitRequest, GuestCell
 
 
@@ -127,24 +127,16 @@ def _page_problem(size: int, mem: int, cell: HostCell) -> str | None:
     return f"{size} KiB pages: needs {need}, {cell.pages[size]} free"
 
 
-def _best_fit_core(
-    cores: Sequence[tuple[int, ...]], avail: dict[int, list[int]], want: int
-) -> int:
-    """Index of the core whose available count best fits ``want`` (ties: first in order)."""
-    best = -1
-    for i in range(len(cores)):
-        n = len(avail[i])
+def _best_fit(groups: Sequence[list[int]], want: int) -> int:
+    """Index of the non-empty group whose size best fits ``want``: the smallest that holds
+    it, else the largest (ties: the first); -1 when all are empty."""
+    best, bn = -1, 0
+    for i, group in enumerate(groups):
+        n = len(group)
         if n == 0:
             continue
-        if best < 0:
-            best = i
-            continue
-        bn = len(avail[best])
-        if bn >= want:
-            if want <= n < bn:
-                best = i
-        elif n > bn:
-            best = i
+        if best < 0 or (want <= n < bn if bn >= want else n > bn):
+            best, bn = i, n
     return best
 
 
@@ -160,19 +152,23 @@ def pin_prefer(
     Cores are chosen by best fit (the smallest free count that holds what is left, else
     the largest; ties: first in order), and a core's free threads are taken ascending.
     """
-    avail = {i: [t for t in core if t in free] for i, core in enumerate(cores)}
-    whole = {i: avail[i] if len(avail[i]) == len(core) else [] for i, core in enumerate(cores)}
-    broken = {i: [] if whole[i] else avail[i] for i in avail}
-    spare = sum(len(v) for v in broken.values())
+    whole, broken = split_cores(cores, free)
+    return _pin_prefer_split(list(whole), list(broken), n)
+
+
+def _pin_prefer_split(whole: list[list[int]], broken: list[list[int]], n: int
+                      ) -> list[int] | None:
+    """``pin_prefer`` on the split cores (the lists of lists are changed, not the lists)."""
+    spare = sum(map(len, broken))
+    if spare + sum(map(len, whole)) < n:
+        return None
     out: list[int] = []
     while n - len(out) > spare:  # the broken cores alone cannot hold the rest
-        i = _best_fit_core(cores, whole, n - len(out) - spare)
-        if i < 0:
-            return None
+        i = _best_fit(whole, n - len(out) - spare)
         out.extend(whole[i][: n - len(out)])
         whole[i] = []
     while len(out) < n:
-        i = _best_fit_core(cores, broken, n - len(out))
+        i = _best_fit(broken, n - len(out))
         take = broken[i][: n - len(out)]
         out.extend(take)
         broken[i] = broken[i][len(take):]
@@ -215,8 +211,9 @@ def pin_require(
 def pick_emulator(
     cores: Sequence[tuple[int, ...]], free: frozenset[int], used: set[int]
 ) -> int | None:
-    avail = {i: [t for t in core if t in free and t not in used] for i, core in enumerate(cores)}
-    i = _best_fit_core(cores, avail, 1)
+    """A free thread for the isolated emulator thread, by best fit (a broken core first)."""
+    avail = [[t for t in core if t in free and t not in used] for core in cores]
+    i = _best_fit(avail, 1)
     return avail[i][0] if i >= 0 else None
 
 
@@ -288,7 +285,9 @@ def fit_cell(
                 else:
                     pins, reserved = got
         else:
-            pins = pin_prefer(order, cell.free, nd)
+            whole, broken = split_cores(order, cell.free) if cores is not None else \
+                cell.free_split
+            pins = _pin_prefer_split(list(whole), list(broken), nd)
             if pins is None:
                 no("dedicated_threads", f"needs {nd + extra} free dedicated threads{emu_note}, "
                                         f"the cell has {len(cell.free)}")

@@ -173,7 +173,59 @@ class _Search:
                 return False
         return True
 
+    def run_one_cell(self) -> Outcome | None:
+        """``run`` for a guest of one cell: host cells are checked in order only until
+        one takes it (no matching needed), as the search would visit them."""
+        self.stuck = []
+        for h in self.order:
+            cf = self.cell(0, h)
+            if not isinstance(cf, CellFit):
+                continue
+            if not self.spend():
+                break
+            if self.pci_bound_ok(1, {h.id}):
+                out = self.leaf([cf])
+                if out is not None:
+                    return out
+            if self.exhausted:
+                break
+        self.adj = {0: self.feasible(0)}  # for the reasons
+        return None
+
+    def first_descent(self) -> Outcome | None:
+        """The search's first path, found without checking every pair first: each guest
+        cell on the first unused host cell (in order) that takes it. When that reaches a
+        placement that passes the whole-placement checks, it is the one the full search
+        returns first (every choice on the way has a completion, so no matching prunes
+        it), for the same steps; otherwise ``None`` and the full search runs."""
+        if self.req.pci and self.req.pci_policy == "required":
+            return None  # the device bound prunes with every pair's feasibility
+        used: set[int] = set()
+        chosen: list[CellFit] = []
+        for gi in range(self.k):
+            for h in self.order:
+                if h.id in used:
+                    continue
+                cf = self.cell(gi, h)
+                if isinstance(cf, CellFit):
+                    used.add(h.id)
+                    chosen.append(cf)
+                    break
+            else:
+                return None
+        self.spend(self.k)
+        out = self.leaf(chosen)
+        if out is None:  # the full search starts again, counting from zero
+            self.steps, self.exhausted, self.leaf_reasons = 0, False, []
+        return out
+
     def run(self) -> Outcome | None:
+        if self.k == 1:
+            return self.run_one_cell()
+        out = self.first_descent()
+        if out is not None:
+            self.stuck = []
+            return out
         self.adj = {gi: self.feasible(gi) for gi in range(self.k)}
         ok, stuck = self.matching(range(self.k), set())
         if not ok:

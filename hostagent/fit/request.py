@@ -832,7 +832,15 @@ def _cache(flavor: _Specs, vcpus: int, pcpus: set[int]) -> tuple[CacheGroup, ...
     return tuple(out)
 
 
+_TOPOLOGY_KEYS = frozenset(
+    [f"hw:cpu_{k}" for k in _INT_KEYS] + [f"hw:cpu_max_{k}" for k in _INT_KEYS]
+    + [f"hw_cpu_{k}" for k in _INT_KEYS] + [f"hw_cpu_max_{k}" for k in _INT_KEYS])
+
+
 def _topology(flavor: _Specs, img: _Specs) -> TopologyPrefs:
+    if _TOPOLOGY_KEYS.isdisjoint(flavor.data) and _TOPOLOGY_KEYS.isdisjoint(img.data):
+        return TopologyPrefs()  # no preference, no limit (most flavors)
+
     def get(specs: _Specs, key: str) -> int | None:
         return specs.integer(key, maximum=MAX_VCPUS, why=_VCPUS_WHY)
 

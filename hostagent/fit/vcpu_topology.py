@@ -9,10 +9,15 @@ lie on host cores (``require_topology``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hostagent.fit.request import TopologyPrefs
+
+# Answers kept for the most recent (vCPUs, preferences, threads) asked: pure functions of
+# small frozen inputs, asked again for every request of the same flavor.
+TOPOLOGY_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ def possible_topologies(vcpus: int, prefs: TopologyPrefs) -> list[VcpuTopology]:
 
     Only divisors are visited, so the work is about the divisor count, not ``vcpus``².
     """
+    return list(_possible(vcpus, prefs))
+
+
+@functools.lru_cache(maxsize=TOPOLOGY_CACHE_SIZE)
+def _possible(vcpus: int, prefs: TopologyPrefs) -> tuple[VcpuTopology, ...]:
     out = []
     for s in divisors(vcpus):
         if s > prefs.max_sockets:
@@ -54,14 +64,19 @@ def possible_topologies(vcpus: int, prefs: TopologyPrefs) -> list[VcpuTopology]:
             if t <= prefs.max_threads:
                 out.append(VcpuTopology(s, c, t))
     out.sort(key=lambda v: (v.sockets * v.cores, v.sockets, v.threads), reverse=True)
-    return out
+    return tuple(out)
 
 
 def best_topology(
     vcpus: int, prefs: TopologyPrefs, *, threads: int | None = None
 ) -> VcpuTopology | None:
     """The chosen topology; ``threads`` forces the thread count. None when impossible."""
-    cands = possible_topologies(vcpus, prefs)
+    return _best(vcpus, prefs, threads)
+
+
+@functools.lru_cache(maxsize=TOPOLOGY_CACHE_SIZE)
+def _best(vcpus: int, prefs: TopologyPrefs, threads: int | None) -> VcpuTopology | None:
+    cands: Sequence[VcpuTopology] = _possible(vcpus, prefs)
     if threads is not None:
         cands = [v for v in cands if v.threads == threads]
     if not cands:
