@@ -213,7 +213,8 @@ def _result(fitted: Any) -> dict[str, Any]:
         return {"fits": False, "cells": None}
     return {"fits": True, "cells": [
         {"host_cell": c.id, "pinning": {str(k): v for k, v in (c.cpu_pinning or {}).items()},
-         "reserved": sorted(c.cpuset_reserved or ()), "pagesize": c.pagesize}
+         "reserved": sorted(c.cpuset_reserved or ()), "pagesize": c.pagesize,
+         "dedicated_vcpus": sorted(c.pcpuset), "shared_vcpus": sorted(c.cpuset)}
         for c in fitted.cells]}
 
 
@@ -267,6 +268,29 @@ def _timed_out_run(nova: _Nova, call: Any, timeout: float) -> dict[str, Any]:
     return out
 
 
+def _fresh(nova: _Nova, host: Any, inst: Any, limits: Any) -> dict[str, Any]:
+    """Nova's cell check (``_numa_fit_instance_cell``) on every permutation of host cells
+    in id order, each on a fresh clone of the guest topology and without the fit/no-fit
+    caches: Nova's rules without the state its search carries from one host cell to the
+    next (bench/nova_diff.py tells its bugs from real differences with it)."""
+    isolate = inst.emulator_threads_isolated
+    for perm in nova.itertools.permutations(host.cells, len(inst.cells)):
+        cells = inst.obj_clone().cells
+        got = []
+        for i, (hc, ic) in enumerate(zip(perm, cells, strict=True)):
+            try:
+                fitted = nova.hardware._numa_fit_instance_cell(
+                    hc, ic, limits, 1 if isolate and i == 0 else 0)
+            except nova.exception.MemoryPageSizeNotSupported:
+                fitted = None
+            if fitted is None:
+                break
+            got.append(fitted)
+        else:
+            return _result(nova.objects.InstanceNUMATopology(cells=got))
+    return _result(None)
+
+
 def _answer(nova: _Nova, msg: Mapping[str, Any]) -> dict[str, Any]:
     host, limits = nova.host(msg["host"]), nova.limits(msg["host"])
     try:
@@ -282,6 +306,8 @@ def _answer(nova: _Nova, msg: Mapping[str, Any]) -> dict[str, Any]:
 
     if msg.get("timeout"):
         return _timed_out_run(nova, call, float(msg["timeout"]))
+    if msg.get("fresh"):
+        return _fresh(nova, host, inst, limits)
     out = _result(call())
     if msg.get("reps"):
         clones: list[Any] = []

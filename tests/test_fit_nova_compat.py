@@ -287,3 +287,12 @@ def test_require_idle_sibling_is_held_by_the_tracker_and_kept_from_other_guests(
     b = fit(snap, flavor(7, 512, cpu_policy="dedicated"))
     assert not b["fits"]
     assert 12 not in pins(fit(snap, flavor(6, 512, cpu_policy="dedicated"))).values()
+
+
+def test_pcpu_counts_of_request_groups_add_up_as_in_nova():
+    r = parse_request(_req({"resources1:PCPU": "2", "resources2:PCPU": "2"}))
+    assert r.cpu_policy == "dedicated"
+    with pytest.raises(RequestError) as info:
+        parse_request(_req({"resources1:PCPU": "2", "resources2:PCPU": "1"}))
+    assert str(info.value) == ("extra_specs resources1:PCPU + resources2:PCPU = 3: must equal "
+                               "the vCPU count (4)")

@@ -541,10 +541,13 @@ def _resources_and_traits(
     the thread policy. Either is refused next to a CPU or thread policy given by the flavor
     *or* the image, as ``numa_get_constraints`` refuses it, so an image never overrides it
     silently."""
-    res = {m.group(1): k for k in flavor.data if (m := _RESOURCES.match(k))}
+    res: dict[str, list[str]] = {}
+    for k in flavor.data:
+        if m := _RESOURCES.match(k):
+            res.setdefault(m.group(1), []).append(k)
     traits = [k for k in flavor.data if _HT_TRAIT.match(k)]
     if res:
-        key = next(iter(res.values()))
+        key = next(iter(res.values()))[0]
         if flavor.has("hw:cpu_policy"):
             raise flavor.fail(key, "cannot be combined with hw:cpu_policy")
         if img.has("hw_cpu_policy"):
@@ -552,14 +555,20 @@ def _resources_and_traits(
         if len(res) > 1:
             raise flavor.fail(key, "resources:PCPU and resources:VCPU cannot both be given")
         if "PCPU" in res:
+            # the request groups' counts add up (resources1:PCPU=2 + resources2:PCPU=2)
             want = vcpus + (1 if emulator == "isolate" else 0)
-            count = flavor.integer(res["PCPU"], maximum=MAX_VCPUS + 1,
-                                   why="the vCPUs and an emulator thread")
+            count = sum(flavor.integer(k, maximum=MAX_VCPUS + 1,
+                                       why="the vCPUs and an emulator thread") or 0
+                        for k in res["PCPU"])
+            if count != want and len(res["PCPU"]) == 1:
+                raise flavor.fail(key, f"must equal the vCPU count ({want})")
             if count != want:
-                raise flavor.fail(res["PCPU"], f"must equal the vCPU count ({want})")
+                raise RequestError(f"extra_specs {' + '.join(res['PCPU'])} = {count}: must "
+                                   f"equal the vCPU count ({want})")
             policy = "dedicated"
         else:
-            flavor.integer(res["VCPU"], maximum=MAX_VCPUS, why=_VCPUS_WHY)
+            for k in res["VCPU"]:
+                flavor.integer(k, maximum=MAX_VCPUS, why=_VCPUS_WHY)
             policy = "shared"
     for key in traits:
         value = flavor.get(key)
