@@ -1,9 +1,11 @@
 """The placement search: guest cells onto distinct host cells (pure, deterministic).
 
-1. Every (guest cell, host cell) pair is checked once by ``fit_cell`` (plus the cache
-   pre-check); the result is memoized for this call only, keyed on the guest cell's
+1. Every (guest cell, host cell) pair is checked at most once by ``fit_cell`` (plus the
+   cache pre-check); the result is memoized for this call only, keyed on the guest cell's
    *index* and the host cell's *id*, neither of which the search ever changes (Nova keyed
-   its cache on an id the fit overwrote, which made it wrong on 3+ cells).
+   its cache on an id the fit overwrote, which made it wrong on 3+ cells). Pairs are
+   checked as the search first descends (``first_descent``, ``run_one_cell``); only when
+   that path does not end in a placement are all of them checked for the matching.
 2. Host cells are ordered by the strategy: devices first (cells with the requested PCI
    devices first; for guests without PCI requests, cells with fewer assignable devices
    first), then free CPU (dedicated threads for pinned guests, shared headroom for shared
