@@ -165,8 +165,9 @@ class Bench:
         row = [host, name, "yes" if ours["fits"] else "no", us(min(t_snap)), us(min(t_prep))]
         if self.worker is None:
             row += ["-", "-", "-", "-"]
-        elif "error" in nova or "floating" in nova:
-            row += [nova.get("error", "floats: no NUMA fit"), "-", "-", "-"]
+        elif "fits" not in nova or not t_nova:
+            row += [nova.get("error") or nova.get("died") or "floats: no NUMA fit", "-", "-",
+                    "-"]
         else:
             best = min(t_nova)
             row += ["yes" if nova["fits"] else "no", us(best), f"{min(t_snap) / best:.2f}",
@@ -188,7 +189,9 @@ class Bench:
         else:
             nova = self.worker.ask({"host": host_doc(snap), "request": request,
                                     "timeout": args.nova_timeout})
-            if nova.get("timed_out"):
+            if "died" in nova:
+                row += [nova["died"], "-", "-", "-"]
+            elif nova.get("timed_out"):
                 rate = nova["permutations"] / max(nova["cpu_seconds"], 1e-9)
                 row += ["?", f"> {nova['cpu_seconds']:.0f} CPU-s: {nova['permutations']:,} of "
                         f"{total:,} permutations at {rate:,.0f}/CPU-s, all: "
