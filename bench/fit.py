@@ -23,8 +23,9 @@ flavor, ``NUMATopologyLimits`` from the host's ratios. Columns:
 all in CPU time (``time.process_time``), the median of ``--reps`` calls, the least of
 ``--rounds`` such medians, hostagent's and Nova's rounds interleaved so both see the same
 load. ``ratio`` is hostagent / Nova (below 1: hostagent is faster). A worst case Nova
-cannot finish within ``--nova-timeout`` CPU seconds is stopped; the row shows the
-permutations it went through and the time all of them would take at that rate.
+cannot finish within ``--nova-timeout`` seconds (wall time) is stopped; the row shows the
+permutations it went through, its CPU seconds, and the CPU time all of them would take
+at that rate.
 
 Without Nova the bench says so and compares with ``bench/nova_like.py``, a re-statement
 of Nova's algorithm that is *not* Nova (``--nova-like`` adds it beside Nova): it keys its

@@ -123,6 +123,13 @@ def _outside(snap: dict[str, Any]) -> bool:
     return len(cfg["dedicated_cpus"]) + len(cfg["shared_cpus"]) < len(snap["topology"]["cpus"])
 
 
+def _over_shared_limit(snap: dict[str, Any]) -> bool:
+    """Whether a host cell's shared vCPUs already exceed its shared threads x the ratio
+    (possible after the ratio was lowered)."""
+    ratio = snap["config"]["cpu_allocation_ratio"]
+    return any(c["cpu_usage"] > len(c["cpuset"]) * ratio for c in host_doc(snap)["cells"])
+
+
 def _host_threads(snap: dict[str, Any]) -> int:
     """The host's threads per core (its largest core)."""
     return max(len(c["siblings"]) for c in snap["topology"]["cpus"])
@@ -163,8 +170,15 @@ def explain(snap: dict[str, Any], request: dict[str, Any], req: Any, ours: str, 
                 "id the fit overwrites; a page size a failed cell chose)")
     if req.thread_policy == "isolate" and _host_threads(snap) > 1 and ours == "fits":
         return "isolate on an SMT host (Nova refuses it with cpu_dedicated_set)"
-    if req.emulator_policy == "isolate" and not req.cells[0].dedicated and ours == "fits":
-        return "guest cell 0 without dedicated vCPUs under emulator isolate (Nova: no fit)"
+    if req.cpu_policy == "mixed" and ours == "fits" and (
+            (req.thread_policy == "isolate" and any(not g.dedicated for g in req.cells))
+            or (req.emulator_policy == "isolate" and not req.cells[0].dedicated)):
+        return ("a mixed guest cell without dedicated vCPUs under isolate or emulator "
+                "isolate (Nova: no fit)")
+    if req.cpu_policy == "mixed" and ours == "fits" and any(not g.shared for g in req.cells) \
+            and _over_shared_limit(snap):
+        return ("a mixed guest cell without shared vCPUs on a cell over its shared-CPU "
+                "limit (Nova: no fit)")
     if req.thread_policy == "require" and _host_threads(snap) > 2 and ours == "no":
         return "require takes whole free cores of all T threads (Nova: any t >= 2 free)"
     if _outside(snap) and req.pinned:
