@@ -143,7 +143,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     if new.host != old.host:
         notes.append(f"[host] name {new.host.name!r} takes effect at restart")
     pub = new.publisher
-    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
+    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
+                "insecure"):
         if getattr(pub, key) != getattr(old.publisher, key):
             notes.append(f"publisher.{key} takes effect at restart")
             pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})
