@@ -136,8 +136,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     Reloadable: ``[resources]``, ``[probe]``, ``[libvirt]``, ``[fit]``, ``[agent]``,
     the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE allowed-clients
     directory. Restart-only (kept as they were, with a warning): ``[host] name``, the
-    publisher's endpoints, ``send_hwm``, ``max_message_bytes``, ``[curve] enabled`` and
-    ``server_secret_key``.
+    publisher's endpoints, ``send_hwm``, ``max_message_bytes``, ``insecure``, ``[curve]
+    enabled`` and ``server_secret_key``.
     """
     notes = []
     if new.host != old.host:
