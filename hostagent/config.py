@@ -23,6 +23,7 @@ from typing import Any
 
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
+from hostagent.fit_limits import MAX_SEARCH_STEPS, STEP_BUDGET
 from hostagent.model import HostTopology
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
@@ -93,6 +94,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class FitConfig:
     cell_strategy: str = "spread"  # "spread" | "pack"
+    search_steps: int = STEP_BUDGET  # the fit search's step budget (docs/fit.md)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
+def _search_steps(r: _Reader) -> int:
+    value = r.integer("search_steps", STEP_BUDGET, minimum=1)
+    if value > MAX_SEARCH_STEPS:
+        r.fail("search_steps", value, f"must be at most {MAX_SEARCH_STEPS}")
+    return value
+
+
 def _resources(r: _Reader) -> ResourcesConfig:
     r.check_keys(ResourcesConfig)
     dedicated = r.cpus("dedicated_cpus")
@@ -342,22 +351,36 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             runtime_dir=ag.get("runtime_dir", "/run/hostagent", str),
             log_level=ag.choice("log_level", "info", _LOG_LEVELS),
         ),
-        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES)),
+        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
+                      search_steps=_search_steps(ft)),
         source=source,
     )
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read and validate a config file; ``None`` gives the defaults."""
+    """Read and validate a config file; ``None`` gives the defaults.
+
+    An empty (or whitespace-only) file is refused: a truncated file is an accident, and
+    reading it as "every option at its default" would switch a running agent to another
+    libvirt, sysfs root and CPU split. A file with only comments is the defaults.
+    """
     if path is None:
         return Config()
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            text = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the config file is empty (a truncated file?); "
+                          "write at least one comment to run on the defaults")
+    try:
+        data = tomllib.loads(text.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return config_from_dict(data, str(path))

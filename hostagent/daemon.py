@@ -47,7 +47,7 @@ from typing import Any
 
 from hostagent import __version__
 from hostagent.config import Config, load_config, resolve_resources
-from hostagent.errors import ConfigError, HostagentError, ProbeError
+from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
 
@@ -133,15 +133,20 @@ def read_hugepages(sysfs_root: str, topo: HostTopology) -> HostTopology:
 def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config in force after a reload, and notes on what needs a restart.
 
-    Reloadable: ``[resources]``, ``[probe]``, ``[libvirt]``, ``[fit]``, ``[agent]``,
-    the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE allowed-clients
-    directory. Restart-only (kept as they were, with a warning): ``[host] name``, the
-    publisher's endpoints, ``send_hwm``, ``max_message_bytes``, ``insecure``, ``[curve]
-    enabled`` and ``server_secret_key``.
+    Reloadable: ``[resources]``, ``[probe]`` (but ``udev``), ``[libvirt]``, ``[fit]``,
+    ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
+    allowed-clients directory. Restart-only (kept as they were, with a warning):
+    ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
+    ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
+    ``server_secret_key``.
     """
     notes = []
     if new.host != old.host:
         notes.append(f"[host] name {new.host.name!r} takes effect at restart")
+    probe = new.probe
+    if probe.udev != old.probe.udev:
+        notes.append("probe.udev takes effect at restart")
+        probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
     for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
                 "insecure"):
@@ -153,7 +158,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         if getattr(curve, key) != getattr(old.curve, key):
             notes.append(f"curve.{key} takes effect at restart")
             curve = dataclasses.replace(curve, **{key: getattr(old.curve, key)})
-    merged = dataclasses.replace(new, host=old.host, publisher=pub, curve=curve)
+    merged = dataclasses.replace(new, host=old.host, probe=probe, publisher=pub, curve=curve)
     return merged, notes
 
 
@@ -189,6 +194,7 @@ class Agent:
         self.udev: Any = None
         self.auth: Any = None
         self.ctx: Any = None
+        self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
                                          "hugepage_changes": 0, "reloads": 0,
                                          "reloads_refused": 0, "dumps": 0,
@@ -199,6 +205,7 @@ class Agent:
         self._last_status = -1e9
         self._memo: dict[str, Any] = {}
         self._memo_key: tuple[str, str] | None = None
+        self._hugepage_error: str | None = None  # the poll's error, logged once until it ends
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -335,6 +342,7 @@ class Agent:
         except ProbeError as exc:
             log.error("re-probe after %s failed, keeping the previous topology: %s", why, exc)
             self.record_error("probe", str(exc))
+            self._memo_key = None  # the next probe starts a new memo: no bad text kept in it
             return False
         if topo == self.topo:
             return False
@@ -344,13 +352,25 @@ class Agent:
         return True
 
     async def poll_hugepages(self) -> bool:
+        """Re-read the hugepage counters; on a change the tracker recomputes and we publish.
+
+        A bad file (``ProbeError``: a count no kernel prints, a FIFO, ...) keeps the last
+        good counters. It is logged and recorded once, not at every poll, until a poll
+        succeeds again.
+        """
         self.counters["hugepage_polls"] += 1
         topo = self.topo
         try:
             new = await asyncio.to_thread(read_hugepages, self.config.probe.sysfs_root, topo)
         except (ProbeError, OSError) as exc:
-            self.record_error("hugepages", str(exc))
+            if str(exc) != self._hugepage_error:
+                self._hugepage_error = str(exc)
+                log.error("hugepage counters not updated, keeping the last ones: %s", exc)
+                self.record_error("hugepages", str(exc))
             return False
+        if self._hugepage_error is not None:
+            self._hugepage_error = None
+            log.info("hugepage counters readable again")
         if new is topo or topo is not self.topo:
             return False
         self.counters["hugepage_changes"] += 1
@@ -373,22 +393,25 @@ class Agent:
 
     async def op_fit(self, req: dict[str, Any]) -> dict[str, Any]:
         from hostagent.fit import STRATEGIES, fit
+        from hostagent.fit.request import short_repr
 
         extra = set(req) - {"op", "request", "strategy"}
         if extra:
-            raise HostagentError(f"op fit: unknown fields {sorted(extra)} "
-                                 "(known: request, strategy)")
+            names = sorted(k if isinstance(k, str) else repr(k) for k in extra)
+            shown = [n if len(n) <= 64 else n[:48] + "…" for n in names[:8]]
+            raise HostagentError(f"op fit: unknown fields {shown} (known: request, strategy)")
         request = req.get("request")
         if not isinstance(request, dict):
             raise HostagentError("op fit: 'request' must be a map (a fit request)")
         strategy = req.get("strategy", self.config.fit.cell_strategy)
-        if strategy not in STRATEGIES:
-            raise HostagentError(f"op fit: strategy={strategy!r}: must be one of "
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise HostagentError(f"op fit: strategy={short_repr(strategy)}: must be one of "
                                  f"{', '.join(STRATEGIES)}")
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy)
+        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
+                                         search_steps=self.config.fit.search_steps)
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
     async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -443,16 +466,19 @@ class Agent:
             return ok
 
     async def _reload(self) -> bool:
+        """Everything that can fail (config file, probe, allowed CURVE keys) is read
+        first; only then is anything applied: a failure changes nothing."""
+        from hostagent.curve import load_allowed_keys
+
         old = self.config
+        allowed = None
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             merged, notes = merge_reload(old, new)
             topo = await asyncio.to_thread(self._probe, merged)
-            if merged.curve.enabled and merged.curve.allowed_clients_dir != \
-                    old.curve.allowed_clients_dir and not Path(
-                        merged.curve.allowed_clients_dir).is_dir():
-                raise ConfigError(f"{merged.curve.allowed_clients_dir}: allowed-clients "
-                                  "directory does not exist")
+            if self.auth is not None:  # bad key files are skipped; a missing dir refuses
+                allowed = await asyncio.to_thread(load_allowed_keys,
+                                                  merged.curve.allowed_clients_dir)
         except HostagentError as exc:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
@@ -466,11 +492,14 @@ class Agent:
         self.publisher.cfg = dataclasses.replace(
             self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
             heartbeat_seconds=merged.publisher.heartbeat_seconds)
-        if self.auth is not None:
-            from hostagent.curve import reload_allowed
-
-            n = reload_allowed(self.auth, merged.curve.allowed_clients_dir)
-            log.info("reload: %d allowed CURVE client keys", n)
+        if allowed is not None:
+            removed = self.auth.replace(allowed)
+            for message in allowed.skipped:
+                self.record_error("curve", message)
+            log.info("reload: %d allowed CURVE client keys, %d removed", len(allowed.keys),
+                     len(removed))
+            if removed:  # ZAP runs only at a handshake: cut the live sessions
+                await self._drop_connections()
         if merged.libvirt.uri != old.libvirt.uri:
             await self.watcher.close()
             self._start_watcher()
@@ -482,6 +511,21 @@ class Agent:
         log.info("configuration reloaded from %s", merged.source)
         self.mark_dirty()
         return True
+
+    async def _drop_connections(self) -> None:
+        """Close every client connection (clients whose key is still allowed reconnect);
+        an endpoint that cannot be bound again stops the agent with that error (exit 2,
+        systemd restarts it) rather than leave it running unreachable."""
+        try:
+            await self.publisher.drop_connections()
+        except HostagentError as exc:
+            log.error("%s: stopping", exc)
+            self.record_error("reload", str(exc))
+            self.exit_error = exc
+            self.stop()
+            return
+        log.info("reload: client keys were removed: every client connection was closed; "
+                 "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
         from hostagent.debug_dump import process_info, thread_stacks
@@ -566,6 +610,10 @@ class Agent:
                 curve = ServerCurve.load(cfg.curve.server_secret_key,
                                          cfg.curve.allowed_clients_dir)
                 self.auth = start_authenticator(self.ctx, curve.allowed_dir)
+                log.info("CURVE: %d allowed client keys in %s", len(self.auth.keys),
+                         curve.allowed_dir)
+                for message in self.auth.skipped:
+                    self.record_error("curve", message)
             self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
                                        curve=curve)
             self.publisher.bind()
@@ -603,6 +651,8 @@ class Agent:
             for t in done:
                 if t is not stop:
                     t.result()  # a crashed core task ends the agent with its error
+            if self.exit_error is not None:
+                raise self.exit_error
             log.info("stopping")
             return 0
         finally:

@@ -1,6 +1,6 @@
 """The host model: immutable records for what the probe finds, and their schema-v1 dicts.
 
-Field names are the snapshot schema's keys (docs/schema.md, design §4.2), so
+Field names are the snapshot schema's keys (docs/schema.md), so
 ``topology_to_dict`` is a thin walk and ``topology_from_dict`` its exact inverse: a
 scheduler holding a snapshot can rebuild the same ``HostTopology`` the agent used.
 The dict form uses string map keys (``distances: {"1": 21}``, ``schemata: {"L3":

@@ -16,6 +16,11 @@ first, and re-publishes at most once per coalescing window.
 Slow subscribers: ``SNDHWM`` bounds each subscriber's queue; beyond it XPUB drops for
 that subscriber only and never blocks (the subscriber sees a ``seq`` gap and resyncs).
 
+Reload: assigning ``cfg`` takes effect at once: the heartbeat loop re-reads its period
+(and is woken from its wait). ``drop_connections()`` closes every client connection
+(unbind and bind again every endpoint): CURVE clients are authenticated only at their
+handshake, so this is how a client whose key was removed loses its live session.
+
 Requests: a ROUTER answers one msgpack map per message (from DEALER ``[payload]`` or REQ
 ``["", payload]`` clients) with ``{v: 1, ok: true, ...}`` or
 ``{v: 1, ok: false, error}``. ``{op: "snapshot"}`` returns the latest snapshot as a
@@ -24,6 +29,12 @@ oversized (over ``MAX_REQUEST_BYTES``) or wrong-typed request, an unknown op or 
 failing handler get an error reply and are counted; nothing a client sends stops the
 loop. Frames over ``max_message_bytes`` are cut by libzmq (``MAXMSGSIZE``), which
 disconnects that peer.
+
+Every request is served in its own task and its reply is sent when it is ready (the
+ROUTER envelope routes it), so a slow handler (a fit runs in a worker thread) never
+delays the others: ``snapshot`` is answered at once. At most ``MAX_REQUESTS_IN_FLIGHT``
+handler requests run at a time; one more is answered ``busy: ...`` at once instead of
+being queued. ``snapshot`` is never counted: it is answered on the spot.
 
 What one peer can make the agent hold (docs/daemon.md §6.1): replies it does not read,
 ``REQUEST_SEND_HWM`` of them; requests, ``REQUEST_RECV_HWM``; snapshots it does not read,
@@ -37,6 +48,7 @@ publisher hands heap that gone peers freed back to the kernel (``memtrim``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -74,6 +86,15 @@ HANDSHAKE_TIMEOUT_MS = 10_000
 MEMORY_CHECK_SECONDS = 5.0
 #: RSS above the lowest seen by this much makes the check return free heap to the kernel.
 TRIM_ABOVE_BYTES = 16 << 20
+#: ``drop_connections`` retries a bind refused with EADDRINUSE (the old listener still
+#: closing) for this long before giving up.
+REBIND_TIMEOUT_SECONDS = 5.0
+
+#: Requests for registered handlers (``fit``, ``test-domain``) served at the same time;
+#: one more gets the error reply ``busy: N requests in flight (the limit); retry later``.
+#: Below the worker threads asyncio gives ``to_thread`` (at least 5), so fits never hold
+#: every worker the probe needs.
+MAX_REQUESTS_IN_FLIGHT = 4
 
 
 class Publisher:
@@ -85,6 +106,7 @@ class Publisher:
 
         self._zmq = zmq
         self.ctx = ctx
+        self._cfg_changed = asyncio.Event()  # wakes the heartbeat loop on a new cfg
         self.cfg = cfg
         self.host = host
         self.epoch = epoch
@@ -98,6 +120,8 @@ class Publisher:
         self._last_welcome = 0.0
         self._welcome_handle: asyncio.Handle | None = None
         self.handlers: dict[str, Handler] = {}
+        self.in_flight = 0  # handler requests being served
+        self._serving: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
         self.subscribers = 0
         self.bound: dict[str, list[str]] = {"stream": [], "request": []}
@@ -143,6 +167,46 @@ class Publisher:
                 except zmq.ZMQError as exc:
                     raise HostagentError(f"cannot bind {kind} endpoint {ep}: {exc}") from None
                 self.bound[kind].append(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+
+    @property
+    def cfg(self) -> PublisherConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: PublisherConfig) -> None:
+        """A new config (SIGHUP): the heartbeat loop re-reads its period at once."""
+        self._cfg = cfg
+        self._cfg_changed.set()
+
+    async def drop_connections(self) -> None:
+        """Close every client connection: unbind each bound endpoint, then bind it again.
+
+        Clients reconnect by themselves (ZeroMQ's reconnect) and pass the CURVE/ZAP
+        handshake again; one whose key is no longer allowed fails it. Subscribers get
+        the latest snapshot again (welcome re-publish); a request in flight loses its
+        reply. A bind refused with EADDRINUSE is retried for ``REBIND_TIMEOUT_SECONDS``;
+        ``HostagentError`` names the endpoint if it still fails.
+        """
+        zmq = self._zmq
+        self.stats["connection_drops"] += 1
+        socks = (("stream", self.xpub), ("request", self.router))
+        for kind, sock in socks:
+            for ep in self.bound[kind]:
+                sock.unbind(ep)  # closes the connections accepted through ep
+        for kind, sock in socks:
+            for ep in self.bound[kind]:
+                deadline = time.monotonic() + REBIND_TIMEOUT_SECONDS
+                delay = 0.005
+                while True:
+                    try:
+                        sock.bind(ep)
+                        break
+                    except zmq.ZMQError as exc:
+                        if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                            raise HostagentError(
+                                f"cannot bind {kind} endpoint {ep} again: {exc}") from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.2)
 
     def close(self) -> None:
         if self._welcome_handle is not None:
@@ -191,11 +255,13 @@ class Publisher:
         await self.xpub.send_multipart(frames, copy=False)
 
     async def _heartbeats(self) -> None:
-        period = self.cfg.heartbeat_seconds
         while True:
-            wait = self._last_send + period - time.monotonic()
+            # the period is read on every turn; a new cfg (reload) ends the wait early
+            wait = self._last_send + self.cfg.heartbeat_seconds - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                self._cfg_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cfg_changed.wait(), wait)
                 continue
             await self.heartbeat()
 
@@ -261,10 +327,22 @@ class Publisher:
     async def _requests(self) -> None:
         while True:
             frames = await self.router.recv_multipart()
-            reply_frames = await self.answer(frames)
-            if reply_frames is not None:
-                await self.router.send_multipart(reply_frames)
+            task = asyncio.ensure_future(self._serve(frames))
+            self._serving.add(task)
+            task.add_done_callback(self._served)
             await asyncio.sleep(0)  # a flood of requests must not starve the loop
+
+    async def _serve(self, frames: list[bytes]) -> None:
+        """Answer one request and send its reply as soon as it is ready."""
+        reply_frames = await self.answer(frames)
+        if reply_frames is not None:
+            await self.router.send_multipart(reply_frames)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["internal_errors"] += 1
+            log.error("sending a reply failed: %s", task.exception())
 
     async def answer(self, frames: list[bytes]) -> list[bytes] | None:
         """The reply frames for one ROUTER message (``None`` if it cannot be answered)."""
@@ -306,8 +384,16 @@ class Publisher:
         if handler is None:
             known = ", ".join(sorted({"snapshot", *self.handlers}))
             raise wire.WireError(f"unknown op {op[:64]!r} (known: {known})")
+        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            self.stats["busy_requests"] += 1
+            raise HostagentError(f"busy: {self.in_flight} requests in flight (the limit); "
+                                 "retry later")
         self.stats[f"op_{op}"] += 1
-        result = await handler(req)
+        self.in_flight += 1
+        try:
+            result = await handler(req)
+        finally:
+            self.in_flight -= 1
         return wire.ok_reply(**result)
 
     # --- memory ------------------------------------------------------------------------
@@ -347,15 +433,16 @@ class Publisher:
             for t in done:
                 t.result()  # re-raise a crash of one part
         finally:
-            for t in tasks:
+            for t in (*tasks, *self._serving):
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._serving, return_exceptions=True)
 
     def state(self) -> dict[str, Any]:
         """Counters and endpoints for the debug dump."""
         return {"host": self.host, "epoch": self.epoch, "seq": self.seq,
                 "subscribers": self.subscribers, "endpoints": self.bound,
-                "curve": self.curve is not None, "counters": dict(self.stats)}
+                "curve": self.curve is not None, "requests_in_flight": self.in_flight,
+                "counters": dict(self.stats)}
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -544,6 +544,23 @@ def _mask_of(grp: ResctrlGroup, res: str, cid: int, full: int) -> int:
     return 0 if text is None else parse_mask(text) & full
 
 
+def _check_default_masks(topo: HostTopology, rc: Resctrl) -> None:
+    """The default group must hold a mask for every cache resource and cache ID: a
+    missing one would make every way of that cache look free (``RequestError``)."""
+    default = rc.group("")
+    if default is None:  # no default group at all: it is taken to hold every way
+        return
+    for res in rc.resources:
+        masks = default.schemata.get(res.name, {})
+        for cid in resource_cache_ids(topo, res):
+            if cid not in masks:
+                raise RequestError(
+                    f"the default group's schemata has no {res.name} mask for cache id "
+                    f"{cid}; without it every way would look free (read the default "
+                    "group's schemata again)"
+                )
+
+
 @dataclass
 class _Domain:
     """One (resource, cache id) as the planner sees it."""
@@ -768,6 +785,7 @@ def plan_reservation(
         raise _no_resctrl()
     if not group:
         raise RequestError("the default group cannot hold a reservation; name a group")
+    _check_default_masks(topo, rc)
     taken = taken or {}
     existing = rc.group(group)
     if existing is None:
@@ -877,6 +895,13 @@ def plan_reservation(
         for cid, text in schemata[res.name].items():
             if (res.name, cid) in requested:
                 continue
+            problem = validate_mask(parse_mask(text), res)
+            if problem:  # never write a mask the kernel refuses (e.g. 0 ways)
+                raise RequestError(
+                    f"the default group's {res.name}:{cid} mask {text} cannot be copied into "
+                    f"group {group}: {problem} (min_cbm_bits {res.min_cbm_bits}); fix the "
+                    "default group's schemata first"
+                )
             dom = _domain(rc, res, cid, group, {})
             if parse_mask(text) & dom.locked:
                 raise RequestError(
@@ -1072,6 +1097,7 @@ def plan_carve(
     rc = topo.resctrl
     if rc is None:
         raise _no_resctrl()
+    _check_default_masks(topo, rc)
     resources = [r for r in rc.resources if r.level == level]
     if not resources:
         names = ", ".join(r.name for r in rc.resources) or "none"

@@ -1,4 +1,4 @@
-"""The snapshot: one schema-v1 dict = topology + resolved config + usage (design §4.2).
+"""The snapshot: one schema-v1 dict = topology + resolved config + usage (docs/schema.md).
 
 ``build_snapshot`` assembles it from scratch. A daemon that keeps the topology dict and
 a ``UsageTracker`` uses ``assemble_snapshot`` to avoid re-walking the topology per change.
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hostagent.config import Config, resolve_resources
-from hostagent.guests.source import GuestRecord
+from hostagent.guests.xml import GuestRecord
 from hostagent.model import HostTopology, topology_to_dict
 from hostagent.tracker import compute_usage
 

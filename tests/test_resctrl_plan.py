@@ -485,6 +485,9 @@ def test_every_plan_is_valid_and_overlaps_nobody(
     except RequestError as exc:
         if ways >= 12 or ways < min_bits:
             return  # an invalid size
+        if "cannot be copied" in str(exc):  # never write a mask below min_cbm_bits
+            assert validate_mask(default, t.resctrl.resource("L3")) is not None
+            return
         # refused for room: no contiguous run fits, and no sparse pick either
         assert "not enough contiguous free ways" in str(exc)
         assert largest_run(free) < ways
@@ -497,8 +500,9 @@ def test_every_plan_is_valid_and_overlaps_nobody(
     assert mask & (default | taken) == 0
     for m, _ in others:
         assert mask & m == 0
-    # the copied default mask on cache 1 is the default's
+    # the copied default mask on cache 1 is the default's, and valid
     assert parse_mask(p.schemata["L3"][1]) == default
+    assert validate_mask(default, res) is None
 
 
 # ----------------------------------------------------------------------------- carve

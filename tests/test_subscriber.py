@@ -18,7 +18,7 @@ from hostagent.subscriber import (
 
 
 def _snap(seq, epoch="e1", host="h1"):
-    return wire.make_body("snapshot", host, epoch, seq, 1.0, {"seq": seq})
+    return wire.make_body("snapshot", host, epoch, seq, 1.0, {**snapshot_data(), "seq": seq})
 
 
 def _hb(seq, epoch="e1", host="h1"):
@@ -31,7 +31,7 @@ def test_state_drops_stale_and_duplicate_snapshots():
     assert st.feed(_snap(3), 0.1) is None  # a re-publish for a newcomer
     assert st.feed(_snap(2), 0.2) is None
     upd = st.feed(_snap(4), 0.3)
-    assert upd.seq == 4 and st.hosts["h1"].snapshot == {"seq": 4}
+    assert upd.seq == 4 and st.hosts["h1"].snapshot["seq"] == 4
     assert st.stats["duplicates"] == 2 and st.stats["gaps"] == 0
 
 
@@ -180,7 +180,7 @@ def test_subscriber_maxmsgsize_drops_oversized_snapshots(tmp_path):
             small = AsyncSubscriber([source(tmp_path)], max_message_bytes=4096)
             big = AsyncSubscriber([source(tmp_path)])
             await asyncio.sleep(0.1)
-            await pub.publish({"pad": "x" * 10_000})
+            await pub.publish({**snapshot_data(), "pad": "x" * 10_000})
             await big.wait_snapshot("h1")
             assert await small.poll(0.3) == [] and small.latest("h1") is None
             assert small.stats["snapshots"] == 0  # (small heartbeats may get through)
@@ -194,7 +194,8 @@ def test_unchanged_topology_is_reused_and_snapshots_stay_full(tmp_path):
     topo = {"cpus": [{"id": i, "siblings": [i, i ^ 1]} for i in range(2000)]}
 
     def data(n):
-        return {"schema": 1, "topology": topo, "usage": {"n": n, "pad": list(range(3000))}}
+        return {"schema": 1, "topology": topo, "config": {},
+                "usage": {"n": n, "pad": list(range(3000))}}
 
     async def main():
         async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:

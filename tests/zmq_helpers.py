@@ -56,4 +56,4 @@ def source(tmp: Path) -> str:
 
 
 def snapshot_data(n: int = 0) -> dict:
-    return {"schema": 1, "topology": {"cells": []}, "usage": {"n": n}}
+    return {"schema": 1, "topology": {"cells": []}, "config": {}, "usage": {"n": n}}

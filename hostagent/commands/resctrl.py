@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from hostagent.commands.probe import add_root_options, roots
@@ -24,7 +25,21 @@ def _common(json_help: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     add_root_options(p)
     p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument(
+        "--lock-timeout", metavar="SECONDS",
+        help="wait at most this long for the resctrl lock (default 10, at most 3600)",
+    )
     return p
+
+
+def _lock_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``lock_timeout`` and ``on_wait`` (one line on stderr) for ``hostagent.resctrl_fs``."""
+    from hostagent.resctrl_fs import lock_timeout_arg
+
+    def on_wait(message: str) -> None:
+        print(f"hostagent: {message}", file=sys.stderr, flush=True)
+
+    return {"lock_timeout": lock_timeout_arg(args.lock_timeout), "on_wait": on_wait}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,8 +96,9 @@ def _json(doc: Any) -> None:
 # ----------------------------------------------------------------------------- free
 
 
-def free_report(topo: Any) -> dict[str, Any]:
-    """The ``resctrl free --json`` document (see docs/resctrl.md)."""
+def free_report(topo: Any, leftovers: Sequence[Any] = ()) -> dict[str, Any]:
+    """The ``resctrl free --json`` document (see docs/resctrl.md); ``leftovers`` are
+    ``hostagent.resctrl_fs.Leftover``."""
     from hostagent.cbm import cache_ways, parse_mask
     from hostagent.probe.report import way_map
 
@@ -127,6 +143,7 @@ def free_report(topo: Any) -> dict[str, Any]:
             "min_bandwidth": rc.mb.min_bandwidth, "num_closids": rc.mb.num_closids,
         },
         "caches": caches,
+        "leftovers": [x.to_dict() for x in leftovers],
     }
 
 
@@ -157,6 +174,15 @@ def render_free(doc: dict[str, Any]) -> str:
         for g in doc["groups"]:
             vals = " ".join(f"{k}={v}" for k, v in g["mb"].items())
             out.append(f"  {g['letter']} {g['name'] or '(default)'}: {vals or '-'}")
+    for x in doc.get("leftovers", ()):
+        short = x["group"].removeprefix("hostagent-")
+        then = ("and the next 'hostagent resctrl reserve {0} ...' replaces it"
+                if x["state"] == "incomplete" else
+                "or 'hostagent resctrl reserve {0} ...' completes it")
+        out.append(
+            f"warning: {x['group']} is {x['state']}: {x['detail']}; 'hostagent resctrl "
+            f"release {short}' removes it, " + then.format(short)
+        )
     return "\n".join(out) + "\n"
 
 
@@ -167,12 +193,15 @@ def _cpus(cpus: list[int]) -> str:
 
 
 def run_free(args: argparse.Namespace) -> int:
-    from hostagent.resctrl_fs import locked, read_topology
+    from hostagent.resctrl_fs import find_leftovers, locked, read_topology
 
     sysfs, resctrl = roots(args)
-    with locked(resctrl, exclusive=False):
+    lock = _lock_options(args)
+    with locked(resctrl, exclusive=False, timeout=lock["lock_timeout"],
+                on_wait=lock["on_wait"]):
         topo = read_topology(resctrl, sysfs)
-    doc = free_report(topo)
+        leftovers = find_leftovers(resctrl, topo)
+    doc = free_report(topo, leftovers)
     if args.json:
         _json(doc)
     else:
@@ -190,13 +219,16 @@ def run_reserve(args: argparse.Namespace) -> int:
     sysfs, resctrl = roots(args)
     result = reserve(
         resctrl, sysfs, args.group, args.spec, cpus=args.cpus, tasks=args.tasks,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, **_lock_options(args),
     )
     if args.json:
         _json(result.to_dict())
         return 0
     plan = result.plan
-    out = [f"group {result.group}: {result.action} ({result.path})", "schemata:"]
+    out = [f"group {result.group}: {result.action} ({result.path})"]
+    if result.cleaned:
+        out.append(f"cleaned: {result.cleaned}")
+    out.append("schemata:")
     out += ["  " + line for line in plan.text.splitlines()]
     out.append("reserved:")
     out += ["  " + line for line in describe_items(plan.caches)]
@@ -214,7 +246,7 @@ def run_release(args: argparse.Namespace) -> int:
 
     _, resctrl = roots(args)
     name = group_dir_name(args.group)
-    removed = release(resctrl, args.group)
+    removed = release(resctrl, args.group, **_lock_options(args))
     if args.json:
         _json({"group": name, "removed": removed})
     else:
@@ -227,7 +259,7 @@ def run_carve(args: argparse.Namespace) -> int:
 
     sysfs, resctrl = roots(args)
     plan = carve(resctrl, sysfs, args.ways, args.cache_id, level=args.level,
-                 dry_run=args.dry_run)
+                 dry_run=args.dry_run, **_lock_options(args))
     if args.json:
         _json({**plan.to_dict(), "dry_run": args.dry_run})
         return 0

@@ -172,9 +172,11 @@ def render(snap: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hostagent.commands.watch import UNREADABLE
+
     snap = load_file(args.file) if args.file else fetch(args)
     try:
         sys.stdout.write(render(snap))
-    except (KeyError, TypeError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise HostagentError(f"snapshot is missing or has a bad field: {exc!r}") from None
     return 0

@@ -11,6 +11,12 @@ L3#0=7 L3#1=11  guests 3  conflicts 0`` — plus a line when a host goes silent
 (no message for ``--dead-after`` seconds), restarts (new epoch) or a snapshot was missed.
 ``--json`` prints each snapshot as one JSON line. ``--count N`` / ``--seconds S`` stop
 after N snapshots or S seconds (exit 0); Ctrl-C stops too.
+
+Snapshots the subscriber drops (wrong shape, a host from another source, bad messages)
+are logged by it once per host and source; a snapshot that passed its checks but holds
+values the summary or JSON cannot show is skipped with one line saying why
+(``HOST seq N: skipped, unreadable snapshot: ...``, on stderr with ``--json``). At exit a
+line on stderr counts what was dropped or skipped, if anything was.
 """
 
 from __future__ import annotations
@@ -95,8 +101,31 @@ def _size(kib: int) -> str:
     return f"{kib}K"
 
 
+#: what a snapshot that passed the subscriber's shape check can still hold that the summary
+#: or JSON cannot show (a missing key, a string for a number, bin data, NaN, deep nesting)
+UNREADABLE = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError)
+#: the subscriber's counters reported at exit: (stats key, singular, plural, verb)
+DROP_COUNTERS = (
+    ("invalid_snapshots", "invalid snapshot", "invalid snapshots", "dropped"),
+    ("foreign_source", "message for a host bound to another source",
+     "messages for hosts bound to another source", "dropped"),
+    ("bad_messages", "bad message", "bad messages", "dropped"),
+    ("reconnects", "dropped connection", "dropped connections", "reconnected"),
+)
+
+
+def drop_report(stats: dict[str, int], skipped: int) -> str | None:
+    """The exit line counting what was dropped or skipped (``None``: nothing was)."""
+    parts = [f"{stats[key]} {one if stats[key] == 1 else many} {verb}"
+             for key, one, many, verb in DROP_COUNTERS if stats.get(key)]
+    if skipped:
+        parts.append(f"{skipped} unreadable snapshot{'' if skipped == 1 else 's'} skipped")
+    return "watch: " + ", ".join(parts) if parts else None
+
+
 def summary(snap: dict[str, Any]) -> str:
-    """The one-line summary of a snapshot."""
+    """The one-line summary of a snapshot (``KeyError``/``TypeError``/... on values it
+    cannot read, see ``UNREADABLE``)."""
     usage = snap.get("usage", {})
     cells = usage.get("cells", [])
     pcpus = " ".join(f"c{c['id']}:{c.get('free_pcpus', '?')}/{c.get('dedicated_cpus', '?')}"
@@ -126,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print("watching " + ", ".join(s.stream for s in sources), file=sys.stderr, flush=True)
     end = None if args.seconds is None else time.monotonic() + args.seconds
-    seen = 0
+    seen = skipped = 0
     epochs: dict[str, str | None] = {}
     try:
         while args.count is None or seen < args.count:
@@ -135,13 +164,23 @@ def run(args: argparse.Namespace) -> int:
                 break
             for upd in sub.poll(left):
                 if upd.kind == "snapshot":
+                    try:
+                        if args.json:
+                            line = json.dumps(upd.snapshot, separators=(",", ":"),
+                                              allow_nan=False)
+                        else:
+                            line = summary({**upd.snapshot, "host": upd.host,
+                                            "seq": upd.seq})
+                    except UNREADABLE as exc:
+                        skipped += 1
+                        print(f"{upd.host} seq {upd.seq}: skipped, unreadable snapshot: "
+                              f"{type(exc).__name__}: {exc}",
+                              file=sys.stderr if args.json else out, flush=True)
+                        continue
                     seen += 1
-                    if args.json:
-                        out.write(json.dumps(upd.snapshot, separators=(",", ":")) + "\n")
-                    else:
-                        if epochs.get(upd.host) not in (None, upd.epoch):
-                            out.write(f"{upd.host}: agent restarted (new epoch {upd.epoch})\n")
-                        out.write(summary(upd.snapshot) + "\n")
+                    if not args.json and epochs.get(upd.host) not in (None, upd.epoch):
+                        out.write(f"{upd.host}: agent restarted (new epoch {upd.epoch})\n")
+                    out.write(line + "\n")
                     epochs[upd.host] = upd.epoch
                 elif not args.json and upd.kind == "dead":
                     out.write(f"{upd.host}: no message for {args.dead_after:g} s "
@@ -156,4 +195,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         sub.close()
+        report = drop_report(sub.stats, skipped)
+        if report:
+            print(report, file=sys.stderr, flush=True)
     return 0

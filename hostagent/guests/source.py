@@ -17,11 +17,15 @@ libvirt is imported lazily, inside the functions that need its constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from hostagent.errors import HostagentError
-from hostagent.guests.xml import DomainXMLError, GuestSpec, parse_domain
+from hostagent.guests.xml import DomainXMLError, GuestRecord, parse_domain
+
+__all__ = [  # GuestRecord lives next to GuestSpec (pure); importable from here as before
+    "GuestRecord", "LibvirtUnavailable", "STATE_NAMES", "open_readonly", "read_guest",
+    "read_guests", "record_from_xml", "silence_libvirt_errors",
+]
 
 # virDomainState → name (libvirt-domain.h)
 STATE_NAMES = {
@@ -41,18 +45,6 @@ _LIST_ACTIVE = 1  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
 
 class LibvirtUnavailable(HostagentError):
     """The libvirt connection could not be opened (message names the URI)."""
-
-
-@dataclass(frozen=True)
-class GuestRecord:
-    """One domain as read from libvirt. ``spec`` is None when inactive or unparsable."""
-
-    uuid: str
-    name: str
-    state: str
-    active: bool
-    spec: GuestSpec | None
-    error: str | None = None
 
 
 def record_from_xml(

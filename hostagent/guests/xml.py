@@ -29,6 +29,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import HostagentError
@@ -221,6 +222,20 @@ class GuestSpec:
         return True, fallback.size_kib if fallback else None
 
 
+@dataclass(frozen=True)
+class GuestRecord:
+    """One domain as read from libvirt (``hostagent.guests.source.read_guest``): its
+    identity, state and parsed XML. ``spec`` is None when inactive or unparsable; then
+    ``error`` says why it did not parse (None for an inactive domain)."""
+
+    uuid: str
+    name: str
+    state: str
+    active: bool
+    spec: GuestSpec | None
+    error: str | None = None
+
+
 # --------------------------------------------------------------------------- helpers
 
 _UNIT_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
@@ -361,6 +376,11 @@ def _tune_vcpus(ctx: _Ctx, el: ET.Element, where: str, nvcpus: int) -> tuple[int
 
 
 # --------------------------------------------------------------------------- parsing
+#
+# One function per domain element, in the order libvirt's virDomainDefParseXML reads
+# them (identity, vcpu, cputune, iothreads, memory, numatune, cpu, devices,
+# memoryBacking, metadata). Checks run in that order too: a document with several
+# problems reports the first one met.
 
 
 def parse_domain(xml: str) -> GuestSpec:
@@ -371,6 +391,56 @@ def parse_domain(xml: str) -> GuestSpec:
         raise DomainXMLError(None, "", f"not well-formed XML: {exc}") from None
     if root.tag != "domain":
         raise DomainXMLError(None, "", "the root element is not <domain>", root.tag)
+    ctx, name, uuid, domain_id = _parse_identity(root)
+    vcpu = _parse_vcpu(ctx, root.find("vcpu"))
+    nvcpus = vcpu.count
+    tune = _parse_cputune(ctx, root.find("cputune"), nvcpus)
+    iothreads = _parse_iothreads(ctx, root.find("iothreads"), tune.iothreadpin)
+    memory_kib, current_memory = _parse_memory(ctx, root)
+    numatune = _parse_numatune(ctx, root.find("numatune"))
+    topology, cells = _parse_cpu(ctx, root.find("cpu"), nvcpus)
+    extra = _parse_memory_devices(ctx, root)
+    cells = _add_memory_devices(ctx, cells, extra)
+    if memory_kib == 0:  # no <memory>: the guest cells' sum, else the memory devices'
+        memory_kib = sum(c.memory_kib for c in cells) + (0 if cells else sum(extra.values()))
+        current_memory = current_memory or memory_kib
+    _check_memnodes(ctx, numatune, cells)
+    hugepages, pages = _parse_memory_backing(ctx, root.find("memoryBacking"))
+    hostdevs = _parse_pci_devices(ctx, root)
+    idle = _parse_fit_metadata(ctx, root)
+    return GuestSpec(
+        name=name,
+        uuid=uuid,
+        domain_id=domain_id,
+        vcpus=nvcpus,
+        current_vcpus=vcpu.current,
+        vcpu_placement=vcpu.placement,
+        cpuset=vcpu.cpuset,
+        vcpupin=tune.vcpupin,
+        emulatorpin=tune.emulatorpin,
+        iothreads=max(iothreads, max(tune.iothreadpin, default=0)),
+        iothreadpin=tune.iothreadpin,
+        vcpusched=tune.vcpusched,
+        cachetunes=tune.cachetunes,
+        memorytunes=tune.memorytunes,
+        numatune=numatune,
+        topology=topology,
+        cells=cells,
+        memory_kib=memory_kib,
+        current_memory_kib=current_memory,
+        hugepages=hugepages,
+        pages=pages,
+        hostdevs=hostdevs,
+        idle_cpus=idle,
+    )
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}")
+
+
+def _parse_identity(root: ET.Element) -> tuple[_Ctx, str, str, int | None]:
+    """``name``, ``uuid`` (lower case, with dashes) and ``domain/@id`` (None unless the
+    domain runs), and the error context named after the domain."""
     name_el = root.find("name")
     name = (name_el.text or "").strip() if name_el is not None else ""
     ctx = _Ctx(name or None)
@@ -378,108 +448,151 @@ def parse_domain(xml: str) -> GuestSpec:
         raise ctx.fail("name", "missing domain name")
     uuid_el = root.find("uuid")
     uuid = (uuid_el.text or "").strip().lower() if uuid_el is not None else ""
-    if not re.fullmatch(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}",
-                        uuid):
+    if not _UUID.fullmatch(uuid):
         raise ctx.fail("uuid", "missing or not a UUID", uuid or None)
     if "-" not in uuid:
         uuid = f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}"
-
     domain_id = None
     if root.get("id") is not None:
         raw_id = root.get("id", "")
         domain_id = None if raw_id.strip() == "-1" else ctx.to_int(raw_id, "domain/@id")
+    return ctx, name, uuid, domain_id
 
-    # ---- vcpu
-    vcpu_el = root.find("vcpu")
-    nvcpus, current, placement, cpuset = 1, 1, "static", None
-    if vcpu_el is not None:
-        nvcpus = ctx.to_int(vcpu_el.text or "", "vcpu", minimum=1)
-        current = ctx.int_attr(vcpu_el, "current", "vcpu", minimum=1, required=False,
-                               default=nvcpus) or nvcpus
-        if current > nvcpus:
-            raise ctx.fail("vcpu/@current", f"more than the {nvcpus} vCPUs", current)
-        placement = ctx.choice(vcpu_el.get("placement", "static"), "vcpu/@placement",
-                               ("static", "auto"))
-        if vcpu_el.get("cpuset") is not None:
-            cpuset = ctx.cpuset(vcpu_el.get("cpuset"), "vcpu/@cpuset")
 
-    # ---- cputune
-    vcpupin: dict[int, tuple[int, ...]] = {}
-    iothreadpin: dict[int, tuple[int, ...]] = {}
+class _Vcpu(NamedTuple):
+    """``vcpu``: the maximum count, ``current``, ``placement`` and ``cpuset``."""
+
+    count: int = 1
+    current: int = 1
+    placement: str = "static"
+    cpuset: tuple[int, ...] | None = None
+
+
+def _parse_vcpu(ctx: _Ctx, el: ET.Element | None) -> _Vcpu:
+    if el is None:
+        return _Vcpu()
+    nvcpus = ctx.to_int(el.text or "", "vcpu", minimum=1)
+    current = ctx.int_attr(el, "current", "vcpu", minimum=1, required=False,
+                           default=nvcpus) or nvcpus
+    if current > nvcpus:
+        raise ctx.fail("vcpu/@current", f"more than the {nvcpus} vCPUs", current)
+    placement = ctx.choice(el.get("placement", "static"), "vcpu/@placement",
+                           ("static", "auto"))
+    cpuset = None
+    if el.get("cpuset") is not None:
+        cpuset = ctx.cpuset(el.get("cpuset"), "vcpu/@cpuset")
+    return _Vcpu(nvcpus, current, placement, cpuset)
+
+
+class _CpuTune(NamedTuple):
+    """``cputune``: pins, vCPU schedulers, cache and memory bandwidth allocations."""
+
+    vcpupin: dict[int, tuple[int, ...]]
+    emulatorpin: tuple[int, ...] | None
+    iothreadpin: dict[int, tuple[int, ...]]
+    vcpusched: tuple[VcpuSched, ...]
+    cachetunes: tuple[CacheTune, ...]
+    memorytunes: tuple[MemoryTune, ...]
+
+
+def _parse_cputune(ctx: _Ctx, cputune: ET.Element | None, nvcpus: int) -> _CpuTune:
+    if cputune is None:
+        return _CpuTune({}, None, {}, (), (), ())
+    vcpupin = _parse_vcpupins(ctx, cputune, nvcpus)
     emulatorpin = None
-    scheds: list[VcpuSched] = []
-    cachetunes: list[CacheTune] = []
-    memorytunes: list[MemoryTune] = []
-    cputune = root.find("cputune")
-    if cputune is not None:
-        for pin in cputune.findall("vcpupin"):
-            v = ctx.int_attr(pin, "vcpu", "cputune/vcpupin")
-            assert v is not None
-            where = f"cputune/vcpupin[@vcpu='{v}']"
-            if v >= nvcpus:
-                raise ctx.fail(f"{where}/@vcpu", f"vCPU {v} does not exist (the domain has "
-                               f"{nvcpus})", pin.get("vcpu"))
-            if v in vcpupin:
-                raise ctx.fail(where, "duplicate vcpupin for this vCPU")
-            vcpupin[v] = ctx.cpuset(pin.get("cpuset"), f"{where}/@cpuset")
-        emu = cputune.find("emulatorpin")
-        if emu is not None:
-            emulatorpin = ctx.cpuset(emu.get("cpuset"), "cputune/emulatorpin/@cpuset")
-        for pin in cputune.findall("iothreadpin"):
-            t = ctx.int_attr(pin, "iothread", "cputune/iothreadpin", minimum=1)
-            assert t is not None
-            where = f"cputune/iothreadpin[@iothread='{t}']"
-            if t in iothreadpin:
-                raise ctx.fail(where, "duplicate iothreadpin for this iothread")
-            iothreadpin[t] = ctx.cpuset(pin.get("cpuset"), f"{where}/@cpuset")
-        for el in cputune.findall("vcpusched"):
-            vs = _tune_vcpus(ctx, el, "cputune/vcpusched", nvcpus)
-            sched = ctx.choice(el.get("scheduler"), "cputune/vcpusched/@scheduler", SCHEDULERS)
-            prio = ctx.int_attr(el, "priority", "cputune/vcpusched", required=False)
-            scheds.append(VcpuSched(vs, sched, prio))
-        for i, el in enumerate(cputune.findall("cachetune")):
-            where = f"cputune/cachetune[{i + 1}]"
-            vs = _tune_vcpus(ctx, el, where, nvcpus)
-            caches = []
-            for c in el.findall("cache"):
-                cw = f"{where}/cache"
-                cid = ctx.int_attr(c, "id", cw)
-                level = ctx.int_attr(c, "level", cw, minimum=1)
-                ctype = ctx.choice(c.get("type"), f"{cw}/@type", CACHE_TYPES)
-                size = ctx.scaled(c, cw, value_attr="size", default_unit=1024, to_unit=1)
-                assert cid is not None and level is not None
-                caches.append(CacheRequest(cid, level, ctype, size))
-            monitors = []
-            for m in el.findall("monitor"):
-                mw = f"{where}/monitor"
-                level = ctx.int_attr(m, "level", mw, minimum=1)
-                assert level is not None
-                monitors.append(CacheMonitor(level, _tune_vcpus(ctx, m, mw, nvcpus)))
-            cachetunes.append(
-                CacheTune(vs, _alloc_id(ctx, el, vs, where), tuple(caches), tuple(monitors))
-            )
-        for i, el in enumerate(cputune.findall("memorytune")):
-            where = f"cputune/memorytune[{i + 1}]"
-            vs = _tune_vcpus(ctx, el, where, nvcpus)
-            nodes = []
-            for n in el.findall("node"):
-                nid = ctx.int_attr(n, "id", f"{where}/node")
-                bw = ctx.int_attr(n, "bandwidth", f"{where}/node")
-                assert nid is not None and bw is not None
-                nodes.append((nid, bw))
-            memorytunes.append(MemoryTune(vs, _alloc_id(ctx, el, vs, where), tuple(nodes)))
+    emu = cputune.find("emulatorpin")
+    if emu is not None:
+        emulatorpin = ctx.cpuset(emu.get("cpuset"), "cputune/emulatorpin/@cpuset")
+    iothreadpin = _parse_iothreadpins(ctx, cputune)
+    scheds = []
+    for el in cputune.findall("vcpusched"):
+        vs = _tune_vcpus(ctx, el, "cputune/vcpusched", nvcpus)
+        sched = ctx.choice(el.get("scheduler"), "cputune/vcpusched/@scheduler", SCHEDULERS)
+        prio = ctx.int_attr(el, "priority", "cputune/vcpusched", required=False)
+        scheds.append(VcpuSched(vs, sched, prio))
+    cachetunes = tuple(_parse_cachetune(ctx, el, f"cputune/cachetune[{i + 1}]", nvcpus)
+                       for i, el in enumerate(cputune.findall("cachetune")))
+    memorytunes = tuple(_parse_memorytune(ctx, el, f"cputune/memorytune[{i + 1}]", nvcpus)
+                        for i, el in enumerate(cputune.findall("memorytune")))
+    return _CpuTune(vcpupin, emulatorpin, iothreadpin, tuple(scheds), cachetunes,
+                    memorytunes)
 
-    # ---- iothreads
+
+def _parse_vcpupins(ctx: _Ctx, cputune: ET.Element, nvcpus: int) -> dict[int, tuple[int, ...]]:
+    vcpupin: dict[int, tuple[int, ...]] = {}
+    for pin in cputune.findall("vcpupin"):
+        v = ctx.int_attr(pin, "vcpu", "cputune/vcpupin")
+        assert v is not None
+        where = f"cputune/vcpupin[@vcpu='{v}']"
+        if v >= nvcpus:
+            raise ctx.fail(f"{where}/@vcpu", f"vCPU {v} does not exist (the domain has "
+                           f"{nvcpus})", pin.get("vcpu"))
+        if v in vcpupin:
+            raise ctx.fail(where, "duplicate vcpupin for this vCPU")
+        vcpupin[v] = ctx.cpuset(pin.get("cpuset"), f"{where}/@cpuset")
+    return vcpupin
+
+
+def _parse_iothreadpins(ctx: _Ctx, cputune: ET.Element) -> dict[int, tuple[int, ...]]:
+    iothreadpin: dict[int, tuple[int, ...]] = {}
+    for pin in cputune.findall("iothreadpin"):
+        t = ctx.int_attr(pin, "iothread", "cputune/iothreadpin", minimum=1)
+        assert t is not None
+        where = f"cputune/iothreadpin[@iothread='{t}']"
+        if t in iothreadpin:
+            raise ctx.fail(where, "duplicate iothreadpin for this iothread")
+        iothreadpin[t] = ctx.cpuset(pin.get("cpuset"), f"{where}/@cpuset")
+    return iothreadpin
+
+
+def _parse_cachetune(ctx: _Ctx, el: ET.Element, where: str, nvcpus: int) -> CacheTune:
+    vs = _tune_vcpus(ctx, el, where, nvcpus)
+    caches = []
+    for c in el.findall("cache"):
+        cw = f"{where}/cache"
+        cid = ctx.int_attr(c, "id", cw)
+        level = ctx.int_attr(c, "level", cw, minimum=1)
+        ctype = ctx.choice(c.get("type"), f"{cw}/@type", CACHE_TYPES)
+        size = ctx.scaled(c, cw, value_attr="size", default_unit=1024, to_unit=1)
+        assert cid is not None and level is not None
+        caches.append(CacheRequest(cid, level, ctype, size))
+    monitors = []
+    for m in el.findall("monitor"):
+        mw = f"{where}/monitor"
+        level = ctx.int_attr(m, "level", mw, minimum=1)
+        assert level is not None
+        monitors.append(CacheMonitor(level, _tune_vcpus(ctx, m, mw, nvcpus)))
+    return CacheTune(vs, _alloc_id(ctx, el, vs, where), tuple(caches), tuple(monitors))
+
+
+def _parse_memorytune(ctx: _Ctx, el: ET.Element, where: str, nvcpus: int) -> MemoryTune:
+    vs = _tune_vcpus(ctx, el, where, nvcpus)
+    nodes = []
+    for n in el.findall("node"):
+        nid = ctx.int_attr(n, "id", f"{where}/node")
+        bw = ctx.int_attr(n, "bandwidth", f"{where}/node")
+        assert nid is not None and bw is not None
+        nodes.append((nid, bw))
+    return MemoryTune(vs, _alloc_id(ctx, el, vs, where), tuple(nodes))
+
+
+def _parse_iothreads(ctx: _Ctx, el: ET.Element | None,
+                     iothreadpin: Mapping[int, tuple[int, ...]]) -> int:
+    """The ``iothreads`` count (0 without the element); every ``iothreadpin`` names one
+    of them when it is given."""
     iothreads = 0
-    io_el = root.find("iothreads")
-    if io_el is not None:
-        iothreads = ctx.to_int(io_el.text or "", "iothreads")
+    if el is not None:
+        iothreads = ctx.to_int(el.text or "", "iothreads")
     for t in iothreadpin:
         if iothreads and t > iothreads:
             raise ctx.fail(f"cputune/iothreadpin[@iothread='{t}']/@iothread",
                            f"iothread {t} does not exist (the domain has {iothreads})", t)
+    return iothreads
 
-    # ---- memory
+
+def _parse_memory(ctx: _Ctx, root: ET.Element) -> tuple[int, int]:
+    """(``memory``, ``currentMemory``) in KiB; 0 without ``memory``, and ``currentMemory``
+    defaults to ``memory``."""
     mem_el = root.find("memory")
     memory_kib = 0
     if mem_el is not None:
@@ -490,73 +603,86 @@ def parse_domain(xml: str) -> GuestSpec:
     if cur_el is not None:
         current_memory = ctx.scaled(cur_el, "currentMemory", value_attr=None,
                                     default_unit=1024, to_unit=1024)
+    return memory_kib, current_memory
 
-    # ---- numatune
-    numatune = None
-    nt = root.find("numatune")
-    if nt is not None:
-        mode = nodeset = placement_nt = None
-        m = nt.find("memory")
-        if m is not None:
-            mode = ctx.choice(m.get("mode", "strict"), "numatune/memory/@mode", MEMORY_MODES)
-            placement_nt = m.get("placement")
-            if m.get("nodeset") is not None:
-                nodeset = ctx.cpuset(m.get("nodeset"), "numatune/memory/@nodeset")
-            if placement_nt is not None:
-                ctx.choice(placement_nt, "numatune/memory/@placement", ("static", "auto"))
-        memnodes = []
-        seen: set[int] = set()
-        for mn in nt.findall("memnode"):
-            cid = ctx.int_attr(mn, "cellid", "numatune/memnode")
-            assert cid is not None
-            where = f"numatune/memnode[@cellid='{cid}']"
-            if cid in seen:
-                raise ctx.fail(where, "duplicate memnode for this guest cell")
-            seen.add(cid)
-            memnodes.append(MemNode(
-                cid,
-                ctx.choice(mn.get("mode", "strict"), f"{where}/@mode", MEMORY_MODES),
-                ctx.cpuset(mn.get("nodeset"), f"{where}/@nodeset"),
-            ))
-        numatune = NumaTune(mode, nodeset, placement_nt, tuple(memnodes))
 
-    # ---- cpu topology and guest NUMA cells
+def _parse_numatune(ctx: _Ctx, nt: ET.Element | None) -> NumaTune | None:
+    if nt is None:
+        return None
+    mode = nodeset = placement = None
+    m = nt.find("memory")
+    if m is not None:
+        mode = ctx.choice(m.get("mode", "strict"), "numatune/memory/@mode", MEMORY_MODES)
+        placement = m.get("placement")
+        if m.get("nodeset") is not None:
+            nodeset = ctx.cpuset(m.get("nodeset"), "numatune/memory/@nodeset")
+        if placement is not None:
+            ctx.choice(placement, "numatune/memory/@placement", ("static", "auto"))
+    memnodes = []
+    seen: set[int] = set()
+    for mn in nt.findall("memnode"):
+        cid = ctx.int_attr(mn, "cellid", "numatune/memnode")
+        assert cid is not None
+        where = f"numatune/memnode[@cellid='{cid}']"
+        if cid in seen:
+            raise ctx.fail(where, "duplicate memnode for this guest cell")
+        seen.add(cid)
+        memnodes.append(MemNode(
+            cid,
+            ctx.choice(mn.get("mode", "strict"), f"{where}/@mode", MEMORY_MODES),
+            ctx.cpuset(mn.get("nodeset"), f"{where}/@nodeset"),
+        ))
+    return NumaTune(mode, nodeset, placement, tuple(memnodes))
+
+
+def _parse_cpu(ctx: _Ctx, cpu_el: ET.Element | None,
+               nvcpus: int) -> tuple[CpuTopology | None, tuple[GuestCell, ...]]:
+    """``cpu/topology`` and the guest NUMA cells of ``cpu/numa``."""
+    if cpu_el is None:
+        return None, ()
     topology = None
+    top = cpu_el.find("topology")
+    if top is not None:
+        vals = {
+            k: ctx.int_attr(top, k, "cpu/topology", minimum=1,
+                            required=k in ("sockets", "cores", "threads"), default=1)
+            for k in ("sockets", "dies", "clusters", "cores", "threads")
+        }
+        topology = CpuTopology(**vals)  # type: ignore[arg-type]
+    numa = cpu_el.find("numa")
+    cells = _parse_numa_cells(ctx, numa, nvcpus) if numa is not None else ()
+    return topology, cells
+
+
+def _parse_numa_cells(ctx: _Ctx, numa: ET.Element, nvcpus: int) -> tuple[GuestCell, ...]:
     cells: list[GuestCell] = []
-    cpu_el = root.find("cpu")
-    if cpu_el is not None:
-        top = cpu_el.find("topology")
-        if top is not None:
-            vals = {
-                k: ctx.int_attr(top, k, "cpu/topology", minimum=1,
-                                required=k in ("sockets", "cores", "threads"), default=1)
-                for k in ("sockets", "dies", "clusters", "cores", "threads")
-            }
-            topology = CpuTopology(**vals)  # type: ignore[arg-type]
-        numa = cpu_el.find("numa")
-        if numa is not None:
-            taken: dict[int, int] = {}
-            for i, cell in enumerate(numa.findall("cell")):
-                cid = ctx.int_attr(cell, "id", "cpu/numa/cell", required=False, default=i)
-                assert cid is not None
-                where = f"cpu/numa/cell[@id='{cid}']"
-                if any(c.id == cid for c in cells):
-                    raise ctx.fail(where, "duplicate guest cell id")
-                vs: tuple[int, ...] = ()
-                if cell.get("cpus") is not None and cell.get("cpus", "").strip():
-                    vs = ctx.cpuset(cell.get("cpus"), f"{where}/@cpus")
-                for v in vs:
-                    if v >= nvcpus:
-                        raise ctx.fail(f"{where}/@cpus", f"vCPU {v} does not exist (the "
-                                       f"domain has {nvcpus})", cell.get("cpus"))
-                    if v in taken:
-                        raise ctx.fail(f"{where}/@cpus", f"vCPU {v} is already in guest "
-                                       f"cell {taken[v]}", cell.get("cpus"))
-                    taken[v] = cid
-                mem = ctx.scaled(cell, where, value_attr="memory", default_unit=1024,
-                                 to_unit=1024)
-                cells.append(GuestCell(cid, vs, mem))
-    # memory devices (dimm, nvdimm, virtio-mem, ...) add to their guest cell
+    taken: dict[int, int] = {}  # vCPU -> the guest cell that has it
+    for i, cell in enumerate(numa.findall("cell")):
+        cid = ctx.int_attr(cell, "id", "cpu/numa/cell", required=False, default=i)
+        assert cid is not None
+        where = f"cpu/numa/cell[@id='{cid}']"
+        if any(c.id == cid for c in cells):
+            raise ctx.fail(where, "duplicate guest cell id")
+        vs: tuple[int, ...] = ()
+        if cell.get("cpus") is not None and cell.get("cpus", "").strip():
+            vs = ctx.cpuset(cell.get("cpus"), f"{where}/@cpus")
+        for v in vs:
+            if v >= nvcpus:
+                raise ctx.fail(f"{where}/@cpus", f"vCPU {v} does not exist (the "
+                               f"domain has {nvcpus})", cell.get("cpus"))
+            if v in taken:
+                raise ctx.fail(f"{where}/@cpus", f"vCPU {v} is already in guest "
+                               f"cell {taken[v]}", cell.get("cpus"))
+            taken[v] = cid
+        mem = ctx.scaled(cell, where, value_attr="memory", default_unit=1024,
+                         to_unit=1024)
+        cells.append(GuestCell(cid, vs, mem))
+    return tuple(cells)
+
+
+def _parse_memory_devices(ctx: _Ctx, root: ET.Element) -> dict[int, int]:
+    """Memory devices (dimm, nvdimm, virtio-mem, ...): KiB per guest cell (``target/node``,
+    default 0)."""
     extra: dict[int, int] = {}
     for i, dev in enumerate(root.findall("devices/memory")):
         size_el = dev.find("target/size")
@@ -568,15 +694,24 @@ def parse_domain(xml: str) -> GuestSpec:
         node = ctx.to_int(node_el.text or "", f"devices/memory[{i + 1}]/target/node") \
             if node_el is not None else 0
         extra[node] = extra.get(node, 0) + size
-    if extra and cells:
-        known = {c.id for c in cells}
-        for node in extra:
-            if node not in known:
-                raise ctx.fail("devices/memory/target/node", "no such guest cell", node)
-        cells = [GuestCell(c.id, c.vcpus, c.memory_kib + extra.get(c.id, 0)) for c in cells]
-    if memory_kib == 0:
-        memory_kib = sum(c.memory_kib for c in cells) + (0 if cells else sum(extra.values()))
-        current_memory = current_memory or memory_kib
+    return extra
+
+
+def _add_memory_devices(ctx: _Ctx, cells: tuple[GuestCell, ...],
+                        extra: Mapping[int, int]) -> tuple[GuestCell, ...]:
+    """The guest cells with their memory devices added (each names an existing cell)."""
+    if not (extra and cells):
+        return cells
+    known = {c.id for c in cells}
+    for node in extra:
+        if node not in known:
+            raise ctx.fail("devices/memory/target/node", "no such guest cell", node)
+    return tuple(GuestCell(c.id, c.vcpus, c.memory_kib + extra.get(c.id, 0)) for c in cells)
+
+
+def _check_memnodes(ctx: _Ctx, numatune: NumaTune | None,
+                    cells: tuple[GuestCell, ...]) -> None:
+    """Every ``numatune/memnode`` names a guest cell of ``cpu/numa``."""
     if numatune is not None and cells:
         known = {c.id for c in cells}
         for mn in numatune.memnodes:
@@ -586,26 +721,28 @@ def parse_domain(xml: str) -> GuestSpec:
     elif numatune is not None and numatune.memnodes:
         raise ctx.fail("numatune/memnode", "memnode needs guest NUMA cells (cpu/numa)")
 
-    # ---- hugepages
-    hugepages = False
-    pages: list[HugePage] = []
-    mb = root.find("memoryBacking")
-    if mb is not None:
-        hp = mb.find("hugepages")
-        if hp is not None:
-            hugepages = True
-            for i, page in enumerate(hp.findall("page")):
-                where = f"memoryBacking/hugepages/page[{i + 1}]"
-                size = ctx.scaled(page, where, value_attr="size", default_unit=1024,
-                                  to_unit=1024)
-                if size <= 0:
-                    raise ctx.fail(f"{where}/@size", "must be > 0", page.get("size"))
-                ns = None
-                if page.get("nodeset") is not None:
-                    ns = ctx.cpuset(page.get("nodeset"), f"{where}/@nodeset")
-                pages.append(HugePage(size, ns))
 
-    # ---- PCI devices passed through (hostdev, and interface type='hostdev' for VFs)
+def _parse_memory_backing(ctx: _Ctx,
+                          mb: ET.Element | None) -> tuple[bool, tuple[HugePage, ...]]:
+    """(``memoryBacking/hugepages`` present?, its ``page`` elements)."""
+    hp = mb.find("hugepages") if mb is not None else None
+    if hp is None:
+        return False, ()
+    pages = []
+    for i, page in enumerate(hp.findall("page")):
+        where = f"memoryBacking/hugepages/page[{i + 1}]"
+        size = ctx.scaled(page, where, value_attr="size", default_unit=1024, to_unit=1024)
+        if size <= 0:
+            raise ctx.fail(f"{where}/@size", "must be > 0", page.get("size"))
+        ns = None
+        if page.get("nodeset") is not None:
+            ns = ctx.cpuset(page.get("nodeset"), f"{where}/@nodeset")
+        pages.append(HugePage(size, ns))
+    return True, tuple(pages)
+
+
+def _parse_pci_devices(ctx: _Ctx, root: ET.Element) -> tuple[str, ...]:
+    """PCI devices passed through: ``hostdev``, and ``interface type='hostdev'`` (VFs)."""
     hostdevs: list[str] = []
     for kind, path in (("hostdev", "devices/hostdev"), ("interface", "devices/interface")):
         for i, dev in enumerate(root.findall(path)):
@@ -616,39 +753,17 @@ def parse_domain(xml: str) -> GuestSpec:
                 continue
             where = f"devices/{kind}[{i + 1}]/source/address"
             hostdevs.append(_pci_address(ctx, addr, where))
+    return tuple(hostdevs)
 
-    # ---- host threads kept idle (hostagent fit metadata for isolate guests)
+
+def _parse_fit_metadata(ctx: _Ctx, root: ET.Element) -> tuple[int, ...]:
+    """Host threads kept idle (``hostagent fit`` metadata for isolate guests), sorted."""
     idle: set[int] = set()
     for fit_el in root.findall(f"metadata/{_FIT}"):
         for i, el in enumerate(fit_el.findall(_IDLE)):
             where = f"metadata/hostagent:fit/hostagent:idle[{i + 1}]/@cpus"
             idle.update(ctx.cpuset(el.get("cpus"), where))
-
-    return GuestSpec(
-        name=name,
-        uuid=uuid,
-        domain_id=domain_id,
-        vcpus=nvcpus,
-        current_vcpus=current,
-        vcpu_placement=placement,
-        cpuset=cpuset,
-        vcpupin=vcpupin,
-        emulatorpin=emulatorpin,
-        iothreads=max(iothreads, max(iothreadpin, default=0)),
-        iothreadpin=iothreadpin,
-        vcpusched=tuple(scheds),
-        cachetunes=tuple(cachetunes),
-        memorytunes=tuple(memorytunes),
-        numatune=numatune,
-        topology=topology,
-        cells=tuple(cells),
-        memory_kib=memory_kib,
-        current_memory_kib=current_memory,
-        hugepages=hugepages,
-        pages=tuple(pages),
-        hostdevs=tuple(hostdevs),
-        idle_cpus=tuple(sorted(idle)),
-    )
+    return tuple(sorted(idle))
 
 
 def _pci_address(ctx: _Ctx, addr: ET.Element, where: str) -> str:

@@ -17,7 +17,9 @@ drops offline CPUs; a stale list is trimmed). Fallbacks: ``shared_cpu_list`` mis
 CPU alone; ``type`` missing → unified;
 ``id`` missing → the lowest CPU in ``shared_cpu_list`` (stable across boots, unique per
 level and type because a CPU has one cache of each level and type); ``size``,
-``ways_of_associativity``, ``coherency_line_size`` missing → 0 (unknown). A second cache
+``ways_of_associativity``, ``coherency_line_size`` missing → 0 (unknown). Each value is an
+``unsigned int`` in the kernel (``struct cacheinfo``): a larger one, size in bytes included,
+is an error (``hostagent.probe.limits.MAX_U32``). A second cache
 with the same (level, type, id) as one already read is dropped. The result is sorted by
 level, then type (data, instruction, unified), then id.
 """
@@ -28,6 +30,7 @@ import os
 
 from hostagent.errors import ProbeError
 from hostagent.model import Cache
+from hostagent.probe.limits import MAX_U32
 from hostagent.probe.reader import FileReader, first_cpu, to_count, to_cpus, to_size
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
@@ -47,18 +50,22 @@ _FILES = ("level", "shared_cpu_list", *_ATTRS)  # one read_many per index direct
 
 
 def _count(path: str, text: str | None) -> int | None:
-    """``to_count`` with the common case inlined: a plain non-negative decimal."""
+    """``to_count`` (up to ``MAX_U32``) with the common case inlined: a plain decimal."""
     if text is None:
         return None
     if text[:1].isdigit():
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
             pass
-    return to_count(path, text)
+        else:
+            if value <= MAX_U32:
+                return value
+    return to_count(path, text, MAX_U32)
 
 
 _KIB_SUFFIX = "K\n"
+_MAX_KIB_DIGITS = len(str(MAX_U32 >> 10))  # "<n>K" sizes of this many digits, parsed inline
 
 
 def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
@@ -75,8 +82,9 @@ def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
         cid = None if tid is None else int(tid)
         ways = 0 if tways is None else int(tways)
         line = 0 if tline is None else int(tline)
-        if level < 0 or ways < 0 or line < 0 or (cid is not None and cid < 0):
-            raise ValueError
+        if not (0 <= level <= MAX_U32 and 0 <= ways <= MAX_U32 and 0 <= line <= MAX_U32
+                and (cid is None or 0 <= cid <= MAX_U32)):
+            raise ValueError  # the checking parsers say which file and why
     except ValueError:
         level = _count(d + "level", level_text)
         cid = _count(d + "id", tid)
@@ -87,10 +95,11 @@ def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
         ctype = TYPES.get(ttype.strip().lower(), "")  # type: ignore[union-attr]
         if not ctype:
             raise ProbeError(d + "type", "unknown cache type", ttype.strip())  # type: ignore[union-attr]
-    if tsize is not None and tsize.endswith(_KIB_SUFFIX) and tsize[:-2].isdigit():
-        size = int(tsize[:-2]) << 10
+    if (tsize is not None and tsize.endswith(_KIB_SUFFIX) and tsize[:-2].isdigit()
+            and len(tsize) - 2 < _MAX_KIB_DIGITS and tsize.isascii()):
+        size = int(tsize[:-2]) << 10  # fewer digits than MAX_U32 >> 10 has: in range
     else:
-        size = 0 if tsize is None else to_size(d + "size", tsize)
+        size = 0 if tsize is None else to_size(d + "size", tsize, MAX_U32)
     kept = None
     if keep:
         # not shared_cpu_list: it can change (CPU hotplug) and is read again every time

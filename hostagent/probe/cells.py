@@ -7,6 +7,7 @@ Node ids come from the ``nodeN`` directory names and may have gaps. Per node:
   a missing file means 0 kB; a file without a ``MemTotal`` line is an error;
 - ``distance``: one value per node, in ascending node-id order (the kernel's order);
   missing → no distances; a count that does not match the nodes is an error;
+- node ids, memory figures and distances beyond ``hostagent.probe.limits`` are errors;
 - ``hugepages/``: see ``hugepages.py``.
 
 A kernel without ``node/`` (built without NUMA) is one cell 0 holding every online CPU.
@@ -21,6 +22,7 @@ from __future__ import annotations
 from hostagent.errors import ProbeError
 from hostagent.model import Cell
 from hostagent.probe.hugepages import read_pools
+from hostagent.probe.limits import MAX_C_INT, MAX_MEMORY_KIB, MAX_NODES
 from hostagent.probe.reader import FileReader, numbered, to_count, to_cpus, to_hex
 
 IS_NODE = numbered("node")
@@ -38,9 +40,13 @@ def parse_meminfo(path: str, text: str) -> tuple[int, int]:
                 if i + 1 >= len(parts):
                     raise ProbeError(path, f"no value for {word[:-1]}", line)
                 value = parts[i + 1]
-                if not value.isdigit():
+                if not (value.isdigit() and value.isascii()):
                     raise ProbeError(path, f"bad {word[:-1]} value", line.strip())
-                found[word[:-1]] = int(value)
+                kib = int(value) if len(value) < 20 else MAX_MEMORY_KIB + 1
+                if kib > MAX_MEMORY_KIB:
+                    raise ProbeError(path, f"{word[:-1]} out of range 0..{MAX_MEMORY_KIB} kB",
+                                     line.strip())
+                found[word[:-1]] = kib
                 break
     if "MemTotal" not in found:
         raise ProbeError(path, "no MemTotal line", text.strip()[:80])
@@ -55,7 +61,11 @@ def _single_cell(reader: FileReader, sysfs_root: str, online: set[int]) -> Cell:
         path = f"{mem_dir}/block_size_bytes"
         text = reader.read(path)
         if text is not None:
-            memory_kib = len(blocks) * to_hex(path, text) // 1024
+            block = to_hex(path, text, MAX_MEMORY_KIB * 1024)
+            memory_kib = len(blocks) * block // 1024
+            if memory_kib > MAX_MEMORY_KIB:
+                raise ProbeError(mem_dir, f"{len(blocks)} blocks of {block} bytes: memory out "
+                                 f"of range 0..{MAX_MEMORY_KIB} kB")
     return Cell(
         id=0,
         cpus=tuple(sorted(online)),
@@ -73,6 +83,8 @@ def read_cells(reader: FileReader, sysfs_root: str, online: set[int]) -> tuple[C
     if not names:
         return (_single_cell(reader, sysfs_root, online),)
     ids = sorted(int(n[4:]) for n in names)
+    if ids[-1] >= MAX_NODES:
+        raise ProbeError(f"{base}/node{ids[-1]}", f"node id out of range 0..{MAX_NODES - 1}")
     cells = []
     for nid in ids:
         d = f"{base}/node{nid}/"
@@ -89,7 +101,8 @@ def read_cells(reader: FileReader, sysfs_root: str, online: set[int]) -> tuple[C
                     d + "distance", f"{len(values)} values for {len(ids)} nodes", text.strip()
                 )
             distances = {
-                other: to_count(d + "distance", v) for other, v in zip(ids, values, strict=True)
+                other: to_count(d + "distance", v, MAX_C_INT)
+                for other, v in zip(ids, values, strict=True)
             }
         cells.append(
             Cell(

@@ -3,7 +3,8 @@
 Files read (under ``<sysfs_root>/devices/system/cpu``):
 
 - the ``cpuN`` directory names (every CPU the kernel registered, online or not) and
-  ``online`` (missing: every listed CPU is online); ``isolated`` (missing: none);
+  ``online`` (missing: every listed CPU is online; empty: an error, a running kernel has
+  at least one online CPU); ``isolated`` (missing: none);
 - per *core* (once, at its lowest online thread): ``topology/thread_siblings_list``
   (missing: the CPU alone), ``core_id`` and ``cluster_id``. The other threads of the core
   take the same values without being read: siblings share core, cluster, die and package;
@@ -16,7 +17,9 @@ Fallbacks: a missing or negative ``physical_package_id`` becomes the package's o
 (0, 1, ... in order of its lowest CPU); a missing or negative ``die_id`` becomes 0 (the
 package is one die, as on kernels before 5.2); a missing or negative ``cluster_id``, or
 65535 (x86's "no cluster" value), becomes -1; a missing or negative ``core_id`` becomes the
-lowest CPU of the core's thread siblings. Offline CPUs have no topology: socket, die,
+lowest CPU of the core's thread siblings. CPU ids are below ``MAX_CPUS`` and the ids
+read are C ``int`` values (``hostagent.probe.limits``): anything else is an error. Offline
+CPUs have no topology: socket, die,
 cluster and core are -1 and siblings are empty; their cell is the node that lists them, if
 any, else -1.
 """
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import os
 
+from hostagent.errors import ProbeError
 from hostagent.model import Cpu
+from hostagent.probe.limits import MAX_CPUS
 from hostagent.probe.reader import FileReader, numbered, to_cpus, to_int
 
 TYPE_CHECKING = False  # collections.abc is not imported at run time (start-up time)
@@ -49,8 +54,16 @@ def read_cpu_ids(reader: FileReader, sysfs_root: str) -> tuple[list[int], set[in
         reader.need(base)  # raises: the tree has no devices/system/cpu
         names = []
     listed = {int(n[3:]) for n in names}
-    text = reader.read(f"{base}/online")
-    online = set(to_cpus(f"{base}/online", text)) if text is not None else set(listed)
+    if listed and max(listed) >= MAX_CPUS:
+        raise ProbeError(f"{base}/cpu{max(listed)}", f"CPU id out of range 0..{MAX_CPUS - 1}")
+    path = f"{base}/online"
+    text = reader.read(path)
+    if text is None:
+        online = set(listed)
+    else:
+        online = set(to_cpus(path, text))
+        if not online:
+            raise ProbeError(path, "no online CPU (an empty list)")
     return sorted(listed | online), online
 
 

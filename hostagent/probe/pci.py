@@ -2,13 +2,15 @@
 
 Per device: ``numa_node`` (missing → -1, the kernel's "unknown"), ``class``, ``vendor``,
 ``device`` (hex strings as the kernel prints them, e.g. ``0x020000``, ``0x8086``; missing →
-``""``) and ``sriov_totalvfs`` (missing → 0: the device has no SR-IOV).
+``""``) and ``sriov_totalvfs`` (missing → 0: the device has no SR-IOV). A ``numa_node`` of
+``MAX_NODES`` or more, or more than ``MAX_SRIOV_VFS`` VFs, is an error.
 Devices are sorted by address; no ``bus/pci`` at all means no devices.
 """
 
 from __future__ import annotations
 
 from hostagent.model import PciDevice
+from hostagent.probe.limits import MAX_NODES, MAX_SRIOV_VFS, MIN_C_INT
 from hostagent.probe.reader import FileReader, hex_str, to_count, to_int
 
 
@@ -26,9 +28,9 @@ def read_pci(reader: FileReader, sysfs_root: str) -> tuple[PciDevice, ...]:
     for name in sorted(names):
         d = f"{base}/{name}/"
         text = reader.read(d + "numa_node")
-        node = -1 if text is None else to_int(d + "numa_node", text)
+        node = -1 if text is None else to_int(d + "numa_node", text, MIN_C_INT, MAX_NODES - 1)
         text = reader.read(d + "sriov_totalvfs")
-        vfs = 0 if text is None else to_count(d + "sriov_totalvfs", text)
+        vfs = 0 if text is None else to_count(d + "sriov_totalvfs", text, MAX_SRIOV_VFS)
         out.append(
             PciDevice(
                 address=name,

@@ -6,17 +6,30 @@ files), turns every failure other than "missing" into a ``ProbeError`` that name
 and remembers each file's text and each directory listing it used. ``hostagent capture``
 replays that record into a fixture tree; ``bench/probe`` counts it.
 
+Only regular files are read: sysfs and resctrl (kernfs) attributes are regular files, and
+a FIFO, device or socket in their place (in a tree given with ``--sysfs-root``) is an error
+naming it, never a hang nor an endless read. Files are opened with ``O_NONBLOCK`` (opening
+a FIFO for reading would wait for a writer) and ``O_NOCTTY``. ``read`` checks the type with
+``fstat`` before reading. ``read_many``, the hot path (cache and core topology files,
+thousands on a big host), reads with ``pread``, which fails on FIFOs, sockets and terminals
+without consuming anything, and hands every file whose first read is not an ordinary one
+(an error, nothing, or a full 4 KiB) to ``read`` and its check. No file is read past
+``MAX_FILE_BYTES``.
+
 The parse helpers here (integers, hex, sizes such as ``36608K``, CPU lists) are tolerant of
 the whitespace and newlines the kernel prints and raise ``ProbeError(path, problem, value)``
-for anything else.
+for anything else, including a value outside the bounds of ``hostagent.probe.limits``
+(what a kernel can print there).
 """
 
 from __future__ import annotations
 
 import os
+from stat import S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 
 from hostagent.cpulist import parse_cpulist
 from hostagent.errors import ProbeError
+from hostagent.probe.limits import MAX_C_INT, MAX_CPUS, MAX_FILE_BYTES, MAX_U32, MIN_C_INT
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
@@ -25,12 +38,35 @@ if TYPE_CHECKING:
 
 _BIG = 4096  # kernfs attributes are at most a page; a read this long may be a seq_file
 _MISSING = (FileNotFoundError, NotADirectoryError)
-_open, _read, _close, _RDONLY = os.open, os.read, os.close, os.O_RDONLY
+# O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal in the tree
+# does not become the daemon's controlling terminal
+_RDONLY = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+_open, _read, _pread, _close, _fstat = os.open, os.read, os.pread, os.close, os.fstat
 
 
 def _snippet(text: str, limit: int = 80) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _not_regular(path: str, mode: int) -> ProbeError:
+    """The error for a file of type ``mode`` (not a regular file) at ``path``."""
+    if S_ISDIR(mode):
+        return ProbeError(path, "is a directory, expected a file")
+    kind = ("a FIFO" if S_ISFIFO(mode) else "a socket" if S_ISSOCK(mode)
+            else "a character device" if S_ISCHR(mode) else "a block device")
+    return ProbeError(path, f"not a regular file ({kind})")
+
+
+def _open_failed(path: str, exc: OSError) -> ProbeError:
+    """The error for a file that exists but cannot be opened (a socket: ENXIO)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if mode and not S_ISREG(mode):
+        return _not_regular(path, mode)
+    return ProbeError(path, f"cannot open ({exc.strerror})")
 
 
 class FileReader:
@@ -88,6 +124,8 @@ class FileReader:
 
         With ``dir_fd`` (from ``open_dir(d)``), ``path`` is ``d + name`` and the file is
         opened relative to the directory: the kernel does not walk the whole path again.
+        Only a regular file is read, and only up to ``MAX_FILE_BYTES``: anything else is a
+        ``ProbeError`` naming ``path`` (see the module docstring).
         """
         self.opens += 1
         try:
@@ -95,16 +133,22 @@ class FileReader:
         except _MISSING:
             return None
         except OSError as exc:
-            raise ProbeError(path, f"cannot open ({exc.strerror})") from None
+            raise _open_failed(path, exc) from None
         try:
+            mode = _fstat(fd).st_mode
+            if not S_ISREG(mode):
+                raise _not_regular(path, mode)
             data = _read(fd, 65536)
             if len(data) >= _BIG:
                 chunks = [data]
+                size = len(data)
                 while chunk := _read(fd, 65536):
+                    size += len(chunk)
+                    if size > MAX_FILE_BYTES:
+                        raise ProbeError(path, f"larger than {MAX_FILE_BYTES} bytes, more than "
+                                         "a kernel writes in any file the probe reads")
                     chunks.append(chunk)
                 data = b"".join(chunks)
-        except IsADirectoryError:
-            raise ProbeError(path, "is a directory, expected a file") from None
         except OSError as exc:
             raise ProbeError(path, f"cannot read ({exc.strerror})") from None
         finally:
@@ -126,6 +170,12 @@ class FileReader:
         are built only when someone asks for them. Errors are ``read``'s: a file that
         cannot be read or decoded raises ``ProbeError`` naming it (and the later names are
         not read).
+
+        Each file is read once with ``pread`` and no ``fstat`` (a system call per file
+        saved). ``pread`` fails on a FIFO, socket or terminal without taking anything from
+        it; a file whose read fails, gives nothing or fills ``_BIG`` bytes is read again by
+        ``read``, which checks its type. What can get through unchecked is only a seekable
+        character device that answers a first read with 1 to 4095 bytes (see docs/probe.md).
         """
         out: list[str | None] = []
         append = out.append
@@ -142,14 +192,14 @@ class FileReader:
             data = None
             if fd >= 0:
                 try:
-                    data = _read(fd, _BIG)
+                    data = _pread(fd, _BIG, 0)
                 except OSError:
                     pass
                 finally:
                     _close(fd)
-            if data is None or len(data) >= _BIG:
-                # cannot open or read it, or a long file: ``read`` again, which raises the
-                # error naming the file or reads it all
+            if not data or len(data) >= _BIG:
+                # cannot open or read it, empty, or a long file: ``read`` again, which
+                # checks the file's type and raises the error naming it, or reads it all
                 self.opens -= 1
                 append(self.read(d + n, dir_fd, rel + n))
                 continue
@@ -204,11 +254,11 @@ class FileReader:
 
 
 def numbered(prefix: str) -> Callable[[str], bool]:
-    """A ``listdir`` filter for ``<prefix><digits>`` names (``cpu12``, ``node3``)."""
+    """A ``listdir`` filter for ``<prefix><ASCII digits>`` names (``cpu12``, ``node3``)."""
     n = len(prefix)
 
     def keep(name: str) -> bool:
-        return name.startswith(prefix) and name[n:].isdigit()
+        return name.startswith(prefix) and name[n:].isdigit() and name.isascii()
 
     return keep
 
@@ -216,64 +266,90 @@ def numbered(prefix: str) -> Callable[[str], bool]:
 # ------------------------------------------------------------------ parse helpers
 
 
-def to_int(path: str, text: str) -> int:
-    """A decimal integer (``"-1\\n"`` → -1)."""
+def out_of_range(path: str, text: str, lo: int, hi: int, unit: str = "") -> ProbeError:
+    """The error for a value outside ``lo..hi`` (the bounds of ``hostagent.probe.limits``)."""
+    return ProbeError(path, f"out of range {lo}..{hi}{unit}", _snippet(text))
+
+
+def to_int(path: str, text: str, lo: int = MIN_C_INT, hi: int = MAX_C_INT) -> int:
+    """A decimal integer in ``lo..hi`` (``"-1\\n"`` → -1); by default a C ``int``, which is
+    what the kernel prints ids from."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise ProbeError(path, "not an integer", _snippet(text)) from None
+    if lo <= value <= hi:
+        return value
+    raise out_of_range(path, text, lo, hi)
 
 
-def to_count(path: str, text: str) -> int:
-    """A non-negative decimal integer."""
-    value = to_int(path, text)
+def to_count(path: str, text: str, hi: int = MAX_U32) -> int:
+    """A non-negative decimal integer up to ``hi`` (by default an unsigned 32-bit value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ProbeError(path, "not an integer", _snippet(text)) from None
+    if 0 <= value <= hi:
+        return value
     if value < 0:
-        raise ProbeError(path, "negative count", text.strip())
-    return value
+        raise ProbeError(path, "negative count", _snippet(text))
+    raise out_of_range(path, text, 0, hi)
 
 
-def to_hex(path: str, text: str) -> int:
-    """A hex value as the kernel prints it (``"fffff"``, ``"0x8086"``, commas between words)."""
+def to_hex(path: str, text: str, hi: int = MAX_U32) -> int:
+    """A hex value as the kernel prints it (``"fffff"``, ``"0x8086"``, commas between
+    words), up to ``hi`` (by default an unsigned 32-bit value)."""
     t = text.strip().lower().replace(",", "")
     if t.startswith("0x"):
         t = t[2:]
     try:
         if not t or t[0] in "+-":
             raise ValueError
-        return int(t, 16)
+        value = int(t, 16)
     except ValueError:
         raise ProbeError(path, "not a hex value", _snippet(text)) from None
+    if value <= hi:
+        return value
+    raise ProbeError(path, f"out of range 0..{hi:#x}", _snippet(text))
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
-def to_size(path: str, text: str) -> int:
-    """A cache size as sysfs prints it (``"36608K"``; ``M``/``G`` and bare bytes accepted)."""
+def to_size(path: str, text: str, hi: int = MAX_U32) -> int:
+    """A cache size in bytes, up to ``hi``, as sysfs prints it (``"36608K"``; ``M``/``G``
+    and bare bytes accepted)."""
     t = text.strip()
     unit = t[-1:].upper() if t[-1:].isalpha() else ""
     digits = t[:-1] if unit else t
     if unit not in _SIZE_UNITS:
         raise ProbeError(path, "not a size", _snippet(text))
     if digits.startswith("-") and digits[1:].isdigit():
-        raise ProbeError(path, "negative size", t)
-    if not digits.isdigit():
+        raise ProbeError(path, "negative size", _snippet(text))
+    if not (digits.isdigit() and digits.isascii()):
         raise ProbeError(path, "not a size", _snippet(text))
-    return int(digits) * _SIZE_UNITS[unit]
+    try:
+        size = int(digits) * _SIZE_UNITS[unit]
+    except ValueError:  # more digits than int() takes
+        raise ProbeError(path, "not a size", _snippet(text)) from None
+    if size <= hi:
+        return size
+    raise out_of_range(path, text, 0, hi, " bytes")
 
 
 _CPULISTS: dict[str, tuple[int, ...]] = {}  # text -> parsed: the same lists recur a lot
 
 
 def to_cpus(path: str, text: str) -> tuple[int, ...]:
-    """A CPU list (``"0-3,8-11"``; empty or ``"\\n"`` → ``()``)."""
+    """A CPU list (``"0-3,8-11"``; empty or ``"\\n"`` → ``()``); ids below ``MAX_CPUS``."""
     hit = _CPULISTS.get(text)
     if hit is not None:
         return hit
     try:
         cpus = parse_cpulist(text)
-    except ValueError:
-        raise ProbeError(path, "not a CPU list", _snippet(text)) from None
+    except ValueError as exc:
+        problem = getattr(exc, "problem", "not a CPU list")
+        raise ProbeError(path, problem, _snippet(text)) from None
     if len(_CPULISTS) >= 8192:
         _CPULISTS.clear()
     _CPULISTS[text] = cpus
@@ -283,9 +359,12 @@ def to_cpus(path: str, text: str) -> tuple[int, ...]:
 def first_cpu(path: str, text: str) -> int:
     """The lowest CPU of a CPU list without parsing all of it (lists are sorted)."""
     head = text.lstrip().split(",", 1)[0].split("-", 1)[0].strip()
-    if not head.isdigit():
+    if not (head.isdigit() and head.isascii() and len(head) < 6):
         raise ProbeError(path, "not a CPU list", _snippet(text))
-    return int(head)
+    cpu = int(head)
+    if cpu >= MAX_CPUS:
+        raise ProbeError(path, f"CPU {cpu} out of range 0..{MAX_CPUS - 1}", _snippet(text))
+    return cpu
 
 
 def hex_str(path: str, text: str) -> str:

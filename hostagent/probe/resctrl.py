@@ -21,13 +21,18 @@ Otherwise it reads:
   ``mba_MBps``); else ``"percent"``.
 - the default group (the root, name ``""``) and every top-level directory with a
   ``schemata`` file (``info``, ``mon_groups`` and ``mon_data`` are never groups; MON groups
-  below ``mon_groups/`` are not allocation groups): ``schemata`` (required for the root),
+  below ``mon_groups/`` are not allocation groups): ``schemata`` (required for the root,
+  with a mask for every cache resource and cache ID: a missing one is an error, never
+  "all free"),
   ``mode`` (missing → ``shareable``), ``cpus_list`` (missing → none) and ``tasks`` (the
   number of non-empty lines; missing → 0).
 
 Schemata lines may have right-aligned names (``    L3:0=ff``) and space-padded values
 (``MB:0= 20;1=  30``). Cache masks are rewritten lowercase, zero-padded to the width of
 the resource's ``cbm_mask``; lines of other resources (``SMBA``) are ignored.
+
+Every number is a 32-bit unsigned value in the kernel (masks, CLOSIDs, minimums, domain
+ids, MB values): a larger one is an error (``hostagent.probe.limits.MAX_U32``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from hostagent.model import (
     ResctrlGroup,
     ResctrlResource,
 )
-from hostagent.probe.reader import FileReader, to_count, to_cpus, to_hex, to_int
+from hostagent.probe.limits import MAX_U32
+from hostagent.probe.reader import FileReader, _snippet, to_count, to_cpus, to_hex, to_int
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
@@ -60,7 +66,18 @@ def split_resource(name: str) -> tuple[int, str] | None:
         if rest.endswith(suffix):
             rest, kind = rest[: -len(suffix)], k
             break
-    return (int(rest), kind) if rest.isdigit() else None
+    # "L<n>": the kernel has L2 and L3; n of more than nine digits is not a cache level
+    ok = rest.isdigit() and rest.isascii() and len(rest) < 10
+    return (int(rest), kind) if ok else None
+
+
+def _u32(path: str, text: str, what: str, item: str) -> int:
+    """A decimal ``text`` (ASCII digits) up to ``MAX_U32``; else an error showing ``item``."""
+    if not (text.isdigit() and text.isascii()):
+        raise ProbeError(path, f"bad {what}", item)
+    if len(text) > 10 or int(text) > MAX_U32:
+        raise ProbeError(path, f"{what} out of range 0..{MAX_U32}", item)
+    return int(text)
 
 
 def is_resource(name: str) -> bool:
@@ -134,17 +151,18 @@ def parse_schemata(
             key = key.strip()
             if not eq or not key.isdigit():
                 raise ProbeError(path, f"bad {name} entry", item)
+            dom = _u32(path, key, f"{name} domain id", item)
             if is_mb:
-                value = value.strip()
-                if not value.isdigit():
-                    raise ProbeError(path, f"bad {name} value for domain {key}", item)
-                mb[int(key)] = int(value)
+                mb[dom] = _u32(path, value.strip(), f"{name} value for domain {key}", item)
             else:
                 try:
-                    bits = to_hex(path, value)
-                except ProbeError:
-                    raise ProbeError(path, f"bad {name} mask for cache id {key}", item) from None
-                masks[int(key)] = format_mask(bits, widths.get(name, 4 * len(value.strip())))
+                    bits = to_hex(path, value, MAX_U32)
+                except ProbeError as exc:
+                    problem = f"bad {name} mask for cache id {key}"
+                    if exc.problem.startswith("out of range"):
+                        problem += f": {exc.problem}"
+                    raise ProbeError(path, problem, item) from None
+                masks[dom] = format_mask(bits, widths.get(name, 4 * len(value.strip())))
         if not is_mb:
             caches[name] = masks
     return caches, mb
@@ -169,6 +187,31 @@ def _group(
         cpus=to_cpus(d + "cpus_list", cpus) if cpus is not None else (),
         tasks=0 if tasks is None else sum(1 for t in tasks.split("\n") if t.strip()),
     )
+
+
+def _default_schemata_problem(
+    default: ResctrlGroup, resources: list[ResctrlResource], caches: list[Cache]
+) -> str | None:
+    """What is missing from the default group's schemata, or None.
+
+    The kernel always prints a mask for every cache resource and cache ID. Without one,
+    that cache's ways would count as held by nobody (all free), and a plan would copy
+    an empty mask into a new group.
+    """
+    for res in resources:
+        masks = default.schemata.get(res.name)
+        if masks is None:
+            return (f"the default group has no {res.name} line (info/{res.name} exists); "
+                    "without it every way would look free")
+        ids = sorted({c.id for c in caches if c.level == res.level and c.type != "instruction"})
+        missing = [i for i in ids if i not in masks]
+        if missing:
+            which = (f"cache id {missing[0]}" if len(missing) == 1
+                     else "cache ids " + ", ".join(map(str, missing)))
+            return (f"the default group's {res.name} line has no mask for {which} "
+                    f"(cache ids: {', '.join(map(str, ids))}); without it every way would "
+                    "look free")
+    return None
 
 
 def _memory_bandwidth(
@@ -219,6 +262,10 @@ def read_resctrl(
 
     default = _group(reader, root + "/", "", widths, required=True)
     assert default is not None
+    problem = _default_schemata_problem(default, resources, by_level)
+    if problem:  # the text is read again only here, to quote it
+        text = reader.read(f"{root}/schemata") or ""
+        raise ProbeError(f"{root}/schemata", problem, _snippet(text))
     groups = [default]
     subdirs = reader.listdir(root, None, dirs_only=True) or []
     for name in sorted(n for n in subdirs if n not in NOT_GROUPS):
