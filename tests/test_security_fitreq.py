@@ -277,7 +277,7 @@ def test_search_steps_config_option(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[fit]\nsearch_steps = 300\n")
     assert load_config(path).fit.search_steps == 300
-    path.write_text("")
+    path.write_text("# defaults\n")
     assert load_config(path).fit.search_steps == STEP_BUDGET
     for bad in ("0", "-1", "1.5", '"many"', "true", str(10**9)):
         path.write_text(f"[fit]\nsearch_steps = {bad}\n")
