@@ -137,7 +137,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
-    ``max_message_bytes``, ``[curve] enabled`` and ``server_secret_key``.
+    ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
+    ``server_secret_key``.
     """
     notes = []
     if new.host != old.host:
@@ -147,7 +148,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         notes.append("probe.udev takes effect at restart")
         probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
-    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
+    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
+                "insecure"):
         if getattr(pub, key) != getattr(old.publisher, key):
             notes.append(f"publisher.{key} takes effect at restart")
             pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})
