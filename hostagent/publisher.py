@@ -114,6 +114,7 @@ class Publisher:
         self.curve = curve
         self.seq = 0
         self.latest: dict[str, Any] | None = None  # body of the latest snapshot
+        self._snapshot_packed: tuple[dict[str, Any], bytes] | None = None
         self._latest_frames: list[bytes] | None = None
         self._pack_cache = wire.PackCache()  # the topology is packed once per re-probe
         self._last_send = 0.0
@@ -368,9 +369,20 @@ class Publisher:
             self.stats["internal_errors"] += 1
             log.exception("request %r failed", payload[:200])
             reply = wire.error_reply(f"internal error: {type(exc).__name__}: {exc}")
-        return [*envelope, wire.pack(reply)]
+        return [*envelope, reply if isinstance(reply, bytes) else wire.pack(reply)]
 
-    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _snapshot_reply(self) -> bytes:
+        """The packed ``{op: "snapshot"}`` reply to the latest snapshot, packed once per
+        snapshot: every client asking for the same ``seq`` gets the same bytes (libzmq
+        sends replies of 64 KiB or more without copying them, so replies queued for many
+        peers share one buffer)."""
+        latest = self.latest
+        cached = self._snapshot_packed
+        if cached is None or cached[0] is not latest:
+            cached = self._snapshot_packed = (latest, wire.pack(wire.ok_reply(**latest)))
+        return cached[1]
+
+    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any] | bytes:
         op = req["op"]
         if op == "snapshot":
             extra = set(req) - {"op"}
@@ -379,7 +391,7 @@ class Publisher:
             if self.latest is None:
                 raise HostagentError("no snapshot yet: the agent is starting")
             self.stats["op_snapshot"] += 1
-            return wire.ok_reply(**self.latest)
+            return self._snapshot_reply()
         handler = self.handlers.get(op)
         if handler is None:
             known = ", ".join(sorted({"snapshot", *self.handlers}))
