@@ -271,7 +271,7 @@ def test_a_request_head_over_the_limit_is_431():
 def test_a_client_that_does_not_read_the_answer_is_cut_after_the_write_timeout():
     """An answer larger than the socket buffers to a client that never reads."""
     async def main() -> None:
-        server = await _server(_Counting(label_bytes=32 << 20), write_timeout=0.3)
+        server = await _server(_Counting(label_bytes=16 << 20), write_timeout=0.3)
         try:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -323,5 +323,29 @@ def test_an_address_in_use_is_a_clear_error():
                 await second.start()
         finally:
             await first.close()
+
+    _run(main())
+
+
+class _Broken:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Any:
+        self.calls += 1
+        raise KeyError("usage")
+
+
+def test_a_collector_failure_is_500_and_rendered_at_most_once_per_period():
+    async def main() -> None:
+        broken = _Broken()
+        server = await _server(broken, render_cache_seconds=3600)
+        try:
+            for _ in range(3):
+                code, _, body = await asyncio.to_thread(_get, server.url)
+                assert code == 500 and body == "internal error: KeyError: 'usage'\n"
+            assert broken.calls == 1 and server.responses[500] == 3
+        finally:
+            await server.close()
 
     _run(main())
