@@ -43,13 +43,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostagent import __version__
 from hostagent.config import Config, load_config, resolve_resources
 from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
+
+if TYPE_CHECKING:  # imported only when [metrics] is on (it imports prometheus_client)
+    from hostagent.metrics import AgentReadings, MetricsServer
 
 log = logging.getLogger("hostagent")
 
@@ -186,7 +189,7 @@ class Agent:
         self.notifier = Notifier(self.env)
         self.errors: deque[dict[str, Any]] = deque(maxlen=64)
         self.error_counts: Counter[str] = Counter()  # every recorded error, by where
-        self.metrics: Any = None  # the Prometheus endpoint (hostagent.metrics), when on
+        self.metrics: MetricsServer | None = None  # the Prometheus endpoint, when on
         self.started = time.time()
         self.topo: HostTopology | None = None
         self.topology_doc: dict[str, Any] = {}
@@ -571,7 +574,7 @@ class Agent:
                  doc["subscribers"])
         return path
 
-    def metrics_readings(self) -> Any:
+    def metrics_readings(self) -> AgentReadings:
         """What a Prometheus scrape reads (``hostagent.metrics.AgentReadings``): the latest
         published snapshot and copies of the counters. Called on the loop thread."""
         from hostagent.metrics import AgentReadings

@@ -349,3 +349,12 @@ def test_a_collector_failure_is_500_and_rendered_at_most_once_per_period():
             await server.close()
 
     _run(main())
+
+
+def test_the_agent_does_not_import_prometheus_client_unless_metrics_are_on():
+    import subprocess
+    import sys
+
+    code = ("import sys, hostagent.daemon, hostagent.cli; "
+            "sys.exit('prometheus_client' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
