@@ -23,6 +23,7 @@ from typing import Any
 
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
+from hostagent.fit_limits import MAX_SEARCH_STEPS, STEP_BUDGET
 from hostagent.model import HostTopology
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
@@ -74,6 +75,7 @@ class PublisherConfig:
     heartbeat_seconds: float = 1.0
     send_hwm: int = 100
     max_message_bytes: int = 1 << 20
+    insecure: bool = False  # allow tcp beyond loopback without CURVE (see exposed_endpoints)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class FitConfig:
     cell_strategy: str = "spread"  # "spread" | "pack"
+    search_steps: int = STEP_BUDGET  # the fit search's step budget (docs/fit.md)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,43 @@ class Config:
     @property
     def host_name(self) -> str:
         return self.host.name or socket.gethostname()
+
+
+#: Why a tcp endpoint beyond loopback needs CURVE (or ``insecure``); docs/daemon.md §6.1.
+EXPOSED_WHY = ("binds tcp beyond loopback without CURVE: any host that reaches it can make "
+               "the agent hold unbounded memory (docs/daemon.md §6.1)")
+
+
+def _is_loopback_tcp(endpoint: str) -> bool:
+    """Whether a ``tcp://`` bind address is loopback only (127.0.0.0/8, ::1, localhost).
+
+    Wildcards (``*``, ``0.0.0.0``, ``::``), interface names, host names and every other
+    address count as beyond loopback.
+    """
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def exposed_endpoints(pub: PublisherConfig) -> list[str]:
+    """The stream and request endpoints that bind tcp beyond loopback.
+
+    Without CURVE they let any host that reaches them make the agent hold memory libzmq
+    does not bound (a multipart message that never ends, the subscription trie), so they
+    need ``[curve] enabled`` or an explicit ``publisher.insecure``. ipc:// is guarded by
+    filesystem permissions and inproc:// by the process.
+    """
+    return [ep for ep in (*pub.endpoints, *pub.request_endpoints)
+            if ep.startswith("tcp://") and not _is_loopback_tcp(ep)]
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -195,6 +235,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", dict: "a table"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _search_steps(r: _Reader) -> int:
+    value = r.integer("search_steps", STEP_BUDGET, minimum=1)
+    if value > MAX_SEARCH_STEPS:
+        r.fail("search_steps", value, f"must be at most {MAX_SEARCH_STEPS}")
+    return value
 
 
 def _resources(r: _Reader) -> ResourcesConfig:
@@ -312,6 +359,13 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         for ep in eps:
             if not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 pub.fail(key, ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    curve_enabled = cv.get("enabled", False, bool)
+    insecure = pub.get("insecure", False, bool)
+    if not curve_enabled and not insecure:
+        for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
+            for ep in exposed_endpoints(PublisherConfig(endpoints=eps, request_endpoints=())):
+                pub.fail(key, list(eps), f"{ep} {EXPOSED_WHY}; set [curve] enabled = true, "
+                         "or publisher.insecure = true to accept that")
     return Config(
         host=HostConfig(name=h.get("name", "", str)),
         probe=ProbeConfig(
@@ -336,9 +390,10 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             heartbeat_seconds=pub.number("heartbeat_seconds", 1.0, minimum=0, exclusive=True),
             send_hwm=pub.integer("send_hwm", 100, minimum=1),
             max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
+            insecure=insecure,
         ),
         curve=CurveConfig(
-            enabled=cv.get("enabled", False, bool),
+            enabled=curve_enabled,
             server_secret_key=cv.get("server_secret_key", CurveConfig.server_secret_key, str),
             allowed_clients_dir=cv.get("allowed_clients_dir", CurveConfig.allowed_clients_dir,
                                        str),
@@ -347,7 +402,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             runtime_dir=ag.get("runtime_dir", "/run/hostagent", str),
             log_level=ag.choice("log_level", "info", _LOG_LEVELS),
         ),
-        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES)),
+        fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
+                      search_steps=_search_steps(ft)),
         metrics=_metrics(mt),
         source=source,
     )

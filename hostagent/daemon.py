@@ -140,7 +140,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
-    ``max_message_bytes``, ``[curve] enabled`` and ``server_secret_key``, ``[metrics]``.
+    ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
+    ``server_secret_key``, ``[metrics]``.
     """
     notes = []
     if new.host != old.host:
@@ -150,7 +151,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         notes.append("probe.udev takes effect at restart")
         probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
-    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
+    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
+                "insecure"):
         if getattr(pub, key) != getattr(old.publisher, key):
             notes.append(f"publisher.{key} takes effect at restart")
             pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})
@@ -400,22 +402,25 @@ class Agent:
 
     async def op_fit(self, req: dict[str, Any]) -> dict[str, Any]:
         from hostagent.fit import STRATEGIES, fit
+        from hostagent.fit.request import short_repr
 
         extra = set(req) - {"op", "request", "strategy"}
         if extra:
-            raise HostagentError(f"op fit: unknown fields {sorted(extra)} "
-                                 "(known: request, strategy)")
+            names = sorted(k if isinstance(k, str) else repr(k) for k in extra)
+            shown = [n if len(n) <= 64 else n[:48] + "…" for n in names[:8]]
+            raise HostagentError(f"op fit: unknown fields {shown} (known: request, strategy)")
         request = req.get("request")
         if not isinstance(request, dict):
             raise HostagentError("op fit: 'request' must be a map (a fit request)")
         strategy = req.get("strategy", self.config.fit.cell_strategy)
-        if strategy not in STRATEGIES:
-            raise HostagentError(f"op fit: strategy={strategy!r}: must be one of "
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise HostagentError(f"op fit: strategy={short_repr(strategy)}: must be one of "
                                  f"{', '.join(STRATEGIES)}")
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy)
+        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
+                                         search_steps=self.config.fit.search_steps)
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
     async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -244,6 +244,8 @@ _COUNTERS = (
      "Requests refused as malformed (not msgpack, no op, unknown op, over a limit)."),
     ("hostagent_failed_requests", "publisher", "failed_requests",
      "Well-formed requests answered with an error (bad fit request, no snapshot yet)."),
+    ("hostagent_busy_requests", "publisher", "busy_requests",
+     "Requests answered busy: too many requests in flight (docs/daemon.md 3.4)."),
     ("hostagent_reloads", "agent", "reloads", "Configuration reloads applied (SIGHUP)."),
     ("hostagent_reloads_refused", "agent", "reloads_refused",
      "Reloads refused; the previous configuration stayed in force."),

@@ -121,6 +121,7 @@ def test_counters_before_any_snapshot():
     assert s[("hostagent_bad_requests_total", ())] == 1
     assert s[("hostagent_reloads_total", ())] == 1
     assert s[("hostagent_reloads_refused_total", ())] == 0
+    assert s[("hostagent_busy_requests_total", ())] == 0
     errors = {dict(k[1])["where"]: v for k, v in s.items() if k[0] == "hostagent_errors_total"}
     assert errors == {"probe": 4, "hugepages": 0, "reload": 0, "curve": 0, "dump": 0,
                       "task": 0, "request": 2, "libvirt": 6, "metrics-new": 1}
