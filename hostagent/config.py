@@ -98,6 +98,12 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "" = off; "HOST:PORT" of the Prometheus endpoint (docs/metrics.md)
+    allow_remote: bool = False  # a listen address that is not loopback needs this
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -107,6 +113,7 @@ class Config:
     curve: CurveConfig = field(default_factory=CurveConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
     @property
@@ -280,6 +287,49 @@ def _resources(r: _Reader) -> ResourcesConfig:
     )
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → (IP address, port).
+
+    The host must be an IP address (a name is not resolved: what is bound, and whether
+    it is loopback, must not depend on a resolver); port 0 lets the kernel choose.
+    ``ValueError`` says what is wrong.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError('must be HOST:PORT such as "127.0.0.1:9464" or "[::1]:9464"')
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError('an IPv6 address goes in brackets, e.g. "[::1]:9464"')
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"the host {host!r} must be an IP address such as 127.0.0.1 or "
+                         "[::1] (names are not resolved)") from None
+    if bracketed and ip.version != 6:
+        raise ValueError(f"brackets are for IPv6 addresses, not {host!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(f"the port {port_text!r} must be a number 0-65535")
+    return str(ip), int(port_text)
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    listen = r.get("listen", "", str)
+    allow_remote = r.get("allow_remote", False, bool)
+    if listen:
+        try:
+            host, _port = parse_listen(listen)
+        except ValueError as exc:
+            r.fail("listen", listen, str(exc))
+            raise AssertionError from None  # unreachable: fail raises
+        if not allow_remote and not ipaddress.ip_address(host).is_loopback:
+            r.fail("listen", listen,
+                   "not a loopback address, and the metrics endpoint has no authentication "
+                   "or TLS: set metrics.allow_remote = true to serve it to other hosts")
+    return MetricsConfig(listen=listen, allow_remote=allow_remote)
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
     known = {f.name for f in fields(Config)} - {"source"}
@@ -302,6 +352,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     cv = reader("curve", CurveConfig)
     ag = reader("agent", AgentConfig)
     ft = reader("fit", FitConfig)
+    mt = reader("metrics", MetricsConfig)
     endpoints = pub.strings("endpoints", PublisherConfig.endpoints)
     requests = pub.strings("request_endpoints", PublisherConfig.request_endpoints)
     for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
@@ -353,6 +404,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         ),
         fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
                       search_steps=_search_steps(ft)),
+        metrics=_metrics(mt),
         source=source,
     )
 
