@@ -16,7 +16,7 @@ from libvirt_helpers import FIXTURES, probe_fixture
 from hostagent.cli import main
 from hostagent.commands.show import way_maps
 from hostagent.config import Config
-from hostagent.probe.report import GROUP_LETTERS, group_letters, render, way_legend
+from hostagent.probe.report import GROUP_LETTERS, group_letters, way_legend
 from hostagent.snapshot import build_snapshot
 from hostagent.units import format_kib, format_size, plural
 
