@@ -128,11 +128,12 @@ def hugepage_pools(snap: dict[str, Any]) -> list[str]:
     for c in snap["usage"].get("cells", []):
         for h in c.get("hugepages", []):
             kfree = kernel.get((c["id"], h["size_kib"]))
-            line = (f"  c{c['id']} {format_kib(h['size_kib']):>6}: total {h['total']}"
-                    f"  reserved {h.get('reserved', 0)}  used {h['used']}  free {h['free']}"
+            total, used = h.get("total", "?"), h.get("used", "?")
+            line = (f"  c{c['id']} {format_kib(h['size_kib']):>6}: total {total}"
+                    f"  reserved {h.get('reserved', 0)}  used {used}  free {h.get('free', '?')}"
                     f" / kernel {'-' if kfree is None else kfree}")
-            if kfree is not None:
-                outside = h["total"] - kfree - h["used"]
+            if all(isinstance(x, int) for x in (kfree, total, used)):
+                outside = total - kfree - used
                 if outside > 0:
                     line += f"  ({plural(outside, 'page')} used outside the tracked guests)"
             out.append(line)
