@@ -588,16 +588,17 @@ class Agent:
             if cfg.libvirt.uri.startswith("test:///"):
                 self.publisher.register("test-domain", self.op_test_domain)
             self._start_watcher()
-            # the first snapshot waits a little for the guests (never for a hung libvirt)
-            await self.watcher.wait_synced(min(FIRST_SYNC_WAIT_SECONDS,
-                                               cfg.libvirt.call_timeout_seconds))
-            await self.flush()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
             loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.dump()))
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
                                   chain=True)
+            # the first snapshot waits a little for the guests (never for a hung libvirt;
+            # a SIGTERM meanwhile stops the agent right after it)
+            await self.watcher.wait_synced(min(FIRST_SYNC_WAIT_SECONDS,
+                                               cfg.libvirt.call_timeout_seconds))
+            await self.flush()
             if cfg.probe.udev:
                 self.udev = UdevWatch(self.on_udev, monitor=self._udev_monitor)
                 self.udev.start(loop)

@@ -107,12 +107,16 @@ def ensure_event_impl() -> None:
 def _run_events() -> None:
     import libvirt
 
+    failures = 0
     while True:
         try:
-            if libvirt.virEventRunDefaultImpl() < 0:
-                time.sleep(0.1)
+            ok = libvirt.virEventRunDefaultImpl() >= 0
         except Exception:
-            log.exception("libvirt event loop iteration failed")
+            ok = False
+            if failures == 0:  # logged once, not ten times a second
+                log.exception("libvirt event loop iteration failed")
+        if not ok:
+            failures += 1
             time.sleep(0.1)
 
 

@@ -50,8 +50,10 @@ class NeverAnswers:
         self.srv.close()
 
 
-def hung_daemon(call_timeout: float | None, reconnect_max: float = 0.2) -> tuple[DaemonProc,
-                                                                                NeverAnswers]:
+def hung_daemon(call_timeout: float | None, reconnect_max: float = 0.2,
+                start: bool = True) -> tuple[DaemonProc, NeverAnswers]:
+    """A daemon (not yet started with ``start=False``) whose libvirt URI is a
+    ``NeverAnswers`` socket; ``call_timeout`` None leaves the default."""
     d = DaemonProc(start=False)
     server = NeverAnswers(d.dir / "libvirt-sock")
     uri = f"qemu+unix:///system?socket={server.path}"
@@ -61,7 +63,8 @@ def hung_daemon(call_timeout: float | None, reconnect_max: float = 0.2) -> tuple
         lines += f"call_timeout_seconds = {call_timeout}\n"
     d.config.write_text(text.replace("resync_seconds = 60.0\n", f"resync_seconds = 60.0\n{lines}"))
     d.uri = uri
-    d.start()
+    if start:
+        d.start()
     return d, server
 
 
@@ -326,3 +329,16 @@ def test_call_timeout_is_validated():
     assert config_from_dict({}).libvirt.call_timeout_seconds == 10.0
     with pytest.raises(ConfigError, match="call_timeout_seconds"):
         config_from_dict({"libvirt": {"call_timeout_seconds": 0}})
+
+
+def test_sigterm_during_the_start_up_wait_for_libvirt_exits_0():
+    d, server = hung_daemon(call_timeout=None)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.accepted:  # the agent is opening: its first snapshot waits
+            assert time.monotonic() < deadline and d.proc.poll() is None, d.log_text()
+            time.sleep(0.01)
+        assert d.stop(timeout=15) == 0, d.log_text()
+    finally:
+        d.close()
+        server.close()
