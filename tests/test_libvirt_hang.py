@@ -128,6 +128,8 @@ class Gate:
         self._lock = threading.Lock()
         self.blocked = 0  # calls waiting now
         self.calls: list[str] = []  # every call that had to wait
+        self.delay = 0.0  # while open: every RPC-like call takes this long (a slow libvirtd)
+        self.delayed = 0
 
     def close(self) -> None:
         self._open.clear()
@@ -137,6 +139,9 @@ class Gate:
 
     def wait(self, what: str) -> None:
         if self._open.is_set():
+            if self.delay:
+                self.delayed += 1
+                time.sleep(self.delay)
             return
         with self._lock:
             self.blocked += 1
@@ -300,9 +305,12 @@ def test_a_hang_mid_run_is_bounded_and_the_agent_keeps_serving_and_recovers():
         snap = await p.snapshot_where(lambda s: s["agent"]["libvirt"]["connected"])
         assert names(snap) == ["keep"]
         await until(lambda: not abandoned_threads(), timeout=10)
-        # SIGTERM (stop) while a call hangs: the agent stops without waiting for it
+        # a test-domain request whose call hangs gets an error reply after the limit
         p.gate.close()
-        a.watcher.request_resync()
+        rep = await async_request(p.req, {"op": "test-domain", "action": "list"}, timeout=10)
+        assert not rep["ok"], rep
+        assert "call test-domain list did not return within 0.5 s" in rep["error"]
+        # SIGTERM (stop) while a call hangs: the agent stops without waiting for it
         await until(lambda: p.gate.blocked >= 1)
         a.stop()
         assert await asyncio.wait_for(p.task, 10) == 0
@@ -342,3 +350,35 @@ def test_sigterm_during_the_start_up_wait_for_libvirt_exits_0():
     finally:
         d.close()
         server.close()
+
+
+def test_a_slow_full_resync_is_timed_per_step_not_as_a_whole():
+    """31 calls of 0.1 s (listing + 3 per domain × 10) take longer than the 2 s limit in
+    all, but each step (the listing, one domain) stays far below it: no timeout."""
+    import asyncio
+    import tempfile
+
+    from libvirt_helpers import domain_xml, open_test, probe_fixture, write_node
+    from loop_helpers import run, until
+
+    from hostagent.libvirt_watch import LibvirtWatcher
+
+    async def main() -> None:
+        d = Path(tempfile.mkdtemp(prefix="hsl-"))
+        uri = write_node(d, probe_fixture("vm-1s-nosmt"),
+                         [domain_xml(f"g{i}", vcpus=1, running=True) for i in range(10)])
+        gate = Gate()
+        w = LibvirtWatcher(uri, lambda: None, call_timeout_seconds=2.0,
+                           opener=lambda u: HangingConn(open_test(u), gate))
+        w.start()
+        await until(lambda: w.conn is not None and w.idle, timeout=20)
+        gate.delay = 0.1
+        w.request_resync()
+        await until(lambda: w.counters["full_resyncs"] == 2 and w.idle, timeout=60)
+        gate.delay = 0.0
+        assert gate.delayed >= 21  # > 2 s of calls in one resync
+        assert w.counters["call_timeouts"] == 0 and w.generation == 1 and w.last_error is None
+        await w.close()
+        await asyncio.sleep(0)
+
+    run(main(), timeout=90)
