@@ -47,6 +47,7 @@ class LibvirtConfig:
     uri: str = "qemu:///system"
     resync_seconds: float = 60.0
     reconnect_max_seconds: float = 30.0
+    call_timeout_seconds: float = 10.0  # one libvirt call longer than this: connection lost
     demo_guests: bool = False  # define the bundled demo guests (test:/// driver only)
 
 
@@ -380,6 +381,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             resync_seconds=lv.number("resync_seconds", 60.0, minimum=0, exclusive=True),
             reconnect_max_seconds=lv.number("reconnect_max_seconds", 30.0, minimum=0,
                                             exclusive=True),
+            call_timeout_seconds=lv.number("call_timeout_seconds", 10.0, minimum=0,
+                                           exclusive=True),
             demo_guests=lv.get("demo_guests", False, bool),
         ),
         resources=_resources(_Reader(source, "resources", data.get("resources", {}))),

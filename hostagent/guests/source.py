@@ -17,6 +17,7 @@ libvirt is imported lazily, inside the functions that need its constants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hostagent.errors import HostagentError
@@ -79,12 +80,20 @@ def _is_no_domain(exc: Exception) -> bool:
     return bool(get_code and get_code() == _VIR_ERR_NO_DOMAIN)
 
 
-def read_guests(conn: Any) -> list[GuestRecord]:
-    """Every active domain of ``conn``, sorted by uuid. Vanished domains are skipped."""
+def read_guests(conn: Any, progress: Callable[[str], None] | None = None) -> list[GuestRecord]:
+    """Every active domain of ``conn``, sorted by uuid. Vanished domains are skipped.
+
+    ``progress(what)``, when given, is called before the listing and before each domain
+    read (the daemon's worker times each of these steps, not the whole resync)."""
     import libvirt
 
     out = []
-    for dom in conn.listAllDomains(_LIST_ACTIVE):
+    if progress is not None:
+        progress("listAllDomains")
+    doms = conn.listAllDomains(_LIST_ACTIVE)
+    for i, dom in enumerate(doms):
+        if progress is not None:
+            progress(f"read domain {i + 1} of {len(doms)}")
         try:
             out.append(read_guest(dom))
         except libvirt.libvirtError as exc:
