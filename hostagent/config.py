@@ -23,6 +23,7 @@ from typing import Any
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
 from hostagent.model import HostTopology
+from hostagent.probe.roots import DEFAULT_SYSFS_ROOT, default_resctrl_root
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
 
@@ -34,8 +35,9 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    sysfs_root: str = "/sys"
-    resctrl_root: str = "/sys/fs/resctrl"
+    sysfs_root: str = DEFAULT_SYSFS_ROOT
+    # not in the file: <sysfs_root>/fs/resctrl (hostagent.probe.roots), as on the CLI
+    resctrl_root: str = default_resctrl_root(DEFAULT_SYSFS_ROOT)
     hugepage_poll_seconds: float = 5.0
     udev: bool = True
 
@@ -263,8 +265,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     return Config(
         host=HostConfig(name=h.get("name", "", str)),
         probe=ProbeConfig(
-            sysfs_root=p.get("sysfs_root", "/sys", str),
-            resctrl_root=p.get("resctrl_root", "/sys/fs/resctrl", str),
+            sysfs_root=(sysfs_root := p.get("sysfs_root", DEFAULT_SYSFS_ROOT, str)),
+            resctrl_root=p.get("resctrl_root", default_resctrl_root(sysfs_root), str),
             hugepage_poll_seconds=p.number("hugepage_poll_seconds", 5.0, minimum=0,
                                            exclusive=True),
             udev=p.get("udev", True, bool),

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from hostagent.config import load_config
     from hostagent.guests.source import open_readonly, read_guests
     from hostagent.probe.host import probe_host
+    from hostagent.probe.roots import default_resctrl_root
     from hostagent.snapshot import build_snapshot
 
     cfg = load_config(args.config)
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resctrl_root:
         resctrl = args.resctrl_root
     elif args.sysfs_root:
-        resctrl = f"{args.sysfs_root.rstrip('/')}/fs/resctrl"
+        resctrl = default_resctrl_root(args.sysfs_root)
     else:
         resctrl = cfg.probe.resctrl_root
     uri = args.libvirt or cfg.libvirt.uri
