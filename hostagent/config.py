@@ -13,6 +13,7 @@ what the snapshot's ``config`` part carries.
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,9 @@ from hostagent.model import HostTopology
 from hostagent.probe.roots import DEFAULT_SYSFS_ROOT, default_resctrl_root
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
+#: environment variable naming another default path (tests, a staged install): the file
+#: read when no ``--config`` is given, if it exists, instead of ``DEFAULT_PATH``
+DEFAULT_PATH_ENV = "HOSTAGENT_DEFAULT_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,17 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES)),
         source=source,
     )
+
+
+def config_path(given: str | None) -> str | None:
+    """The config file a command reads: ``given`` (``--config``), else the default path
+    (``$HOSTAGENT_DEFAULT_CONFIG``, else ``DEFAULT_PATH``) when that file exists, else
+    ``None`` (the built-in defaults). ``run``, ``watch``, ``show`` and ``snapshot`` all
+    follow this rule, so a one-shot command sees the daemon's configuration."""
+    if given is not None:
+        return given
+    default = os.environ.get(DEFAULT_PATH_ENV) or DEFAULT_PATH
+    return default if os.path.exists(default) else None
 
 
 def load_config(path: str | Path | None) -> Config:
