@@ -540,10 +540,10 @@ class Agent:
                  "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
-        from hostagent.debug_dump import process_info, thread_stacks
+        from hostagent.debug_dump import process_info, thread_stacks, with_iso_times
 
         pub = self.publisher
-        return {
+        return with_iso_times({
             "written": time.time(),
             "version": __version__,
             "started": self.started,
@@ -563,7 +563,7 @@ class Agent:
             "process": process_info(),
             "threads": thread_stacks(),
             "snapshot": self.latest_snapshot(),
-        }
+        })
 
     async def dump(self) -> Path | None:
         """SIGUSR1: write the debug dump; log one line with its path."""
