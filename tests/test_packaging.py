@@ -9,6 +9,7 @@ default sdist excludes ``**/__pycache__`` are globbed over the whole project as 
 at the time limit: the build backend runs in a grandchild process.
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -25,6 +26,9 @@ BUILD_TIME_LIMIT_SECONDS = 120
 def run_build(*args: str, outdir: Path) -> subprocess.CompletedProcess[str]:
     """``python -m build --no-isolation ARGS --outdir OUTDIR ROOT``, killed (process group)
     after ``BUILD_TIME_LIMIT_SECONDS``; a timeout fails the test saying so."""
+    missing = [m for m in ("build", "flit_core") if importlib.util.find_spec(m) is None]
+    assert not missing, (f"{', '.join(missing)} not installed: they are in the test extra "
+                         "(scripts/setup installs it: pip install -e '.[test]')")
     cmd = [sys.executable, "-m", "build", "--no-isolation", *args, "--outdir", str(outdir),
            str(ROOT)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
