@@ -238,6 +238,20 @@ class Agent:
             self._memo_key, self._memo = key, {}
         return probe_host(*key, reader=FileReader(static=self._memo))
 
+    @staticmethod
+    def _log_roots(topo: HostTopology, cfg: Config, when: str) -> None:
+        """One line: the roots probed, and the resctrl resources read or that none is
+        mounted (then cache ways and bandwidth are not tracked)."""
+        sysfs, resctrl = cfg.probe.sysfs_root, cfg.probe.resctrl_root
+        rc = topo.resctrl
+        if rc is None:
+            log.info("%s: sysfs root %s; no resctrl mounted at %s: cache ways and memory "
+                     "bandwidth are not tracked", when, sysfs, resctrl)
+            return
+        names = [r.name for r in rc.resources] + (["MB"] if rc.mb is not None else [])
+        log.info("%s: sysfs root %s, resctrl root %s (%s)", when, sysfs, resctrl,
+                 ", ".join(names) or "no cache or MB resource")
+
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
         from hostagent.tracker import UsageTracker
 
@@ -529,6 +543,9 @@ class Agent:
             self.watcher.call_timeout = merged.libvirt.call_timeout_seconds
             self.watcher.request_resync()
         self._set_host(topo, merged)
+        if (merged.probe.sysfs_root, merged.probe.resctrl_root) != (
+                old.probe.sysfs_root, old.probe.resctrl_root):
+            self._log_roots(topo, merged, "reload")
         log.info("configuration reloaded from %s", merged.source)
         self.mark_dirty()
         return True
@@ -549,10 +566,10 @@ class Agent:
                  "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
-        from hostagent.debug_dump import process_info, thread_stacks
+        from hostagent.debug_dump import process_info, thread_stacks, with_iso_times
 
         pub = self.publisher
-        return {
+        return with_iso_times({
             "written": time.time(),
             "version": __version__,
             "started": self.started,
@@ -572,7 +589,7 @@ class Agent:
             "process": process_info(),
             "threads": thread_stacks(),
             "snapshot": self.latest_snapshot(),
-        }
+        })
 
     async def dump(self) -> Path | None:
         """SIGUSR1: write the debug dump; log one line with its path."""
@@ -649,6 +666,7 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         cfg = self.config
         self._set_host(await asyncio.to_thread(self._probe, cfg), cfg)
+        self._log_roots(self.topo, cfg, "probe")
         self.ctx = zmq.asyncio.Context()
         tasks: list[asyncio.Task[Any]] = []
         try:

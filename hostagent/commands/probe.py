@@ -34,12 +34,12 @@ def add_root_options(parser: argparse.ArgumentParser) -> None:
 
 
 def roots(args: argparse.Namespace) -> tuple[str, str]:
-    """(sysfs root, resctrl root) from the parsed options, with the defaults above."""
-    sysfs = args.sysfs_root or "/sys"
-    resctrl = args.resctrl_root or (
-        f"{args.sysfs_root.rstrip('/')}/fs/resctrl" if args.sysfs_root else "/sys/fs/resctrl"
-    )
-    return sysfs, resctrl
+    """(sysfs root, resctrl root) from the parsed options, with the defaults above (the
+    rule of ``hostagent.probe.roots``, which the config file's ``[probe]`` follows too)."""
+    from hostagent.probe.roots import DEFAULT_SYSFS_ROOT, default_resctrl_root
+
+    sysfs = args.sysfs_root or DEFAULT_SYSFS_ROOT
+    return sysfs, args.resctrl_root or default_resctrl_root(sysfs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -4,6 +4,8 @@
 summary (per cell: free pCPUs and cores, shared vCPUs, memory, hugepages; the guests;
 the conflicts). Roots and URI: the options, else the config file's ``[probe]`` and
 ``[libvirt]`` values (``--sysfs-root D`` alone implies ``--resctrl-root D/fs/resctrl``).
+The config file is ``--config``, else ``/etc/hostagent/hostagent.toml`` when it exists
+(``hostagent.config.config_path``: the file ``run`` and ``watch`` read), else none.
 A bad config, an unreadable tree or an unreachable libvirt URI is one
 ``hostagent: <message>`` line and exit code 2.
 """
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     import argparse
 
 QUICK_OPTIONS = (
-    Option("--config", "F", "config file (default: built-in defaults)"),
+    Option("--config", "F", "config file (default /etc/hostagent/hostagent.toml if it "
+           "exists, else built-in defaults)"),
     *ROOT_OPTIONS,
     Option("--libvirt", "URI", "libvirt URI (default from the config, qemu:///system)"),
     Option("--host", "NAME", "host name to publish (default: config, else the hostname)"),
@@ -45,17 +48,18 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from hostagent.config import load_config
+    from hostagent.config import config_path, load_config
     from hostagent.guests.source import open_readonly, read_guests
     from hostagent.probe.host import probe_host
+    from hostagent.probe.roots import default_resctrl_root
     from hostagent.snapshot import build_snapshot
 
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args.config))
     sysfs = args.sysfs_root or cfg.probe.sysfs_root
     if args.resctrl_root:
         resctrl = args.resctrl_root
     elif args.sysfs_root:
-        resctrl = f"{args.sysfs_root.rstrip('/')}/fs/resctrl"
+        resctrl = default_resctrl_root(args.sysfs_root)
     else:
         resctrl = cfg.probe.resctrl_root
     uri = args.libvirt or cfg.libvirt.uri
