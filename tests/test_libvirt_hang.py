@@ -382,3 +382,34 @@ def test_a_slow_full_resync_is_timed_per_step_not_as_a_whole():
         await asyncio.sleep(0)
 
     run(main(), timeout=90)
+
+
+def test_one_shot_snapshot_against_a_libvirt_that_never_answers_exits_2(tmp_path):
+    """``hostagent snapshot`` bounds its libvirt calls too: one line naming the URI, the
+    step and the limit, exit 2, no traceback; a bad --libvirt-timeout is refused."""
+    import subprocess
+    import sys
+
+    from libvirt_helpers import FIXTURES
+
+    sock = tmp_path / "libvirt-sock"
+    server = NeverAnswers(sock)
+    uri = f"qemu+unix:///system?socket={sock}"
+    sysfs = FIXTURES / "xeon-2s-cat" / "sys"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "hostagent.cli", "snapshot", "--sysfs-root", str(sysfs),
+             "--libvirt", uri, "--libvirt-timeout", "0.5"],
+            capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.startswith(f"hostagent: libvirt at {uri}: open did not return "
+                                     "within 0.5 s"), run.stderr
+        assert "Traceback" not in run.stderr and server.accepted
+        for bad in ("0", "-1", "x", "nan", "1e9"):
+            run = subprocess.run(
+                [sys.executable, "-m", "hostagent.cli", "snapshot", "--sysfs-root",
+                 str(sysfs), "--libvirt", uri, "--libvirt-timeout", bad],
+                capture_output=True, text=True, timeout=120)
+            assert run.returncode == 2 and "--libvirt-timeout" in run.stderr, run.stderr
+    finally:
+        server.close()

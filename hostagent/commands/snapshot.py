@@ -28,6 +28,8 @@ QUICK_OPTIONS = (
     *ROOT_OPTIONS,
     Option("--libvirt", "URI", "libvirt URI (default from the config, qemu:///system)"),
     Option("--host", "NAME", "host name to publish (default: config, else the hostname)"),
+    Option("--libvirt-timeout", "S", "seconds one libvirt call may take (default: the "
+           "config's [libvirt] call_timeout_seconds, 10)"),
     Option("--json", None, "print the whole snapshot as JSON"),
 )
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from hostagent.config import config_path, load_config
-    from hostagent.guests.source import open_readonly, read_guests
+    from hostagent.guests.source import read_guests_once
     from hostagent.probe.host import probe_host
     from hostagent.probe.roots import default_resctrl_root
     from hostagent.snapshot import build_snapshot
@@ -63,19 +65,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         resctrl = cfg.probe.resctrl_root
     uri = args.libvirt or cfg.libvirt.uri
+    timeout = cfg.libvirt.call_timeout_seconds
+    if args.libvirt_timeout is not None:
+        timeout = _libvirt_timeout(args.libvirt_timeout)
     topo = probe_host(sysfs, resctrl)
-    conn = open_readonly(uri)
-    try:
-        guests = read_guests(conn)
-    except Exception as exc:  # libvirt.libvirtError, without importing libvirt here
-        from hostagent.guests.source import LibvirtUnavailable
-
-        raise LibvirtUnavailable(f"reading domains from {uri} failed: {exc}") from None
-    finally:
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection
-            pass
+    guests = read_guests_once(uri, timeout)
     snap = build_snapshot(
         topo, cfg, guests, host=args.host or cfg.host_name, epoch=secrets.token_hex(8),
         seq=0, now=time.time(),
@@ -87,6 +81,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(snap, uri=uri))
     return 0
+
+
+def _libvirt_timeout(text: str) -> float:
+    """``--libvirt-timeout S``: seconds, more than 0 and at most a day."""
+    from hostagent.errors import ConfigError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:  # NaN fails too
+        raise ConfigError(f"--libvirt-timeout {text!r}: give a number of seconds above 0 "
+                          "and at most 86400")
+    return value
 
 
 # --------------------------------------------------------------------------- summary
