@@ -14,8 +14,10 @@
 //                   [--dead-after S] [--request-timeout S]
 //                   [--server-key agent.key --client-key me.key_secret] [--verbose]
 //
-// Exit status: 0 after --count snapshots, 1 when --timeout passes first or a fetch at
-// start fails, 2 for bad arguments.
+// --count N stops after N snapshots (default 0: run until killed); --timeout S gives up
+// after S seconds (default 0: never); --max-bytes N is the frame and inflate limit
+// (default 8 MiB). Exit status: 0 after --count snapshots, 1 when --timeout passes first
+// or the fetch at start fails, 2 for bad arguments.
 
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -23,12 +25,13 @@ import { decode, encode } from "@msgpack/msgpack";
 import { Inflate } from "pako";
 import * as zmq from "zeromq";
 
-const VERSION = 1; // body and reply "v" (§3)
-const TOPIC_PREFIX = "hostagent."; // topics are "hostagent.<host>." (§2)
+const VERSION = 1; // body and reply "v" (§4, §6)
+const TOPIC_PREFIX = "hostagent."; // topics are "hostagent.<host>." (§4)
 const MAX_SEQ = Number.MAX_SAFE_INTEGER; // 2^53 - 1: wire.MAX_SEQ (§4)
 const DEFAULT_MAX_BYTES = 8 * 1024 * 1024; // wire.DEFAULT_MAX_MESSAGE_BYTES (§9)
 const INFLATE_CHUNK_BYTES = 64 * 1024; // the inflater's output piece: memory stays <= limit + this
 const RECONNECT_GRACE_MS = 500; // a drop libzmq does not retry by then is reconnected (§8)
+const RECONNECT_MAX_MS = 30000; // waiting twice as long each time in a row, up to this
 
 class WireError extends Error {}
 
@@ -253,6 +256,7 @@ class Follower {
     this.opts = opts;
     this.hosts = new Map(); // host -> {epoch, seq, stale, alive, lastSeen}
     this.snapshots = 0;
+    this.reconnects = 0; // library reconnects since the last snapshot from the stream
   }
 
   say(event, fields) {
@@ -325,16 +329,19 @@ function summary(body, info) {
 // --- main ------------------------------------------------------------------------------
 
 // libzmq drops a connection that breaks the protocol (a frame over maxMessageSize) and
-// never retries it; any other drop is followed by its own retry (§8).
+// never retries it; any other drop is followed by its own retry (§8). Reconnects in a
+// row with no snapshot in between wait twice as long each time.
 function reconnectDropped(sub, endpoint, follower) {
   let timer = null;
   sub.events.on("disconnect", () => {
     clearTimeout(timer);
+    const wait = Math.min(RECONNECT_MAX_MS, RECONNECT_GRACE_MS * 2 ** Math.min(follower.reconnects, 16));
     timer = setTimeout(() => {
-      follower.say("reconnect", { endpoint });
+      follower.reconnects += 1;
+      follower.say("reconnect", { endpoint, in_a_row: follower.reconnects });
       try { sub.disconnect(endpoint); } catch { /* its session is already gone */ }
       sub.connect(endpoint);
-    }, RECONNECT_GRACE_MS);
+    }, wait);
   });
   for (const retried of ["connect:retry", "connect:delay", "connect"]) {
     sub.events.on(retried, () => clearTimeout(timer));
@@ -385,6 +392,7 @@ async function main() {
       follower.say("bad", { reason: JSON.stringify(err.message) });
       continue;
     }
+    if (decoded.body.kind === "snapshot") follower.reconnects = 0; // a whole snapshot got through
     if (follower.feed(decoded.body, "stream", decoded.info) === "stale" && opts.request) {
       try {
         follower.feed(await fetchSnapshot(opts), "fetch");
