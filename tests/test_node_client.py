@@ -88,7 +88,7 @@ class Event:
     def __getitem__(self, key: str) -> str:
         return self.fields[key]
 
-    def int(self, key: str) -> int:
+    def num(self, key: str) -> int:
         return int(self.fields[key])
 
 
@@ -218,7 +218,7 @@ def test_node_client_sees_what_the_python_subscriber_sees(node):
             assert first.kind == "snapshot" and first["via"] == "fetch", client.seen
             # the subscription is live once anything arrives on the stream
             live = client.until(("heartbeat", "duplicate"), timeout=120)
-            assert live.int("seq") >= first.int("seq")
+            assert live.num("seq") >= first.num("seq")
             for i in range(3):
                 assert d.request({"op": "test-domain", "action": "create",
                                   "xml": pinned_guest(i)}, timeout=30)["ok"]
@@ -226,21 +226,23 @@ def test_node_client_sees_what_the_python_subscriber_sees(node):
             assert client.wait(timeout=300) == 0, client.stderr()
         snaps = client.events("snapshot")
         assert len(snaps) == 4 and [e["via"] for e in snaps[1:]] == ["stream"] * 3
-        seqs = [e.int("seq") for e in snaps]
+        seqs = [e.num("seq") for e in snaps]
         assert seqs == sorted(set(seqs))
         for ev in snaps:
-            py = seen[ev.int("seq")]
+            py = seen[ev.num("seq")]
             assert (ev["host"], ev["epoch"]) == (py["host"], py["epoch"])
             assert float(ev["time"]) == py["time"]  # a float64 of unix seconds, exact
-            assert ev.int("guests") == len(py["usage"]["guests"])
-            assert ev.int("threads") == len(py["usage"]["threads"]) == 448
-            assert ev.int("cells") == len(py["topology"]["cells"]) == 8
+            assert ev.num("guests") == len(py["usage"]["guests"])
+            assert ev.num("threads") == len(py["usage"]["threads"]) == 448
+            assert ev.num("cells") == len(py["topology"]["cells"]) == 8
             assert ev["free_pcpus"] == free_pcpus(py)
             assert ev["libvirt"] == "up"
             if ev["via"] == "stream":
-                assert ev["enc"] == "zlib" and ev.int("bytes") < ev.int("inflated")
-                assert ev.int("inflated") == len(wire.pack(py)) > wire.COMPRESS_MIN_BYTES
-        assert snaps[-1].int("guests") == 3
+                assert ev["enc"] == "zlib" and ev.num("bytes") < ev.num("inflated")
+                assert ev.num("inflated") == len(wire.pack(py)) > wire.COMPRESS_MIN_BYTES
+        assert snaps[-1].num("guests") == 3
+        # late join: the subscription made the agent re-publish the fetched seq unchanged
+        assert [e.num("seq") for e in client.events("duplicate")] == [first.num("seq")]
         assert not client.events("bad") and not client.events("gap")
         assert d.stop() == 0, d.log_text()
     finally:
@@ -423,13 +425,13 @@ def test_node_client_applies_the_subscriber_rules(node, tmp_path):
     ], client.seen
     snaps = client.events("snapshot")
     assert [e["enc"] for e in snaps] == ["none", "none", "zlib", "none", "none", "zlib"]
-    assert snaps[2].int("inflated") == len(wire.pack(snap("E1", 8, guests=1)["data"]))
-    assert [e.int("guests") for e in snaps] == [0, 0, 1, 2, 0, 3]
+    assert snaps[2].num("inflated") == len(wire.pack(snap("E1", 8, guests=1)["data"]))
+    assert [e.num("guests") for e in snaps] == [0, 0, 1, 2, 0, 3]
     assert [e["free_pcpus"] for e in snaps] == ["c0:4", "c0:4", "c0:3", "c0:2", "c0:4", "c0:1"]
     gap = client.events("gap")[0]
-    assert (gap.int("after"), gap.int("got")) == (6, 8)
+    assert (gap.num("after"), gap.num("got")) == (6, 8)
     stale = client.events("stale")[0]
-    assert (stale.int("held"), stale.int("heard")) == (8, 9)
+    assert (stale.num("held"), stale.num("heard")) == (8, 9)
     reasons = [e["reason"] for e in client.events("bad")]
     assert len(reasons) == 4, client.seen
     assert "must be an integer from 0 to 9007199254740991" in reasons[0]
