@@ -8,6 +8,7 @@ skipped, except under CI (``CI`` set), where they fail: CI must run the example.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -197,13 +198,14 @@ def pinned_guest(i: int) -> str:
                       emulatorpin="0-1", numa_memory=("strict", "0"))
 
 
-def test_node_client_sees_what_the_python_subscriber_sees(node):
+def test_node_client_sees_what_the_python_subscriber_sees(node, tmp_path):
     """On big-448 every snapshot is over 16 KiB, so each travels zlib-compressed with
     ``enc`` after ``data``: the Node client inflates it (pako, bounded), and its seq,
     epoch, host, time, guests and free pCPUs per cell equal the Python subscriber's for
-    the same seq; the inflated size equals the msgpack of the Python-decoded snapshot.
-    Its first snapshot is an ``{op: "snapshot"}`` fetch; the welcome re-publish that
-    follows the subscription is a duplicate."""
+    the same seq; the inflated size equals the msgpack of the Python-decoded snapshot,
+    and each whole snapshot it decoded (written as JSON) equals the Python one. Its
+    first snapshot is an ``{op: "snapshot"}`` fetch; the welcome re-publish that follows
+    the subscription is a duplicate."""
     d = DaemonProc("big-448", dedicated=BIG_DEDICATED)
     client = None
     try:
@@ -213,7 +215,7 @@ def test_node_client_sees_what_the_python_subscriber_sees(node):
             record_until(sub, seen, lambda s: True)
             client = NodeClient(node, "--stream", d.stream, "--request", d.req,
                                 "--host", "testhost", "--count", "4", "--timeout", "300",
-                                "--verbose")
+                                "--verbose", "--dump", str(tmp_path))
             first = client.next(timeout=120)
             assert first.kind == "snapshot" and first["via"] == "fetch", client.seen
             # the subscription is live once anything arrives on the stream
@@ -237,6 +239,8 @@ def test_node_client_sees_what_the_python_subscriber_sees(node):
             assert ev.num("cells") == len(py["topology"]["cells"]) == 8
             assert ev["free_pcpus"] == free_pcpus(py)
             assert ev["libvirt"] == "up"
+            dumped = tmp_path / f"testhost-{ev['epoch']}-{ev['seq']}.json"
+            assert json.loads(dumped.read_text()) == py
             if ev["via"] == "stream":
                 assert ev["enc"] == "zlib" and ev.num("bytes") < ev.num("inflated")
                 assert ev.num("inflated") == len(wire.pack(py)) > wire.COMPRESS_MIN_BYTES

@@ -13,13 +13,16 @@
 //                   [--host NAME] [--count N] [--timeout S] [--max-bytes N]
 //                   [--dead-after S] [--request-timeout S]
 //                   [--server-key agent.key --client-key me.key_secret] [--verbose]
+//                   [--dump DIR]
 //
 // --count N stops after N snapshots (default 0: run until killed); --timeout S gives up
 // after S seconds (default 0: never); --max-bytes N is the frame and inflate limit
-// (default 8 MiB). Exit status: 0 after --count snapshots, 1 when --timeout passes first
+// (default 8 MiB); --dump DIR also writes each snapshot as DIR/<host>-<epoch>-<seq>.json.
+// Exit status: 0 after --count snapshots, 1 when --timeout passes first
 // or the fetch at start fails, 2 for bad arguments.
 
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { decode, encode } from "@msgpack/msgpack";
 import { Inflate } from "pako";
@@ -45,7 +48,7 @@ function options() {
     "dead-after": { type: "string", default: "5" },
     "request-timeout": { type: "string", default: "3" },
     "server-key": { type: "string" }, "client-key": { type: "string" },
-    verbose: { type: "boolean", default: false },
+    verbose: { type: "boolean", default: false }, dump: { type: "string" },
   };
   let values;
   try {
@@ -67,6 +70,7 @@ function options() {
     count: number("count", 0), timeout: number("timeout", 0),
     maxBytes: number("max-bytes", 1024), deadAfter: number("dead-after", 0.1),
     requestTimeout: number("request-timeout", 0.1), verbose: values.verbose,
+    dump: values.dump ?? null,
     curve: values["server-key"] ? curveOptions(values["server-key"], values["client-key"]) : {},
   };
 }
@@ -298,6 +302,10 @@ class Follower {
     st.stale = false;
     this.snapshots += 1;
     this.say("snapshot", { host: body.host, epoch: body.epoch, seq: body.seq, via, ...summary(body, info) });
+    if (this.opts.dump) {
+      const name = `${body.host}-${body.epoch}-${body.seq}.json`.replace(/[^\w.-]/g, "_");
+      writeFileSync(join(this.opts.dump, name), JSON.stringify(body.data));
+    }
     return null;
   }
 
