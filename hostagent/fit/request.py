@@ -16,6 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hostagent.cpulist import (
+    BACKWARDS,
+    BAD_ELEMENT,
+    OUT_OF_RANGE,
+    CpuListError,
+    parse_cpu_ranges,
+)
 from hostagent.errors import RequestError
 
 NUMA_NODES_MAX = 128
@@ -225,26 +232,19 @@ def parse_cpu_spec(text: str, *, limit: int | None = None) -> set[int]:
 
     Raises ValueError with a reason; callers add the key and value.
     """
-    include: set[int] = set()
-    exclude: set[int] = set()
     if not text.strip():
         raise ValueError("is empty")
-    for raw in text.split(","):
-        part = raw.strip()
-        neg = part.startswith("^")
-        if neg:
-            part = part[1:].strip()
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not m:
-            raise ValueError(f"{raw.strip()!r} is not a CPU id, range or ^exclusion")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"range {raw.strip()!r} runs backwards")
-        if limit is not None and hi > limit:
-            raise ValueError(f"CPU {hi} is beyond the last vCPU {limit}")
-        (exclude if neg else include).update(range(lo, hi + 1))
-    return include - exclude
+    try:
+        return set(parse_cpu_ranges(text, last=limit, exclusions=True, blanks=True))
+    except CpuListError as exc:
+        raise ValueError(exc.reworded(_CPU_SPEC_WORDS)) from None
+
+
+_CPU_SPEC_WORDS = {
+    BAD_ELEMENT: "{element!r} is not a CPU id, range or ^exclusion",
+    BACKWARDS: "range {element!r} runs backwards",
+    OUT_OF_RANGE: "CPU {cpu} is beyond the last vCPU {last}",
+}
 
 
 def _mask(specs: _Specs, key: str, vcpus: int) -> set[int]:
