@@ -5,10 +5,10 @@ Each command module defines ``register(subparsers)``, which adds its parser and 
 their heavy dependencies inside ``func`` so that ``hostagent --help`` stays fast.
 Every ``HostagentError`` is printed as ``hostagent: <message>`` with exit code 2.
 
-Only the named command's module is imported. A command with an option table
-(``QUICK_OPTIONS``, ``hostagent.commands.options``) whose command line is a plain one is
-run without argparse; every other line goes through the argparse parser of
-``hostagent.cli_parser``.
+The command table is ``hostagent.commands.COMMANDS``. Only the named command's module is
+imported. A command with an option table (``QUICK_OPTIONS``,
+``hostagent.commands.options``) whose command line is a plain one is run without argparse;
+every other line goes through the argparse parser of ``hostagent.cli_parser``.
 """
 
 from __future__ import annotations
@@ -16,24 +16,13 @@ from __future__ import annotations
 import gc
 import sys
 
+from hostagent.commands import COMMANDS
 from hostagent.errors import HostagentError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
-
-COMMANDS = (
-    "probe",
-    "capture",
-    "snapshot",
-    "run",
-    "watch",
-    "show",
-    "resctrl",
-    "fit",
-    "keys",
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

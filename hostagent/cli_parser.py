@@ -12,7 +12,7 @@ import os
 import sys
 
 from hostagent import __version__
-from hostagent.cli import COMMANDS
+from hostagent.commands import COMMANDS
 
 
 def terminal_columns() -> int:
@@ -64,11 +64,5 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hostagent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in (only,) if only else COMMANDS:
-        try:
-            module = importlib.import_module(f"hostagent.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"hostagent.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"hostagent.commands.{name}").register(sub)
     return parser

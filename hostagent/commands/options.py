@@ -13,6 +13,9 @@ else — ``-h``/``--help``, an unknown or abbreviated option, a value starting w
 after a space, a missing value, a positional argument, ``--`` — it returns ``None`` and the
 caller lets argparse parse the line with its own rules and messages. The tests check that
 the two give the same values on a table of command lines.
+
+``ROOT_OPTIONS`` (``--sysfs-root``, ``--resctrl-root``) and ``roots`` are shared by every
+command that reads the host's trees: ``probe``, ``capture``, ``snapshot``, ``resctrl``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,32 @@ def add_options(parser: Any, options: Sequence[Option]) -> None:
             parser.add_argument(opt.flag, action="store_true", help=opt.help)
         else:
             parser.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
+
+
+ROOT_OPTIONS = (
+    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
+    Option(
+        "--resctrl-root",
+        "D",
+        "resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
+    ),
+)
+
+
+def add_root_options(parser: Any) -> None:
+    """Add ``ROOT_OPTIONS`` to an ``argparse.ArgumentParser``."""
+    add_options(parser, ROOT_OPTIONS)
+
+
+def roots(args: Any) -> tuple[str, str]:
+    """(sysfs root, resctrl root) from parsed ``ROOT_OPTIONS``: ``--sysfs-root``, default
+    ``/sys``; ``--resctrl-root``, default ``<sysfs-root>/fs/resctrl`` when ``--sysfs-root``
+    is given, else ``/sys/fs/resctrl``."""
+    sysfs = args.sysfs_root or "/sys"
+    resctrl = args.resctrl_root or (
+        f"{args.sysfs_root.rstrip('/')}/fs/resctrl" if args.sysfs_root else "/sys/fs/resctrl"
+    )
+    return sysfs, resctrl
 
 
 def quick_parse(argv: Sequence[str], options: Sequence[Option]) -> dict[str, Any] | None:
