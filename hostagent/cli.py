@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Run as the program (no ``argv``), once the command is done every object left is moved
     out of the cyclic garbage collector's reach (``gc.freeze``): the interpreter's shutdown
-    then does not walk them all once more, several milliseconds of every run on a big host.
+    then does not walk them all once more (docs/probe.md §Speed).
     """
     if argv is not None:
         return _main(argv)
@@ -59,7 +59,7 @@ def _quick_args(command: str, argv: list[str]) -> Any:
     """The parsed arguments of a command with an option table (``QUICK_OPTIONS``, see
     ``hostagent.commands.options``) when its line needs no argparse; else ``None``."""
     name = f"hostagent.commands.{command}"
-    __import__(name)  # not importlib.import_module: importing importlib costs 0.4 ms
+    __import__(name)  # not importlib.import_module: importlib is one more module to load
     module = sys.modules[name]
     options = getattr(module, "QUICK_OPTIONS", None)
     if options is None:

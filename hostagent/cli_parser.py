@@ -32,7 +32,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, told the width instead of asking ``shutil`` for it.
 
     argparse builds a formatter for every ``add_argument``; the stock one imports
-    ``shutil`` (and with it bz2, lzma, fnmatch) on the first, about 2 ms of every run.
+    ``shutil`` (and with it bz2, lzma, fnmatch) on the first (docs/probe.md §Speed).
     """
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,

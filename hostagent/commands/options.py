@@ -4,8 +4,9 @@ A command whose options are all ``--name VALUE`` or ``--flag`` (``probe``, ``sna
 lists them as ``QUICK_OPTIONS``, a tuple of ``Option``. ``add_options`` adds them to the
 command's argparse parser, which gives ``--help``, the usage line and the error messages.
 ``quick_parse`` reads an ordinary command line against the same table without importing
-argparse: for ``hostagent probe --json`` on a big host that is about 5 of its ~45 ms
-(argparse, the ``gettext`` and ``locale`` modules it loads, and building the parser).
+argparse, the ``gettext`` and ``locale`` modules it loads, or building the parser: a
+noticeable part of a short command such as ``hostagent probe --json`` (docs/probe.md
+§Speed).
 
 The quick parser only answers when the line is one it reads exactly as argparse would:
 known long options, each given in full, values after a space or ``=``. For anything

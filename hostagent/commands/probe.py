@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import gc
 
     # one short pass that builds thousands of objects, none in a cycle: collecting
-    # garbage while it runs only costs time (about 2 ms on a 448-thread host)
+    # garbage while it runs only costs time (docs/probe.md §Speed)
     was_enabled = gc.isenabled()
     gc.disable()
     try:
