@@ -35,7 +35,7 @@ class CpuListError(ValueError):
     """
 
     def __init__(self, problem: str, text: str, detail: str = "", *, reason: str = "",
-                 element: str = "", cpu: int = -1, last: int | None = None) -> None:
+                 element: str = "", cpu: int = -1, last: int = -1) -> None:
         self.problem = problem
         self.reason = reason
         self.element = element
@@ -49,7 +49,7 @@ class CpuListError(ValueError):
         return words[self.reason].format(element=self.element, cpu=self.cpu, last=self.last)
 
 
-def parse_cpu_ranges(text: str, *, last: int | None, exclusions: bool = False,
+def parse_cpu_ranges(text: str, *, last: int, exclusions: bool = False,
                      blanks: bool = False) -> tuple[int, ...]:
     """The CPU-list grammar every caller shares: ``"0-3,8,10-11"`` → sorted distinct ids.
 
@@ -58,9 +58,7 @@ def parse_cpu_ranges(text: str, *, last: int | None, exclusions: bool = False,
     only in the parameters:
 
     * ``last``: the highest id allowed (``MAX_CPUS - 1`` for the kernel's lists,
-      libvirt's 16383 for a domain's cpuset, the last vCPU for a flavor's mask).
-      ``None``, no bound, is left for the one caller that checks ids after parsing
-      (``hostagent.fit.request``'s ``hw:numa_cpus.N``); every other caller bounds them.
+      libvirt's 16383 for a domain's cpuset, the last vCPU for a flavor's masks).
     * ``exclusions``: ``^id`` and ``^lo-hi`` remove ids (libvirt's cpuset, Nova's CPU
       specs); the kernel never prints them.
     * ``blanks``: blanks around ``-`` and after ``^`` are allowed (libvirt and Nova
@@ -94,7 +92,7 @@ def parse_cpu_ranges(text: str, *, last: int | None, exclusions: bool = False,
         if b < a:
             raise CpuListError("not a CPU list", text, f" (range {element} runs backwards)",
                                reason=BACKWARDS, element=element)
-        if last is not None and b > last:
+        if b > last:
             raise CpuListError(f"CPU {b} out of range 0..{last}", text, reason=OUT_OF_RANGE,
                                element=element, cpu=b, last=last)
         (excluded if negate else ranges).append((a, b))

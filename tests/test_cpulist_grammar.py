@@ -12,11 +12,23 @@ from hostagent.cpulist import (
     parse_cpu_ranges,
     parse_cpulist,
 )
-from hostagent.fit.request import parse_cpu_spec
+from hostagent.fit.request import CpuBeyondLimit, parse_cpu_spec
+from hostagent.fit_limits import MAX_VCPUS
 from hostagent.guests.xml import MAX_CPU_ID, parse_cpuset
 from hostagent.probe.limits import MAX_CPUS
 
 BAD = object()  # refused
+
+
+def cpus(top, last):
+    """``0-top`` read with ``last`` as the bound: the ids, or refused."""
+    return tuple(range(top + 1)) if top <= last else BAD
+
+
+def nova(top, first=0):
+    """``first-top`` as a Nova spec with no limit given: bounded by MAX_VCPUS."""
+    return set(range(first, top + 1)) if top < MAX_VCPUS else BAD
+
 
 # text: (kernel list, libvirt cpuset, Nova spec)
 FORMS = {
@@ -33,9 +45,13 @@ FORMS = {
     "5-3": (BAD, BAD, BAD),
     "0x3": (BAD, BAD, BAD),
     "\u00b2": (BAD, BAD, BAD),  # a superscript: isdigit() but not a decimal digit
-    f"0-{MAX_CPUS - 1}": (tuple(range(MAX_CPUS)), tuple(range(MAX_CPUS)), set(range(MAX_CPUS))),
-    f"0-{MAX_CPUS}": (BAD, tuple(range(MAX_CPUS + 1)), set(range(MAX_CPUS + 1))),
-    f"{MAX_CPU_ID + 1}": (BAD, BAD, {MAX_CPU_ID + 1}),  # parse_cpu_spec: no limit given
+    # the bounds: MAX_CPUS (kernel), MAX_CPU_ID (libvirt), MAX_VCPUS (Nova, no limit given)
+    f"0-{MAX_CPUS - 1}": (tuple(range(MAX_CPUS)), tuple(range(MAX_CPUS)), nova(MAX_CPUS - 1)),
+    f"0-{MAX_CPUS}": (BAD, tuple(range(MAX_CPUS + 1)), nova(MAX_CPUS)),
+    f"{MAX_CPU_ID}": (BAD, (MAX_CPU_ID,), nova(MAX_CPU_ID, MAX_CPU_ID)),
+    f"{MAX_CPU_ID + 1}": (BAD, BAD, nova(MAX_CPU_ID + 1, MAX_CPU_ID + 1)),
+    f"0-{MAX_VCPUS - 1}": (cpus(MAX_VCPUS - 1, MAX_CPUS - 1), cpus(MAX_VCPUS - 1, MAX_CPU_ID),
+                           set(range(MAX_VCPUS))),
 }
 
 
@@ -71,6 +87,12 @@ def test_each_syntax_keeps_its_wording(text, kernel, cpuset, spec):
         with pytest.raises(ValueError) as info:
             parse(text)
         assert str(info.value) == words
+
+
+def test_a_spec_beyond_its_limit_is_cpu_beyond_limit():
+    with pytest.raises(CpuBeyondLimit) as info:
+        parse_cpu_spec("0-2,^1,9", limit=7)
+    assert (info.value.cpu, str(info.value)) == (9, "CPU 9 is beyond the last vCPU 7")
 
 
 def test_the_error_says_why_in_fields():

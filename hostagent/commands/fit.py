@@ -39,19 +39,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_json(path: str, what: str) -> Any:
+def _load_json(path: str, what: str, max_chars: int | None = None) -> Any:
+    """The JSON document in ``path`` (``-`` = stdin); with ``max_chars``, a longer file is
+    refused before it is parsed."""
+    limit = -1 if max_chars is None else max_chars + 1
     try:
         if path == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.read(limit)
         else:
             with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-    except OSError as exc:
-        raise HostagentError(f"{what} {path}: cannot read ({exc.strerror})") from None
+                text = fh.read(limit)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise HostagentError(f"{what} {path}: cannot read ({why})") from None
+    if max_chars is not None and len(text) > max_chars:
+        raise RequestError(f"{what} {path}: longer than {max_chars} characters (the limit for "
+                           "a request, as over the wire)")
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"{what} {path}: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, and integers too long to convert; RecursionError:
+        # arrays or objects nested too deep
+        why = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise RequestError(f"{what} {path}: not JSON ({why})") from None
 
 
 def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
@@ -94,8 +104,9 @@ def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from hostagent.fit import fit
     from hostagent.fit.explain import explain
+    from hostagent.wire import MAX_REQUEST_BYTES
 
-    request = _load_json(args.request, "--request")
+    request = _load_json(args.request, "--request", MAX_REQUEST_BYTES)
     if args.snapshot:
         snapshot = _load_json(args.snapshot, "--snapshot")
     else:

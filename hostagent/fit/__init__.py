@@ -17,11 +17,11 @@ from hostagent.errors import RequestError
 from hostagent.fit.cellfit import CellFit, Reason
 from hostagent.fit.host import HostView, host_view
 from hostagent.fit.libvirt_xml import fragments
-from hostagent.fit.place import STRATEGIES, Outcome, place, place_floating
+from hostagent.fit.place import STEP_BUDGET, STRATEGIES, Outcome, place, place_floating
 from hostagent.fit.request import FitRequest, parse_request
 from hostagent.fit.vcpu_topology import best_topology
 
-__all__ = ["FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
+__all__ = ["STEP_BUDGET", "FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
 
 
 def fit(
@@ -29,13 +29,18 @@ def fit(
     request: Mapping[str, Any] | FitRequest,
     *,
     strategy: str = "spread",
+    search_steps: int = STEP_BUDGET,
 ) -> dict[str, Any]:
     """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``.
 
-    Raises ``RequestError`` for an invalid request, strategy or snapshot.
+    The placement search takes at most ``search_steps`` steps (``hostagent.fit.place``);
+    beyond them the answer is "does not fit" with a ``search`` reason. Raises
+    ``RequestError`` for an invalid request, strategy, step budget or snapshot.
     """
     if strategy not in STRATEGIES:
         raise RequestError(f"strategy={strategy!r}: must be one of {', '.join(STRATEGIES)}")
+    if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
+        raise RequestError(f"search_steps={search_steps!r}: must be an integer >= 1")
     req = request if isinstance(request, FitRequest) else parse_request(request)
     view = host_view(snapshot)
 
@@ -54,7 +59,7 @@ def fit(
     if not req.numa:
         out = place_floating(view, req)
     else:
-        out = place(view, req, strategy)
+        out = place(view, req, strategy, search_steps=search_steps)
     if not out.fits:
         return _no(strategy, out.reasons)
 

@@ -15,14 +15,19 @@
    per-cell feasibility can see; the 16-cell host / 8-cell guest no-fit case is answered
    by one matching. Checks that depend on the whole choice (PCI affinity, cache ways on a
    cache shared by several cells) run at the leaf, with a bound on PCI devices pruning
-   early; a step budget stops pathological cases with an explicit reason.
+   early. A step budget (``STEP_BUDGET``, ``[fit] search_steps``) bounds the work after
+   the per-pair checks: one step per guest cell tried on a host cell, 1 + one per PCI
+   request + one per cache reservation group for each complete placement checked, one
+   per page size tried when mixing page sizes. It counts work, not time, so the answer
+   never depends on the machine's speed; when it runs out the answer is "does not fit"
+   with a ``search`` reason naming the budget.
 4. The first complete placement in that order is the answer: spread/pack and ties are
    decided by the order alone, so the same snapshot and request always give the same answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,8 +36,8 @@ from hostagent.fit import pci as pci_mod
 from hostagent.fit.cellfit import CellFit, Reason, fit_cell, page_size_options
 from hostagent.fit.host import HostCell, HostView, PciDev
 from hostagent.fit.request import FitRequest
+from hostagent.fit_limits import STEP_BUDGET
 
-STEP_BUDGET = 20000
 STRATEGIES = ("spread", "pack")
 
 
@@ -71,13 +76,22 @@ def order_cells(view: HostView, req: FitRequest, strategy: str) -> list[HostCell
 
 
 class _Search:
-    def __init__(self, view: HostView, req: FitRequest, order: list[HostCell]) -> None:
+    def __init__(self, view: HostView, req: FitRequest, order: list[HostCell],
+                 budget: int = STEP_BUDGET) -> None:
         self.view, self.req, self.order = view, req, order
         self.k = len(req.cells)
         self.memo: dict[tuple[int, int], CellFit | list[Reason]] = {}
+        self.budget = budget
         self.steps = 0
         self.leaf_reasons: list[Reason] = []
         self.exhausted = False
+
+    def spend(self, steps: int = 1) -> bool:
+        """Count ``steps`` of work; False (and ``exhausted``) once over the budget."""
+        self.steps += steps
+        if self.steps > self.budget:
+            self.exhausted = True
+        return not self.exhausted
 
     def cell(self, gi: int, host: HostCell) -> CellFit | list[Reason]:
         key = (gi, host.id)
@@ -175,9 +189,7 @@ class _Search:
             for h in self.adj[gi]:
                 if h.id in used:
                     continue
-                self.steps += 1
-                if self.steps > STEP_BUDGET:
-                    self.exhausted = True
+                if not self.spend():
                     return None
                 used.add(h.id)
                 cf = self.cell(gi, h)
@@ -198,6 +210,8 @@ class _Search:
 
     def leaf(self, chosen: list[CellFit]) -> Outcome | None:
         req, view = self.req, self.view
+        if not self.spend(1 + len(req.pci) + len(req.cache)):
+            return None
         devs: list[PciDev] = []
         if req.pci:
             devs, problems = pci_mod.select(view, req.pci, req.pci_policy,
@@ -208,7 +222,9 @@ class _Search:
         cells = list(chosen)
         problems = floating_page_problems(view, _pages_taken(req, cells))
         if problems and req.page_size in ("large", "any"):
-            other = other_page_sizes(view, req, cells)
+            other = other_page_sizes(view, req, cells, spend=self.spend)
+            if self.exhausted:
+                return None
             if other is not None:
                 cells, problems = other, []
         if problems:
@@ -223,8 +239,10 @@ class _Search:
         return Outcome(True, cells=cells, pci=devs, cache=entries)
 
 
-def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
-    """Find the placement of a NUMA guest (``req.numa``), or the reasons why none exists."""
+def place(view: HostView, req: FitRequest, strategy: str = "spread", *,
+          search_steps: int = STEP_BUDGET) -> Outcome:
+    """Find the placement of a NUMA guest (``req.numa``), or the reasons why none exists,
+    in at most ``search_steps`` steps of search."""
     order = order_cells(view, req, strategy)
     k = len(req.cells)
     pre = _host_wide_checks(view, req)
@@ -234,7 +252,7 @@ def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
         return Outcome(False, reasons=[Reason(
             None, None, "cells",
             f"the guest has {k} NUMA cells, the host only {len(view.cells)}")])
-    search = _Search(view, req, order)
+    search = _Search(view, req, order, search_steps)
     out = search.run()
     if out is not None:
         return out
@@ -256,7 +274,8 @@ def place(view: HostView, req: FitRequest, strategy: str = "spread") -> Outcome:
         reasons.extend(_pci_summary(view, req))
     if search.exhausted:
         reasons.append(Reason(None, None, "search",
-                              f"search stopped after {STEP_BUDGET} steps without a placement"))
+                              f"search budget exhausted: {search.budget} steps ([fit] "
+                              "search_steps) without a placement"))
     if not reasons:
         reasons.append(Reason(None, None, "cells", "no combination of host cells fits"))
     return Outcome(False, reasons=reasons)
@@ -300,10 +319,12 @@ def _pages_taken(req: FitRequest, chosen: Sequence[CellFit]) -> dict[int, int]:
 
 
 def other_page_sizes(
-    view: HostView, req: FitRequest, chosen: Sequence[CellFit]
+    view: HostView, req: FitRequest, chosen: Sequence[CellFit], *,
+    spend: Callable[[], bool] = lambda: True,
 ) -> list[CellFit] | None:
     """``chosen`` with other page sizes (a ``large`` or ``any`` request) whose pages fit
-    what all cells have left after the guests bound to no cell, or ``None`` if no mix does.
+    what all cells have left after the guests bound to no cell, or ``None`` if no mix does
+    (or ``spend()``, called once per size tried, returns False: the budget ran out).
 
     Each guest cell keeps to the sizes that fit its host cell (``page_size_options``); the
     mixes are tried in the cells' preference order with the last guest cell changing
@@ -326,6 +347,8 @@ def other_page_sizes(
         if state in failed:
             return False
         for size in options[i]:
+            if not spend():
+                return False
             n = guest[i].memory_kib // size
             if size in limit and taken[size] + n > limit[size]:
                 continue

@@ -3,7 +3,9 @@
 A request is ``{"vcpus": N, "memory_mb": M, "extra_specs": {...}, "image_properties": {...}}``.
 The extra specs follow Nova's ``hw:`` keys (docs/fit.md lists every key, value and rule);
 image properties (``hw_<name>``) may narrow what the flavor allows, never widen it. Every
-invalid value or combination raises ``RequestError`` naming the key and the value.
+invalid value or combination raises ``RequestError`` naming the key and the value. Every
+field is bounded by what a host can have (``hostagent.fit_limits``) and refused early,
+before anything of that size is built.
 
 Parsing is pure and host-independent: whatever depends on the host (threads per core,
 page sizes present, caches) is decided by the placement, which reports it as a reason.
@@ -16,17 +18,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hostagent.cpulist import (
-    BACKWARDS,
-    BAD_ELEMENT,
-    OUT_OF_RANGE,
-    CpuListError,
-    parse_cpu_ranges,
-)
+from hostagent.cpulist import BACKWARDS, BAD_ELEMENT, OUT_OF_RANGE, CpuListError, parse_cpu_ranges
 from hostagent.errors import RequestError
+from hostagent.fit_limits import (
+    MAX_GUEST_CELLS,
+    MAX_INT_BITS,
+    MAX_KEY_CHARS,
+    MAX_MEMORY_MB,
+    MAX_PAGE_SIZE_KIB,
+    MAX_PCI_DEVICES,
+    MAX_SPEC_KEYS,
+    MAX_VALUE_CHARS,
+    MAX_VCPUS,
+    size_text,
+)
 
-NUMA_NODES_MAX = 128
-TOPOLOGY_MAX = 65536
+NUMA_NODES_MAX = MAX_GUEST_CELLS
+TOPOLOGY_MAX = 65536  # "no limit" for hw:cpu_max_*: above any vCPU count
 
 CPU_POLICIES = ("shared", "dedicated", "mixed")
 THREAD_POLICIES = ("prefer", "isolate", "require")
@@ -165,8 +173,31 @@ _FLAVOR_ONLY_IMG = {
 }
 
 
+_VCPUS_WHY = "no host has more CPUs"
+_MEMORY_WHY = "4 PiB, more than any host can address"
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message, cut short: a huge integer or a long string is
+    described (its bit count, its length), never printed whole."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            value.bit_length() > MAX_INT_BITS:
+        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, str) and len(value) > 64:
+        return repr(value[:48] + "…") + f" ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. a container holding an integer too long to print
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= 100 else text[:96] + "…"
+
+
 def _fail(where: str, key: str, value: Any, why: str) -> RequestError:
-    return RequestError(f"{where} {key}={value!r}: {why}")
+    return RequestError(f"{where} {key}={short_repr(value)}: {why}")
+
+
+def _show_key(key: str) -> str:
+    return key if len(key) <= 64 else f"{key[:48]}… ({len(key)} characters)"
 
 
 class _Specs:
@@ -175,15 +206,27 @@ class _Specs:
     def __init__(self, where: str, data: Mapping[str, Any]) -> None:
         self.where = where
         self.data: dict[str, str] = {}
+        if len(data) > MAX_SPEC_KEYS:
+            raise RequestError(f"{where}: {len(data)} keys, at most {MAX_SPEC_KEYS} "
+                               "(MAX_SPEC_KEYS)")
         for key, value in data.items():
             if not isinstance(key, str):
-                raise _fail(where, str(key), value, "keys must be strings")
+                raise _fail(where, short_repr(key), value, "keys must be strings")
+            if len(key) > MAX_KEY_CHARS:
+                raise RequestError(f"{where} {_show_key(key)}: keys may have at most "
+                                   f"{MAX_KEY_CHARS} characters")
             if isinstance(value, bool):
                 value = "true" if value else "false"
             elif isinstance(value, int):
+                if value.bit_length() > MAX_INT_BITS:
+                    raise _fail(where, _show_key(key), value,
+                                f"integers must fit in {MAX_INT_BITS} bits")
                 value = str(value)
             elif not isinstance(value, str):
-                raise _fail(where, key, value, "values must be strings (or integers)")
+                raise _fail(where, _show_key(key), value, "values must be strings (or integers)")
+            if len(value) > MAX_VALUE_CHARS:
+                raise _fail(where, _show_key(key), value,
+                            f"values may have at most {MAX_VALUE_CHARS} characters")
             self.data[key] = value.strip()
 
     def has(self, key: str) -> bool:
@@ -195,16 +238,22 @@ class _Specs:
     def fail(self, key: str, why: str) -> RequestError:
         return _fail(self.where, key, self.data.get(key), why)
 
-    def integer(self, key: str, minimum: int = 1, maximum: int | None = None) -> int | None:
+    def integer(
+        self, key: str, *, maximum: int, why: str, minimum: int = 1, between: bool = False
+    ) -> int | None:
+        """The integer value of ``key`` (None if absent), ``minimum..maximum``; ``why``
+        says what the maximum is; ``between`` words every refusal as the range."""
         text = self.data.get(key)
         if text is None:
             return None
-        if not re.fullmatch(r"\d+", text):
+        value = int(text) if re.fullmatch(r"\d+", text) else None
+        if between and (value is None or not minimum <= value <= maximum):
+            raise self.fail(key, f"must be an integer between {minimum} and {maximum} ({why})")
+        if value is None or value < minimum:
             raise self.fail(key, f"must be an integer >= {minimum}")
-        value = int(text)
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise self.fail(key, f"must be an integer {bound}")
+        if value > maximum:
+            raise self.fail(key, f"must be an integer >= {minimum} and at most {maximum} "
+                                 f"({why})")
         return value
 
     def boolean(self, key: str) -> bool | None:
@@ -227,23 +276,38 @@ class _Specs:
         return text
 
 
+class CpuBeyondLimit(ValueError):
+    """A CPU spec names a CPU above its limit (``cpu``)."""
+
+    def __init__(self, cpu: int, limit: int) -> None:
+        super().__init__(f"CPU {cpu} is beyond the last vCPU {limit}")
+        self.cpu = cpu
+
+
 def parse_cpu_spec(text: str, *, limit: int | None = None) -> set[int]:
     """Nova's CPU spec: ``0-3,^2,5`` (ranges, single ids, ``^`` exclusions).
 
-    Raises ValueError with a reason; callers add the key and value.
+    Every id must be at most ``limit`` (default the last of ``MAX_VCPUS``), else
+    ``CpuBeyondLimit``. The grammar is ``hostagent.cpulist.parse_cpu_ranges`` with ``^``
+    exclusions and blanks inside elements (ranges merged before they are expanded, so the
+    work is bounded by the text and the limit). Raises ValueError with a reason; callers
+    add the key and value.
     """
+    if limit is None:
+        limit = MAX_VCPUS - 1
     if not text.strip():
         raise ValueError("is empty")
     try:
         return set(parse_cpu_ranges(text, last=limit, exclusions=True, blanks=True))
     except CpuListError as exc:
+        if exc.reason == OUT_OF_RANGE:
+            raise CpuBeyondLimit(exc.cpu, limit) from None
         raise ValueError(exc.reworded(_CPU_SPEC_WORDS)) from None
 
 
 _CPU_SPEC_WORDS = {
     BAD_ELEMENT: "{element!r} is not a CPU id, range or ^exclusion",
     BACKWARDS: "range {element!r} runs backwards",
-    OUT_OF_RANGE: "CPU {cpu} is beyond the last vCPU {last}",
 }
 
 
@@ -275,9 +339,15 @@ def parse_page_size(text: str) -> str | int:
         raise ValueError(
             "must be small, large, any or a size such as 2048 (KiB), 2MB or 1GB"
         )
+    too_big = ValueError(f"must be at most {size_text(MAX_PAGE_SIZE_KIB)} (the largest "
+                         "hugepage size Linux has)")
+    if len(m.group(1).lstrip("0")) > 20:
+        raise too_big
     size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
     if size <= 0 or size % 1024:
         raise ValueError("must be a positive whole number of KiB")
+    if size // 1024 > MAX_PAGE_SIZE_KIB:
+        raise too_big
     return size // 1024
 
 
@@ -290,10 +360,10 @@ def parse_request(request: Any) -> FitRequest:
         raise RequestError(f"request must be a JSON object, got {type(request).__name__}")
     for key in request:
         if key not in _FLAVOR_TOP:
-            raise _fail("request", str(key), request[key],
+            raise _fail("request", _show_key(str(key)), request[key],
                         f"unknown key (known: {', '.join(_FLAVOR_TOP)})")
-    vcpus = _top_int(request, "vcpus")
-    memory_mb = _top_int(request, "memory_mb")
+    vcpus = _top_int(request, "vcpus", MAX_VCPUS, _VCPUS_WHY)
+    memory_mb = _top_int(request, "memory_mb", MAX_MEMORY_MB, _MEMORY_WHY)
     extra = request.get("extra_specs", {})
     image = request.get("image_properties", {})
     for name, value in (("extra_specs", extra), ("image_properties", image)):
@@ -380,12 +450,15 @@ def parse_request(request: Any) -> FitRequest:
     )
 
 
-def _top_int(request: Mapping[str, Any], key: str) -> int:
+def _top_int(request: Mapping[str, Any], key: str, maximum: int, why: str) -> int:
     if key not in request:
         raise RequestError(f"request: {key} is missing (a positive integer)")
     value = request[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail("request", key, value, "must be an integer >= 1")
+    if value > maximum:
+        raise _fail("request", key, value, f"must be an integer >= 1 and at most {maximum} "
+                                           f"({why})")
     return value
 
 
@@ -452,12 +525,13 @@ def _resources_and_traits(
             raise flavor.fail(key, "resources:PCPU and resources:VCPU cannot both be given")
         if "PCPU" in res:
             want = vcpus + (1 if emulator == "isolate" else 0)
-            count = flavor.integer(res["PCPU"], minimum=1)
+            count = flavor.integer(res["PCPU"], maximum=MAX_VCPUS + 1,
+                                   why="the vCPUs and an emulator thread")
             if count != want:
                 raise flavor.fail(res["PCPU"], f"must equal the vCPU count ({want})")
             policy = "dedicated"
         else:
-            flavor.integer(res["VCPU"], minimum=1)
+            flavor.integer(res["VCPU"], maximum=MAX_VCPUS, why=_VCPUS_WHY)
             policy = "shared"
     for key in traits:
         value = flavor.get(key)
@@ -550,7 +624,7 @@ def _numa_nodes(flavor: _Specs, img: _Specs, vcpus: int) -> int | None:
     if flavor.has("hw:numa_nodes") and img.has("hw_numa_nodes"):
         raise img.fail("hw_numa_nodes", "the flavor already sets hw:numa_nodes")
     specs, key = (img, "hw_numa_nodes") if img.has("hw_numa_nodes") else (flavor, "hw:numa_nodes")
-    nodes = specs.integer(key, minimum=1, maximum=NUMA_NODES_MAX)
+    nodes = specs.integer(key, maximum=MAX_GUEST_CELLS, why="QEMU's limit", between=True)
     if nodes is not None and nodes > vcpus:
         raise specs.fail(key, f"more guest cells than vCPUs ({vcpus})")
     return nodes
@@ -588,18 +662,18 @@ def _numa_maps(
                 f"every guest cell (0-{nodes - 1})"
             )
         try:
-            cpus = parse_cpu_spec(specs.data[ck])
+            cpus = parse_cpu_spec(specs.data[ck], limit=vcpus - 1)
+        except CpuBeyondLimit as exc:
+            raise specs.fail(ck, f"vCPU {exc.cpu} is beyond the last vCPU {vcpus - 1}") from None
         except ValueError as exc:
             raise specs.fail(ck, f"not a valid CPU list: {exc}") from None
         if not cpus:
             raise specs.fail(ck, "selects no vCPU")
         for c in sorted(cpus):
-            if c >= vcpus:
-                raise specs.fail(ck, f"vCPU {c} is beyond the last vCPU {vcpus - 1}")
             if c in owner:
                 raise specs.fail(ck, f"vCPU {c} is already in guest cell {owner[c]}")
             owner[c] = n
-        mem = specs.integer(mk, minimum=1)
+        mem = specs.integer(mk, maximum=MAX_MEMORY_MB, why=_MEMORY_WHY)
         assert mem is not None
         cpus_list.append(cpus)
         mems.append(mem)
@@ -638,6 +712,9 @@ def _pci(flavor: _Specs, img: _Specs) -> tuple[tuple[PciRequest, ...], str]:
         count = int(m.group(3)) if m.group(3) else 1
         if count < 1:
             raise flavor.fail(key, f"{part.strip()!r}: the count must be >= 1")
+        if count > MAX_PCI_DEVICES:
+            raise flavor.fail(key, f"{part.strip()!r}: the count must be at most "
+                                   f"{MAX_PCI_DEVICES} (the functions of a PCI segment)")
         if (vendor, device) in seen:
             raise flavor.fail(key, f"{vendor}:{device} is listed twice")
         seen.add((vendor, device))
@@ -702,10 +779,13 @@ def _cache(flavor: _Specs, vcpus: int, pcpus: set[int]) -> tuple[CacheGroup, ...
 
 
 def _topology(flavor: _Specs, img: _Specs) -> TopologyPrefs:
-    fmax = {k: flavor.integer(f"hw:cpu_max_{k}") for k in _INT_KEYS}
-    imax = {k: img.integer(f"hw_cpu_max_{k}") for k in _INT_KEYS}
-    fpref = {k: flavor.integer(f"hw:cpu_{k}") for k in _INT_KEYS}
-    ipref = {k: img.integer(f"hw_cpu_{k}") for k in _INT_KEYS}
+    def get(specs: _Specs, key: str) -> int | None:
+        return specs.integer(key, maximum=MAX_VCPUS, why=_VCPUS_WHY)
+
+    fmax = {k: get(flavor, f"hw:cpu_max_{k}") for k in _INT_KEYS}
+    imax = {k: get(img, f"hw_cpu_max_{k}") for k in _INT_KEYS}
+    fpref = {k: get(flavor, f"hw:cpu_{k}") for k in _INT_KEYS}
+    ipref = {k: get(img, f"hw_cpu_{k}") for k in _INT_KEYS}
     limits: dict[str, int] = {}
     for k in _INT_KEYS:
         fm, im = fmax[k], imax[k]

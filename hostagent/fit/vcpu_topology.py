@@ -23,20 +23,33 @@ class VcpuTopology:
         return {"sockets": self.sockets, "cores": self.cores, "threads": self.threads}
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` >= 1, ascending (O(sqrt n) work)."""
+    low, high = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            low.append(d)
+            if d * d != n:
+                high.append(n // d)
+        d += 1
+    return low + high[::-1]
+
+
 def possible_topologies(vcpus: int, prefs: TopologyPrefs) -> list[VcpuTopology]:
-    """Every topology within the limits, in Nova's order (before preference scoring)."""
-    ms = min(prefs.max_sockets, vcpus)
-    mc = min(prefs.max_cores, vcpus)
-    mt = min(prefs.max_threads, vcpus)
+    """Every topology within the limits, in Nova's order (before preference scoring).
+
+    Only divisors are visited, so the work is about the divisor count, not ``vcpus``².
+    """
     out = []
-    for s in range(1, ms + 1):
-        if vcpus % s:
-            continue
-        for c in range(1, mc + 1):
-            if (vcpus // s) % c:
-                continue
+    for s in divisors(vcpus):
+        if s > prefs.max_sockets:
+            break
+        for c in divisors(vcpus // s):
+            if c > prefs.max_cores:
+                break
             t = vcpus // (s * c)
-            if t <= mt:
+            if t <= prefs.max_threads:
                 out.append(VcpuTopology(s, c, t))
     out.sort(key=lambda v: (v.sockets * v.cores, v.sockets, v.threads), reverse=True)
     return out
