@@ -15,7 +15,7 @@ from daemon_helpers import DaemonProc
 from libvirt_helpers import FIXTURES, write_node
 
 from hostagent.cli import main
-from hostagent.commands.probe import roots
+from hostagent.commands.options import roots
 from hostagent.config import config_from_dict, load_config
 from hostagent.model import topology_to_dict
 from hostagent.probe.host import probe_host

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hostagent.commands.options import Option, add_options
-from hostagent.commands.probe import ROOT_OPTIONS
+from hostagent.commands.options import ROOT_OPTIONS, Option, add_options
 from hostagent.cpulist import format_cpulist
 from hostagent.units import format_kib, plural
 
