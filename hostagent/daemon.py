@@ -226,6 +226,7 @@ class Agent:
         self._memo: dict[str, Any] = {}
         self._memo_key: tuple[str, str] | None = None
         self._hugepage_error: str | None = None  # the poll's error, logged once until it ends
+        self._fit_view: tuple[Any, Any] | None = None  # (snapshot, fit.prepare(snapshot))
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -445,9 +446,21 @@ class Agent:
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
-                                         search_steps=self.config.fit.search_steps)
+        steps = self.config.fit.search_steps
+        result = await asyncio.to_thread(
+            lambda: fit(self._prepared(snap), request, strategy=strategy, search_steps=steps))
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
+
+    def _prepared(self, snap: dict[str, Any]) -> Any:
+        """The snapshot as the fit reads it, made once per snapshot (a published snapshot
+        is never changed; the next one is a new dict) and shared by the fits until then
+        (fits in flight at once may each make it: the same result)."""
+        from hostagent.fit import prepare
+
+        cached = self._fit_view
+        if cached is None or cached[0] is not snap:
+            cached = self._fit_view = (snap, prepare(snap))
+        return cached[1]
 
     # --- signals -----------------------------------------------------------------------
 

@@ -26,12 +26,15 @@ SMALL_PAGE_KIB = 4
 
 
 def _q(value: object) -> str:
-    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    text = str(value)
+    if "&" in text or "<" in text or '"' in text:
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    return text
 
 
 def _el(tag: str, attrs: Mapping[str, object] | None = None, body: str | None = None) -> str:
     """One element as text; ``body`` None makes it empty (``<tag ... />``)."""
-    a = "".join(f' {k}="{_q(v)}"' for k, v in (attrs or {}).items())
+    a = "".join([f' {k}="{_q(v)}"' for k, v in attrs.items()]) if attrs else ""
     return f"<{tag}{a} />" if body is None else f"<{tag}{a}>{body}</{tag}>"
 
 
@@ -59,8 +62,7 @@ def fragments(
             cpus = format_cpulist(cell["shared_cpus"])
             for v in cell["shared_vcpus"]:
                 pins[int(v)] = cpus
-    for v in sorted(pins):
-        tune.append(_el("vcpupin", {"vcpu": v, "cpuset": pins[v]}))
+    tune.extend([f'<vcpupin vcpu="{v}" cpuset="{_q(pins[v])}" />' for v in sorted(pins)])
     if placement.get("emulator_cpus"):
         tune.append(_el("emulatorpin", {"cpuset": format_cpulist(placement["emulator_cpus"])}))
     if realtime:
