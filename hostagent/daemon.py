@@ -223,6 +223,7 @@ class Agent:
         self._last_content: Any = None
         self._last_publish = -1e9
         self._last_status = -1e9
+        self._reload_refused: str | None = None  # in STATUS= until a reload succeeds
         self._memo: dict[str, Any] = {}
         self._memo_key: tuple[str, str] | None = None
         self._hugepage_error: str | None = None  # the poll's error, logged once until it ends
@@ -339,7 +340,11 @@ class Agent:
         pub = self.publisher
         lv = "libvirt connected" if self.watcher and self.watcher.connected else \
             "libvirt unavailable, retrying"
-        return f"seq {pub.seq}, {pub.subscribers} subscribers, {lv}"
+        status = f"seq {pub.seq}, {pub.subscribers} subscribers, {lv}"
+        if self._reload_refused is not None:  # `systemctl reload` returned 0 regardless
+            status += (f"; reload refused: {self._reload_refused}; running with the "
+                       "previous configuration")
+        return status
 
     def record_error(self, where: str, message: str) -> None:
         self.errors.append({"time": time.time(), "where": where, "message": message})
@@ -497,7 +502,9 @@ class Agent:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
             log.error("reload refused, the previous configuration stays in force: %s", exc)
+            self._reload_refused = str(exc)
             return False
+        self._reload_refused = None
         for note in notes:
             log.warning("reload: %s", note)
         self.config = merged
@@ -672,6 +679,8 @@ class Agent:
             loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.dump()))
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
                                   chain=True)
+            if not faulthandler.is_enabled():  # SIGABRT (watchdog timeout): stacks first
+                faulthandler.enable(file=sys.stderr, all_threads=True)
             # the first snapshot waits a little for the guests (never for a hung libvirt;
             # a SIGTERM meanwhile stops the agent right after it)
             await self.watcher.wait_synced(min(FIRST_SYNC_WAIT_SECONDS,
