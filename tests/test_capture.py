@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.cli import main
 from hostagent.commands.capture import capture
@@ -18,10 +19,7 @@ NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell",
 
 
 def fixture_root(name):
-    root = FIXTURES / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
-    return root
+    return need_fixture(name)
 
 
 def files_under(top):
