@@ -163,26 +163,31 @@ def test_forged_source_with_huge_seq_does_not_freeze_the_real_agent(tmp_path):
                 assert await asyncio.to_thread(forger.subscribed)
                 fake = {**valid(), "fake": True}
 
-                async def real_goes_on(n: int, *marker: list[bytes]) -> None:
-                    for frames in marker:
-                        forger.send(frames)
-                    await sub.wait_snapshot("other", timeout=WAIT)  # the forger was read
-                    await pub.publish(snapshot_data(n))
+                async def poll_until(done) -> None:
                     deadline = time.monotonic() + WAIT
-                    while sub.hosts["h1"].seq < pub.seq:
+                    while not done():
                         assert time.monotonic() < deadline, dict(sub.stats)
                         for u in await sub.poll(0.2):
                             assert not (u.snapshot or {}).get("fake"), u
+
+                async def real_goes_on(n: int, marker_seq: int) -> None:
+                    # the forger's marker (host "other", seq marker_seq) comes after what
+                    # it sent before on the same connection: once it is held, all was read
+                    forger.send(body_frames("other", "e9", marker_seq, valid(9)))
+                    await poll_until(lambda: "other" in sub.hosts
+                                     and sub.hosts["other"].seq >= marker_seq)
+                    await pub.publish(snapshot_data(n))
+                    await poll_until(lambda: sub.hosts["h1"].seq >= pub.seq)
                     assert sub.latest("h1")["usage"] == {"n": n}
 
                 # the case: the real epoch with the largest msgpack int
                 forger.send(body_frames("h1", pub.epoch, 2**64 - 1, fake))
-                await real_goes_on(2, body_frames("other", "e9", 1, valid(9)))
+                await real_goes_on(2, 1)
                 # in range, but from another source than the one h1 was first heard on
                 forger.send(body_frames("h1", pub.epoch, 2**53 - 2, fake))
                 forger.send(body_frames("h1", "e-other", 1, fake))  # a "restart"
                 forger.send(body_frames("h1", pub.epoch, 2**53 - 2, None, "heartbeat"))
-                await real_goes_on(3, body_frames("other", "e9", 2, valid(9)))
+                await real_goes_on(3, 2)
                 assert "fake" not in sub.latest("h1")
                 assert sub.hosts["h1"].epoch == pub.epoch and sub.hosts["h1"].source == 0
                 assert sub.hosts["other"].source == 1 and sub.hosts["other"].seq == 2
