@@ -13,6 +13,7 @@ what the snapshot's ``config`` part carries.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -74,6 +75,7 @@ class PublisherConfig:
     heartbeat_seconds: float = 1.0
     send_hwm: int = 100
     max_message_bytes: int = 1 << 20
+    insecure: bool = False  # allow tcp beyond loopback without CURVE (see exposed_endpoints)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,12 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "" = off; "HOST:PORT" of the Prometheus endpoint (docs/metrics.md)
+    allow_remote: bool = False  # a listen address that is not loopback needs this
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -105,11 +113,49 @@ class Config:
     curve: CurveConfig = field(default_factory=CurveConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
     @property
     def host_name(self) -> str:
         return self.host.name or socket.gethostname()
+
+
+#: Why a tcp endpoint beyond loopback needs CURVE (or ``insecure``); docs/daemon.md §6.1.
+EXPOSED_WHY = ("binds tcp beyond loopback without CURVE: any host that reaches it can make "
+               "the agent hold unbounded memory (docs/daemon.md §6.1)")
+
+
+def _is_loopback_tcp(endpoint: str) -> bool:
+    """Whether a ``tcp://`` bind address is loopback only (127.0.0.0/8, ::1, localhost).
+
+    Wildcards (``*``, ``0.0.0.0``, ``::``), interface names, host names and every other
+    address count as beyond loopback.
+    """
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def exposed_endpoints(pub: PublisherConfig) -> list[str]:
+    """The stream and request endpoints that bind tcp beyond loopback.
+
+    Without CURVE they let any host that reaches them make the agent hold memory libzmq
+    does not bound (a multipart message that never ends, the subscription trie), so they
+    need ``[curve] enabled`` or an explicit ``publisher.insecure``. ipc:// is guarded by
+    filesystem permissions and inproc:// by the process.
+    """
+    return [ep for ep in (*pub.endpoints, *pub.request_endpoints)
+            if ep.startswith("tcp://") and not _is_loopback_tcp(ep)]
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -241,6 +287,49 @@ def _resources(r: _Reader) -> ResourcesConfig:
     )
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → (IP address, port).
+
+    The host must be an IP address (a name is not resolved: what is bound, and whether
+    it is loopback, must not depend on a resolver); port 0 lets the kernel choose.
+    ``ValueError`` says what is wrong.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError('must be HOST:PORT such as "127.0.0.1:9464" or "[::1]:9464"')
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError('an IPv6 address goes in brackets, e.g. "[::1]:9464"')
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"the host {host!r} must be an IP address such as 127.0.0.1 or "
+                         "[::1] (names are not resolved)") from None
+    if bracketed and ip.version != 6:
+        raise ValueError(f"brackets are for IPv6 addresses, not {host!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(f"the port {port_text!r} must be a number 0-65535")
+    return str(ip), int(port_text)
+
+
+def _metrics(r: _Reader) -> MetricsConfig:
+    listen = r.get("listen", "", str)
+    allow_remote = r.get("allow_remote", False, bool)
+    if listen:
+        try:
+            host, _port = parse_listen(listen)
+        except ValueError as exc:
+            r.fail("listen", listen, str(exc))
+            raise AssertionError from None  # unreachable: fail raises
+        if not allow_remote and not ipaddress.ip_address(host).is_loopback:
+            r.fail("listen", listen,
+                   "not a loopback address, and the metrics endpoint has no authentication "
+                   "or TLS: set metrics.allow_remote = true to serve it to other hosts")
+    return MetricsConfig(listen=listen, allow_remote=allow_remote)
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
     known = {f.name for f in fields(Config)} - {"source"}
@@ -263,12 +352,20 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     cv = reader("curve", CurveConfig)
     ag = reader("agent", AgentConfig)
     ft = reader("fit", FitConfig)
+    mt = reader("metrics", MetricsConfig)
     endpoints = pub.strings("endpoints", PublisherConfig.endpoints)
     requests = pub.strings("request_endpoints", PublisherConfig.request_endpoints)
     for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
         for ep in eps:
             if not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 pub.fail(key, ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    curve_enabled = cv.get("enabled", False, bool)
+    insecure = pub.get("insecure", False, bool)
+    if not curve_enabled and not insecure:
+        for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
+            for ep in exposed_endpoints(PublisherConfig(endpoints=eps, request_endpoints=())):
+                pub.fail(key, list(eps), f"{ep} {EXPOSED_WHY}; set [curve] enabled = true, "
+                         "or publisher.insecure = true to accept that")
     return Config(
         host=HostConfig(name=h.get("name", "", str)),
         probe=ProbeConfig(
@@ -293,9 +390,10 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             heartbeat_seconds=pub.number("heartbeat_seconds", 1.0, minimum=0, exclusive=True),
             send_hwm=pub.integer("send_hwm", 100, minimum=1),
             max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
+            insecure=insecure,
         ),
         curve=CurveConfig(
-            enabled=cv.get("enabled", False, bool),
+            enabled=curve_enabled,
             server_secret_key=cv.get("server_secret_key", CurveConfig.server_secret_key, str),
             allowed_clients_dir=cv.get("allowed_clients_dir", CurveConfig.allowed_clients_dir,
                                        str),
@@ -306,6 +404,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         ),
         fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
                       search_steps=_search_steps(ft)),
+        metrics=_metrics(mt),
         source=source,
     )
 

@@ -40,16 +40,19 @@ import secrets
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostagent import __version__
 from hostagent.config import Config, load_config, resolve_resources
 from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
+
+if TYPE_CHECKING:  # imported only when [metrics] is on (it imports prometheus_client)
+    from hostagent.metrics import AgentReadings, MetricsServer
 
 log = logging.getLogger("hostagent")
 
@@ -137,7 +140,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
-    ``max_message_bytes``, ``[curve] enabled`` and ``server_secret_key``.
+    ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
+    ``server_secret_key``, ``[metrics]``.
     """
     notes = []
     if new.host != old.host:
@@ -147,7 +151,8 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         notes.append("probe.udev takes effect at restart")
         probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
-    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes"):
+    for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
+                "insecure"):
         if getattr(pub, key) != getattr(old.publisher, key):
             notes.append(f"publisher.{key} takes effect at restart")
             pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})
@@ -156,7 +161,10 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         if getattr(curve, key) != getattr(old.curve, key):
             notes.append(f"curve.{key} takes effect at restart")
             curve = dataclasses.replace(curve, **{key: getattr(old.curve, key)})
-    merged = dataclasses.replace(new, host=old.host, probe=probe, publisher=pub, curve=curve)
+    if new.metrics != old.metrics:
+        notes.append("[metrics] takes effect at restart")
+    merged = dataclasses.replace(new, host=old.host, probe=probe, publisher=pub, curve=curve,
+                                 metrics=old.metrics)
     return merged, notes
 
 
@@ -182,6 +190,8 @@ class Agent:
         self.epoch = secrets.token_hex(8)
         self.notifier = Notifier(self.env)
         self.errors: deque[dict[str, Any]] = deque(maxlen=64)
+        self.error_counts: Counter[str] = Counter()  # every recorded error, by where
+        self.metrics: MetricsServer | None = None  # the Prometheus endpoint, when on
         self.started = time.time()
         self.topo: HostTopology | None = None
         self.topology_doc: dict[str, Any] = {}
@@ -306,6 +316,7 @@ class Agent:
 
     def record_error(self, where: str, message: str) -> None:
         self.errors.append({"time": time.time(), "where": where, "message": message})
+        self.error_counts[where] += 1
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -568,6 +579,28 @@ class Agent:
                  doc["subscribers"])
         return path
 
+    def metrics_readings(self) -> AgentReadings:
+        """What a Prometheus scrape reads (``hostagent.metrics.AgentReadings``): the latest
+        published snapshot and copies of the counters. Called on the loop thread."""
+        from hostagent.metrics import AgentReadings
+
+        pub = self.publisher
+        return AgentReadings(
+            host=pub.host, epoch=self.epoch, snapshot=self.latest_snapshot(),
+            subscribers=pub.subscribers, publisher=dict(pub.stats),
+            agent=dict(self.counters), errors=dict(self.error_counts),
+            libvirt=dict(self.watcher.counters) if self.watcher is not None else {})
+
+    async def _start_metrics(self) -> None:
+        """``[metrics] listen``: serve the Prometheus endpoint on this loop (off when "")."""
+        if not self.config.metrics.listen:
+            return
+        from hostagent.metrics import start_metrics_server
+
+        self.metrics = await start_metrics_server(self.config.metrics.listen,
+                                                  self.metrics_readings)
+        log.info("metrics on %s", self.metrics.url)
+
     # --- run ---------------------------------------------------------------------------
 
     def _start_watcher(self) -> None:
@@ -618,6 +651,7 @@ class Agent:
             self.publisher.register("fit", self.op_fit)
             if cfg.libvirt.uri.startswith("test:///"):
                 self.publisher.register("test-domain", self.op_test_domain)
+            await self._start_metrics()
             ensure_event_impl(loop)
             self._start_watcher()
             await self.flush()
@@ -674,6 +708,8 @@ class Agent:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.watcher is not None:
             await self.watcher.close()
         if self.publisher is not None:

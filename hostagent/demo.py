@@ -271,9 +271,9 @@ class WatchOutput:
             except (ValueError, AttributeError):
                 return None
             return seq if isinstance(seq, int) else None
-        host_seq, sep, _ = line.partition("  pCPUs free ")
-        words = host_seq.split()
-        if sep and len(words) == 3 and words[1] == "seq" and words[2].isdigit():
+        # "HOST seq N  ..." (not "HOST seq N: skipped, ...", nor "HOST: agent restarted")
+        words = line.split(maxsplit=3)
+        if len(words) == 4 and words[1] == "seq" and words[2].isdigit():
             return int(words[2])
         return None
 

@@ -35,6 +35,14 @@ ROUTER envelope routes it), so a slow handler (a fit runs in a worker thread) ne
 delays the others: ``snapshot`` is answered at once. At most ``MAX_REQUESTS_IN_FLIGHT``
 handler requests run at a time; one more is answered ``busy: ...`` at once instead of
 being queued. ``snapshot`` is never counted: it is answered on the spot.
+
+What one peer can make the agent hold (docs/daemon.md §6.1): replies it does not read,
+``REQUEST_SEND_HWM`` of them; requests, ``REQUEST_RECV_HWM``; snapshots it does not read,
+``send_hwm``. libzmq bounds neither the frames of a multipart message that never ends nor
+the number of subscriptions, so tcp beyond loopback needs CURVE or an explicit
+``insecure`` (``config.exposed_endpoints``; ``bind`` refuses it otherwise). Dead peers are
+dropped by ZMTP heartbeats and the handshake timeout; every ``MEMORY_CHECK_SECONDS`` the
+publisher hands heap that gone peers freed back to the kernel (``memtrim``).
 """
 
 from __future__ import annotations
@@ -47,8 +55,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from hostagent import wire
-from hostagent.config import PublisherConfig
+from hostagent import memtrim, wire
+from hostagent.config import EXPOSED_WHY, PublisherConfig, exposed_endpoints
 from hostagent.curve import ServerCurve
 from hostagent.errors import HostagentError
 
@@ -56,8 +64,28 @@ log = logging.getLogger("hostagent.publisher")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
-#: Subscription messages are a flag byte plus a topic prefix.
-MAX_SUBSCRIPTION_BYTES = 1024
+#: Largest subscription frame (``MAXMSGSIZE`` of the XPUB; a longer one disconnects its
+#: peer). A subscription is a flag byte plus a topic prefix, or a ZMTP 3.1 SUBSCRIBE
+#: command (10 bytes of name); no topic is longer than ``hostagent.`` + a 253-character
+#: host name + ``.``, so nothing longer can match any agent. libzmq's trie costs about
+#: 50 bytes per byte of distinct prefix, so this also bounds each subscription's cost.
+MAX_SUBSCRIPTION_BYTES = 300
+#: Replies queued for one request peer (ROUTER ``SNDHWM``); beyond it the reply is dropped
+#: for that peer only. A peer that never reads holds at most this many replies.
+REQUEST_SEND_HWM = 8
+#: Requests queued from one request peer (ROUTER ``RCVHWM``); beyond it libzmq stops
+#: reading that peer's connection (TCP pushes back; nothing is dropped).
+REQUEST_RECV_HWM = 32
+#: ZMTP heartbeats on both sockets: a PING every interval; a peer that sends nothing within
+#: the timeout after it is disconnected, and what it held is freed.
+PEER_HEARTBEAT_IVL_MS = 10_000
+PEER_HEARTBEAT_TIMEOUT_MS = 30_000
+#: A connection that has not completed the ZMTP (and CURVE) handshake by then is closed.
+HANDSHAKE_TIMEOUT_MS = 10_000
+#: How often the publisher checks its RSS (and returns free heap, see below).
+MEMORY_CHECK_SECONDS = 5.0
+#: RSS above the lowest seen by this much makes the check return free heap to the kernel.
+TRIM_ABOVE_BYTES = 16 << 20
 #: ``drop_connections`` retries a bind refused with EADDRINUSE (the old listener still
 #: closing) for this long before giving up.
 REBIND_TIMEOUT_SECONDS = 5.0
@@ -86,6 +114,7 @@ class Publisher:
         self.curve = curve
         self.seq = 0
         self.latest: dict[str, Any] | None = None  # body of the latest snapshot
+        self._snapshot_packed: tuple[dict[str, Any], bytes] | None = None
         self._latest_frames: list[bytes] | None = None
         self._pack_cache = wire.PackCache()  # the topology is packed once per re-probe
         self._last_send = 0.0
@@ -101,19 +130,36 @@ class Publisher:
         self.router = ctx.socket(zmq.ROUTER)
         for sock in (self.xpub, self.router):
             sock.linger = 0
-            sock.sndhwm = cfg.send_hwm
+            sock.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
             if curve is not None:
                 curve.apply(sock)
+        self.xpub.sndhwm = cfg.send_hwm
         self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
-        self.xpub.maxmsgsize = MAX_SUBSCRIPTION_BYTES
+        # a host name longer than 253 characters still gets its own subscriptions through
+        self.xpub.maxmsgsize = max(MAX_SUBSCRIPTION_BYTES, len(self.topic) + 11)
         self.router.maxmsgsize = cfg.max_message_bytes
-        self.router.rcvhwm = 1000
+        self.router.sndhwm = REQUEST_SEND_HWM
+        self.router.rcvhwm = REQUEST_RECV_HWM
 
     # --- setup -------------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Bind every configured endpoint; ``HostagentError`` names the one that fails."""
+        """Bind every configured endpoint; ``HostagentError`` names the one that fails.
+
+        tcp beyond loopback without CURVE is refused unless ``cfg.insecure`` (then it is
+        bound with a warning): see ``config.exposed_endpoints``.
+        """
         zmq = self._zmq
+        exposed = exposed_endpoints(self.cfg) if self.curve is None else []
+        if exposed and not self.cfg.insecure:
+            raise HostagentError(f"{exposed[0]} {EXPOSED_WHY}; enable [curve] or set "
+                                 "publisher.insecure = true")
+        if exposed:
+            log.warning("publisher.insecure = true: %s bound without CURVE; any host that "
+                        "reaches %s can make the agent hold unbounded memory",
+                        ", ".join(exposed), "it" if len(exposed) == 1 else "them")
         for kind, sock, eps in (("stream", self.xpub, self.cfg.endpoints),
                                 ("request", self.router, self.cfg.request_endpoints)):
             for ep in eps:
@@ -323,9 +369,20 @@ class Publisher:
             self.stats["internal_errors"] += 1
             log.exception("request %r failed", payload[:200])
             reply = wire.error_reply(f"internal error: {type(exc).__name__}: {exc}")
-        return [*envelope, wire.pack(reply)]
+        return [*envelope, reply if isinstance(reply, bytes) else wire.pack(reply)]
 
-    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _snapshot_reply(self) -> bytes:
+        """The packed ``{op: "snapshot"}`` reply to the latest snapshot, packed once per
+        snapshot: every client asking for the same ``seq`` gets the same bytes (libzmq
+        sends replies of 64 KiB or more without copying them, so replies queued for many
+        peers share one buffer)."""
+        latest = self.latest
+        cached = self._snapshot_packed
+        if cached is None or cached[0] is not latest:
+            cached = self._snapshot_packed = (latest, wire.pack(wire.ok_reply(**latest)))
+        return cached[1]
+
+    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any] | bytes:
         op = req["op"]
         if op == "snapshot":
             extra = set(req) - {"op"}
@@ -334,7 +391,7 @@ class Publisher:
             if self.latest is None:
                 raise HostagentError("no snapshot yet: the agent is starting")
             self.stats["op_snapshot"] += 1
-            return wire.ok_reply(**self.latest)
+            return self._snapshot_reply()
         handler = self.handlers.get(op)
         if handler is None:
             known = ", ".join(sorted({"snapshot", *self.handlers}))
@@ -351,12 +408,38 @@ class Publisher:
             self.in_flight -= 1
         return wire.ok_reply(**result)
 
+    # --- memory ------------------------------------------------------------------------
+
+    async def _memory_care(self) -> None:
+        """Every ``MEMORY_CHECK_SECONDS``: when RSS is ``TRIM_ABOVE_BYTES`` over the lowest
+        seen, give free heap back to the kernel (``memtrim.trim``, in a worker thread: it
+        took up to 110 ms after 245 MB of replies to gone peers were freed).
+
+        libzmq frees what a gone peer held, but glibc keeps it until that arena is next
+        used (20 gone clients' replies: 245 MB until the next request) or for good (the
+        subscription trie's small nodes: 470 MB).
+        """
+        lowest = memtrim.rss_bytes()
+        while True:
+            await asyncio.sleep(MEMORY_CHECK_SECONDS)
+            rss = memtrim.rss_bytes()
+            if rss > lowest + TRIM_ABOVE_BYTES:
+                start = time.perf_counter()
+                if await asyncio.to_thread(memtrim.trim):
+                    self.stats["memory_trims"] += 1
+                    before, rss = rss, memtrim.rss_bytes()
+                    log.debug("free heap returned to the kernel: RSS %.0f -> %.0f MB in "
+                              "%.1f ms", before / 2**20, rss / 2**20,
+                              (time.perf_counter() - start) * 1000)
+            lowest = min(lowest, rss)
+
     # --- main --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Heartbeats, subscriptions and requests, until cancelled."""
         tasks = [asyncio.ensure_future(c) for c in
-                 (self._heartbeats(), self._subscriptions(), self._requests())]
+                 (self._heartbeats(), self._subscriptions(), self._requests(),
+                  self._memory_care())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:

@@ -65,6 +65,7 @@ class Context:
     cell_shared_count: dict[int, int]
     cell_dedicated_cores: dict[int, tuple[tuple[int, ...], ...]]  # cores all-dedicated
     pools: dict[tuple[int, int], int]  # (cell, size_kib) → total pages
+    kernel_free: dict[tuple[int, int], int]  # (cell, size_kib) → the kernel's free pages
     reserved_pages: dict[tuple[int, int], int]
     reserved_memory: dict[int, int]
     default_page_kib: int | None
@@ -118,6 +119,7 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
         if all(t in dedicated for t in threads):
             cores.setdefault(cpu_cell[c.id], set()).add(threads)
     pools = {(cell.id, p.size_kib): p.total for cell in topo.cells for p in cell.hugepages}
+    kernel_free = {(cell.id, p.size_kib): p.free for cell in topo.cells for p in cell.hugepages}
     reserved_pages: dict[tuple[int, int], int] = {}
     for r in resources.get("reserved_hugepages", ()):
         key = (int(r["cell"]), int(r["size_kib"]))
@@ -142,6 +144,7 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
         cell_shared_count=cell_shared_count,
         cell_dedicated_cores={cid: tuple(sorted(v)) for cid, v in cores.items()},
         pools=pools,
+        kernel_free=kernel_free,
         reserved_pages=reserved_pages,
         reserved_memory=reserved_memory,
         default_page_kib=default_hugepage_kib(topo),
@@ -930,7 +933,8 @@ def _cell_usage(
 def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
                     conflicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One cell's pools (and page sizes guests use there without a pool): total,
-    reserved, used, free; ``hugepages_exhausted`` past ``total − reserved``."""
+    reserved, used, free; ``hugepages_exhausted`` past ``total − reserved``, and
+    ``hugepages_untracked`` (``_untracked_pages``)."""
     cid, pages = cell.id, sums.pages
     hp_out = []
     sizes = sorted({p.size_kib for p in cell.hugepages}
@@ -946,9 +950,32 @@ def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
                 f"cell {cid}: guests use {n} pages of {size} KiB, more than the {avail} "
                 f"available ({total} in the pool, {res_pages} reserved)",
                 sums.page_users.get((cid, size), []), cell=cid, size_kib=size))
+        free = max(0, avail - n)
+        _untracked_pages(ctx, cid, size, n, free, conflicts)
         hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
-                       "used": n, "free": max(0, avail - n)})
+                       "used": n, "free": free})
     return hp_out
+
+
+def _untracked_pages(ctx: Context, cid: int, size: int, used: int, free: int,
+                     conflicts: list[dict[str, Any]]) -> None:
+    """``hugepages_untracked``: the kernel counts more pages of a pool in use
+    (``total − kernel free``) than the guests hold plus ``reserved`` covers, so the
+    accounting's ``free`` is more than the kernel's: something that is not a tracked guest
+    (a vswitch, a process outside libvirt) holds pages, and a scheduler trusting ``free``
+    would overbook the pool. One dict look-up per pool and fold."""
+    kernel_free = ctx.kernel_free.get((cid, size))
+    if kernel_free is None or free <= kernel_free:
+        return
+    total = ctx.pools[(cid, size)]
+    untracked = total - kernel_free - used
+    conflicts.append(_conflict(
+        "hugepages_untracked",
+        f"cell {cid}: {untracked} pages of {size} KiB are in use by something other than "
+        f"the tracked guests (the kernel has {kernel_free} of {total} free, guests hold "
+        f"{used}, {ctx.reserved_pages.get((cid, size), 0)} reserved): {free} counted free, "
+        f"{kernel_free} really free", [], cell=cid, size_kib=size, untracked=untracked,
+        kernel_free=kernel_free))
 
 
 def _thread_entries(

@@ -48,12 +48,12 @@ def test_keys_makes_a_pair_and_refuses_to_overwrite(tmp_path):
 
 
 def test_watch_prints_one_line_per_snapshot(agent):
-    r = cli("watch", f"{agent.stream},{agent.req}", "--count", "1")
+    r = cli("watch", f"{agent.stream},{agent.req}", "--count", "1", "--wide")
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith("testhost seq ")
-    assert "pCPUs free c0:18/20 c1:20/20" in line
-    assert "hugepages free c0:2M=" in line and "cache ways free L3#0=" in line
+    assert "pCPUs free/dedicated c0:18/20 c1:20/20" in line
+    assert "hugepages free/kernel c0:2MiB=" in line and "cache ways free L3#0=" in line
     assert "guests 1" in line
 
 
@@ -84,8 +84,8 @@ def test_show_from_an_endpoint_and_from_a_file(agent, tmp_path):
     assert "c0 0:2    2=web/v0  26=web/v1" in out
     assert "c0 0:0    0=shared(1)  24=shared" in out  # web's emulator may run on 0
     assert "c1 1:2    14=free  38=free" in out
-    assert "L3#0   **DDD..BBCC  free 2 ways" in out and "    B nfv-excl" in out
-    assert "hugepage pools" in out and "c0   2M: total 2048" in out
+    assert "L3#0   **DDD..ggzz  free 2 ways" in out and "    g nfv-excl" in out
+    assert "hugepage pools" in out and "c0  2 MiB: total 2048" in out
     assert "L3#0" in out and "(default group)" in out
     snap = json.loads(cli("watch", agent.stream, "--json", "--count", "1").stdout)
     f = tmp_path / "snap.json"
@@ -112,7 +112,7 @@ def snapshot_lines(lines):
     """[(index, seq)] of the lines of `watch` that show a snapshot."""
     out = []
     for i, ln in enumerate(lines):
-        m = re.match(r"\S+ seq (\d+)  pCPUs free ", ln)
+        m = re.match(r"\S+ seq (\d+)  ", ln)
         if m:
             out.append((i, int(m.group(1))))
     return out

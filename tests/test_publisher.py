@@ -157,6 +157,25 @@ def test_snapshot_request_and_error_replies(tmp_path):
     run(main())
 
 
+def test_snapshot_reply_is_packed_once_per_snapshot(tmp_path):
+    """Many peers asking for the same seq share one packed reply (and so one buffer in
+    their queues); a new snapshot gets a new one."""
+    async def main():
+        async with running_publisher(tmp_path) as pub:
+            await pub.publish(snapshot_data(1))
+            ask = [b"peer", wire.pack({"op": "snapshot"})]
+            first = (await pub.answer(list(ask)))[-1]
+            second = (await pub.answer(list(ask)))[-1]
+            assert first is second
+            assert wire.decode_reply(first)["seq"] == 1
+            await pub.publish(snapshot_data(2))
+            third = (await pub.answer(list(ask)))[-1]
+            assert third is not first
+            rep = wire.decode_reply(third)
+            assert rep["seq"] == 2 and rep["data"]["usage"] == {"n": 2}
+    run(main())
+
+
 def test_req_socket_envelope_and_oversized_frame_disconnects_only_that_peer(tmp_path):
     async def main():
         async with running_publisher(tmp_path, max_message_bytes=128 * 1024) as pub:
@@ -210,9 +229,9 @@ def test_bind_failure_names_the_endpoint(tmp_path):
     from hostagent.config import PublisherConfig
     from hostagent.publisher import Publisher
 
-    pub = Publisher(ctx, PublisherConfig(endpoints=("tcp://256.1.1.1:1",),
+    pub = Publisher(ctx, PublisherConfig(endpoints=("tcp://127.0.0.1:x",),
                                          request_endpoints=()), "h", "e")
-    with pytest.raises(HostagentError, match="cannot bind stream endpoint tcp://256.1.1.1:1"):
+    with pytest.raises(HostagentError, match="cannot bind stream endpoint tcp://127.0.0.1:x"):
         pub.bind()
     pub.close()
     ctx.term()

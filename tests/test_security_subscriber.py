@@ -403,7 +403,7 @@ def test_watch_text_skips_invalid_and_odd_snapshots_without_a_traceback(tmp_path
     assert "Traceback" not in r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("h1 seq 2: skipped, unreadable snapshot: ")
-    assert lines[1].startswith("h1 seq 3  pCPUs free -") and len(lines) == 2
+    assert lines[1].startswith("h1 seq 3  free: pCPUs -") and len(lines) == 2
     assert "1 invalid snapshot dropped" in r.stderr
     assert "1 unreadable snapshot skipped" in r.stderr
     assert "data.schema" in r.stderr  # the subscriber's warning says what was wrong

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from hostagent.commands.options import Option, add_options
 from hostagent.commands.probe import ROOT_OPTIONS
 from hostagent.cpulist import format_cpulist
+from hostagent.units import format_kib, plural
 
 if TYPE_CHECKING:
     import argparse
@@ -91,14 +92,6 @@ def _mib(kib: int) -> str:
     return f"{kib // 1024}"
 
 
-def _size(kib: int) -> str:
-    if kib >= 1048576 and kib % 1048576 == 0:
-        return f"{kib // 1048576}G"
-    if kib >= 1024 and kib % 1024 == 0:
-        return f"{kib // 1024}M"
-    return f"{kib}K"
-
-
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -120,8 +113,8 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
     rows = [["cell", "free pCPUs", "free cores", "pinned", "shared vCPUs",
              "memory used/free MiB", "hugepages used/free"]]
     for c in usage["cells"]:
-        pages = " ".join(f"{_size(h['size_kib'])}:{h['used']}/{h['free']}"
-                         for h in c["hugepages"]) or "-"
+        pages = ", ".join(f"{format_kib(h['size_kib'])} {h['used']}/{h['free']}"
+                          for h in c["hugepages"]) or "-"
         rows.append([
             str(c["id"]),
             f"{c['free_pcpus']}/{c['dedicated_cpus']}",
@@ -135,8 +128,9 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
     fv, fm = usage.get("floating_vcpus", 0), usage.get("floating_memory_kib", 0)
     fh = usage.get("floating_hugepages", [])
     if fv or fm or fh:
-        pages = " ".join(f"{_size(h['size_kib'])}:{h['pages']}" for h in fh)
-        out.append(f"not bound to a cell: {fv} vCPUs, {_mib(fm)} MiB"
+        pages = ", ".join(f"{plural(h['pages'], 'page')} of {format_kib(h['size_kib'])}"
+                          for h in fh)
+        out.append(f"not bound to a cell: {plural(fv, 'vCPU')}, {format_kib(fm)}"
                    + (f", hugepages {pages}" if pages else ""))
     out.append("")
     guests = usage["guests"]
@@ -160,7 +154,7 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
             )
             rows.append([
                 g["name"], g["state"], str(g["vcpus"]), _mib(g["memory_kib"]),
-                _size(g["page_size_kib"]) if g["page_size_kib"] else "-",
+                format_kib(g["page_size_kib"]) if g["page_size_kib"] else "-",
                 cells, format_cpulist(g["dedicated_cpus"]) or "-",
                 format_cpulist(g["emulator_cpus"]) or "-", cache or "-",
             ])
