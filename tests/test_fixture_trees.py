@@ -131,11 +131,36 @@ def test_needs_no_tree():
 '''
 
 
+WRITES_INTO_SHARED = '''
+from fixture_trees import copy_of
+
+
+def test_writes_what_it_did_not_name(tmp_path):
+    root = copy_of("vm-1s-nosmt", tmp_path, "devices/system/cpu/online")
+    (root / "devices/system/node/node0/distance").write_text("10 20\\n")
+
+
+def test_next_sees_the_fixture(tmp_path):
+    root = copy_of("vm-1s-nosmt", tmp_path, "devices/system/cpu/online")
+    assert (root / "devices/system/node/node0/distance").read_text() == "10\\n"
+'''
+
+EMPTY_PARAMETERS = '''
+import pytest
+
+
+@pytest.mark.parametrize("name", [])
+def test_each(name):
+    pass
+'''
+
+
 def run_pytest(proj: Path, *args: str, ci: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci:
         env["CI"] = "true"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:hypothesispytest",
                            f"--basetemp={proj.parent / 'basetemp'}", *args], cwd=proj,
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -161,35 +186,18 @@ def test_missing_trees_fail_the_run_in_ci(tmp_path):
     assert "CI=true: missing trees fail the run" in out and " passed" not in out, out
 
 
-def test_present_trees_run_in_ci(tmp_path):
+def test_with_the_trees_ci_runs_and_the_conftest_catches_mistakes(tmp_path):
+    """In CI with the trees: the tests that need them run; a test that writes into the
+    shared copy fails (at teardown) and the next one sees the fixture again; an empty
+    parameter list is a collection error."""
     proj = project(tmp_path, trees=True)
     (proj / "tests/test_needs.py").write_text(NEEDS_TREES)
-    r = run_pytest(proj, ci=True)
-    assert r.returncode == 0 and "8 passed" in r.stdout, r.stdout + r.stderr
-
-
-def test_an_empty_parameter_list_fails_collection(tmp_path):
-    proj = project(tmp_path, trees=True)
-    (proj / "tests/test_empty.py").write_text(
-        "import pytest\n\n\n@pytest.mark.parametrize('name', [])\n"
-        "def test_each(name):\n    pass\n")
-    r = run_pytest(proj, ci=False)
-    assert r.returncode != 0 and "Empty parameter set" in r.stdout, r.stdout + r.stderr
-
-
-def test_a_test_that_writes_into_the_shared_copy_fails(tmp_path):
-    proj = project(tmp_path, trees=True)
-    (proj / "tests/test_writes.py").write_text(
-        "from fixture_trees import copy_of\n\n\n"
-        "def test_writes_what_it_did_not_name(tmp_path):\n"
-        "    root = copy_of('vm-1s-nosmt', tmp_path, 'devices/system/cpu/online')\n"
-        "    (root / 'devices/system/node/node0/distance').write_text('10 20\\n')\n\n\n"
-        "def test_next_sees_the_fixture(tmp_path):\n"
-        "    root = copy_of('vm-1s-nosmt', tmp_path, 'devices/system/cpu/online')\n"
-        "    assert (root / 'devices/system/node/node0/distance').read_text() == '10\\n'\n")
-    r = run_pytest(proj, ci=False)
+    (proj / "tests/test_writes.py").write_text(WRITES_INTO_SHARED)
+    (proj / "tests/test_empty.py").write_text(EMPTY_PARAMETERS)
+    r = run_pytest(proj, "--continue-on-collection-errors", ci=True)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "2 passed, 1 error" in r.stdout, r.stdout  # the error: the first's teardown
+    assert "10 passed, 2 errors" in r.stdout, r.stdout
+    assert "ERROR tests/test_empty.py" in r.stdout and "Empty parameter set" in r.stdout
     assert "ERROR at teardown of test_writes_what_it_did_not_name" in r.stdout
     assert "the test changed the shared read-only fixture copy: " in r.stdout
     assert "node0/distance; name what it changes in copy_of" in r.stdout
