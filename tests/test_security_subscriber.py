@@ -163,21 +163,20 @@ def test_forged_source_with_huge_seq_does_not_freeze_the_real_agent(tmp_path):
                 assert await asyncio.to_thread(forger.subscribed)
                 fake = {**valid(), "fake": True}
 
-                async def poll_until(done) -> None:
+                async def real_goes_on(n: int, other_seq: int) -> None:
+                    # a marker after the forged messages: once it is read, so are they
+                    forger.send(body_frames("other", "e9", other_seq, valid(9)))
                     deadline = time.monotonic() + WAIT
-                    while not done():
+                    while sub.hosts.get("other") is None or \
+                            sub.hosts["other"].seq < other_seq:
+                        assert time.monotonic() < deadline, dict(sub.stats)
+                        await sub.poll(0.2)
+                    await pub.publish(snapshot_data(n))
+                    deadline = time.monotonic() + WAIT
+                    while sub.hosts["h1"].seq < pub.seq:
                         assert time.monotonic() < deadline, dict(sub.stats)
                         for u in await sub.poll(0.2):
                             assert not (u.snapshot or {}).get("fake"), u
-
-                async def real_goes_on(n: int, marker_seq: int) -> None:
-                    # the forger's marker (host "other", seq marker_seq) comes after what
-                    # it sent before on the same connection: once it is held, all was read
-                    forger.send(body_frames("other", "e9", marker_seq, valid(9)))
-                    await poll_until(lambda: "other" in sub.hosts
-                                     and sub.hosts["other"].seq >= marker_seq)
-                    await pub.publish(snapshot_data(n))
-                    await poll_until(lambda: sub.hosts["h1"].seq >= pub.seq)
                     assert sub.latest("h1")["usage"] == {"n": n}
 
                 # the case: the real epoch with the largest msgpack int

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hostagent.commands.probe import add_root_options, roots
+from hostagent.commands.options import add_root_options, roots
 from hostagent.units import format_size, plural
 
 

@@ -1,7 +1,8 @@
 """``hostagent show [--endpoint E | --file F]``: one snapshot drawn for a person.
 
-The snapshot comes from a file (JSON: a snapshot, or a stream body / request reply
-holding one in ``data``; ``-`` is stdin) or from an agent (``--endpoint
+The snapshot comes from a file (JSON: a snapshot, a stream body / request reply
+holding one in ``data``, or a SIGUSR1 debug dump holding one in ``snapshot``; ``-`` is
+stdin) or from an agent (``--endpoint
 STREAM[,REQUEST]``: subscribe and take the first snapshot, which the agent sends to
 every new subscriber at once; default: the config's endpoints).
 
@@ -38,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--endpoint", metavar="E",
                      help="agent STREAM[,REQUEST] endpoint (default: from the config)")
-    src.add_argument("--file", metavar="F", help="snapshot JSON file ('-' = stdin)")
+    src.add_argument("--file", metavar="F",
+                     help="snapshot JSON file, or a debug dump ('-' = stdin)")
     p.add_argument("--host", metavar="NAME", help="which host (when E carries several)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="wait this long for a snapshot (default 5)")
@@ -57,6 +59,11 @@ def load_file(path: str) -> dict[str, Any]:
         raise HostagentError(f"{path}: not JSON: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
         doc = doc["data"]
+    elif isinstance(doc, dict) and "snapshot" in doc and "usage" not in doc:  # a debug dump
+        if doc["snapshot"] is None:
+            raise HostagentError(f"{path}: a debug dump without a snapshot (the agent had "
+                                 "published none yet)")
+        doc = doc["snapshot"]
     if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict) or \
             not isinstance(doc.get("topology"), dict):
         raise HostagentError(f"{path}: not a snapshot (no 'topology' and 'usage' maps)")

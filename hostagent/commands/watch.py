@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -61,15 +60,12 @@ def _connectable(ep: str) -> str:
 
 def sources_from(args: argparse.Namespace, given: list[str]) -> list[Any]:
     """The subscriber sources: the arguments, else the config's endpoints."""
-    from hostagent.config import DEFAULT_PATH, load_config
+    from hostagent.config import config_path, load_config
     from hostagent.subscriber import Source
 
     if given:
         return [Source.parse(s) for s in given]
-    path = args.config
-    if path is None and os.path.exists(DEFAULT_PATH):
-        path = DEFAULT_PATH
-    pub = load_config(path).publisher
+    pub = load_config(config_path(args.config)).publisher
     req = pub.request_endpoints[0] if pub.request_endpoints else None
     return [Source(_connectable(pub.endpoints[0]), _connectable(req) if req else None)]
 
