@@ -23,10 +23,9 @@ The snapshot is the schema-v1 document plus one added top-level key,
 ``agent: {version, libvirt: {uri, connected}}``: while libvirt is unreachable the last
 known guests are kept and ``connected`` is false.
 
-Test/demo requests: with a ``test:///`` libvirt URI the request endpoint also answers
-``{op: "test-domain", action, ...}`` (define/start/create/destroy/undefine/list), because
-the test driver's guests live inside the agent's process. The op does not exist with
-any other URI.
+Extension points: ops registered on the publisher's registry, and ``connect_hooks`` run
+on each new libvirt connection. With a ``test:///`` URI, ``hostagent.test_driver`` uses
+them for the ``test-domain`` op and the demo guests; with any other URI neither exists.
 """
 
 from __future__ import annotations
@@ -53,8 +52,15 @@ from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 from hostagent.notify import Notifier, watchdog_interval
 
-if TYPE_CHECKING:  # imported only when [metrics] is on (it imports prometheus_client)
+if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] is on)
+    import zmq.asyncio
+
+    from hostagent.curve import ClientAuthenticator
+    from hostagent.libvirt_watch import LibvirtWatcher
     from hostagent.metrics import AgentReadings, MetricsServer
+    from hostagent.publisher import Publisher
+    from hostagent.tracker import UsageTracker
+    from hostagent.udev_watch import UdevWatch
 
 log = logging.getLogger("hostagent")
 
@@ -189,6 +195,8 @@ class Agent:
         self.config_path = config_path
         self._udev_monitor = udev_monitor  # tests: an object shaped like pyudev.Monitor
         self._libvirt_opener = libvirt_opener  # tests: uri -> a virConnect-shaped object
+        # run on the watcher's worker thread with each new libvirt connection
+        self.connect_hooks: list[Callable[[Any], None]] = []
         self.config = load_config(config_path)
         self.env = dict(os.environ if environ is None else environ)
         self.epoch = secrets.token_hex(8)
@@ -200,12 +208,12 @@ class Agent:
         self.topo: HostTopology | None = None
         self.topology_doc: dict[str, Any] = {}
         self.resources: dict[str, Any] = {}
-        self.tracker: Any = None
-        self.publisher: Any = None
-        self.watcher: Any = None
-        self.udev: Any = None
-        self.auth: Any = None
-        self.ctx: Any = None
+        self.tracker: UsageTracker | None = None
+        self.publisher: Publisher | None = None
+        self.watcher: LibvirtWatcher | None = None
+        self.udev: UdevWatch | None = None
+        self.auth: ClientAuthenticator | None = None
+        self.ctx: zmq.asyncio.Context | None = None
         self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
                                          "hugepage_changes": 0, "reloads": 0,
@@ -441,47 +449,6 @@ class Agent:
                                          search_steps=self.config.fit.search_steps)
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
-    async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Define/start/stop guests in the in-process ``test:///`` driver (the calls run
-        on the watcher's worker thread, under its time limit)."""
-        action = req.get("action")
-        actions = ("define", "create", "start", "destroy", "undefine", "list")
-        if action not in actions:
-            raise HostagentError(f"op test-domain: action={action!r}: must be one of "
-                                 f"{', '.join(actions)}")
-        watcher = self.watcher
-        if watcher is None or watcher.conn is None:
-            raise HostagentError("op test-domain: libvirt is not connected")
-        xml, name = req.get("xml"), req.get("name")
-        if action in ("define", "create") and (not isinstance(xml, str) or not xml.strip()):
-            raise HostagentError(f"op test-domain {action}: 'xml' must be domain XML")
-        if action not in ("define", "create", "list") and (
-                not isinstance(name, str) or not name):
-            raise HostagentError(f"op test-domain {action}: 'name' must be a string")
-
-        def job(conn: Any) -> dict[str, Any]:
-            import libvirt
-
-            try:
-                if action == "list":
-                    return {"domains": [{"name": d.name(), "uuid": d.UUIDString(),
-                                         "active": bool(d.isActive())}
-                                        for d in conn.listAllDomains()]}
-                if action in ("define", "create"):
-                    dom = conn.defineXML(xml) if action == "define" else conn.createXML(xml, 0)
-                else:
-                    dom = conn.lookupByName(name)
-                    {"start": dom.create, "destroy": dom.destroy,
-                     "undefine": dom.undefine}[action]()
-                return {"name": dom.name(), "uuid": dom.UUIDString()}
-            except libvirt.libvirtError as exc:
-                what = f" {name!r}" if isinstance(name, str) else ""
-                raise HostagentError(
-                    f"op test-domain {action}{what}: {exc.get_error_message()}") from None
-
-        result: dict[str, Any] = await watcher.call(f"test-domain {action}", job)
-        return result
-
     # --- signals -----------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -645,12 +612,9 @@ class Agent:
         self.watcher.start()
 
     def _on_connect(self, conn: Any) -> None:
-        """(the watcher's worker thread) Demo guests, when configured."""
-        if self.config.libvirt.demo_guests and self.config.libvirt.uri.startswith("test:///"):
-            from hostagent.demo import define_demo_guests
-
-            names = define_demo_guests(conn, self.topo, self.resources)
-            log.info("demo guests defined: %s", ", ".join(names))
+        """(the watcher's worker thread) Every connect hook, on each new connection."""
+        for hook in self.connect_hooks:
+            hook(conn)
 
     async def run(self) -> int:
         import zmq
@@ -659,6 +623,8 @@ class Agent:
         from hostagent.curve import ServerCurve, start_authenticator
         from hostagent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
         from hostagent.publisher import Publisher
+        from hostagent.test_driver import attach as attach_test_driver
+        from hostagent.test_driver import is_test_uri
         from hostagent.udev_watch import UdevWatch
 
         loop = asyncio.get_running_loop()
@@ -683,8 +649,8 @@ class Agent:
                                        curve=curve)
             self.publisher.bind()
             self.publisher.register("fit", self.op_fit)
-            if cfg.libvirt.uri.startswith("test:///"):
-                self.publisher.register("test-domain", self.op_test_domain)
+            if is_test_uri(cfg.libvirt.uri):  # the test-domain op, the demo guests
+                attach_test_driver(self)
             await self._start_metrics()
             self._start_watcher()
             for sig in (signal.SIGTERM, signal.SIGINT):
