@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -424,7 +425,8 @@ def test_no_resctrl_and_default_group():
 
 
 def probed(name: str) -> HostTopology:
-    return probe_host(FIXTURES / name / "sys", FIXTURES / name / "sys/fs/resctrl")
+    root = need_fixture(name)
+    return probe_host(root, root / "fs/resctrl")
 
 
 def test_xeon_cat_fixture_plan():
