@@ -21,6 +21,11 @@ The snapshot is the schema-v1 document plus one added top-level key,
 ``agent: {version, libvirt: {uri, connected}}``: while libvirt is unreachable the last
 known guests are kept and ``connected`` is false.
 
+Claims (``hostagent.claim_desk``, docs/claims.md): the request endpoint also answers
+``{op: "claim" | "release" | "claims"}``; the tracker is a ``claims.ClaimTracker``, so
+outstanding claims count in the snapshot's usage like guests, and a guest booted from a
+claim consumes it as its record arrives.
+
 Test/demo requests: with a ``test:///`` libvirt URI the request endpoint also answers
 ``{op: "test-domain", action, ...}`` (define/start/create/destroy/undefine/list), because
 the test driver's guests live inside the agent's process. The op does not exist with
@@ -201,6 +206,7 @@ class Agent:
         self.watcher: Any = None
         self.udev: Any = None
         self.auth: Any = None
+        self.claim_desk: Any = None
         self.ctx: Any = None
         self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
@@ -235,13 +241,13 @@ class Agent:
         return probe_host(*key, reader=FileReader(static=self._memo))
 
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
-        from hostagent.tracker import UsageTracker
+        from hostagent.claims import ClaimTracker
 
         self.topo = topo
         self.topology_doc = topology_to_dict(topo)
         self.resources = resolve_resources(cfg.resources, topo)
         if self.tracker is None:
-            self.tracker = UsageTracker(topo, self.resources)
+            self.tracker = ClaimTracker(topo, self.resources)
         else:
             self.tracker.set_host(topo, self.resources)
 
@@ -477,10 +483,11 @@ class Agent:
     async def _reload(self) -> bool:
         """Everything that can fail (config file, probe, allowed CURVE keys) is read
         first; only then is anything applied: a failure changes nothing."""
+        from hostagent.claim_desk import join_keys, load_claimants
         from hostagent.curve import load_allowed_keys
 
         old = self.config
-        allowed = None
+        allowed = claimants = None
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             merged, notes = merge_reload(old, new)
@@ -488,6 +495,8 @@ class Agent:
             if self.auth is not None:  # bad key files are skipped; a missing dir refuses
                 allowed = await asyncio.to_thread(load_allowed_keys,
                                                   merged.curve.allowed_clients_dir)
+                claimants = await asyncio.to_thread(load_claimants, merged.curve)
+                allowed = join_keys(allowed, claimants)
         except HostagentError as exc:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
@@ -501,6 +510,8 @@ class Agent:
         self.publisher.cfg = dataclasses.replace(
             self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
             heartbeat_seconds=merged.publisher.heartbeat_seconds)
+        if claimants is not None:
+            self.claim_desk.set_claimants(claimants.keys)
         if allowed is not None:
             removed = self.auth.replace(allowed)
             for message in allowed.skipped:
@@ -555,6 +566,7 @@ class Agent:
             "udev": self.udev.state() if self.udev else {"active": False},
             "counters": dict(self.counters),
             "errors": list(self.errors),
+            "claims": self.claim_desk.state() if self.claim_desk else None,
             "notify": {"socket": self.notifier.address, "last": self.notifier.sent,
                        "watchdog_interval": watchdog_interval(self.env)},
             "process": process_info(),
@@ -623,7 +635,8 @@ class Agent:
         import zmq
         import zmq.asyncio
 
-        from hostagent.curve import ServerCurve, start_authenticator
+        from hostagent.claim_desk import ClaimDesk, join_keys, load_claimants
+        from hostagent.curve import AllowedKeys, ServerCurve, start_authenticator
         from hostagent.libvirt_watch import ensure_event_impl
         from hostagent.publisher import Publisher
         from hostagent.udev_watch import UdevWatch
@@ -641,14 +654,22 @@ class Agent:
                 curve = ServerCurve.load(cfg.curve.server_secret_key,
                                          cfg.curve.allowed_clients_dir)
                 self.auth = start_authenticator(self.ctx, curve.allowed_dir)
-                log.info("CURVE: %d allowed client keys in %s", len(self.auth.keys),
-                         curve.allowed_dir)
+                claimants = load_claimants(cfg.curve)  # they may connect too
+                self.auth.replace(join_keys(AllowedKeys(self.auth.keys, self.auth.skipped),
+                                            claimants))
+                log.info("CURVE: %d allowed client keys in %s, %d claimants", len(
+                    self.auth.keys), curve.allowed_dir, len(claimants.keys))
                 for message in self.auth.skipped:
                     self.record_error("curve", message)
             self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
                                        curve=curve)
             self.publisher.bind()
             self.publisher.register("fit", self.op_fit)
+            self.claim_desk = ClaimDesk(self)
+            if curve is not None:
+                self.claim_desk.set_claimants(claimants.keys)
+            self.claim_desk.register(self.publisher)
+            self.claim_desk.restore()
             if cfg.libvirt.uri.startswith("test:///"):
                 self.publisher.register("test-domain", self.op_test_domain)
             await self._start_metrics()
@@ -666,6 +687,7 @@ class Agent:
                 self.udev.start(loop)
             tasks.append(asyncio.ensure_future(self.publisher.run()))
             tasks.append(asyncio.ensure_future(self._hugepage_loop()))
+            tasks.append(asyncio.ensure_future(self.claim_desk.run()))
             interval = watchdog_interval(self.env)
             if interval:
                 tasks.append(asyncio.ensure_future(self._watchdog_loop(interval)))
@@ -712,6 +734,8 @@ class Agent:
             await self.metrics.close()
         if self.watcher is not None:
             await self.watcher.close()
+        if self.claim_desk is not None:
+            self.claim_desk.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.auth is not None:
