@@ -32,6 +32,8 @@ COMMANDS = (
     "show",
     "resctrl",
     "fit",
+    "claim",
+    "release",
     "keys",
 )
 

@@ -530,3 +530,19 @@ def test_a_restored_claim_whose_placement_is_gone_is_refused() -> None:
     with pytest.raises(RequestError, match="not CPUs of this host|not a NUMA cell"):
         other.restore(claims.record_from_doc(json.loads(claims.record_json(record))))
     assert other.claim_records == {}
+
+
+def test_a_snapshot_with_claims_passes_the_subscribers_shape_check() -> None:
+    from hostagent import wire
+
+    tr = new_tracker()
+    record, _ = claim(tr, PINNED_2M)
+    assert record is not None
+    snap = snapshot(tr)
+    body = wire.make_body("snapshot", "h", "e", 1, 1.0, snap)
+    wire.check_snapshot(snap, body)
+    for bad, message in (("x", "data.usage.claims is a str, not a list"),
+                         ([{"id": "c"}, 4], r"data.usage.claims\[1\] is a int, not a map")):
+        broken = {**snap, "usage": {**snap["usage"], "claims": bad}}
+        with pytest.raises(wire.WireError, match=message):
+            wire.check_snapshot(broken, body)
