@@ -5,16 +5,19 @@ One ``ClaimDesk`` per agent, on the agent's loop. It decides claims **one at a t
 (an ``asyncio.Lock``): the fit (and the making of the claim) runs in the desk's own
 worker thread against the usage of that moment, every outstanding claim included; back
 on the loop, with nothing awaited between the check and the grant, ``claims.judge``
-folds the claim in with the guests and claims of *that* moment and grants it only if it
-takes nothing somebody holds. A guest event that took part of the placement while the
-fit ran makes the desk fit again (``DECIDE_ATTEMPTS``). Claim requests waiting for their
+compares what the claim holds with what the usage of *that* moment (every guest and
+claim) has free, and it is granted only if it takes nothing somebody holds. A guest
+event that took part of the placement while the fit ran makes the desk fit again
+(``DECIDE_ATTEMPTS``). Claim requests waiting for their
 turn are bounded (``MAX_CLAIMS_WAITING``) and hold no thread; they are not counted in the
 publisher's ``MAX_REQUESTS_IN_FLIGHT``.
 
 A claim is on disk before its reply goes out: the claims file under ``[agent]
 runtime_dir`` is written after every grant, release, expiry and hand-off (group commit:
 claims granted while a write runs go out together in the next one). A grant that cannot
-be written is taken back and answered with the error.
+be written is taken back and answered with the error. A release, expiry or hand-off is
+answered (or logged) without waiting for its write: lost, it would only make a claim
+come back at start and hold until it expires.
 
 Who may claim: with CURVE, only clients whose key is in ``[curve] claimants_dir``
 (others get an error reply for ``claim``/``release``; ``claims`` is for every client).
@@ -212,18 +215,18 @@ class ClaimDesk:
                 continue
             # from here to the grant nothing is awaited: the decision is atomic
             assert prepared.contribution is not None
-            usage, reasons = claims.judge(tracker, prepared.contribution)
+            reasons = claims.judge(tracker, prepared.contribution)
             if not reasons:
-                self._grant(prepared.record, prepared.contribution, usage)
+                self._grant(prepared.record, prepared.contribution)
                 return Decision(prepared.record, [], seq)
             if ask.placement is not None:
                 return Decision(None, reasons, seq)
             self.counters["refits"] += 1  # a guest took part of the placement meanwhile
         return Decision(None, reasons, agent.publisher.seq)
 
-    def _grant(self, record: claims.ClaimRecord, c: Any, usage: dict[str, Any]) -> None:
+    def _grant(self, record: claims.ClaimRecord, c: Any) -> None:
         tracker = self.agent.tracker
-        tracker.grant(record, c, usage)
+        tracker.grant(record, c)
         self._texts[record.id] = claims.record_json(record)
         self.counters["granted"] += 1
         log.info("claim %s granted to %r until %.0f: %s", record.id, record.claimant,
@@ -241,11 +244,9 @@ class ClaimDesk:
                                  "granted, or already released, expired or consumed)")
         self.counters["released"] += 1
         log.info("claim %s of %r released", record.id, record.claimant)
+        # written in the background: should the agent stop before the write, the claim
+        # comes back at start and holds its resources until it expires (never less)
         self._changed()
-        try:
-            await self.commit()
-        except OSError as exc:  # released here; the file still lists it until the next write
-            self._write_failed(exc)
         return {"released": record.id}
 
     async def op_claims(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,12 @@ it is released, or it expires. Everything here is pure but the claims file funct
   (``hostagent.tracker.guest_contribution``), so the snapshot's free counts subtract
   claims with no second accounting; the cache ways come from the placement (the
   resctrl group exists only once the guest runs).
-- ``judge``: may this contribution be held now? The tracker folds it in with every
-  guest and outstanding claim (``UsageTracker.trial``); any conflict it is part of
-  (a thread, a page, a PCI function somebody holds), or shared-vCPU, memory or cache
-  capacity it would exceed, refuses it, naming what is taken.
+- ``judge``: may this contribution be held now? Everything it holds is compared with
+  what the tracker's usage of that moment (every guest and outstanding claim counted)
+  has free: a thread that is not free, more pages or memory than a cell has free, a
+  PCI function or cache way somebody holds, shared vCPUs over the overcommit limit, or a
+  problem of its own (a thread that is not dedicated) refuses it, naming what is taken
+  and who holds it.
 - ``ClaimTracker``: the daemon's ``UsageTracker`` with claims: grant, release, expire,
   and the hand-off: a guest record whose XML carries a claim id consumes that claim; a
   guest holding other threads, pages or devices than its claim gets a ``claim_mismatch``
@@ -511,18 +513,110 @@ def _reason(resource: str, message: str, cell: int | None = None) -> dict[str, A
     return {"host_cell": cell, "guest_cell": None, "resource": resource, "message": message}
 
 
-def judge(tracker: UsageTracker, c: Contribution) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the usage with ``c`` held, why it may not be held: empty = it may).
-
-    Nothing is changed: ``tracker.put_claim(c, usage)`` holds it."""
-    before = tracker.usage()
-    # the reasons name the candidate "this claim": the requester does not know its id yet
-    usage = tracker.trial(dataclasses.replace(c, name="this claim"))
-    reasons = [_reason(k["kind"], k["detail"], k.get("cell"))
-               for k in usage["conflicts"] if c.uuid in k.get("claims", ())]
+def judge(tracker: UsageTracker, c: Contribution) -> list[dict[str, Any]]:
+    """Why ``c`` may not be held now (empty: it may): what it takes that is not free in
+    the tracker's usage of this moment (every guest and outstanding claim counted), or a
+    problem it has on its own (a thread that is not dedicated or not online, a page size
+    the cell has no pool of, ...). Each reason names what is taken and who holds it.
+    ``ClaimTracker.grant`` holds it."""
+    usage = tracker.usage()
+    free = _free_view(usage)
+    reasons = [_reason(k["kind"], k["detail"].replace(c.name, "this claim"), k.get("cell"))
+               for k in c.conflicts]
+    reasons += _threads_taken(free, c)
+    reasons += _memory_taken(free, c)
     reasons += _capacity(tracker.ctx, usage, c)
-    reasons += _cache_taken(before, c)
-    return usage, reasons
+    reasons += [_reason("pci_devices", f"PCI function {a} is held by {free.who(free.pci[a])}")
+                for a in c.pci if a in free.pci]
+    reasons += _cache_taken(free, c)
+    return reasons
+
+
+@dataclass(frozen=True)
+class _Free:
+    """One usage read once for ``judge``: free threads, thread entries by CPU, cells by
+    id, held PCI functions, free cache ways, and guest names."""
+
+    threads: frozenset[int]  # free dedicated threads (usage.cells[].free_cpus)
+    entries: Mapping[int, Mapping[str, Any]]  # CPU → its usage.threads entry
+    cells: Mapping[int, Mapping[str, Any]]
+    pci: Mapping[str, tuple[str | None, str | None]]  # address → (guest, claim)
+    ways: Mapping[tuple[str, int], tuple[int, str]]  # (resource, id) → (free mask, cbm)
+    names: Mapping[str, str]  # guest uuid → name
+
+    def who(self, holder: tuple[str | None, str | None]) -> str:
+        guest, claim = holder
+        return f"guest {self.names.get(guest, guest)}" if guest else f"claim {claim}"
+
+    def thread_holder(self, cpu: int) -> str:
+        t = self.entries.get(cpu)
+        if t is None:
+            return "nobody: it is not a CPU of this host"
+        if t["guest"]:
+            what = (f"vCPU {t['vcpu']}" if t["vcpu"] is not None else "emulator"
+                    if t["emulator"] else f"iothread {t['iothread']}")
+            return f"held by guest {self.names.get(t['guest'], t['guest'])} ({what})"
+        if t.get("claim"):
+            return f"held by claim {t['claim']}"
+        if t["held_by"]:
+            return f"kept idle by guest {self.names.get(t['held_by'], t['held_by'])}"
+        if t["shared_guests"]:
+            return "where shared vCPUs of " + ", ".join(
+                self.names.get(u, u) for u in t["shared_guests"][:4]) + " run"
+        return f"not a free dedicated thread (role {t['role']})"
+
+
+_FREE_VIEWS: list[tuple[Mapping[str, Any], _Free]] = []  # the last usage read, and its view
+
+
+def _free_view(usage: Mapping[str, Any]) -> _Free:
+    """``usage`` read for ``judge`` (kept for the last usage: consecutive judges of one
+    usage read it once)."""
+    if _FREE_VIEWS and _FREE_VIEWS[0][0] is usage:
+        return _FREE_VIEWS[0][1]
+    view = _Free(
+        threads=frozenset(t for cell in usage["cells"] for t in cell["free_cpus"]),
+        entries={t["cpu"]: t for t in usage["threads"]},
+        cells={cell["id"]: cell for cell in usage["cells"]},
+        pci={p["address"]: (p["guest"], p.get("claim")) for p in usage["pci"]
+             if p["guest"] or p.get("claim")},
+        ways={(e["resource"], e["id"]): (parse_mask(e["free_mask"]), e["cbm_mask"])
+              for e in usage["caches"]},
+        names={g["uuid"]: g["name"] for g in usage["guests"]},
+    )
+    _FREE_VIEWS[:] = [(usage, view)]
+    return view
+
+
+def _threads_taken(free: _Free, c: Contribution) -> list[dict[str, Any]]:
+    """Threads the claim runs on or keeps idle that are not free."""
+    out = []
+    for cpu in sorted({cl.cpu for cl in c.claims} | set(c.idle)):
+        if cpu not in free.threads:
+            cell = free.entries.get(cpu, {}).get("cell")
+            out.append(_reason("dedicated_threads", f"dedicated CPU {cpu} is "
+                               f"{free.thread_holder(cpu)}", cell))
+    return out
+
+
+def _memory_taken(free: _Free, c: Contribution) -> list[dict[str, Any]]:
+    """Hugepages and ordinary memory beyond what each cell has free."""
+    out = []
+    for cid, size, n in c.pages:
+        pools = {h["size_kib"]: h for h in free.cells[cid]["hugepages"]} if cid in \
+            free.cells else {}
+        have = pools[size]["free"] if size in pools else 0
+        if n > have:
+            out.append(_reason("hugepages", f"cell {cid}: needs {n} pages of {size} KiB, "
+                               f"{have} free", cid))
+    for cid, kib in c.memory:
+        have = free.cells[cid]["memory_free_kib"] if cid in free.cells else 0
+        if kib > have:
+            out.append(_reason("memory", f"cell {cid}: needs {kib} KiB of ordinary memory, "
+                               f"{have} KiB free", cid))
+    if c.floating_pages:
+        out.append(_reason("hugepages", "hugepages bound to no one cell cannot be claimed"))
+    return out
 
 
 def _capacity(ctx: Context, usage: Mapping[str, Any], c: Contribution) -> list[dict[str, Any]]:
@@ -532,33 +626,31 @@ def _capacity(ctx: Context, usage: Mapping[str, Any], c: Contribution) -> list[d
     cells = {cell["id"]: cell for cell in usage["cells"]}
     for cid, n in c.shared_vcpus:
         cell = cells.get(cid)
-        if cell is not None and cell["shared_vcpus"] > cell["shared_vcpus_limit"]:
-            out.append(_reason("shared_threads", f"cell {cid}: {n} shared vCPUs would make "
-                               f"{cell['shared_vcpus']}, over the limit of "
-                               f"{cell['shared_vcpus_limit']}", cid))
+        if cell is not None and cell["shared_vcpus"] + n > cell["shared_vcpus_limit"]:
+            out.append(_reason("shared_threads", f"cell {cid}: {n} shared vCPUs, "
+                               f"{max(0, cell['shared_vcpus_limit'] - cell['shared_vcpus'])} "
+                               f"left of {cell['shared_vcpus_limit']}", cid))
     if c.floating_vcpus:
         cap = int(len(ctx.shared & ctx.online) * ctx.cpu_ratio)
         used = sum(cell["shared_vcpus"] for cell in usage["cells"]) + usage["floating_vcpus"]
-        if used > cap:
-            out.append(_reason("shared_threads", f"{c.floating_vcpus} floating vCPUs would "
-                               f"make {used} shared vCPUs, over the host's limit of {cap}"))
+        if used + c.floating_vcpus > cap:
+            out.append(_reason("shared_threads", f"{c.floating_vcpus} floating vCPUs, "
+                               f"{max(0, cap - used)} left of the host's {cap}"))
     if c.floating_memory_kib:
         cap = sum(cell["memory_limit_kib"] for cell in usage["cells"])
         used = sum(cell["memory_used_kib"] for cell in usage["cells"]) + usage[
             "floating_memory_kib"]
-        if used > cap:
-            out.append(_reason("memory", f"{c.floating_memory_kib} KiB of floating memory "
-                               f"would make {used} KiB, over the host's {cap} KiB"))
+        if used + c.floating_memory_kib > cap:
+            out.append(_reason("memory", f"{c.floating_memory_kib} KiB of floating memory, "
+                               f"{max(0, cap - used)} KiB left of the host's {cap} KiB"))
     return out
 
 
-def _cache_taken(before: Mapping[str, Any], c: Contribution) -> list[dict[str, Any]]:
-    """Ways of ``c`` that are not free in ``before`` (a group's or another claim's)."""
+def _cache_taken(free: _Free, c: Contribution) -> list[dict[str, Any]]:
+    """Ways of ``c`` that are not free (a group's or another claim's)."""
     out = []
-    free = {(e["resource"], e["id"]): (parse_mask(e["free_mask"]), e["cbm_mask"])
-            for e in before.get("caches", ())}
     for res, cid, mask, _group in c.cache_ways:
-        have, full = free.get((res, cid), (0, ""))
+        have, full = free.ways.get((res, cid), (0, ""))
         if mask & ~have:
             width = len(full) or 1
             out.append(_reason("cache", f"{res} cache {cid}: ways {mask & ~have:0{width}x} "
@@ -600,10 +692,10 @@ class ClaimTracker(UsageTracker):
 
     # ---- claims
 
-    def grant(self, record: ClaimRecord, c: Contribution, usage: dict[str, Any]) -> None:
-        """Hold ``record`` (``c`` and ``usage`` from ``judge``, nothing changed since)."""
+    def grant(self, record: ClaimRecord, c: Contribution) -> None:
+        """Hold ``record`` (``c`` its contribution; ``judge`` found it free)."""
         self.claim_records[record.id] = record
-        self.put_claim(c, usage)
+        self.put_claim(c)
 
     def restore(self, record: ClaimRecord) -> ClaimRecord:
         """Hold a claim read back from the claims file; returns it as held (its placement

@@ -64,7 +64,8 @@ CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset
 CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
                   "idle_thread_taken", "floating_on_dedicated", "cell_missing",
                   "hugepages_exhausted", "hugepage_size_missing", "memory_exhausted",
-                  "cache_group_missing", "pci_overlap", "pci_missing", "xml_error")
+                  "cache_group_missing", "pci_overlap", "pci_missing", "xml_error",
+                  "claim_mismatch")
 #: Where errors are counted (``hostagent_errors_total{where}``), each exported from 0:
 #: the agent's recorded errors (docs/daemon.md §7.2 ``errors``), requests a handler
 #: failed on with a bug, and libvirt errors during reads.
@@ -209,6 +210,8 @@ def state_families(snap: Mapping[str, Any]) -> list[Metric]:
     return [
         GaugeMetricFamily("hostagent_guests", "Guests tracked (active domains).",
                           value=len(usage["guests"])),
+        GaugeMetricFamily("hostagent_claims", "Outstanding claims (usage.claims, "
+                          "docs/claims.md).", value=len(usage.get("claims") or ())),
         GaugeMetricFamily("hostagent_floating_vcpus",
                           "vCPUs of guests with no affinity to any one cell.",
                           value=usage["floating_vcpus"]),

@@ -1118,7 +1118,7 @@ class UsageTracker:
 
     ``claims`` holds the contributions of outstanding claims by id (``put_claim``,
     ``drop_claim``; ``hostagent.claims.ClaimTracker`` keeps them current): they are folded
-    with the guests. ``trial(contribution)`` folds with one more claim without keeping it.
+    with the guests.
     """
 
     def __init__(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
@@ -1154,15 +1154,10 @@ class UsageTracker:
         self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
         self._usage = None
 
-    def put_claim(self, contribution: Contribution, usage: dict[str, Any] | None = None
-                  ) -> None:
-        """Hold a claim (``contribution.uuid`` = its id). ``usage``, when given, is what
-        ``trial(contribution)`` returned just before (nothing changed since): kept as the
-        current usage instead of folding again."""
+    def put_claim(self, contribution: Contribution) -> None:
+        """Hold a claim (``contribution.uuid`` = its id)."""
         self.claims[contribution.uuid] = contribution
-        self._usage = usage
-        if usage is not None:
-            self._previous = usage
+        self._usage = None
 
     def drop_claim(self, claim_id: str) -> bool:
         """Stop holding a claim; False if it was not held."""
@@ -1170,11 +1165,6 @@ class UsageTracker:
             return False
         self._usage = None
         return True
-
-    def trial(self, contribution: Contribution) -> dict[str, Any]:
-        """The usage with ``contribution`` held as one more claim; nothing is kept."""
-        claims = {**self.claims, contribution.uuid: contribution}
-        return fold(self.ctx, self.contributions.values(), self._previous, claims.values())
 
     def usage(self) -> dict[str, Any]:
         if self._usage is None:

@@ -61,10 +61,10 @@ def claim(tr: ClaimTracker, request: dict[str, Any], *, now: float = NOW, **fiel
     if p.record is None:
         return None, p.answer["reasons"]
     assert p.contribution is not None
-    usage, reasons = claims.judge(tr, p.contribution)
+    reasons = claims.judge(tr, p.contribution)
     if reasons:
         return None, reasons
-    tr.grant(p.record, p.contribution, usage)
+    tr.grant(p.record, p.contribution)
     return p.record, []
 
 
@@ -183,12 +183,12 @@ def test_a_given_placement_is_granted_only_while_every_part_of_it_is_free() -> N
     assert again is None
     text = " | ".join(r["message"] for r in reasons)
     cpus = sorted(planned["cells"][0]["pinning"].values())
-    for cpu in cpus:  # names each taken thread and who holds it
-        vcpu = next(v for v, c in planned["cells"][0]["pinning"].items() if c == cpu)
-        assert (f"dedicated CPU {cpu} is held by claim {first.id} (vCPU {vcpu}), this claim "
-                f"(vCPU {vcpu})") in text
-    assert "pages of 2048 KiB" in text
-    assert {r["resource"] for r in reasons} >= {"dedicated_overlap", "hugepages_exhausted"}
+    cell = planned["cells"][0]["host_cell"]
+    assert reasons == [  # names each taken thread and who holds it, and the pages
+        *({"host_cell": cell, "guest_cell": None, "resource": "dedicated_threads",
+           "message": f"dedicated CPU {cpu} is held by claim {first.id}"} for cpu in cpus),
+        {"host_cell": cell, "guest_cell": None, "resource": "hugepages",
+         "message": f"cell {cell}: needs 512 pages of 2048 KiB, 0 free"}], text
     assert len(tr.claim_records) == 1
 
 
@@ -203,6 +203,10 @@ def test_a_guest_on_a_claimed_thread_is_a_conflict_naming_the_claim() -> None:
            f"cpuset='{cpu}'/></cputune></domain>")
     tr.update(record_from_xml(xml, uuid=uuid, name="intruder"))
     usage = tr.usage()
+    # and a claim of that thread now names the guest running there
+    again, reasons = claim(tr, PINNED_2M, placement=record.placement)
+    assert again is None
+    assert reasons[0]["message"] == f"dedicated CPU {cpu} is held by guest intruder (vCPU 0)"
     [c] = [c for c in usage["conflicts"] if c["kind"] == "dedicated_overlap"]
     assert c["guests"] == [uuid] and c["claims"] == [record.id]
     thread = next(t for t in usage["threads"] if t["cpu"] == cpu)
