@@ -178,10 +178,12 @@ class ClaimDesk:
         except OSError as exc:
             if self.agent.tracker.release(record.id) is not None:
                 self._texts.pop(record.id, None)
-                self.agent.mark_dirty()
             message = f"cannot write the claims file {self.path}: {exc.strerror or exc}"
             self.agent.record_error("claims", message)
             raise HostagentError(f"op claim: not granted: {message}") from None
+        # published now: the snapshot is built after the reply is sent (nothing is awaited
+        # from here to the reply), not on the reply's way
+        self.agent.mark_dirty()
         return {"claimed": True, "claim": record.doc(), "seq": decision.seq, "epoch": epoch}
 
     async def _decide(self, ask: claims.ClaimAsk) -> Decision:
@@ -231,8 +233,7 @@ class ClaimDesk:
         self.counters["granted"] += 1
         log.info("claim %s granted to %r until %.0f: %s", record.id, record.claimant,
                  record.expires, _holding(c))
-        self._wake.set()
-        self._changed()
+        self._wake.set()  # op_claim writes the claims file, then publishes
 
     async def op_release(self, req: dict[str, Any]) -> dict[str, Any]:
         """``{op: "release", id}``."""

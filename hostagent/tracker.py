@@ -763,9 +763,9 @@ class _Busy(NamedTuple):
     claimed: Mapping[int, str]  # thread → the claim running on it or keeping it idle
     claim_ids: frozenset[str]
 
-    def taken(self, t: int) -> bool:
-        return (t in self.owner or t in self.shared_on or t in self.held_by
-                or t in self.claimed)
+    def taken(self) -> set[int]:
+        """The threads that are not free: owned, shared onto, kept idle or claimed."""
+        return set(self.owner).union(self.shared_on, self.held_by, self.claimed)
 
 
 def _claimed_threads(held: list[Contribution]) -> dict[int, str]:
@@ -947,15 +947,15 @@ def _cell_usage(
         if busy.owner[t][0] not in busy.claim_ids:  # pinned = a guest's
             pinned_by_cell.setdefault(ctx.cpu_cell.get(t), []).append(t)
     cells_out = []
-    taken = busy.taken
+    taken = busy.taken()
     for cell in ctx.topo.cells:
         cid = cell.id
         # a dedicated thread is free when nobody owns it, no guest's shared vCPUs,
         # emulator or iothreads are pinned onto it (that is a floating_on_dedicated
         # conflict), no guest keeps it idle (held_by) and no claim holds it
-        free = [t for t in ctx.cell_dedicated[cid] if not taken(t)]
+        free = [t for t in ctx.cell_dedicated[cid] if t not in taken]
         free_cores = sum(1 for core in ctx.cell_dedicated_cores.get(cid, ())
-                         if not any(taken(t) for t in core))
+                         if taken.isdisjoint(core))
         pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
         reserved = ctx.reserved_memory.get(cid, 0)
         limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)

@@ -550,3 +550,21 @@ def test_a_snapshot_with_claims_passes_the_subscribers_shape_check() -> None:
         broken = {**snap, "usage": {**snap["usage"], "claims": bad}}
         with pytest.raises(wire.WireError, match=message):
             wire.check_snapshot(broken, body)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, "claims.default_ttl_seconds = 0: must be between 1 and 3600 seconds"),
+    (3601, "claims.default_ttl_seconds = 3601: must be between 1 and 3600 seconds"),
+    (float("nan"), "claims.default_ttl_seconds = nan: must be between"),
+    ("60", "claims.default_ttl_seconds = '60': must be a number"),
+    (True, "claims.default_ttl_seconds = True: must be a number"),
+])
+def test_bad_default_ttls_are_config_errors(value: Any, message: str) -> None:
+    from hostagent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_from_dict({"claims": {"default_ttl_seconds": value}}, "f.toml")
+    with pytest.raises(ConfigError, match=r"curve.claimants_dir = 5: must be a string"):
+        config_from_dict({"curve": {"claimants_dir": 5}}, "f.toml")
+    cfg = config_from_dict({"claims": {"default_ttl_seconds": 30}})
+    assert cfg.claims.default_ttl_seconds == 30.0 and cfg.curve.claimants_dir == ""

@@ -8,6 +8,7 @@ is an error reply and the agent keeps serving; with CURVE only claimants may cla
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,22 @@ claimants_dir = "{claimants}"
         assert rep["ok"] is False and "not in [curve] claimants_dir" in rep["error"]
         assert release(d.req, got["claim"]["id"], curve=sched, timeout=10) == {
             "v": 1, "ok": True, "released": got["claim"]["id"]}
+        # SIGHUP re-reads the claimants: a key added there may connect and claim
+        make_keypair(claimants, "late")
+        (claimants / "late.key_secret").rename(keys / "late.key_secret")
+        d.signal(signal.SIGHUP)
+        d.wait_notify("RELOADING=1")
+        d.wait_notify("READY=1")
+        late = ClientCurve.load(keys / "late.key_secret", srv_pub)
+        assert claim(d.req, PINNED, curve=late, timeout=10, ttl_s=60)["claimed"]
+        # a missing claimants directory refuses the reload; the claimants stay
+        for f in claimants.iterdir():
+            f.unlink()
+        claimants.rmdir()
+        d.signal(signal.SIGHUP)
+        d.wait_notify("READY=1")
+        d.wait_log("claimants directory does not exist")
+        assert claim(d.req, PINNED, curve=sched, timeout=10, ttl_s=60)["claimed"]
     finally:
         d.close()
 
