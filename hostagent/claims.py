@@ -164,6 +164,9 @@ def parse_release_op(req: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- placements
 
 
+_WHOLE = object()  # _PlacementCheck.fail: the rule is about the field as a whole
+
+
 class _PlacementCheck:
     """Checks one placement against the host (``ctx``), field by field; ``result()`` is
     the normalised placement. Every problem is a ``RequestError`` naming the field."""
@@ -174,7 +177,10 @@ class _PlacementCheck:
         self.vcpus: set[int] = set()
 
     def fail(self, where: str, value: Any, why: str) -> RequestError:
-        return RequestError(f"placement.{where}={_shown(value)}: {why}")
+        """The error for field ``where`` (its value shown, unless ``value`` is ``_WHOLE``:
+        a rule about several fields)."""
+        shown = "" if value is _WHOLE else f"={_shown(value)}"
+        return RequestError(f"placement.{where}{shown}: {why}")
 
     def integer(self, where: str, value: Any, low: int, high: int) -> int:
         if not _is_int(value) or not low <= value <= high:
@@ -225,7 +231,7 @@ class _PlacementCheck:
         shared = self.int_list(f"{w}.shared_vcpus", c.get("shared_vcpus", []), MAX_VCPUS - 1)
         if set(shared) | {int(v) for v in pins} != set(vcpus) or set(shared) & {
                 int(v) for v in pins}:
-            raise self.fail(w, "…", "every vCPU of the cell must be either pinned or shared")
+            raise self.fail(w, _WHOLE, "every vCPU of the cell must be either pinned or shared")
         page = self.integer(f"{w}.page_size_kib", c.get("page_size_kib", SMALL_PAGE_KIB),
                             SMALL_PAGE_KIB, MAX_PAGE_SIZE_KIB)
         sizes = {s for (cell, s) in self.ctx.pools if cell == host_cell}
@@ -315,18 +321,18 @@ class _PlacementCheck:
                             "placement without cells is floating")
         cells = [self.cell(i, c) for i, c in enumerate(cells_raw)]
         if len({c["guest_cell"] for c in cells}) != len(cells):
-            raise self.fail("cells", "…", "a guest cell is placed twice")
+            raise self.fail("cells", _WHOLE, "a guest cell is placed twice")
         top_shared = self.guest_vcpus("shared_vcpus", raw.get("shared_vcpus", []))
         if floating and not top_shared:
             raise self.fail("shared_vcpus", top_shared, "a floating placement lists its vCPUs")
         n = len(self.vcpus)
         if self.vcpus != set(range(n)) or n != request_vcpus:
-            raise self.fail("cells", "…", f"the vCPUs placed must be 0..{request_vcpus - 1} "
+            raise self.fail("cells", _WHOLE, f"the vCPUs placed must be 0..{request_vcpus - 1} "
                             f"(the request's vcpus={request_vcpus}); placed: "
                             f"{format_cpulist(self.vcpus) or 'none'}")
         memory = sum(c["memory_mib"] for c in cells)
         if cells and memory != request_memory_mib:
-            raise self.fail("cells", "…", f"the cells' memory_mib add up to {memory}, the "
+            raise self.fail("cells", _WHOLE, f"the cells' memory_mib add up to {memory}, the "
                             f"request's memory_mb is {request_memory_mib}")
         cache_raw = raw.get("cache") or []
         pci_raw = raw.get("pci") or []
@@ -335,7 +341,7 @@ class _PlacementCheck:
                 raise self.fail(key, value, "must be a list")
         pci = [self.pci(i, d) for i, d in enumerate(pci_raw)]
         if len({d["address"] for d in pci}) != len(pci):
-            raise self.fail("pci", "…", "a PCI function is listed twice")
+            raise self.fail("pci", _WHOLE, "a PCI function is listed twice")
         return {
             "floating": floating,
             "cells": cells,
@@ -566,15 +572,9 @@ class _Free:
         return f"not a free dedicated thread (role {t['role']})"
 
 
-_FREE_VIEWS: list[tuple[Mapping[str, Any], _Free]] = []  # the last usage read, and its view
-
-
 def _free_view(usage: Mapping[str, Any]) -> _Free:
-    """``usage`` read for ``judge`` (kept for the last usage: consecutive judges of one
-    usage read it once)."""
-    if _FREE_VIEWS and _FREE_VIEWS[0][0] is usage:
-        return _FREE_VIEWS[0][1]
-    view = _Free(
+    """``usage`` read for ``judge``."""
+    return _Free(
         threads=frozenset(t for cell in usage["cells"] for t in cell["free_cpus"]),
         entries={t["cpu"]: t for t in usage["threads"]},
         cells={cell["id"]: cell for cell in usage["cells"]},
@@ -584,8 +584,6 @@ def _free_view(usage: Mapping[str, Any]) -> _Free:
               for e in usage["caches"]},
         names={g["uuid"]: g["name"] for g in usage["guests"]},
     )
-    _FREE_VIEWS[:] = [(usage, view)]
-    return view
 
 
 def _threads_taken(free: _Free, c: Contribution) -> list[dict[str, Any]]:
@@ -792,12 +790,22 @@ def _holdings(c: Contribution) -> dict[str, Any]:
 
 
 def _holding_text(key: str, value: Any) -> str:
+    if not value:
+        return "none"
     if key == "dedicated threads":
         return format_cpulist({cpu for cpu, *_ in value}) + " (" + ", ".join(
             f"{cpu}:{'vCPU ' + str(v) if v is not None else 'emulator' if e else 'iothread'}"
-            for cpu, v, e, _ in value) + ")" if value else "none"
+            for cpu, v, e, _ in value) + ")"
     if key == "threads kept idle":
-        return format_cpulist(value) or "none"
+        return format_cpulist(value)
+    if key == "memory per cell":
+        return ", ".join(f"cell {cell}: {kib} KiB" for cell, kib in value)
+    if key == "hugepages per cell":
+        return ", ".join(f"cell {cell}: {n} x {size} KiB" for cell, size, n in value)
+    if key == "shared vCPUs per cell":
+        return ", ".join(f"cell {cell}: {n}" for cell, n in value)
+    if key == "PCI functions":
+        return ", ".join(value)
     return str(value)
 
 
