@@ -5,10 +5,10 @@ Each command module defines ``register(subparsers)``, which adds its parser and 
 their heavy dependencies inside ``func`` so that ``hostagent --help`` stays fast.
 Every ``HostagentError`` is printed as ``hostagent: <message>`` with exit code 2.
 
-Only the named command's module is imported. A command with an option table
-(``QUICK_OPTIONS``, ``hostagent.commands.options``) whose command line is a plain one is
-run without argparse; every other line goes through the argparse parser of
-``hostagent.cli_parser``.
+The command table is ``hostagent.commands.COMMANDS``. Only the named command's module is
+imported. A command with an option table (``QUICK_OPTIONS``,
+``hostagent.commands.options``) whose command line is a plain one is run without argparse;
+every other line goes through the argparse parser of ``hostagent.cli_parser``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import sys
 
+from hostagent.commands import COMMANDS
 from hostagent.errors import HostagentError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
@@ -23,27 +24,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-COMMANDS = (
-    "probe",
-    "capture",
-    "snapshot",
-    "run",
-    "watch",
-    "show",
-    "resctrl",
-    "fit",
-    "claim",
-    "release",
-    "keys",
-)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command (``argv``, else the program's arguments); returns its exit code.
 
     Run as the program (no ``argv``), once the command is done every object left is moved
     out of the cyclic garbage collector's reach (``gc.freeze``): the interpreter's shutdown
-    then does not walk them all once more, several milliseconds of every run on a big host.
+    then does not walk them all once more (docs/probe.md §Speed).
     """
     if argv is not None:
         return _main(argv)
@@ -72,7 +59,7 @@ def _quick_args(command: str, argv: list[str]) -> Any:
     """The parsed arguments of a command with an option table (``QUICK_OPTIONS``, see
     ``hostagent.commands.options``) when its line needs no argparse; else ``None``."""
     name = f"hostagent.commands.{command}"
-    __import__(name)  # not importlib.import_module: importing importlib costs 0.4 ms
+    __import__(name)  # not importlib.import_module: importlib is one more module to load
     module = sys.modules[name]
     options = getattr(module, "QUICK_OPTIONS", None)
     if options is None:

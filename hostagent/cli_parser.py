@@ -12,7 +12,7 @@ import os
 import sys
 
 from hostagent import __version__
-from hostagent.cli import COMMANDS
+from hostagent.commands import COMMANDS
 
 
 def terminal_columns() -> int:
@@ -32,7 +32,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, told the width instead of asking ``shutil`` for it.
 
     argparse builds a formatter for every ``add_argument``; the stock one imports
-    ``shutil`` (and with it bz2, lzma, fnmatch) on the first, about 2 ms of every run.
+    ``shutil`` (and with it bz2, lzma, fnmatch) on the first (docs/probe.md §Speed).
     """
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
@@ -64,11 +64,5 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hostagent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in (only,) if only else COMMANDS:
-        try:
-            module = importlib.import_module(f"hostagent.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"hostagent.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"hostagent.commands.{name}").register(sub)
     return parser

@@ -14,6 +14,7 @@ what the snapshot's ``config`` part carries.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -26,8 +27,12 @@ from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
 from hostagent.fit_limits import MAX_SEARCH_STEPS, STEP_BUDGET
 from hostagent.model import HostTopology
+from hostagent.probe.roots import DEFAULT_SYSFS_ROOT, default_resctrl_root
 
 DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
+#: environment variable naming another default path (tests, a staged install): the file
+#: read when no ``--config`` is given, if it exists, instead of ``DEFAULT_PATH``
+DEFAULT_PATH_ENV = "HOSTAGENT_DEFAULT_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,9 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    sysfs_root: str = "/sys"
-    resctrl_root: str = "/sys/fs/resctrl"
+    sysfs_root: str = DEFAULT_SYSFS_ROOT
+    # not in the file: <sysfs_root>/fs/resctrl (hostagent.probe.roots), as on the CLI
+    resctrl_root: str = default_resctrl_root(DEFAULT_SYSFS_ROOT)
     hugepage_poll_seconds: float = 5.0
     udev: bool = True
 
@@ -48,6 +54,7 @@ class LibvirtConfig:
     uri: str = "qemu:///system"
     resync_seconds: float = 60.0
     reconnect_max_seconds: float = 30.0
+    call_timeout_seconds: float = 10.0  # one libvirt call longer than this: connection lost
     demo_guests: bool = False  # define the bundled demo guests (test:/// driver only)
 
 
@@ -386,8 +393,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     return Config(
         host=HostConfig(name=h.get("name", "", str)),
         probe=ProbeConfig(
-            sysfs_root=p.get("sysfs_root", "/sys", str),
-            resctrl_root=p.get("resctrl_root", "/sys/fs/resctrl", str),
+            sysfs_root=(sysfs_root := p.get("sysfs_root", DEFAULT_SYSFS_ROOT, str)),
+            resctrl_root=p.get("resctrl_root", default_resctrl_root(sysfs_root), str),
             hugepage_poll_seconds=p.number("hugepage_poll_seconds", 5.0, minimum=0,
                                            exclusive=True),
             udev=p.get("udev", True, bool),
@@ -397,6 +404,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             resync_seconds=lv.number("resync_seconds", 60.0, minimum=0, exclusive=True),
             reconnect_max_seconds=lv.number("reconnect_max_seconds", 30.0, minimum=0,
                                             exclusive=True),
+            call_timeout_seconds=lv.number("call_timeout_seconds", 10.0, minimum=0,
+                                           exclusive=True),
             demo_guests=lv.get("demo_guests", False, bool),
         ),
         resources=_resources(_Reader(source, "resources", data.get("resources", {}))),
@@ -426,6 +435,17 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         metrics=_metrics(mt),
         source=source,
     )
+
+
+def config_path(given: str | None) -> str | None:
+    """The config file a command reads: ``given`` (``--config``), else the default path
+    (``$HOSTAGENT_DEFAULT_CONFIG``, else ``DEFAULT_PATH``) when that file exists, else
+    ``None`` (the built-in defaults). ``run``, ``watch``, ``show`` and ``snapshot`` all
+    follow this rule, so a one-shot command sees the daemon's configuration."""
+    if given is not None:
+        return given
+    default = os.environ.get(DEFAULT_PATH_ENV) or DEFAULT_PATH
+    return default if os.path.exists(default) else None
 
 
 def load_config(path: str | Path | None) -> Config:

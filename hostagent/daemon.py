@@ -2,7 +2,9 @@
 
 What runs on the loop:
 - the ``Publisher`` (XPUB stream, heartbeats, welcome re-publish, ROUTER requests);
-- the ``LibvirtWatcher`` (libvirtaio events, reconnect, periodic resync);
+- the ``LibvirtWatcher`` (reconnect, periodic resync, applying what was read); its
+  libvirt calls run on its worker thread and libvirt's events on libvirt's own event
+  thread (``libvirt_watch``), so a hung libvirtd never stalls the loop;
 - udev hotplug (``UdevWatch`` on ``loop.add_reader``) → debounced re-probe;
 - the hugepage poller (counters re-read every ``hugepage_poll_seconds``);
 - signals: SIGTERM/SIGINT stop, SIGHUP reload, SIGUSR1 debug dump (+ thread stacks
@@ -46,7 +48,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,9 +189,11 @@ class Agent:
     ``await agent.run()`` runs until SIGTERM/SIGINT (or ``stop()``) and returns 0."""
 
     def __init__(self, config_path: str | None, *,
-                 environ: Mapping[str, str] | None = None, udev_monitor: Any = None) -> None:
+                 environ: Mapping[str, str] | None = None, udev_monitor: Any = None,
+                 libvirt_opener: Callable[[str], Any] | None = None) -> None:
         self.config_path = config_path
         self._udev_monitor = udev_monitor  # tests: an object shaped like pyudev.Monitor
+        self._libvirt_opener = libvirt_opener  # tests: uri -> a virConnect-shaped object
         self.config = load_config(config_path)
         self.env = dict(os.environ if environ is None else environ)
         self.epoch = secrets.token_hex(8)
@@ -239,6 +243,20 @@ class Agent:
         if self._memo_key != key:
             self._memo_key, self._memo = key, {}
         return probe_host(*key, reader=FileReader(static=self._memo))
+
+    @staticmethod
+    def _log_roots(topo: HostTopology, cfg: Config, when: str) -> None:
+        """One line: the roots probed, and the resctrl resources read or that none is
+        mounted (then cache ways and bandwidth are not tracked)."""
+        sysfs, resctrl = cfg.probe.sysfs_root, cfg.probe.resctrl_root
+        rc = topo.resctrl
+        if rc is None:
+            log.info("%s: sysfs root %s; no resctrl mounted at %s: cache ways and memory "
+                     "bandwidth are not tracked", when, sysfs, resctrl)
+            return
+        names = [r.name for r in rc.resources] + (["MB"] if rc.mb is not None else [])
+        log.info("%s: sysfs root %s, resctrl root %s (%s)", when, sysfs, resctrl,
+                 ", ".join(names) or "no cache or MB resource")
 
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
         from hostagent.claims import ClaimTracker
@@ -430,38 +448,45 @@ class Agent:
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
     async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Define/start/stop guests in the in-process ``test:///`` driver."""
-        import libvirt
-
+        """Define/start/stop guests in the in-process ``test:///`` driver (the calls run
+        on the watcher's worker thread, under its time limit)."""
         action = req.get("action")
         actions = ("define", "create", "start", "destroy", "undefine", "list")
         if action not in actions:
             raise HostagentError(f"op test-domain: action={action!r}: must be one of "
                                  f"{', '.join(actions)}")
-        conn = self.watcher.conn if self.watcher else None
-        if conn is None:
+        watcher = self.watcher
+        if watcher is None or watcher.conn is None:
             raise HostagentError("op test-domain: libvirt is not connected")
-        try:
-            if action == "list":
-                return {"domains": [{"name": d.name(), "uuid": d.UUIDString(),
-                                     "active": bool(d.isActive())}
-                                    for d in conn.listAllDomains()]}
-            if action in ("define", "create"):
-                xml = req.get("xml")
-                if not isinstance(xml, str) or not xml.strip():
-                    raise HostagentError(f"op test-domain {action}: 'xml' must be domain XML")
-                dom = conn.defineXML(xml) if action == "define" else conn.createXML(xml, 0)
-            else:
-                name = req.get("name")
-                if not isinstance(name, str) or not name:
-                    raise HostagentError(f"op test-domain {action}: 'name' must be a string")
-                dom = conn.lookupByName(name)
-                {"start": dom.create, "destroy": dom.destroy, "undefine": dom.undefine}[action]()
-        except libvirt.libvirtError as exc:
-            what = f" {req.get('name')!r}" if isinstance(req.get("name"), str) else ""
-            raise HostagentError(
-                f"op test-domain {action}{what}: {exc.get_error_message()}") from None
-        return {"name": dom.name(), "uuid": dom.UUIDString()}
+        xml, name = req.get("xml"), req.get("name")
+        if action in ("define", "create") and (not isinstance(xml, str) or not xml.strip()):
+            raise HostagentError(f"op test-domain {action}: 'xml' must be domain XML")
+        if action not in ("define", "create", "list") and (
+                not isinstance(name, str) or not name):
+            raise HostagentError(f"op test-domain {action}: 'name' must be a string")
+
+        def job(conn: Any) -> dict[str, Any]:
+            import libvirt
+
+            try:
+                if action == "list":
+                    return {"domains": [{"name": d.name(), "uuid": d.UUIDString(),
+                                         "active": bool(d.isActive())}
+                                        for d in conn.listAllDomains()]}
+                if action in ("define", "create"):
+                    dom = conn.defineXML(xml) if action == "define" else conn.createXML(xml, 0)
+                else:
+                    dom = conn.lookupByName(name)
+                    {"start": dom.create, "destroy": dom.destroy,
+                     "undefine": dom.undefine}[action]()
+                return {"name": dom.name(), "uuid": dom.UUIDString()}
+            except libvirt.libvirtError as exc:
+                what = f" {name!r}" if isinstance(name, str) else ""
+                raise HostagentError(
+                    f"op test-domain {action}{what}: {exc.get_error_message()}") from None
+
+        result: dict[str, Any] = await watcher.call(f"test-domain {action}", job)
+        return result
 
     # --- signals -----------------------------------------------------------------------
 
@@ -526,8 +551,12 @@ class Agent:
         else:
             self.watcher.resync_seconds = merged.libvirt.resync_seconds
             self.watcher.reconnect_max = merged.libvirt.reconnect_max_seconds
+            self.watcher.call_timeout = merged.libvirt.call_timeout_seconds
             self.watcher.request_resync()
         self._set_host(topo, merged)
+        if (merged.probe.sysfs_root, merged.probe.resctrl_root) != (
+                old.probe.sysfs_root, old.probe.resctrl_root):
+            self._log_roots(topo, merged, "reload")
         log.info("configuration reloaded from %s", merged.source)
         self.mark_dirty()
         return True
@@ -548,10 +577,10 @@ class Agent:
                  "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
-        from hostagent.debug_dump import process_info, thread_stacks
+        from hostagent.debug_dump import process_info, thread_stacks, with_iso_times
 
         pub = self.publisher
-        return {
+        return with_iso_times({
             "written": time.time(),
             "version": __version__,
             "started": self.started,
@@ -572,7 +601,7 @@ class Agent:
             "process": process_info(),
             "threads": thread_stacks(),
             "snapshot": self.latest_snapshot(),
-        }
+        })
 
     async def dump(self) -> Path | None:
         """SIGUSR1: write the debug dump; log one line with its path."""
@@ -619,12 +648,16 @@ class Agent:
         from hostagent.libvirt_watch import LibvirtWatcher
 
         lv = self.config.libvirt
+        extra = {} if self._libvirt_opener is None else {"opener": self._libvirt_opener}
         self.watcher = LibvirtWatcher(
             lv.uri, self.mark_dirty, resync_seconds=lv.resync_seconds,
-            reconnect_max_seconds=lv.reconnect_max_seconds, on_connect=self._on_connect)
+            reconnect_max_seconds=lv.reconnect_max_seconds,
+            call_timeout_seconds=lv.call_timeout_seconds, on_connect=self._on_connect,
+            **extra)
         self.watcher.start()
 
     def _on_connect(self, conn: Any) -> None:
+        """(the watcher's worker thread) Demo guests, when configured."""
         if self.config.libvirt.demo_guests and self.config.libvirt.uri.startswith("test:///"):
             from hostagent.demo import define_demo_guests
 
@@ -637,7 +670,7 @@ class Agent:
 
         from hostagent.claim_desk import ClaimDesk, join_keys, load_claimants
         from hostagent.curve import AllowedKeys, ServerCurve, start_authenticator
-        from hostagent.libvirt_watch import ensure_event_impl
+        from hostagent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
         from hostagent.publisher import Publisher
         from hostagent.udev_watch import UdevWatch
 
@@ -646,6 +679,7 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         cfg = self.config
         self._set_host(await asyncio.to_thread(self._probe, cfg), cfg)
+        self._log_roots(self.topo, cfg, "probe")
         self.ctx = zmq.asyncio.Context()
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -673,15 +707,18 @@ class Agent:
             if cfg.libvirt.uri.startswith("test:///"):
                 self.publisher.register("test-domain", self.op_test_domain)
             await self._start_metrics()
-            ensure_event_impl(loop)
             self._start_watcher()
-            await self.flush()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
             loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.dump()))
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
                                   chain=True)
+            # the first snapshot waits a little for the guests (never for a hung libvirt;
+            # a SIGTERM meanwhile stops the agent right after it)
+            await self.watcher.wait_synced(min(FIRST_SYNC_WAIT_SECONDS,
+                                               cfg.libvirt.call_timeout_seconds))
+            await self.flush()
             if cfg.probe.udev:
                 self.udev = UdevWatch(self.on_udev, monitor=self._udev_monitor)
                 self.udev.start(loop)

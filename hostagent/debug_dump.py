@@ -5,6 +5,11 @@ every Python thread's stack; ``write_dump(dir, doc)`` writes ``hostagent-dump.js
 ``dir`` through a temporary file in the same directory (mode 0600, fsync, rename), so a
 reader never sees a half-written dump. The document's keys are listed in
 ``docs/daemon.md``; the daemon assembles it (``Agent.dump_document``).
+
+Times in the dump are ISO-8601 strings in UTC with their offset and milliseconds
+(``2026-01-01T09:30:00.250+00:00``): ``with_iso_times`` converts the fields listed in
+``TIME_FIELDS`` (the agent keeps them as ``time.time()`` floats). The ``snapshot`` in the
+dump is left as published (its ``time`` is the schema's float).
 """
 
 from __future__ import annotations
@@ -15,10 +20,49 @@ import sys
 import tempfile
 import threading
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 DUMP_NAME = "hostagent-dump.json"
+
+#: the dump's time fields, as paths of keys ("*": every element of a list)
+TIME_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("written",),
+    ("started",),
+    ("errors", "*", "time"),
+    ("libvirt", "connected_since"),
+    ("libvirt", "last_events", "*", "time"),
+    ("process", "started"),
+)
+
+
+def iso_time(t: float | None) -> str | None:
+    """``time.time()`` seconds as ISO-8601 in UTC with milliseconds; ``None`` stays."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def with_iso_times(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the dump document with every ``TIME_FIELDS`` number as ``iso_time``
+    (``doc`` is not changed; fields that are absent or not numbers are left alone)."""
+
+    def convert(value: Any, path: tuple[str, ...]) -> Any:
+        if not path:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return iso_time(value) if ok else value
+        head, rest = path[0], path[1:]
+        if head == "*":
+            return [convert(v, rest) for v in value] if isinstance(value, list) else value
+        if not isinstance(value, dict) or head not in value:
+            return value
+        return {**value, head: convert(value[head], rest)}
+
+    out = doc
+    for path in TIME_FIELDS:
+        out = convert(out, path)
+    return out
 
 
 def process_info() -> dict[str, Any]:

@@ -1,14 +1,13 @@
 """Compact JSON text of plain data and model records, written without the ``json`` module.
 
 Why: ``hostagent probe --json`` is a short command whose whole run is measured against
-hwloc's ``lstopo`` (issue 2, docs/probe.md §Speed). Importing ``json`` loads ``re``,
-``enum`` and ``functools``: about 5 ms of a 40 ms run on a 448-thread host, more than
-encoding the document takes. The probe document holds few types, and this module writes
-exactly those:
+hwloc's ``lstopo`` (docs/probe.md §Speed, with the figures). Importing ``json`` loads
+``re``, ``enum`` and ``functools``, which takes longer than encoding the document. The
+probe document holds few types, and this module writes exactly those:
 
 - model records (``hostagent.model``: a class with ``_fields``, whose instance
   ``__dict__`` holds those fields in order, and ``_keys``, each field's key in the
-  schema, design §4.2) as objects with those keys (without ``_keys``, the field names);
+  schema, docs/schema.md) as objects with those keys (without ``_keys``, the field names);
 - mappings (``dict``, or anything with ``keys()``, the rule ``dict()`` itself uses) as
   objects; keys may be ``str``, ``int``, ``float``, ``bool`` or ``None``;
 - ``tuple`` and ``list`` as arrays; ``str``, ``int``, ``float``, ``bool`` and ``None``

@@ -1,59 +1,129 @@
 """Follow libvirt: domain events → re-read that guest; reconnect; periodic full resync.
 
-``LibvirtWatcher`` lives on the daemon's asyncio loop. The event implementation is
-``libvirtaio`` (registered once per process, before the first ``open``), so libvirt's
-callbacks run on the loop thread. Every libvirt call of the watcher also runs on the
-loop thread: libvirtaio's handle/timer updates are not thread-safe, and libvirt calls
-them from whichever thread makes an API call. A domain read (``XMLDesc``) takes about a
-millisecond.
+Threads. ``LibvirtWatcher`` lives on the daemon's asyncio loop, but **no libvirt call runs
+on the loop thread**: a libvirtd that hangs (SIGSTOPped, deadlocked, a socket that
+accepts and never answers) would otherwise stall publishing, requests and signals.
+
+- One *worker* thread per connection (``libvirt-conn-N``, a daemon thread) owns the
+  connection: it opens it, registers the callbacks, sets keepalive and makes every call
+  on it (reads, ``isAlive``, the ``test-domain`` op, the demo guests), one job at a time,
+  in order. The loop submits a job and awaits an asyncio future that the worker settles
+  with ``call_soon_threadsafe``. libvirt-python releases the GIL inside every C call,
+  so a blocked call blocks only its worker.
+- libvirt's own default event loop (``virEventRegisterDefaultImpl``) runs on one
+  process-wide daemon thread ``libvirt-events`` (registered once per process, before the
+  first ``open``). Callbacks (domain events, the close callback) run there — or on a
+  worker — and only read the domain's uuid and name (held locally, no RPC) before
+  posting to the loop with ``call_soon_threadsafe``.
+
+Time limit. Each libvirt step of a job — open, registering the callbacks, ``isAlive``,
+``listAllDomains``, the read of one domain (``state``/``isActive``/``XMLDesc``), one
+``test-domain`` action — must return within ``call_timeout_seconds`` (a full resync of
+many domains is many steps, each timed on its own). When one does not, the connection
+is declared lost (logged with the step that hung and the thread), its worker is
+*abandoned* — it may stay blocked in C forever; being a daemon thread it never delays
+the process's exit — and a new worker with a new connection is tried with backoff. When
+the thread's call returns at last, it closes its connection and exits. At most
+``MAX_ABANDONED_THREADS`` abandoned threads may be alive in the process; at that bound
+no new connection is tried until one of them exits (checked every
+``reconnect_max_seconds``).
+
+Keepalive (remote drivers): ``setKeepAlive(KEEPALIVE_INTERVAL_SECONDS,
+KEEPALIVE_COUNT)``: libvirt pings an idle connection and closes it after
+``KEEPALIVE_COUNT`` unanswered pings (about interval × (count + 1) = 20 s); blocked calls
+then fail and the close callback reports the loss even when the agent makes no call.
 
 Events (all hints — the domain is re-read, never patched from the event):
 - LIFECYCLE (defined, started, stopped, suspended, resumed, undefined, ...),
 - TUNABLE (``cputune.vcpupin*``, ``emulatorpin``, ...), DEVICE_ADDED, DEVICE_REMOVED,
   DEVICE_REMOVAL_FAILED.
-Each marks the domain's uuid *pending* and calls ``on_change()``; the daemon coalesces
-and then calls ``apply(tracker)``, which re-reads each pending domain once (an inactive
-or vanished domain is removed from the tracker). Events arriving together therefore
-cost one read per domain.
+Each marks the domain's uuid *pending* and wakes the reader task, which reads every
+pending domain in one worker job (events arriving together cost one read per domain),
+keeps the results and calls ``on_change()``. The daemon then calls ``apply(tracker)``,
+which only moves results already read into the tracker (it never waits on libvirt): an
+inactive or vanished domain is removed.
 
-Connection loss — the close callback (remote drivers), or any libvirt error on a call,
-or a failed ``isAlive()`` check every ``check_seconds`` (drivers without a close
-callback, e.g. ``test:///``): the watcher drops the connection, calls ``on_change()``
-(the snapshot says ``libvirt.connected: false`` and keeps the last known guests), and
-reconnects with exponential backoff (0.5 s doubling up to ``reconnect_max_seconds``).
-After every (re)connect all callbacks are registered again and the next ``apply`` is a
-full resync (``read_guests``). A full resync also runs every ``resync_seconds``.
+Connection loss — the close callback (remote drivers), any libvirt error on a call, a
+step over the time limit, or a failed ``isAlive()`` check every ``check_seconds``
+(drivers without a close callback): the watcher drops the connection, calls
+``on_change()`` (the snapshot says ``libvirt.connected: false`` and keeps the last known
+guests), and reconnects with exponential backoff (``RECONNECT_FIRST_SECONDS`` doubling
+up to ``reconnect_max_seconds``). After every (re)connect all callbacks are registered
+again and a full resync (``read_guests``) is read; ``connected`` becomes true when that
+resync has been applied. A full resync also runs every ``resync_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from hostagent.guests.source import read_guest, read_guests
+from hostagent.guests.source import GuestRecord, LibvirtUnavailable, read_guest, read_guests
 
 log = logging.getLogger("hostagent.libvirt")
 
+T = TypeVar("T")
+
 LIFECYCLE_NAMES = ("defined", "undefined", "started", "suspended", "resumed", "stopped",
                    "shutdown", "pmsuspended", "crashed")
+DEFAULT_CALL_TIMEOUT_SECONDS = 10.0
+KEEPALIVE_INTERVAL_SECONDS = 5  # libvirt pings an idle remote connection this often
+KEEPALIVE_COUNT = 3  # ... and closes it after this many unanswered pings
+MAX_ABANDONED_THREADS = 4  # workers stuck in a call, alive at once, per process
+RECONNECT_FIRST_SECONDS = 0.5  # first reconnect delay; doubles up to reconnect_max_seconds
+FIRST_SYNC_WAIT_SECONDS = 2.0  # start-up: the first snapshot waits this long for libvirt
+CLOSE_WAIT_SECONDS = 1.0  # close(): how long an idle worker is given to close its connection
 _VIR_ERR_NO_DOMAIN = 42
-_impl: Any = None
+_CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by client"}
+
+_events_lock = threading.Lock()
+_events_thread: threading.Thread | None = None
+_worker_numbers = itertools.count(1)
+_retired: list[_Worker] = []  # every retired worker whose thread may still be alive
 
 
-def ensure_event_impl(loop: asyncio.AbstractEventLoop) -> Any:
-    """Register libvirtaio on ``loop`` (once per process; it cannot be changed later)."""
-    global _impl
-    import libvirtaio
+def ensure_event_impl() -> None:
+    """Register libvirt's default event loop and run it on the daemon thread
+    ``libvirt-events`` (once per process; later calls do nothing)."""
+    global _events_thread
+    with _events_lock:
+        if _events_thread is not None:
+            return
+        import libvirt
 
-    if _impl is None:
-        _impl = libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-    elif _impl.loop is not loop:
-        raise RuntimeError("libvirt's event loop is already bound to another asyncio loop")
-    return _impl
+        libvirt.virEventRegisterDefaultImpl()
+        _events_thread = threading.Thread(target=_run_events, name="libvirt-events",
+                                          daemon=True)
+        _events_thread.start()
+
+
+def _run_events() -> None:
+    import libvirt
+
+    failures = 0
+    while True:
+        try:
+            ok = libvirt.virEventRunDefaultImpl() >= 0
+        except Exception:
+            ok = False
+            if failures == 0:  # logged once, not ten times a second
+                log.exception("libvirt event loop iteration failed")
+        if not ok:
+            failures += 1
+            time.sleep(0.1)
+
+
+def abandoned_threads() -> list[_Worker]:
+    """Retired workers whose thread is still alive (stuck in a call, or closing)."""
+    _retired[:] = [w for w in _retired if w.thread.is_alive()]
+    return list(_retired)
 
 
 def _open(uri: str) -> Any:
@@ -73,97 +143,86 @@ def _err_text(exc: BaseException) -> str:
     return str((get() if get else None) or exc).strip()
 
 
-class LibvirtWatcher:
-    """Owns the libvirt connection of the daemon. Use from the loop thread only."""
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return  # timed out, cancelled or failed by a retire meanwhile
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
 
-    def __init__(self, uri: str, on_change: Callable[[], None], *,
-                 resync_seconds: float = 60.0, reconnect_max_seconds: float = 30.0,
-                 check_seconds: float = 2.0, opener: Callable[[str], Any] = _open,
-                 on_connect: Callable[[Any], None] | None = None) -> None:
-        self.uri = uri
-        self.on_change = on_change
-        self.resync_seconds = resync_seconds
-        self.reconnect_max = reconnect_max_seconds
-        self.check_seconds = check_seconds
-        self.opener = opener
-        self.on_connect = on_connect
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+class _Worker:
+    """One daemon thread owning one libvirt connection; runs jobs ``fn(worker)`` in order.
+
+    ``call``/``call_since`` name the libvirt step running now (set by the thread,
+    read by the loop's stall check). ``retired`` (set by the loop): the thread finishes
+    its current job, skips the rest, closes the connection and exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.name = f"libvirt-conn-{next(_worker_numbers)}"
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.conn: Any = None
         self.callback_ids: list[int] = []
-        self.pending: set[str] = set()
-        self.full_resync = True
-        self.generation = 0  # successful connects
-        self.connected_since: float | None = None
-        self.last_error: str | None = None
-        self.events: deque[dict[str, Any]] = deque(maxlen=32)
-        self.counters: Counter[str] = Counter()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._reconnect: asyncio.Task[Any] | None = None
-        self._closed = False
+        self.call: str | None = None
+        self.call_since: float | None = None
+        self.retired = False
+        self.finished = threading.Event()
+        self.outstanding: set[asyncio.Future[Any]] = set()  # loop side
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    # --- connection --------------------------------------------------------------------
+    def submit(self, what: str, fn: Callable[[_Worker], Any]) -> asyncio.Future[Any]:
+        """(loop thread) Queue ``fn(worker)``; the future gets its result or exception."""
+        fut = self.loop.create_future()
+        self.outstanding.add(fut)
+        fut.add_done_callback(self.outstanding.discard)
+        fut.add_done_callback(_consume)
+        self.jobs.put((what, fn, fut))
+        return fut
 
-    @property
-    def connected(self) -> bool:
-        return self.conn is not None
+    def step(self, what: str) -> None:
+        """(worker thread) A libvirt step begins: its own time limit starts now."""
+        self.call, self.call_since = what, time.monotonic()
 
-    def start(self) -> None:
-        """Connect now if possible (else in the background) and start the timers."""
-        if not self.connect():
-            self._schedule_reconnect()
-        self._tasks = [asyncio.ensure_future(self._periodic_resync()),
-                       asyncio.ensure_future(self._periodic_check())]
-
-    def connect(self) -> bool:
-        try:
-            conn = self.opener(self.uri)
-        except Exception as exc:
-            self._error(f"cannot connect to libvirt at {self.uri}: {_err_text(exc)}")
-            return False
+    def open(self, opener: Callable[[str], Any], uri: str) -> None:
+        conn = opener(uri)
+        if conn is None:
+            raise RuntimeError(f"cannot connect to libvirt at {uri}")
         self.conn = conn
-        try:
-            self._register(conn)
-        except Exception as exc:
-            self._error(f"cannot register libvirt callbacks: {_err_text(exc)}")
-            self._drop()
-            return False
-        self.generation += 1
-        self.connected_since = time.time()
-        self.full_resync = True
-        self.counters["connects"] += 1
-        log.info("connected to libvirt at %s (connection %d)", self.uri, self.generation)
-        if self.on_connect is not None:
-            try:
-                self.on_connect(conn)
-            except Exception as exc:
-                self._error(f"on-connect step failed: {_err_text(exc)}")
-        self.on_change()
-        return True
 
-    def _register(self, conn: Any) -> None:
-        import libvirt
-
-        self.callback_ids = []
-        for ev, cb in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle),
-                       (libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self.on_tunable),
-                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self.on_device_added),
-                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self.on_device_removed),
-                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
-                        self.on_device_removed)):
-            self.callback_ids.append(conn.domainEventRegisterAny(None, ev, cb, None))
+    def _run(self) -> None:
         try:
-            conn.registerCloseCallback(self.on_close, None)
-        except libvirt.libvirtError:
-            pass  # drivers without a persistent connection (test:///): isAlive checks
-        try:
-            conn.setKeepAlive(5, 3)
-        except libvirt.libvirtError:
-            pass  # not supported by in-process drivers
+            while True:
+                job = self.jobs.get()
+                if job is None or self.retired:
+                    break
+                what, fn, fut = job
+                self.step(what)
+                try:
+                    result, exc = fn(self), None
+                except Exception as e:
+                    result, exc = None, e
+                self.call = self.call_since = None
+                try:
+                    self.loop.call_soon_threadsafe(_settle, fut, result, exc)
+                except RuntimeError:
+                    break  # the loop is closed: nobody is waiting any more
+            self._close()
+        finally:
+            self.call = self.call_since = None
+            self.finished.set()
 
-    def _drop(self) -> None:
+    def _close(self) -> None:
         conn, self.conn = self.conn, None
-        self.connected_since = None
         if conn is None:
             return
+        self.step("close")
         for cid in self.callback_ids:
             try:
                 conn.domainEventDeregisterAny(cid)
@@ -179,36 +238,261 @@ class LibvirtWatcher:
         except Exception:
             pass
 
-    def lost(self, why: str) -> None:
-        """The connection is unusable: drop it, report, reconnect in the background."""
-        if self.conn is None:
-            return
-        self.counters["disconnects"] += 1
-        self._error(f"libvirt connection lost: {why}")
-        self._drop()
-        self.on_change()
-        self._schedule_reconnect()
 
-    def _schedule_reconnect(self) -> None:
-        if self._closed or (self._reconnect is not None and not self._reconnect.done()):
-            return
-        self._reconnect = asyncio.ensure_future(self._reconnect_loop())
+def _read_domains(w: _Worker, uuids: list[str]) -> list[tuple[str, GuestRecord | None]]:
+    """(worker thread) Each uuid's record; None for a domain that no longer exists."""
+    import libvirt
 
-    async def _reconnect_loop(self) -> None:
-        delay = 0.5
-        while not self._closed and self.conn is None:
+    out: list[tuple[str, GuestRecord | None]] = []
+    for uuid in uuids:
+        w.step(f"read domain {uuid}")
+        try:
+            rec = read_guest(w.conn.lookupByUUIDString(uuid))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == _VIR_ERR_NO_DOMAIN:
+                out.append((uuid, None))  # undefined (transient domains vanish when stopped)
+                continue
+            raise
+        out.append((uuid, rec))
+    return out
+
+
+class LibvirtWatcher:
+    """Owns the daemon's libvirt connection (through its worker thread). Use its methods
+    from the loop thread; the libvirt callbacks may run on any thread."""
+
+    def __init__(self, uri: str, on_change: Callable[[], None], *,
+                 resync_seconds: float = 60.0, reconnect_max_seconds: float = 30.0,
+                 check_seconds: float = 2.0,
+                 call_timeout_seconds: float = DEFAULT_CALL_TIMEOUT_SECONDS,
+                 opener: Callable[[str], Any] = _open,
+                 on_connect: Callable[[Any], None] | None = None) -> None:
+        self.uri = uri
+        self.on_change = on_change
+        self.resync_seconds = resync_seconds
+        self.reconnect_max = reconnect_max_seconds
+        self.check_seconds = check_seconds
+        self.call_timeout = call_timeout_seconds
+        self.opener = opener
+        self.on_connect = on_connect  # runs on the worker thread with the connection
+        self.pending: set[str] = set()
+        self.full_resync = True
+        self.generation = 0  # successful connects
+        self.connected_since: float | None = None
+        self.last_error: str | None = None
+        self.events: deque[dict[str, Any]] = deque(maxlen=32)
+        self.counters: Counter[str] = Counter()
+        self.events_received = 0  # events handed to the loop (counted after posting)
+        self._worker: _Worker | None = None  # current: connecting or connected
+        self._up = False  # the current worker's connection is open, callbacks registered
+        self._synced = 0  # generation whose full resync has been applied
+        self._ready_full: tuple[int, list[GuestRecord]] | None = None
+        self._ready: dict[str, GuestRecord | None] = {}
+        self._reading = False
+        self._wake = asyncio.Event()
+        self._down = asyncio.Event()
+        self._first_attempt = asyncio.Event()
+        self._limited = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._stall_handle: asyncio.TimerHandle | None = None
+        self._check_task: asyncio.Task[Any] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- connection --------------------------------------------------------------------
+
+    @property
+    def conn(self) -> Any:
+        """The open connection (owned by the worker thread), or None."""
+        return self._worker.conn if self._up and self._worker is not None else None
+
+    @property
+    def connected(self) -> bool:
+        """Connected, and the full resync read since connecting has been applied."""
+        return self._up and self._synced == self.generation
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to read and no read in flight."""
+        return not self._reading and not self.pending and not (self._up and self.full_resync)
+
+    def start(self) -> None:
+        """Start connecting (on the worker thread), the reader and the timers. Returns at
+        once; ``wait_synced`` waits for the first outcome."""
+        ensure_event_impl()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._tasks = [asyncio.ensure_future(c) for c in (
+            self._connection_loop(), self._reader_loop(), self._periodic_resync(),
+            self._periodic_check())]
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for the first outcome: a full resync read, or a
+        failed or timed-out connect. Whether one came."""
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connection_loop(self) -> None:
+        delay = RECONNECT_FIRST_SECONDS
+        while True:
+            stuck = abandoned_threads()
+            if len(stuck) >= MAX_ABANDONED_THREADS:
+                if not self._limited:
+                    self._limited = True
+                    self._error(
+                        f"{len(stuck)} libvirt threads are stuck in calls that did not "
+                        f"return (limit MAX_ABANDONED_THREADS={MAX_ABANDONED_THREADS}): no "
+                        "new libvirt connection until one returns; checking every "
+                        f"{self.reconnect_max:g} s")
+                self._first_attempt.set()
+                await asyncio.sleep(self.reconnect_max)
+                continue
+            self._limited = False
+            if await self._connect():
+                delay = RECONNECT_FIRST_SECONDS
+                await self._down.wait()
             await asyncio.sleep(delay)
-            if self.connect():
-                return
             delay = min(delay * 2, self.reconnect_max)
 
-    def on_close(self, conn: Any, reason: int, opaque: Any) -> None:
-        """libvirt's close callback (remote drivers): reconnect from the loop."""
-        names = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by client"}
+    async def _connect(self) -> bool:
+        assert self._loop is not None
+        w = _Worker(self._loop)
+        self._worker, self._up = w, False
+        self.counters["connect_attempts"] += 1
+        w.thread.start()
+        step = "open"
         try:
-            asyncio.get_running_loop().call_soon(self.lost, f"closed ({names.get(reason, reason)})")
-        except Exception:
-            log.exception("close callback failed")
+            await self._call(w, "open", lambda w: w.open(self.opener, self.uri))
+            step = "register callbacks"
+            await self._call(w, step, self._register)
+        except Exception as exc:
+            text = _err_text(exc)
+            self._lose(w, text if step == "open" else f"{step}: {text}")
+            self._first_attempt.set()
+            return False
+        self._up = True
+        self._down.clear()
+        self.generation += 1
+        self.connected_since = time.time()
+        self.full_resync = True
+        self.counters["connects"] += 1
+        log.info("connected to libvirt at %s (connection %d, thread %s)", self.uri,
+                 self.generation, w.name)
+        if self.on_connect is not None:
+            on_connect = self.on_connect
+            try:
+                await self._call(w, "on-connect", lambda w: on_connect(w.conn))
+            except Exception as exc:
+                if w is not self._worker:
+                    return True  # lost meanwhile (logged): the loop reconnects
+                self._error(f"on-connect step failed: {_err_text(exc)}")
+        self._wake.set()
+        return True
+
+    def _register(self, w: _Worker) -> None:
+        """(worker thread) Every callback, with the worker as the opaque value."""
+        import libvirt
+
+        conn = w.conn
+        for ev, cb in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle),
+                       (libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self.on_tunable),
+                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self.on_device_added),
+                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self.on_device_removed),
+                       (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                        self.on_device_removed)):
+            w.callback_ids.append(conn.domainEventRegisterAny(None, ev, cb, w))
+        try:
+            conn.registerCloseCallback(self.on_close, w)
+        except libvirt.libvirtError:
+            pass  # drivers without a persistent connection: isAlive checks
+        try:
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT)
+        except libvirt.libvirtError:
+            pass  # not supported by in-process drivers (test:///)
+
+    async def _call(self, w: _Worker, what: str, fn: Callable[[_Worker], T]) -> T:
+        if w.retired:
+            raise LibvirtUnavailable("libvirt connection lost")
+        fut = w.submit(what, fn)
+        self._arm_stall_check()
+        result: T = await fut
+        return result
+
+    async def call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(conn)`` on the worker thread, under the time limit. ``LibvirtUnavailable``
+        when not connected or when a step does not return in time; errors of ``fn``
+        propagate."""
+        w = self._worker
+        if w is None or not self._up:
+            raise LibvirtUnavailable(f"libvirt is not connected ({self.uri})")
+        return await self._call(w, what, lambda w: fn(w.conn))
+
+    def _arm_stall_check(self, delay: float | None = None) -> None:
+        if self._stall_handle is not None or self._loop is None:
+            return
+        wait = self.call_timeout if delay is None else delay
+        self._stall_handle = self._loop.call_later(wait, self._stall_check)
+
+    def _stall_check(self) -> None:
+        """(loop) Has the current worker's step run past the time limit?"""
+        self._stall_handle = None
+        w = self._worker
+        if w is None or not w.outstanding:
+            return
+        since, what = w.call_since, w.call
+        now = time.monotonic()
+        if since is not None and now - since >= self.call_timeout:
+            self.counters["call_timeouts"] += 1
+            n = len(abandoned_threads()) + 1
+            self._lose(w, f"call {what} did not return within {self.call_timeout:g} s; "
+                          f"thread {w.name} abandoned ({n} abandoned, limit "
+                          f"{MAX_ABANDONED_THREADS})")
+            return
+        self._arm_stall_check(self.call_timeout if since is None
+                              else max(0.01, since + self.call_timeout - now))
+
+    def _retire(self, w: _Worker, exc: BaseException) -> None:
+        w.retired = True
+        for fut in list(w.outstanding):
+            if not fut.done():
+                fut.set_exception(exc)
+        w.jobs.put(None)
+        _retired.append(w)
+
+    def _lose(self, w: _Worker | None, why: str) -> None:
+        """Drop worker ``w`` if it is the current one: report, and (if it was connected)
+        publish the loss and let the connection loop reconnect."""
+        if w is None or w is not self._worker:
+            return
+        was_up = self._up
+        self._worker, self._up = None, False
+        self.connected_since = None
+        self._retire(w, LibvirtUnavailable(f"libvirt connection lost: {why}"))
+        if was_up:
+            self.counters["disconnects"] += 1
+            self._error(f"libvirt connection lost: {why}")
+            self._down.set()
+            self._first_attempt.set()
+            self.on_change()
+        else:
+            self._error(f"cannot connect to libvirt at {self.uri}: {why}")
+
+    def lost(self, why: str) -> None:
+        """The connection is unusable: drop it, report, reconnect in the background."""
+        if self._up:
+            self._lose(self._worker, why)
+
+    def on_close(self, conn: Any, reason: int, opaque: Any) -> None:
+        """libvirt's close callback (remote drivers; any thread)."""
+        why = f"closed ({_CLOSE_REASONS.get(reason, reason)})"
+        self._post(self._closed_by_libvirt, opaque, why)
+
+    def _closed_by_libvirt(self, w: Any, why: str) -> None:
+        if self._up and (w is None or w is self._worker):
+            self._lose(self._worker, why)
 
     async def _periodic_check(self) -> None:
         while True:
@@ -216,16 +500,21 @@ class LibvirtWatcher:
             self.check()
 
     def check(self) -> None:
-        """``isAlive()`` on the connection; a failure starts a reconnect."""
-        if self.conn is None:
+        """``isAlive()`` on the worker (in the background); a failure starts a reconnect."""
+        if not self._up or (self._check_task is not None and not self._check_task.done()):
+            return
+        self._check_task = asyncio.ensure_future(self._check_once(self._worker))
+
+    async def _check_once(self, w: _Worker | None) -> None:
+        if w is None:
             return
         try:
-            alive = self.conn.isAlive()
+            alive = await self._call(w, "isAlive", lambda w: w.conn.isAlive())
         except Exception as exc:
-            self.lost(_err_text(exc))
+            self._lose(w, _err_text(exc))
             return
         if not alive:
-            self.lost("isAlive() is false")
+            self._lose(w, "isAlive() is false")
 
     async def _periodic_resync(self) -> None:
         while True:
@@ -233,31 +522,64 @@ class LibvirtWatcher:
             self.request_resync()
 
     def request_resync(self) -> None:
+        """Read every domain again (in the background)."""
         self.full_resync = True
         self.counters["resyncs_requested"] += 1
-        self.on_change()
+        self._wake.set()
 
-    # --- events ------------------------------------------------------------------------
+    # --- events (any thread) -----------------------------------------------------------
 
-    def _note(self, dom: Any, kind: str, detail: Any = None) -> None:
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop: now if this is the loop thread, else posted."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+            return
         try:
-            uuid = dom.UUIDString().lower()
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the agent is gone
+
+    def _event(self, w: Any, dom: Any, kind: str, detail: Any) -> None:
+        try:
+            uuid = dom.UUIDString().lower()  # held in the virDomain: no RPC
             name = dom.name()
         except Exception as exc:
-            log.warning("%s event for an unreadable domain: %s", kind, _err_text(exc))
-            self.full_resync = True
-            self.on_change()
+            self._post(self._unreadable, w, kind, _err_text(exc))
+        else:
+            self._post(self._note, w, kind, uuid, name, detail)
+        self.events_received += 1
+
+    def _current(self, w: Any) -> bool:
+        return w is None or w is self._worker  # None: called directly (tests)
+
+    def _unreadable(self, w: Any, kind: str, text: str) -> None:
+        if not self._current(w):
+            return
+        log.warning("%s event for an unreadable domain: %s", kind, text)
+        self.full_resync = True
+        self._wake.set()
+
+    def _note(self, w: Any, kind: str, uuid: str, name: str, detail: Any) -> None:
+        if not self._current(w):
+            self.counters["stale_events"] += 1
             return
         self.counters[f"event_{kind.split(':')[0]}"] += 1
         self.events.append({"time": time.time(), "domain": name, "uuid": uuid,
                             "event": kind, "detail": detail})
         self.pending.add(uuid)
-        self.on_change()
+        self._wake.set()
+
+    def _ignored(self, w: Any, key: str) -> None:
+        if self._current(w):
+            self.counters[key] += 1
 
     def on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
         try:
             name = LIFECYCLE_NAMES[event] if 0 <= event < len(LIFECYCLE_NAMES) else str(event)
-            self._note(dom, f"lifecycle:{name}", detail)
+            self._event(opaque, dom, f"lifecycle:{name}", detail)
         except Exception:
             log.exception("lifecycle callback failed")
 
@@ -265,69 +587,98 @@ class LibvirtWatcher:
         try:
             keys = sorted(params) if isinstance(params, dict) else []
             if keys and not any(k.startswith("cputune.") for k in keys):
-                self.counters["event_tunable_ignored"] += 1
+                self._post(self._ignored, opaque, "event_tunable_ignored")
                 return  # blkdeviotune.* and the like: nothing the tracker reads
-            self._note(dom, "tunable", keys)
+            self._event(opaque, dom, "tunable", keys)
         except Exception:
             log.exception("tunable callback failed")
 
     def on_device_added(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
         try:
-            self._note(dom, "device-added", alias)
+            self._event(opaque, dom, "device-added", alias)
         except Exception:
             log.exception("device callback failed")
 
     def on_device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
         try:
-            self._note(dom, "device-removed", alias)
+            self._event(opaque, dom, "device-removed", alias)
         except Exception:
             log.exception("device callback failed")
 
     # --- reading -----------------------------------------------------------------------
 
-    def apply(self, tracker: Any) -> bool:
-        """Bring ``tracker`` up to date: full resync if one is due, else re-read each
-        pending domain. Returns whether anything was read. Connection errors start a
-        reconnect; guests already in the tracker stay as they were."""
-        if self.conn is None:
-            return False
-        import libvirt
+    async def _reader_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._up and (self.full_resync or self.pending):
+                self._reading = True
+                try:
+                    if self.full_resync:
+                        await self._read_all(self._worker)
+                    else:
+                        await self._read_pending(self._worker)
+                finally:
+                    self._reading = False
 
-        if self.full_resync:
-            try:
-                records = read_guests(self.conn)
-            except Exception as exc:
-                self.lost(_err_text(exc))
-                return False
+    async def _read_all(self, w: _Worker | None) -> None:
+        if w is None:
+            return
+        gen = self.generation
+        self.full_resync = False
+        self.pending.clear()  # the listing covers them; later events are read after it
+
+        def job(w: _Worker) -> list[GuestRecord]:
+            return read_guests(w.conn, progress=lambda s: w.step(f"{s} (full resync)"))
+
+        try:
+            records = await self._call(w, "full resync", job)
+        except Exception as exc:
+            self.full_resync = True
+            self._lose(w, _err_text(exc))
+            self._first_attempt.set()
+            return
+        self._ready_full, self._ready = (gen, records), {}  # supersedes earlier reads
+        self.counters["full_resyncs"] += 1
+        self._first_attempt.set()
+        self.on_change()
+
+    async def _read_pending(self, w: _Worker | None) -> None:
+        if w is None:
+            return
+        uuids = sorted(self.pending)
+        self.pending = set()
+        try:
+            out = await self._call(w, f"read {len(uuids)} domains",
+                                   lambda w: _read_domains(w, uuids))
+        except Exception as exc:
+            self.pending |= set(uuids)
+            self._lose(w, _err_text(exc))
+            return
+        self._ready.update(out)
+        self.counters["domain_reads"] += sum(1 for _, rec in out if rec is not None)
+        self.on_change()
+
+    def apply(self, tracker: Any) -> bool:
+        """Move the results read so far into ``tracker`` (a full resync first, then
+        single domains, in the order read). Never calls libvirt. Whether anything was
+        applied. Guests already in the tracker stay while libvirt is unreachable."""
+        changed = False
+        if self._ready_full is not None:
+            gen, records = self._ready_full
+            self._ready_full = None
             tracker.replace_all(records)
-            self.full_resync = False
-            self.pending.clear()
-            self.counters["full_resyncs"] += 1
-            return True
-        if not self.pending:
-            return False
-        pending, self.pending = self.pending, set()
-        for uuid in sorted(pending):
-            try:
-                dom = self.conn.lookupByUUIDString(uuid)
-                rec = read_guest(dom)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == _VIR_ERR_NO_DOMAIN:
-                    tracker.remove(uuid)  # undefined (transient domains vanish when stopped)
-                    continue
-                self.pending |= pending
-                self.lost(_err_text(exc))
-                return False
-            except Exception as exc:
-                self.pending |= pending
-                self.lost(_err_text(exc))
-                return False
-            if rec.active:
-                tracker.update(rec)
-            else:
-                tracker.remove(uuid)
-            self.counters["domain_reads"] += 1
-        return True
+            self._synced = gen
+            changed = True
+        if self._ready:
+            ready, self._ready = self._ready, {}
+            for uuid, rec in ready.items():
+                if rec is not None and rec.active:
+                    tracker.update(rec)
+                else:
+                    tracker.remove(uuid)
+            changed = True
+        return changed
 
     # --- state -------------------------------------------------------------------------
 
@@ -337,16 +688,42 @@ class LibvirtWatcher:
         log.warning("%s", text)
 
     def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+
+        def busy(w: _Worker) -> dict[str, Any]:
+            since = w.call_since
+            return {"thread": w.name, "call": w.call,
+                    "seconds": None if since is None else round(now - since, 3)}
+
+        w = self._worker
         return {"uri": self.uri, "connected": self.connected,
                 "connected_since": self.connected_since, "connections": self.generation,
+                "call_timeout_seconds": self.call_timeout,
+                "worker": None if w is None else busy(w),
+                "abandoned_threads": [busy(a) for a in abandoned_threads()],
                 "pending": sorted(self.pending), "full_resync_due": self.full_resync,
                 "last_error": self.last_error, "counters": dict(self.counters),
+                "events_received": self.events_received,
                 "last_events": list(self.events)}
 
     async def close(self) -> None:
-        self._closed = True
-        tasks = [*self._tasks, *([self._reconnect] if self._reconnect else [])]
+        """Stop the tasks and retire the worker. Never waits on a busy worker; an idle
+        one gets ``CLOSE_WAIT_SECONDS`` to close its connection."""
+        tasks = [*self._tasks, *([self._check_task] if self._check_task else [])]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._drop()
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+            self._stall_handle = None
+        w, self._worker, self._up = self._worker, None, False
+        self.connected_since = None
+        if w is None:
+            return
+        busy = w.call is not None
+        self._retire(w, LibvirtUnavailable("libvirt watcher closed"))
+        if busy:
+            return
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        while not w.finished.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)

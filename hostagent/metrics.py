@@ -63,7 +63,8 @@ CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset
 #: alert on ``hostagent_conflicts > 0`` has a series from the start.
 CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
                   "idle_thread_taken", "floating_on_dedicated", "cell_missing",
-                  "hugepages_exhausted", "hugepage_size_missing", "memory_exhausted",
+                  "hugepages_exhausted", "hugepages_untracked", "hugepage_size_missing",
+                  "memory_exhausted",
                   "cache_group_missing", "pci_overlap", "pci_missing", "xml_error",
                   "claim_mismatch")
 #: Where errors are counted (``hostagent_errors_total{where}``), each exported from 0:

@@ -1,6 +1,6 @@
 """The agent's ZeroMQ side: the XPUB snapshot stream and the ROUTER request endpoint.
 
-Stream (design §4.3): every message is ``[topic, msgpack(body)]`` with topic
+Stream (docs/daemon.md §3.1): every message is ``[topic, msgpack(body)]`` with topic
 ``hostagent.<host>.``. ``publish(data)`` sends a full snapshot with the next ``seq``;
 ``run()`` sends a heartbeat (current ``seq``, ``data: None``) whenever nothing went out
 for ``heartbeat_seconds``, reads subscription messages, and serves requests.
@@ -8,7 +8,7 @@ for ``heartbeat_seconds``, reads subscription messages, and serves requests.
 New subscribers: XPUB cannot address one subscriber, so when a subscription that
 matches our topic arrives (``XPUB_VERBOSER`` passes every one), the latest snapshot is
 *re-published unchanged* — same ``seq``, same bytes. The newcomer takes it; everyone
-who already holds that ``seq`` drops it as a duplicate (design §4.3 rule "drop seq not
+who already holds that ``seq`` drops it as a duplicate (docs/daemon.md §3.2: "drop seq not
 above the last"). Subscriptions arriving together (a scheduler restarting with 100
 sockets) cause one re-publish: the handler drains every queued subscription message
 first, and re-publishes at most once per coalescing window.

@@ -92,6 +92,7 @@ from hostagent.cbm import (
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import RequestError
 from hostagent.model import HostTopology, Resctrl, ResctrlGroup, ResctrlResource
+from hostagent.units import format_size, plural
 
 __all__ = [
     "BandwidthChoice",
@@ -104,7 +105,6 @@ __all__ = [
     "MB_MAX",
     "ReservationSpec",
     "choose_ways",
-    "exact_size",
     "merge_taken",
     "parse_reservation",
     "parse_size",
@@ -166,19 +166,6 @@ class ReservationSpec:
     caches: tuple[CacheItem, ...]
     bandwidth: tuple[BandwidthItem, ...]
     text: str
-
-
-def _ways(n: int) -> str:
-    return f"{n} way" if n == 1 else f"{n} ways"
-
-
-def exact_size(n: int) -> str:
-    """Bytes in the largest binary unit that divides them exactly (``2359296`` →
-    ``2304KiB``); usable as is in a ``size=`` value."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return f"{n}B"
 
 
 def parse_size(text: str) -> int:
@@ -686,23 +673,23 @@ def _ways_needed(it: CacheItem, res: ResctrlResource, cid: int) -> int:
     if size >= total:
         word = "is the whole" if size == total else "is more than the whole"
         raise RequestError(
-            f"{where}: size {exact_size(size)} {word} L{res.level} cache {cid} "
-            f"({exact_size(total)}, {res.cbm_bits} ways); the default group must keep some: "
-            f"at most {exact_size(hi * gran)} ({_ways(hi)})"
+            f"{where}: size {format_size(size)} {word} L{res.level} cache {cid} "
+            f"({format_size(total)}, {res.cbm_bits} ways); the default group must keep some: "
+            f"at most {format_size(hi * gran)} ({plural(hi, 'way')})"
         )
     if size % gran:
-        near = " and ".join(f"{exact_size(s)} ({_ways(s // gran)})" for s in _nearest_sizes(
-            size, gran, lo, hi))
+        near = " and ".join(f"{format_size(s)} ({plural(s // gran, 'way')})"
+                            for s in _nearest_sizes(size, gran, lo, hi))
         raise RequestError(
-            f"{where}: size {exact_size(size)} is not a whole number of {res.name} ways "
-            f"(one way = {exact_size(gran)} = {gran} bytes); nearest valid sizes: {near}"
+            f"{where}: size {format_size(size)} is not a whole number of {res.name} ways "
+            f"(one way = {format_size(gran)} = {gran} bytes); nearest valid sizes: {near}"
         )
     need = size // gran
     if need < res.min_cbm_bits:
         raise RequestError(
-            f"{where}: size {exact_size(size)} is {_ways(need)}, below the minimum of "
-            f"{_ways(res.min_cbm_bits)} (min_cbm_bits) on {res.name}; the smallest reservation "
-            f"is {exact_size(res.min_cbm_bits * gran)}"
+            f"{where}: size {format_size(size)} is {plural(need, 'way')}, below the minimum of "
+            f"{plural(res.min_cbm_bits, 'way')} (min_cbm_bits) on {res.name}; the smallest "
+            f"reservation is {format_size(res.min_cbm_bits * gran)}"
         )
     return need
 
@@ -873,9 +860,10 @@ def plan_reservation(
             gran = res.granularity_bytes
             raise RequestError(
                 f"reservation item {it.text!r}: not enough contiguous free ways on {res.name} "
-                f"cache {cid}: need {_ways(need)} ({exact_size(need * gran)}), largest free "
-                f"run is {_ways(run)} = {exact_size(run * gran)} ({_ways(popcount(free))} free "
-                "in all); free more with 'hostagent resctrl carve' or release a group"
+                f"cache {cid}: need {plural(need, 'way')} ({format_size(need * gran)}), "
+                f"largest free run is {plural(run, 'way')} = {format_size(run * gran)} "
+                f"({plural(popcount(free), 'way')} free in all); free more with "
+                "'hostagent resctrl carve' or release a group"
             )
         problem = validate_mask(mask, res)
         if problem:  # a bug if it happens: never hand out a mask the kernel refuses
@@ -1072,10 +1060,10 @@ def _carve_one(
         if exhausted or not blocked:
             reasons.append(
                 f"the default group ({format_mask(dmask, width)}) must keep at least "
-                f"{_ways(keep)} (min_cbm_bits {res.min_cbm_bits})"
+                f"{plural(keep, 'way')} (min_cbm_bits {res.min_cbm_bits})"
             )
         raise RequestError(
-            f"{where}: cannot free a run of {_ways(ways)}: {'; '.join(reasons)}; "
+            f"{where}: cannot free a run of {plural(ways, 'way')}: {'; '.join(reasons)}; "
             f"free now: {format_mask(free, width)} (largest run {largest_run(free)})"
         )
     after = best[1]
@@ -1134,7 +1122,7 @@ def plan_carve(
 def describe_items(items: Iterable[CacheChoice]) -> list[str]:
     """One readable line per chosen cache item (for the CLI)."""
     return [
-        f"{c.resource}:{c.cache_id}={c.mask_hex}  {c.ways} ways = {exact_size(c.bytes)}"
+        f"{c.resource}:{c.cache_id}={c.mask_hex}  {plural(c.ways, 'way')} = {format_size(c.bytes)}"
         + (" (kept)" if c.reused else "")
         for c in items
     ]

@@ -45,7 +45,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,6 +644,31 @@ def release(
     return True
 
 
+def carved_schemata(current: str, lines: Mapping[str, Mapping[int, str]]) -> str:
+    """``current`` (a schemata file's text) with the line of each resource in ``lines``
+    replaced by ``RES:id=mask;...``: the replacement keeps the line's own padding (the
+    kernel aligns the names) and ending; every other line, blank ones and the end of the
+    file included, is kept byte for byte. A resource the file does not list is added at
+    the end."""
+    wanted = {res: ";".join(f"{cid}={m}" for cid, m in sorted(ids.items()))
+              for res, ids in lines.items()}
+    out = []
+    done: set[str] = set()
+    for line in current.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        name, sep, _ = body.partition(":")
+        res = name.strip()
+        if sep and res in wanted:
+            pad = name[:len(name) - len(name.lstrip())]
+            line = f"{pad}{res}:{wanted[res]}{line[len(body):]}"
+            done.add(res)
+        out.append(line)
+    missing = [f"{res}:{value}\n" for res, value in wanted.items() if res not in done]
+    if missing and out and not out[-1].endswith("\n"):
+        out[-1] += "\n"
+    return "".join(out + missing)
+
+
 def carve(
     resctrl_root: str | os.PathLike[str],
     sysfs_root: str | os.PathLike[str],
@@ -657,9 +682,9 @@ def carve(
 ) -> CarvePlan:
     """Shrink the default group (``hostagent.resctrl.plan_carve``) and write its schemata.
 
-    The root ``schemata`` is rewritten whole: the lines we change, and every other line
-    (MB, SMBA, other levels) as the kernel printed it, so nothing else changes on the
-    kernel or in a plain-directory tree.
+    The root ``schemata`` is rewritten whole (``carved_schemata``): the lines we change,
+    and every other line (MB, SMBA, other levels) byte for byte as the kernel printed it,
+    so nothing else changes on the kernel or in a plain-directory tree.
     """
     root = os.fspath(resctrl_root)
     with locked(root, exclusive=not dry_run, timeout=lock_timeout, on_wait=on_wait):
@@ -669,23 +694,13 @@ def carve(
             return plan
         target = os.path.join(root, "schemata")
         try:
-            current = Path(target).read_text()
+            with open(target, encoding="utf-8", newline="") as fh:  # line ends as they are
+                current = fh.read()
         except OSError as exc:
             raise _fail(root, "reading", target, exc, "nothing was changed") from None
-        new_lines = {
-            res: f"{res}:" + ";".join(f"{cid}={m}" for cid, m in sorted(ids.items()))
-            for res, ids in plan.schemata.items()
-        }
-        out = []
-        for line in current.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            res = line.partition(":")[0].strip()
-            out.append(new_lines.pop(res, line))
-        out.extend(new_lines.values())
+        text = carved_schemata(current, plan.schemata)
         try:
-            _write(target, "".join(line + "\n" for line in out))
+            _write(target, text)
         except OSError as exc:
             status = last_cmd_status(root)
             outcome = _put_back(target, current, "the default group", "write it back by hand")

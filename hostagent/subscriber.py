@@ -10,7 +10,7 @@ ROUTER request endpoint (used to fetch a fresh snapshot after a gap). A source m
 a forwarder carrying many hosts. ``AsyncSubscriber`` is the same for asyncio
 (``await sub.poll()`` / ``async for update in sub``).
 
-Rules (design §4.3), applied per host by ``SubscriberState``, which does no I/O:
+Rules (docs/daemon.md §3.2), applied per host by ``SubscriberState``, which does no I/O:
 - a message of a new ``epoch`` resets the host (the agent restarted);
 - a snapshot whose ``seq`` is not above the one held is a duplicate and is dropped
   (this is how re-publishes for newcomers are ignored); one above it replaces it

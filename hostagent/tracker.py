@@ -68,6 +68,7 @@ class Context:
     cell_shared_count: dict[int, int]
     cell_dedicated_cores: dict[int, tuple[tuple[int, ...], ...]]  # cores all-dedicated
     pools: dict[tuple[int, int], int]  # (cell, size_kib) → total pages
+    kernel_free: dict[tuple[int, int], int]  # (cell, size_kib) → the kernel's free pages
     reserved_pages: dict[tuple[int, int], int]
     reserved_memory: dict[int, int]
     default_page_kib: int | None
@@ -121,6 +122,7 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
         if all(t in dedicated for t in threads):
             cores.setdefault(cpu_cell[c.id], set()).add(threads)
     pools = {(cell.id, p.size_kib): p.total for cell in topo.cells for p in cell.hugepages}
+    kernel_free = {(cell.id, p.size_kib): p.free for cell in topo.cells for p in cell.hugepages}
     reserved_pages: dict[tuple[int, int], int] = {}
     for r in resources.get("reserved_hugepages", ()):
         key = (int(r["cell"]), int(r["size_kib"]))
@@ -145,6 +147,7 @@ def make_context(topo: HostTopology, resources: Mapping[str, Any]) -> Context:
         cell_shared_count=cell_shared_count,
         cell_dedicated_cores={cid: tuple(sorted(v)) for cid, v in cores.items()},
         pools=pools,
+        kernel_free=kernel_free,
         reserved_pages=reserved_pages,
         reserved_memory=reserved_memory,
         default_page_kib=default_hugepage_kib(topo),
@@ -728,6 +731,12 @@ def fold(
     shared_on = _shared_guests_per_thread(contribs)
     _idle_threads_taken(everyone, owner, shared_on, names, conflicts)
     sums = _sum_contributions(everyone, conflicts)
+    if held:
+        claim_pages: dict[tuple[int, int], int] = {}
+        for c in held:
+            for cell, size, n in c.pages:
+                claim_pages[(cell, size)] = claim_pages.get((cell, size), 0) + n
+        sums = sums._replace(claim_pages=claim_pages)
     pci_out = _pci_users(sums.pci_users, names, conflicts, claim_ids)
     busy = _Busy(owner, shared_on, held_by, claimed, claim_ids)
     cells_out = _cell_usage(ctx, sums, busy, conflicts)
@@ -884,6 +893,9 @@ class _Sums(NamedTuple):
     floating_pages: dict[int, int]  # size KiB → pages
     group_owners: dict[str, str]  # resctrl group → uuid
     pci_users: dict[str, list[str]]  # address → uuids
+    # (cell, size KiB) → pages held by claims (counted in ``pages`` too; not in the
+    # kernel's counters until their guests run)
+    claim_pages: Mapping[tuple[int, int], int] = {}
 
 
 def _sum_contributions(contribs: list[Contribution],
@@ -989,7 +1001,8 @@ def _cell_usage(
 def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
                     conflicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One cell's pools (and page sizes guests use there without a pool): total,
-    reserved, used, free; ``hugepages_exhausted`` past ``total − reserved``."""
+    reserved, used, free; ``hugepages_exhausted`` past ``total − reserved``, and
+    ``hugepages_untracked`` (``_untracked_pages``)."""
     cid, pages = cell.id, sums.pages
     hp_out = []
     sizes = sorted({p.size_kib for p in cell.hugepages}
@@ -1005,9 +1018,34 @@ def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
                 f"cell {cid}: guests use {n} pages of {size} KiB, more than the {avail} "
                 f"available ({total} in the pool, {res_pages} reserved)",
                 sums.page_users.get((cid, size), []), cell=cid, size_kib=size))
+        free = max(0, avail - n)
+        # claimed pages are not in the kernel's counters yet: compared without them
+        claimed = sums.claim_pages.get((cid, size), 0)
+        _untracked_pages(ctx, cid, size, n - claimed, max(0, avail - n + claimed), conflicts)
         hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
-                       "used": n, "free": max(0, avail - n)})
+                       "used": n, "free": free})
     return hp_out
+
+
+def _untracked_pages(ctx: Context, cid: int, size: int, used: int, free: int,
+                     conflicts: list[dict[str, Any]]) -> None:
+    """``hugepages_untracked``: the kernel counts more pages of a pool in use
+    (``total − kernel free``) than the guests hold plus ``reserved`` covers, so the
+    accounting's ``free`` is more than the kernel's: something that is not a tracked guest
+    (a vswitch, a process outside libvirt) holds pages, and a scheduler trusting ``free``
+    would overbook the pool. One dict look-up per pool and fold."""
+    kernel_free = ctx.kernel_free.get((cid, size))
+    if kernel_free is None or free <= kernel_free:
+        return
+    total = ctx.pools[(cid, size)]
+    untracked = total - kernel_free - used
+    conflicts.append(_conflict(
+        "hugepages_untracked",
+        f"cell {cid}: {untracked} pages of {size} KiB are in use by something other than "
+        f"the tracked guests (the kernel has {kernel_free} of {total} free, guests hold "
+        f"{used}, {ctx.reserved_pages.get((cid, size), 0)} reserved): {free} counted free, "
+        f"{kernel_free} really free", [], cell=cid, size_kib=size, untracked=untracked,
+        kernel_free=kernel_free))
 
 
 def _thread_entries(

@@ -1,6 +1,8 @@
 """Shared test helpers: libvirt ``test:///`` node files and domain XML for guests.
 
-- ``probe_fixture(name)``: the ``HostTopology`` of ``fixtures/sysfs/<name>``.
+- ``probe_fixture(name)``: the ``HostTopology`` of ``fixtures/sysfs/<name>``;
+  ``pools_free(topo)``: the same with every hugepage pool wholly free in the kernel's
+  count (the fixtures show pages in use by no guest: a ``hugepages_untracked`` conflict).
 - ``node_xml(topo, domains)`` / ``write_node(dir, topo, domains)``: a custom test-driver
   node file whose ``<cpu>`` matches the topology (cells, sockets, cores, threads, online
   CPUs) and whose ``<memory>`` is the hosts's total, holding ``domains`` (strings from
@@ -33,6 +35,16 @@ def probe_fixture(name: str) -> HostTopology:
 
     base = FIXTURES / name / "sys"
     return probe_host(base, base / "fs" / "resctrl")
+
+
+def pools_free(topo: HostTopology) -> HostTopology:
+    """``topo`` with each hugepage pool's kernel ``free`` equal to its ``total``: for tests
+    about guests, which should not also see the fixture host's own page users."""
+    from hostagent.model import replace
+
+    cells = tuple(replace(c, hugepages=tuple(replace(p, free=p.total) for p in c.hugepages))
+                  for c in topo.cells)
+    return replace(topo, cells=cells)
 
 
 def uuid_for(name: str) -> str:

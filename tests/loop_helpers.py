@@ -1,8 +1,8 @@
-"""One asyncio loop for every in-process test that touches libvirt events.
+"""One asyncio loop for the in-process tests of the agent and the libvirt watcher.
 
-libvirtaio binds libvirt's event implementation to one loop for the life of the process,
-so tests that need libvirt events share ``LOOP`` and run coroutines on it from the main
-thread with ``run(coro)`` (signal handlers need the main thread too).
+They share ``LOOP`` and run coroutines on it from the main thread with ``run(coro)``
+(signal handlers need the main thread). libvirt's events come from its own event thread
+(``hostagent.libvirt_watch.ensure_event_impl``) and are posted to whichever loop runs.
 """
 
 from __future__ import annotations

@@ -568,3 +568,20 @@ def test_bad_default_ttls_are_config_errors(value: Any, message: str) -> None:
         config_from_dict({"curve": {"claimants_dir": 5}}, "f.toml")
     cfg = config_from_dict({"claims": {"default_ttl_seconds": 30}})
     assert cfg.claims.default_ttl_seconds == 30.0 and cfg.curve.claimants_dir == ""
+
+
+def test_claimed_hugepages_do_not_hide_pages_the_kernel_says_someone_else_uses() -> None:
+    """The kernel's free counter does not know claims yet: ``hugepages_untracked`` is
+    judged on the guests' pages alone, so a claim does not mask pages in use elsewhere."""
+    from hostagent.model import replace
+
+    cells = tuple(replace(c, hugepages=tuple(
+        replace(p, free=p.total - 128) if p.size_kib == 2048 else p
+        for p in c.hugepages)) for c in TOPO.cells)  # 128 pages per cell used elsewhere
+    tr = new_tracker(replace(TOPO, cells=cells))
+    before = [c for c in tr.usage()["conflicts"] if c["kind"] == "hugepages_untracked"]
+    assert [(c["cell"], c["untracked"]) for c in before] == [(0, 128), (1, 128)]
+    record, _ = claim(tr, PINNED_2M)  # 512 pages of one cell, more than the 128
+    assert record is not None
+    after = [c for c in tr.usage()["conflicts"] if c["kind"] == "hugepages_untracked"]
+    assert after == before

@@ -47,12 +47,12 @@ def test_keys_makes_a_pair_and_refuses_to_overwrite(tmp_path):
 
 
 def test_watch_prints_one_line_per_snapshot(agent):
-    r = cli("watch", f"{agent.stream},{agent.req}", "--count", "1")
+    r = cli("watch", f"{agent.stream},{agent.req}", "--count", "1", "--wide")
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith("testhost seq ")
-    assert "pCPUs free c0:18/20 c1:20/20" in line
-    assert "hugepages free c0:2M=" in line and "cache ways free L3#0=" in line
+    assert "pCPUs free/dedicated c0:18/20 c1:20/20" in line
+    assert "hugepages free/kernel c0:2MiB=" in line and "cache ways free L3#0=" in line
     assert "guests 1" in line
 
 
@@ -79,8 +79,8 @@ def test_show_from_an_endpoint_and_from_a_file(agent, tmp_path):
     assert "c0 0:2    2=web/v0  26=web/v1" in out
     assert "c0 0:0    0=shared(1)  24=shared" in out  # web's emulator may run on 0
     assert "c1 1:2    14=free  38=free" in out
-    assert "L3#0   **DDD..BBCC  free 2 ways" in out and "    B nfv-excl" in out
-    assert "hugepage pools" in out and "c0   2M: total 2048" in out
+    assert "L3#0   **DDD..ggzz  free 2 ways" in out and "    g nfv-excl" in out
+    assert "hugepage pools" in out and "c0  2 MiB: total 2048" in out
     assert "L3#0" in out and "(default group)" in out
     snap = json.loads(cli("watch", agent.stream, "--json", "--count", "1").stdout)
     f = tmp_path / "snap.json"
@@ -100,7 +100,7 @@ def test_demo_runs_and_exits_0():
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert any(" seq 1 " in ln and "pCPUs free" in ln for ln in lines)
+    assert any(" seq 1 " in ln and "free: pCPUs" in ln for ln in lines)
     assert any(ln.startswith("demo: starting") or ln.startswith("demo: stopping")
                for ln in lines)
     assert "demo: done (agent exit 0)" in r.stdout

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from daemon_helpers import config_text
@@ -152,8 +153,14 @@ def test_events_together_make_one_snapshot_and_no_change_publishes_nothing():
         a = p.agent
         conn = a.watcher.conn
         sent = a.publisher.stats["snapshots"]
+        received = a.watcher.events_received
         for i, cpu in enumerate((2, 3, 4)):  # six events in one loop step
             conn.defineXML(domain_xml(f"g{i}", vcpus=1, vcpupin={0: str(cpu)})).create()
+        # libvirt's event thread hands them to the loop: wait (holding the loop) until
+        # all six are posted, so that they are handled in one loop step
+        deadline = time.monotonic() + 10
+        while a.watcher.events_received < received + 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
         snap = await p.snapshot_where(lambda s: len(s["usage"]["guests"]) == 3)
         assert a.publisher.stats["snapshots"] == sent + 1
         assert a.watcher.counters["event_lifecycle"] == 6

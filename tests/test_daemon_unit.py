@@ -35,7 +35,7 @@ def test_service_settings():
 def test_systemd_analyze_verify(tmp_path):
     unit = tmp_path / "hostagent.service"
     exe = shutil.which("true")
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/hostagent", exe))
+    unit.write_text(UNIT.read_text().replace("/opt/hostagent/bin/hostagent", exe))
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -93,14 +93,14 @@ def test_shared_l3_across_cells_is_planned_for_the_whole_placement():
     assert not no["fits"]
     msg = [r for r in no["reasons"] if r["resource"] == "cache_ways"][0]["message"]
     assert msg.startswith("cache reservation of vCPUs 2-3 on threads ")
-    assert "need 4 ways (4MiB), largest free run is 2 ways" in msg
+    assert "need 4 ways (4 MiB), largest free run is 2 ways" in msg
 
 
 def test_refusals_from_the_planner_become_reasons():
     topo = make_topology(1, 4, 2, resctrl_ways=12)
     odd = fit(make_snapshot(topo), dedicated(2, "vcpus=0:type=both,size=1500kb"))
     assert not odd["fits"]
-    assert "nearest valid sizes: 1MiB (1 way) and 2MiB (2 ways)" in odd["reasons"][0]["message"]
+    assert "nearest valid sizes: 1 MiB (1 way) and 2 MiB (2 ways)" in odd["reasons"][0]["message"]
     cdp = fit(make_snapshot(topo), dedicated(2, "vcpus=0:type=code,size=1mb;type=data,size=1mb"))
     assert "type=code needs CDP, which is off for L3" in cdp["reasons"][0]["message"]
     none = fit(make_snapshot(make_topology(1, 4, 2)), dedicated(2, "vcpus=0:type=both,size=1mb"))

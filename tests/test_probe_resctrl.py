@@ -167,8 +167,9 @@ def test_way_map_draws_most_significant_first():
 
 def test_report_shows_maps_and_legend():
     text = render(probe("xeon-2s-cat"))
-    assert "L3:0 = **DDD..BBCC  free 2" in text
-    assert "L3:1 = *****A...BB  free 3" in text
-    assert "group B nfv-excl: exclusive, 1 tasks, cpus 8-9,32-33" in text
+    # group letters come from the names (group_letters); "1 task", not "1 tasks"
+    assert "L3:0 = **DDD..ggzz  free 2" in text
+    assert "L3:1 = *****s...gg  free 3" in text
+    assert "group g nfv-excl: exclusive, 1 task, cpus 8-9,32-33" in text
     assert "MB (percent" in text
     assert "resctrl: not mounted" in render(probe("vm-1s-nosmt"))

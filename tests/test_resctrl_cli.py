@@ -31,12 +31,13 @@ def test_free_json_maps_every_way(capsys, roots):
     assert code == 0
     doc = json.loads(out)
     assert doc["closids"] == {"used": 4, "limit": 8}
-    assert [g["letter"] for g in doc["groups"]] == ["D", "A", "B", "C"]
+    # letters come from the group names (hostagent.probe.report.group_letters)
+    assert [g["letter"] for g in doc["groups"]] == ["D", "s", "g", "z"]
     c0 = doc["caches"][0]
     assert (c0["resource"], c0["id"]) == ("L3", 0)
     assert (c0["free_mask"], c0["largest_free_run"]) == ("030", 2)
     # way 10..0: batch+default (shareable I/O ways), default x3, free x2, nfv-excl x2, rt1 x2
-    assert c0["map"] == "**DDD..BBCC"
+    assert c0["map"] == "**DDD..ggzz"
     assert c0["ways"][0] == {"way": 10, "owners": ["", "batch"], "shareable": True}
     assert c0["ways"][5] == {"way": 5, "owners": [], "shareable": False}
     assert c0["granularity_bytes"] == 2359296
@@ -47,7 +48,8 @@ def test_free_json_maps_every_way(capsys, roots):
 def test_free_text(capsys, roots):
     code, out, _ = run(capsys, "resctrl", "free", *roots)
     assert code == 0
-    assert "L3:1  *****A...BB  free 3 (6912KiB), largest run 3 (6912KiB), free mask 01c" in out
+    assert ("L3:1  *****s...gg  free 3 ways (6.75 MiB), largest run 3 ways (6.75 MiB), "
+            "free mask 01c") in out
     assert "groups 4 of 8 CLOSIDs" in out
 
 
@@ -65,7 +67,7 @@ def test_reserve_release_round_trip(capsys, roots):
     code, out, _ = run(capsys, "resctrl", "reserve", "rt1", "type=both,size=4608k",
                        "--cpus", "12-13", *roots)
     assert out.startswith("group hostagent-rt1: unchanged (")
-    assert "  L3:1=00c  2 ways = 4608KiB (kept)" in out
+    assert "  L3:1=00c  2 ways = 4.5 MiB (kept)" in out
     code, out, _ = run(capsys, "resctrl", "free", "--json", *roots)
     assert "hostagent-rt1" in [g["name"] for g in json.loads(out)["groups"]]
     code, out, _ = run(capsys, "resctrl", "release", "rt1", "--json", *roots)
@@ -91,7 +93,7 @@ def test_carve_json_and_text(capsys, roots):
     code, out, _ = run(capsys, "resctrl", "carve", "--ways", "4", "--cache-id", "0",
                        "--dry-run", *roots)
     assert out == ("default group: would change\n"
-                   "  L3:0 7c0 -> 700  free 030 -> 0f0 (largest run 4)\n")
+                   "  L3:0 7c0 -> 700  free 030 -> 0f0 (largest run 4 ways)\n")
     code, out, _ = run(capsys, "resctrl", "carve", "--ways", "4", "--cache-id", "0", "--json",
                        *roots)
     doc = json.loads(out)
@@ -104,7 +106,7 @@ def test_carve_json_and_text(capsys, roots):
     ("argv", "message"),
     [
         (["reserve", "rt1", "type=both,size=2mb"],
-         "hostagent: reservation item 'type=both,size=2mb': size 2MiB is not a whole number"),
+         "hostagent: reservation item 'type=both,size=2mb': size 2 MiB is not a whole number"),
         (["reserve", "a/b", "type=both,size=2304k"],
          "hostagent: group name 'a/b': must not contain '/'"),
         (["reserve", "rt1", "type=both,size=2304k", "--cpus", "x"],

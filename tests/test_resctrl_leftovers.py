@@ -155,7 +155,7 @@ def test_killed_after_the_schemata_write(tmp_path, capsys):
     code, out, err = cli(capsys, resctrl, sysfs, "reserve", "rt1", SPEC, "--cpus", "12-13")
     assert (code, err) == (0, "")
     assert out.startswith(f"group hostagent-rt1: updated ({group})")
-    assert "  L3:1=00c  2 ways = 4608KiB (kept)" in out
+    assert "  L3:1=00c  2 ways = 4.5 MiB (kept)" in out
     assert (group / "cpus_list").read_text() == "12-13\n"
     kernel_accepts(resctrl, sysfs)
     assert find_leftovers(resctrl, probe_host(sysfs, resctrl)) == []

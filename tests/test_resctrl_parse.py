@@ -3,7 +3,8 @@
 import pytest
 
 from hostagent.errors import RequestError
-from hostagent.resctrl import BandwidthItem, CacheItem, exact_size, parse_reservation, parse_size
+from hostagent.resctrl import BandwidthItem, CacheItem, parse_reservation, parse_size
+from hostagent.units import format_size
 
 
 def test_operator_syntax_parses_items_in_order():
@@ -68,13 +69,14 @@ def test_bad_sizes(text, message):
     assert message in str(exc.value)
 
 
-def test_exact_size_uses_the_largest_dividing_unit():
-    assert exact_size(2359296) == "2304KiB"
-    assert exact_size(10 << 20) == "10MiB"
-    assert exact_size(1 << 30) == "1GiB"
-    assert exact_size(1000) == "1000B"
-    assert exact_size(0) == "0B"
-    assert parse_size(exact_size(2359296)) == 2359296
+def test_printed_sizes_are_exact_and_read_back():
+    # the planner's messages print sizes with hostagent.units.format_size (IEC, exact)
+    assert format_size(2359296) == "2.25 MiB"
+    assert format_size(10 << 20) == "10 MiB"
+    assert format_size(1 << 30) == "1 GiB"
+    assert format_size(1000) == "1000 B"
+    assert format_size(0) == "0 B"
+    assert parse_size(format_size(2359296)) == 2359296
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def test_not_enough_room_names_the_largest_run_in_ways_and_bytes():
     msg = err(host(groups=FRAGMENTED), "type=both,size=6m,cache-id=1")
     assert msg == (
         "reservation item 'type=both,size=6m,cache-id=1': not enough contiguous free ways on "
-        "L3 cache 1: need 6 ways (6MiB), largest free run is 5 ways = 5MiB (10 ways free in "
+        "L3 cache 1: need 6 ways (6 MiB), largest free run is 5 ways = 5 MiB (10 ways free in "
         "all); free more with 'hostagent resctrl carve' or release a group"
     )
 
@@ -178,29 +178,30 @@ def test_choose_ways_directly():
 def test_size_errors_in_libvirt_order():
     t = host(min_bits=2, groups=[("", "shareable", {"L3": {0: 0x003, 1: 0x003}})])
     assert err(t, "type=both,size=12m,cache-id=0") == (
-        "reservation item 'type=both,size=12m,cache-id=0': size 12MiB is the whole L3 cache 0 "
-        "(12MiB, 12 ways); the default group must keep some: at most 11MiB (11 ways)"
+        "reservation item 'type=both,size=12m,cache-id=0': size 12 MiB is the whole L3 cache 0 "
+        "(12 MiB, 12 ways); the default group must keep some: at most 11 MiB (11 ways)"
     )
-    assert "size 13MiB is more than the whole L3 cache 0" in err(t, "type=both,size=13m,cache-id=0")
+    assert "size 13 MiB is more than the whole L3 cache 0" in err(
+        t, "type=both,size=13m,cache-id=0")
     assert err(t, "type=both,size=1536k,cache-id=0") == (
-        "reservation item 'type=both,size=1536k,cache-id=0': size 1536KiB is not a whole number "
-        "of L3 ways (one way = 1MiB = 1048576 bytes); nearest valid sizes: 2MiB (2 ways) and "
-        "3MiB (3 ways)"
+        "reservation item 'type=both,size=1536k,cache-id=0': size 1.5 MiB is not a whole number "
+        "of L3 ways (one way = 1 MiB = 1048576 bytes); nearest valid sizes: 2 MiB (2 ways) and "
+        "3 MiB (3 ways)"
     )
-    assert "nearest valid sizes: 4MiB (4 ways) and 5MiB (5 ways)" in err(
+    assert "nearest valid sizes: 4 MiB (4 ways) and 5 MiB (5 ways)" in err(
         t, "type=both,size=4500k,cache-id=0")
-    assert "nearest valid sizes: 10MiB (10 ways) and 11MiB (11 ways)" in err(
+    assert "nearest valid sizes: 10 MiB (10 ways) and 11 MiB (11 ways)" in err(
         t, "type=both,size=11.5m,cache-id=0")
     assert err(t, "type=both,size=1m,cache-id=0") == (
-        "reservation item 'type=both,size=1m,cache-id=0': size 1MiB is 1 way, below the minimum "
-        "of 2 ways (min_cbm_bits) on L3; the smallest reservation is 2MiB"
+        "reservation item 'type=both,size=1m,cache-id=0': size 1 MiB is 1 way, below the minimum "
+        "of 2 ways (min_cbm_bits) on L3; the smallest reservation is 2 MiB"
     )
-    assert "size 0B is 0 ways, below the minimum" in err(t, "type=both,size=0,cache-id=0")
+    assert "size 0 B is 0 ways, below the minimum" in err(t, "type=both,size=0,cache-id=0")
 
 
 def test_granularity_of_a_real_fixture():
     topo = probe_host(FIXTURES / "xeon-2s-cat/sys", FIXTURES / "xeon-2s-cat/sys/fs/resctrl")
-    assert "nearest valid sizes: 2304KiB (1 way) and 4608KiB (2 ways)" in err(
+    assert "nearest valid sizes: 2.25 MiB (1 way) and 4.5 MiB (2 ways)" in err(
         topo, "type=both,size=2mb,cache-id=0")
 
 

@@ -9,7 +9,15 @@ import sys
 
 import libvirt
 import pytest
-from libvirt_helpers import ROOT, domain_xml, open_test, probe_fixture, uuid_for, write_node
+from libvirt_helpers import (
+    ROOT,
+    domain_xml,
+    open_test,
+    pools_free,
+    probe_fixture,
+    uuid_for,
+    write_node,
+)
 
 from hostagent.cli import main
 from hostagent.config import config_from_dict, resolve_resources
@@ -23,7 +31,8 @@ SHARED = "0-1,12-13,24-25,36-37"
 
 @pytest.fixture(scope="module")
 def xeon():
-    return probe_fixture("xeon-2s-cat")
+    # pools wholly free in the kernel's count: the guests here are the only page users
+    return pools_free(probe_fixture("xeon-2s-cat"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +192,9 @@ def test_snapshot_command_json(tmp_path, xeon, capsys):
     assert snap["config"]["reserved_memory_kib"] == {"0": 1048576, "1": 1048576}
     u = snap["usage"]
     assert sorted(g["name"] for g in u["guests"]) == ["rt1", "twin"]  # parked is shut off
-    assert [c["kind"] for c in u["conflicts"]] == ["dedicated_overlap"]
+    # the fixture tree's kernel counts pages in use by no guest on three pools
+    assert [c["kind"] for c in u["conflicts"]] == ["dedicated_overlap"] + [
+        "hugepages_untracked"] * 3
     assert u["threads"][26]["guest"] in (uuid_for("rt1"), uuid_for("twin"))
     assert u["threads"][4]["guest"] is None
     rt1 = next(g for g in u["guests"] if g["name"] == "rt1")
@@ -202,9 +213,10 @@ def test_snapshot_command_summary(tmp_path, xeon, capsys):
     lines = out.splitlines()
     cell0 = next(line for line in lines if line.startswith("0 "))
     assert "17/20" in cell0 and "2-3,26" in cell0  # threads 2, 3 and 26 taken
-    assert "1G:1/31" in cell0
+    assert "1 GiB 1/31" in cell0
     assert any(line.strip().startswith("rt1") and "L3#0:003" in line for line in lines)
-    assert "conflicts: 1" in out and "dedicated_overlap: dedicated CPU 26" in out
+    assert "conflicts: 4" in out and "dedicated_overlap: dedicated CPU 26" in out
+    assert "hugepages_untracked: cell 1: 11 pages of 1048576 KiB" in out
 
 
 @pytest.mark.parametrize(

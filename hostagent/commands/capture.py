@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hostagent.commands.probe import add_root_options, roots
+from hostagent.commands.options import add_root_options, roots
 from hostagent.errors import HostagentError, RequestError
 
 

@@ -115,5 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     else:
-        sys.stdout.write(explain(answer))
+        cells = (snapshot.get("topology") or {}).get("cells") or []
+        sys.stdout.write(explain(answer, [c["id"] for c in cells if isinstance(c, dict)]))
     return 0 if answer["fits"] else 1

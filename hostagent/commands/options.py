@@ -4,8 +4,9 @@ A command whose options are all ``--name VALUE`` or ``--flag`` (``probe``, ``sna
 lists them as ``QUICK_OPTIONS``, a tuple of ``Option``. ``add_options`` adds them to the
 command's argparse parser, which gives ``--help``, the usage line and the error messages.
 ``quick_parse`` reads an ordinary command line against the same table without importing
-argparse: for ``hostagent probe --json`` on a big host that is about 5 of its ~45 ms
-(argparse, the ``gettext`` and ``locale`` modules it loads, and building the parser).
+argparse, the ``gettext`` and ``locale`` modules it loads, or building the parser: a
+noticeable part of a short command such as ``hostagent probe --json`` (docs/probe.md
+§Speed).
 
 The quick parser only answers when the line is one it reads exactly as argparse would:
 known long options, each given in full, values after a space or ``=``. For anything
@@ -13,6 +14,9 @@ else — ``-h``/``--help``, an unknown or abbreviated option, a value starting w
 after a space, a missing value, a positional argument, ``--`` — it returns ``None`` and the
 caller lets argparse parse the line with its own rules and messages. The tests check that
 the two give the same values on a table of command lines.
+
+``ROOT_OPTIONS`` (``--sysfs-root``, ``--resctrl-root``) and ``roots`` are shared by every
+command that reads the host's trees: ``probe``, ``capture``, ``snapshot``, ``resctrl``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,31 @@ def add_options(parser: Any, options: Sequence[Option]) -> None:
             parser.add_argument(opt.flag, action="store_true", help=opt.help)
         else:
             parser.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
+
+
+ROOT_OPTIONS = (
+    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
+    Option(
+        "--resctrl-root",
+        "D",
+        "resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
+    ),
+)
+
+
+def add_root_options(parser: Any) -> None:
+    """Add ``ROOT_OPTIONS`` to an ``argparse.ArgumentParser``."""
+    add_options(parser, ROOT_OPTIONS)
+
+
+def roots(args: Any) -> tuple[str, str]:
+    """(sysfs root, resctrl root) from parsed ``ROOT_OPTIONS``: ``--sysfs-root``, default
+    ``/sys``; ``--resctrl-root``, default ``<sysfs-root>/fs/resctrl`` (the rule of
+    ``hostagent.probe.roots``, which the config file's ``[probe]`` follows too)."""
+    from hostagent.probe.roots import DEFAULT_SYSFS_ROOT, default_resctrl_root
+
+    sysfs = args.sysfs_root or DEFAULT_SYSFS_ROOT
+    return sysfs, args.resctrl_root or default_resctrl_root(sysfs)
 
 
 def quick_parse(argv: Sequence[str], options: Sequence[Option]) -> dict[str, Any] | None:

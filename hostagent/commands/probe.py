@@ -9,37 +9,16 @@ or psutil on this path.
 
 from __future__ import annotations
 
-from hostagent.commands.options import Option, add_options
+from hostagent.commands.options import ROOT_OPTIONS, Option, add_options, roots
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
     import argparse
 
-ROOT_OPTIONS = (
-    Option("--sysfs-root", "D", "sysfs tree to read (default /sys)"),
-    Option(
-        "--resctrl-root",
-        "D",
-        "resctrl mount to read (default <sysfs-root>/fs/resctrl, or /sys/fs/resctrl)",
-    ),
-)
 QUICK_OPTIONS = (
     *ROOT_OPTIONS,
     Option("--json", None, "print the schema-v1 topology plus free_cache"),
 )
-
-
-def add_root_options(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, ROOT_OPTIONS)
-
-
-def roots(args: argparse.Namespace) -> tuple[str, str]:
-    """(sysfs root, resctrl root) from the parsed options, with the defaults above."""
-    sysfs = args.sysfs_root or "/sys"
-    resctrl = args.resctrl_root or (
-        f"{args.sysfs_root.rstrip('/')}/fs/resctrl" if args.sysfs_root else "/sys/fs/resctrl"
-    )
-    return sysfs, resctrl
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import gc
 
     # one short pass that builds thousands of objects, none in a cycle: collecting
-    # garbage while it runs only costs time (about 2 ms on a 448-thread host)
+    # garbage while it runs only costs time (docs/probe.md §Speed)
     was_enabled = gc.isenabled()
     gc.disable()
     try:

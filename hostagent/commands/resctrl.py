@@ -16,9 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hostagent.commands.probe import add_root_options, roots
-
-_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+from hostagent.commands.options import add_root_options, roots
+from hostagent.units import format_size, plural
 
 
 def _common(json_help: str) -> argparse.ArgumentParser:
@@ -100,12 +99,10 @@ def free_report(topo: Any, leftovers: Sequence[Any] = ()) -> dict[str, Any]:
     """The ``resctrl free --json`` document (see docs/resctrl.md); ``leftovers`` are
     ``hostagent.resctrl_fs.Leftover``."""
     from hostagent.cbm import cache_ways, parse_mask
-    from hostagent.probe.report import way_map
+    from hostagent.probe.report import group_letters, way_map
 
     rc = topo.resctrl
-    letters = {"": "D"}
-    for i, g in enumerate(g for g in rc.groups if g.name):
-        letters[g.name] = _LETTERS[i] if i < len(_LETTERS) else "?"
+    letters = group_letters(g.name for g in rc.groups)
     limits = [r.num_closids for r in rc.resources if r.num_closids]
     if rc.mb is not None and rc.mb.num_closids:
         limits.append(rc.mb.num_closids)
@@ -148,25 +145,25 @@ def free_report(topo: Any, leftovers: Sequence[Any] = ()) -> dict[str, Any]:
 
 
 def render_free(doc: dict[str, Any]) -> str:
-    from hostagent.resctrl import exact_size
+    from hostagent.probe.report import way_legend
 
     cdp = ", ".join(k for k, v in sorted(doc["cdp"].items()) if v) or "off"
     cl = doc["closids"]
     out = [f"resctrl: CDP {cdp}; groups {cl['used']} of {cl['limit'] or '?'} CLOSIDs "
            "(the default group counts)"]
     for g in doc["groups"]:
-        out.append(f"  {g['letter']} {g['name'] or '(default)'}: {g['mode']}, {g['tasks']} tasks"
+        out.append(f"  {g['letter']} {g['name'] or '(default)'}: {g['mode']}, "
+                   f"{plural(g['tasks'], 'task')}"
                    + (f", cpus {_cpus(g['cpus'])}" if g["cpus"] else ""))
     for c in doc["caches"]:
         out.append(
-            f"{c['resource']}:{c['id']}  {c['map']}  free {c['free_ways']} "
-            f"({exact_size(c['free_bytes'])}), largest run {c['largest_free_run']} "
-            f"({exact_size(c['largest_free_bytes'])}), free mask {c['free_mask']}"
+            f"{c['resource']}:{c['id']}  {c['map']}  free {plural(c['free_ways'], 'way')} "
+            f"({format_size(c['free_bytes'])}), largest run "
+            f"{plural(c['largest_free_run'], 'way')} "
+            f"({format_size(c['largest_free_bytes'])}), free mask {c['free_mask']}"
         )
-    out.append(
-        "  ways: highest first; . free, - free but shared with I/O (shareable_bits), "
-        "D default group, * several groups, letters: the groups above"
-    )
+    if doc["caches"]:
+        out.append("  ways: highest first; " + way_legend(c["map"] for c in doc["caches"]))
     if doc["mb"] is not None:
         mb = doc["mb"]
         out.append(f"MB ({mb['unit']}, granularity {mb['bandwidth_gran']}, "
@@ -271,7 +268,7 @@ def run_carve(args: argparse.Namespace) -> int:
         out.append(
             f"  {d['resource']}:{d['cache_id']} {d['before']} -> {d['after']}"
             f"  free {d['free_before']} -> {d['free_after']} "
-            f"(largest run {d['largest_free_run']})"
+            f"(largest run {plural(d['largest_free_run'], 'way')})"
         )
     _out("\n".join(out))
     return 0

@@ -1,15 +1,16 @@
 """``hostagent run [--config F]``: the daemon (see ``hostagent.daemon`` and docs/daemon.md).
 
 Without ``--config`` it reads ``/etc/hostagent/hostagent.toml`` when that file exists and
-runs on the built-in defaults otherwise. A bad config, an unreadable sysfs tree or an
-endpoint that cannot be bound is one ``hostagent: <message>`` line and exit code 2;
-SIGTERM/SIGINT stop it cleanly with exit code 0.
+runs on the built-in defaults otherwise (``hostagent.config.config_path``, the rule of
+every command that reads the config; ``$HOSTAGENT_DEFAULT_CONFIG`` moves that path).
+A bad config, an unreadable sysfs tree or an endpoint that cannot be bound is one
+``hostagent: <message>`` line and exit code 2; SIGTERM/SIGINT stop it cleanly with exit
+code 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,10 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hostagent.config import DEFAULT_PATH
+    from hostagent.config import config_path
     from hostagent.daemon import run_agent
 
-    path = args.config
-    if path is None and os.path.exists(DEFAULT_PATH):
-        path = DEFAULT_PATH
-    return run_agent(path)
+    return run_agent(config_path(args.config))

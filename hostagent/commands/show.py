@@ -1,16 +1,20 @@
 """``hostagent show [--endpoint E | --file F]``: one snapshot drawn for a person.
 
-The snapshot comes from a file (JSON: a snapshot, or a stream body / request reply
-holding one in ``data``; ``-`` is stdin) or from an agent (``--endpoint
+The snapshot comes from a file (JSON: a snapshot, a stream body / request reply
+holding one in ``data``, or a SIGUSR1 debug dump holding one in ``snapshot``; ``-`` is
+stdin) or from an agent (``--endpoint
 STREAM[,REQUEST]``: subscribe and take the first snapshot, which the agent sends to
 every new subscriber at once; default: the config's endpoints).
 
 Drawn: the summary of ``hostagent snapshot`` (cells, guests, conflicts), the hugepage
-pools per cell, a thread map (one line per core: each thread with its owner —
-``guest/v3`` a pinned vCPU, ``guest/emu`` an emulator thread, ``free`` a free dedicated
-thread, ``shared(N)`` a shared thread with N guests floating on it, ``host``,
-``offline``), and per cache ID a map of its ways by group (most significant way first;
-``.`` free, ``-`` free but shared with I/O, a letter per group as listed).
+pools per cell (the accounting's free count beside the kernel's, and the pages used
+outside the tracked guests when there are any), a thread map (one line per core: each
+thread with its owner — ``guest/v3`` a pinned vCPU, ``guest/emu`` an emulator thread,
+``free`` a free dedicated thread, ``shared(N)`` a shared thread with N guests floating
+on it, ``host``, ``offline``), and per cache ID a map of its ways by group (most
+significant way first; ``.`` free, ``-`` free but shared with I/O, a letter per group as
+listed, derived from the group's name as in ``hostagent probe``; the legend names only
+the symbols shown).
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ from typing import Any
 
 from hostagent.commands.watch import add_client_options, client_curve, sources_from
 from hostagent.errors import HostagentError
-
-_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from hostagent.units import format_kib, plural
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--endpoint", metavar="E",
                      help="agent STREAM[,REQUEST] endpoint (default: from the config)")
-    src.add_argument("--file", metavar="F", help="snapshot JSON file ('-' = stdin)")
+    src.add_argument("--file", metavar="F",
+                     help="snapshot JSON file, or a debug dump ('-' = stdin)")
     p.add_argument("--host", metavar="NAME", help="which host (when E carries several)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="wait this long for a snapshot (default 5)")
@@ -55,6 +59,11 @@ def load_file(path: str) -> dict[str, Any]:
         raise HostagentError(f"{path}: not JSON: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
         doc = doc["data"]
+    elif isinstance(doc, dict) and "snapshot" in doc and "usage" not in doc:  # a debug dump
+        if doc["snapshot"] is None:
+            raise HostagentError(f"{path}: a debug dump without a snapshot (the agent had "
+                                 "published none yet)")
+        doc = doc["snapshot"]
     if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict) or \
             not isinstance(doc.get("topology"), dict):
         raise HostagentError(f"{path}: not a snapshot (no 'topology' and 'usage' maps)")
@@ -113,15 +122,28 @@ def thread_map(snap: dict[str, Any]) -> list[str]:
     return out
 
 
-def hugepage_pools(snap: dict[str, Any]) -> list[str]:
-    from hostagent.commands.watch import _size
+def kernel_free_pages(snap: dict[str, Any]) -> dict[tuple[int, int], int]:
+    """(cell, size KiB) → the kernel's free pages, from the snapshot's topology."""
+    return {(c["id"], p["size_kib"]): p["free"]
+            for c in snap["topology"].get("cells", []) for p in c.get("hugepages", [])}
 
-    out = ["hugepage pools (cell size: total used free reserved)"]
+
+def hugepage_pools(snap: dict[str, Any]) -> list[str]:
+    kernel = kernel_free_pages(snap)
+    out = ["hugepage pools (cell size: total, reserved, used by guests, free by accounting "
+           "/ by the kernel)"]
     for c in snap["usage"].get("cells", []):
         for h in c.get("hugepages", []):
-            out.append(f"  c{c['id']} {_size(h['size_kib']):>4}: total {h.get('total', '?')}"
-                       f"  used {h.get('used', '?')}  free {h.get('free', '?')}"
-                       f"  reserved {h.get('reserved', 0)}")
+            kfree = kernel.get((c["id"], h["size_kib"]))
+            total, used = h.get("total", "?"), h.get("used", "?")
+            line = (f"  c{c['id']} {format_kib(h['size_kib']):>6}: total {total}"
+                    f"  reserved {h.get('reserved', 0)}  used {used}  free {h.get('free', '?')}"
+                    f" / kernel {'-' if kfree is None else kfree}")
+            if all(isinstance(x, int) for x in (kfree, total, used)):
+                outside = total - kfree - used
+                if outside > 0:
+                    line += f"  ({plural(outside, 'page')} used outside the tracked guests)"
+            out.append(line)
     if len(out) == 1:
         out.append("  none")
     return out
@@ -129,7 +151,7 @@ def hugepage_pools(snap: dict[str, Any]) -> list[str]:
 
 def way_maps(snap: dict[str, Any]) -> list[str]:
     from hostagent.cbm import parse_mask
-    from hostagent.probe.report import way_map
+    from hostagent.probe.report import group_letters, way_legend, way_map
 
     caches = snap["usage"].get("caches", [])
     if not caches:
@@ -137,26 +159,23 @@ def way_maps(snap: dict[str, Any]) -> list[str]:
     names = {g["uuid"]: g["name"] for g in snap["usage"].get("guests", [])}
     resources = {r["name"]: r for r in (snap["topology"].get("resctrl") or {}).get(
         "resources", [])}
-    letters: dict[str, str] = {"": "D"}
-    for c in caches:
-        for a in c.get("allocations", []):
-            if a["group"] not in letters:
-                i = len(letters) - 1
-                letters[a["group"]] = _LETTERS[i] if i < len(_LETTERS) else "?"
-    out = ["cache ways (most significant first; . free, - free but shared with I/O, "
-           "* several groups)"]
+    letters = group_letters(a["group"] for c in caches for a in c.get("allocations", []))
+    rows = []
     for c in caches:
         res = resources.get(c.get("resource", ""), {})
         full = parse_mask(c.get("cbm_mask") or res.get("cbm_mask", "0"))
         shareable = parse_mask(c.get("shareable_mask") or res.get("shareable_bits") or "0")
         holders = [(letters[a["group"]], parse_mask(a["mask"]) & full)
                    for a in c.get("allocations", [])]
+        rows.append((c, way_map(full, shareable, holders)))
+    out = [f"cache ways (most significant first; {way_legend(m for _, m in rows)})"]
+    for c, drawn in rows:
         out.append(f"  {c.get('resource') or 'L' + str(c['level'])}#{c['id']:<3} "
-                   f"{way_map(full, shareable, holders)}  free {c['free_ways']} ways, "
-                   f"largest run {c['largest_free_run']}")
+                   f"{drawn}  free {plural(c['free_ways'], 'way')}, "
+                   f"largest run {plural(c['largest_free_run'], 'way')}")
     out.append("  groups:")
     guest_of = {a["group"]: a.get("guest") for c in caches for a in c.get("allocations", [])}
-    for group, letter in letters.items():
+    for group, letter in sorted(letters.items(), key=lambda kv: (kv[0] != "", kv[0])):
         g = guest_of.get(group)
         who = f"  guest {names.get(g, g)}" if g else ""
         out.append(f"    {letter} {group or '(default group)'}{who}")

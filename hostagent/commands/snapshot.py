@@ -4,6 +4,8 @@
 summary (per cell: free pCPUs and cores, shared vCPUs, memory, hugepages; the guests;
 the conflicts). Roots and URI: the options, else the config file's ``[probe]`` and
 ``[libvirt]`` values (``--sysfs-root D`` alone implies ``--resctrl-root D/fs/resctrl``).
+The config file is ``--config``, else ``/etc/hostagent/hostagent.toml`` when it exists
+(``hostagent.config.config_path``: the file ``run`` and ``watch`` read), else none.
 A bad config, an unreadable tree or an unreachable libvirt URI is one
 ``hostagent: <message>`` line and exit code 2.
 """
@@ -12,18 +14,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hostagent.commands.options import Option, add_options
-from hostagent.commands.probe import ROOT_OPTIONS
+from hostagent.commands.options import ROOT_OPTIONS, Option, add_options
 from hostagent.cpulist import format_cpulist
+from hostagent.units import format_kib, plural
 
 if TYPE_CHECKING:
     import argparse
 
 QUICK_OPTIONS = (
-    Option("--config", "F", "config file (default: built-in defaults)"),
+    Option("--config", "F", "config file (default /etc/hostagent/hostagent.toml if it "
+           "exists, else built-in defaults)"),
     *ROOT_OPTIONS,
     Option("--libvirt", "URI", "libvirt URI (default from the config, qemu:///system)"),
     Option("--host", "NAME", "host name to publish (default: config, else the hostname)"),
+    Option("--libvirt-timeout", "S", "seconds one libvirt call may take (default: the "
+           "config's [libvirt] call_timeout_seconds, 10)"),
     Option("--json", None, "print the whole snapshot as JSON"),
 )
 
@@ -44,33 +49,26 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from hostagent.config import load_config
-    from hostagent.guests.source import open_readonly, read_guests
+    from hostagent.config import config_path, load_config
+    from hostagent.guests.source import read_guests_once
     from hostagent.probe.host import probe_host
+    from hostagent.probe.roots import default_resctrl_root
     from hostagent.snapshot import build_snapshot
 
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args.config))
     sysfs = args.sysfs_root or cfg.probe.sysfs_root
     if args.resctrl_root:
         resctrl = args.resctrl_root
     elif args.sysfs_root:
-        resctrl = f"{args.sysfs_root.rstrip('/')}/fs/resctrl"
+        resctrl = default_resctrl_root(args.sysfs_root)
     else:
         resctrl = cfg.probe.resctrl_root
     uri = args.libvirt or cfg.libvirt.uri
+    timeout = cfg.libvirt.call_timeout_seconds
+    if args.libvirt_timeout is not None:
+        timeout = _libvirt_timeout(args.libvirt_timeout)
     topo = probe_host(sysfs, resctrl)
-    conn = open_readonly(uri)
-    try:
-        guests = read_guests(conn)
-    except Exception as exc:  # libvirt.libvirtError, without importing libvirt here
-        from hostagent.guests.source import LibvirtUnavailable
-
-        raise LibvirtUnavailable(f"reading domains from {uri} failed: {exc}") from None
-    finally:
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection
-            pass
+    guests = read_guests_once(uri, timeout)
     snap = build_snapshot(
         topo, cfg, guests, host=args.host or cfg.host_name, epoch=secrets.token_hex(8),
         seq=0, now=time.time(),
@@ -84,19 +82,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _libvirt_timeout(text: str) -> float:
+    """``--libvirt-timeout S``: seconds, more than 0 and at most a day."""
+    from hostagent.errors import ConfigError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:  # NaN fails too
+        raise ConfigError(f"--libvirt-timeout {text!r}: give a number of seconds above 0 "
+                          "and at most 86400")
+    return value
+
+
 # --------------------------------------------------------------------------- summary
 
 
 def _mib(kib: int) -> str:
     return f"{kib // 1024}"
-
-
-def _size(kib: int) -> str:
-    if kib >= 1048576 and kib % 1048576 == 0:
-        return f"{kib // 1048576}G"
-    if kib >= 1024 and kib % 1024 == 0:
-        return f"{kib // 1024}M"
-    return f"{kib}K"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -120,8 +124,8 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
     rows = [["cell", "free pCPUs", "free cores", "pinned", "shared vCPUs",
              "memory used/free MiB", "hugepages used/free"]]
     for c in usage["cells"]:
-        pages = " ".join(f"{_size(h['size_kib'])}:{h['used']}/{h['free']}"
-                         for h in c["hugepages"]) or "-"
+        pages = ", ".join(f"{format_kib(h['size_kib'])} {h['used']}/{h['free']}"
+                          for h in c["hugepages"]) or "-"
         rows.append([
             str(c["id"]),
             f"{c['free_pcpus']}/{c['dedicated_cpus']}",
@@ -135,8 +139,9 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
     fv, fm = usage.get("floating_vcpus", 0), usage.get("floating_memory_kib", 0)
     fh = usage.get("floating_hugepages", [])
     if fv or fm or fh:
-        pages = " ".join(f"{_size(h['size_kib'])}:{h['pages']}" for h in fh)
-        out.append(f"not bound to a cell: {fv} vCPUs, {_mib(fm)} MiB"
+        pages = ", ".join(f"{plural(h['pages'], 'page')} of {format_kib(h['size_kib'])}"
+                          for h in fh)
+        out.append(f"not bound to a cell: {plural(fv, 'vCPU')}, {format_kib(fm)}"
                    + (f", hugepages {pages}" if pages else ""))
     out.append("")
     guests = usage["guests"]
@@ -160,7 +165,7 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
             )
             rows.append([
                 g["name"], g["state"], str(g["vcpus"]), _mib(g["memory_kib"]),
-                _size(g["page_size_kib"]) if g["page_size_kib"] else "-",
+                format_kib(g["page_size_kib"]) if g["page_size_kib"] else "-",
                 cells, format_cpulist(g["dedicated_cpus"]) or "-",
                 format_cpulist(g["emulator_cpus"]) or "-", cache or "-",
             ])

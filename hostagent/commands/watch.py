@@ -5,12 +5,20 @@ endpoint, used to fetch a missed snapshot); without one, the endpoints of the co
 file (``--config``, else ``/etc/hostagent/hostagent.toml`` if present, else the defaults)
 are used, with wildcard binds (``tcp://*:P``, ``tcp://0.0.0.0:P``) read as 127.0.0.1.
 
-Default output: one line per new snapshot of a host —
-``HOST seq N  pCPUs free c0:3/8 c1:4/8  hugepages free c0:2M=10,1G=0  cache ways free
-L3#0=7 L3#1=11  guests 3  conflicts 0`` — plus a line when a host goes silent
-(no message for ``--dead-after`` seconds), restarts (new epoch) or a snapshot was missed.
-``--json`` prints each snapshot as one JSON line. ``--count N`` / ``--seconds S`` stop
-after N snapshots or S seconds (exit 0); Ctrl-C stops too.
+Default output: one line per new snapshot of a host, at most ``LINE_WIDTH`` (80)
+columns — ``HOST seq N  conflicts C  free: pCPUs 7/16 2MiB 10 1GiB 0 ways 18  guests 3``
+(host-wide totals: free/dedicated pCPUs, free hugepages per size, free cache ways;
+``conflicts C`` and ``LIBVIRT DOWN`` only when there are some, right after the seq so that
+they are never cut; fields that do not fit are dropped from the end and ``…`` says so).
+``--wide`` prints everything per cell and cache ID, the accounting's free hugepages beside
+the kernel's: ``HOST seq N  pCPUs free/dedicated c0:3/8 c1:4/8  hugepages free/kernel
+c0:2MiB=10/10,1GiB=0/0  cache ways free L3#0=7 L3#1=11  guests 3  conflicts 0``. Plus a
+line when a host goes silent (no message for ``--dead-after`` seconds), restarts (new
+epoch) or a snapshot was missed. ``--json`` prints each snapshot as one JSON line.
+``--count N`` / ``--seconds S`` stop after N snapshots or S seconds (exit 0); Ctrl-C
+stops too. When nothing arrived for ``--dead-after`` seconds from the start, one line on
+stderr says so (``watch: no snapshot within S s from ENDPOINT ...``); a watch that ends
+with no snapshot shown says ``watch: no snapshot within S s`` and exits 1.
 
 Snapshots the subscriber drops (wrong shape, a host from another source, bad messages)
 are logged by it once per host and source; a snapshot that passed its checks but holds
@@ -23,10 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
+
+from hostagent.units import format_kib
+
+#: the default line's width in columns: one host per line on an 80-column terminal
+LINE_WIDTH = 80
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
@@ -48,15 +60,12 @@ def _connectable(ep: str) -> str:
 
 def sources_from(args: argparse.Namespace, given: list[str]) -> list[Any]:
     """The subscriber sources: the arguments, else the config's endpoints."""
-    from hostagent.config import DEFAULT_PATH, load_config
+    from hostagent.config import config_path, load_config
     from hostagent.subscriber import Source
 
     if given:
         return [Source.parse(s) for s in given]
-    path = args.config
-    if path is None and os.path.exists(DEFAULT_PATH):
-        path = DEFAULT_PATH
-    pub = load_config(path).publisher
+    pub = load_config(config_path(args.config)).publisher
     req = pub.request_endpoints[0] if pub.request_endpoints else None
     return [Source(_connectable(pub.endpoints[0]), _connectable(req) if req else None)]
 
@@ -83,22 +92,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="STREAM[,REQUEST] endpoints, e.g. tcp://10.0.0.5:6510,"
                    "tcp://10.0.0.5:6511 (default: from the config)")
     p.add_argument("--json", action="store_true", help="print whole snapshots, one per line")
+    p.add_argument("--wide", action="store_true",
+                   help="per cell and cache ID, kernel's free hugepages too (lines may be "
+                   f"longer than {LINE_WIDTH} columns)")
     p.add_argument("--host", action="append", metavar="NAME",
                    help="only this host (repeatable; default all)")
     p.add_argument("--count", type=int, metavar="N", help="stop after N snapshots")
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
-                   help="report a host silent for S seconds (default 5)")
+                   help="report a host silent for S seconds, and say so when no snapshot "
+                   "came in the first S seconds (default 5)")
     add_client_options(p)
     p.set_defaults(func=run)
-
-
-def _size(kib: int) -> str:
-    if kib % (1024 * 1024) == 0:
-        return f"{kib // (1024 * 1024)}G"
-    if kib % 1024 == 0:
-        return f"{kib // 1024}M"
-    return f"{kib}K"
 
 
 #: what a snapshot that passed the subscriber's shape check can still hold that the summary
@@ -123,26 +128,121 @@ def drop_report(stats: dict[str, int], skipped: int) -> str | None:
     return "watch: " + ", ".join(parts) if parts else None
 
 
-def summary(snap: dict[str, Any]) -> str:
-    """The one-line summary of a snapshot (``KeyError``/``TypeError``/... on values it
-    cannot read, see ``UNREADABLE``)."""
+def summary(snap: dict[str, Any], wide: bool = False) -> str:
+    """The one-line summary of a snapshot: ``compact_line``, or ``wide_line`` with
+    ``wide`` (``KeyError``/``TypeError``/... on values it cannot read, see
+    ``UNREADABLE``)."""
+    return wide_line(snap) if wide else compact_line(snap)
+
+
+def _alarms(snap: dict[str, Any]) -> list[str]:
+    usage = snap.get("usage", {})
+    out = []
+    if usage.get("conflicts"):
+        out.append(f"conflicts {len(usage['conflicts'])}")
+    if not snap.get("agent", {}).get("libvirt", {}).get("connected", True):
+        out.append("LIBVIRT DOWN")
+    return out
+
+
+def fit_width(fields: list[tuple[str, str]], width: int = LINE_WIDTH) -> str:
+    """``fields`` — (separator before it, text) — joined, at most ``width`` columns:
+    fields that do not fit are dropped from the end (the first always stays, cut if it
+    must be) and ``…`` says so."""
+    def joined(fs: list[tuple[str, str]]) -> str:
+        return fs[0][1] + "".join(sep + text for sep, text in fs[1:])
+
+    line = joined(fields)
+    if len(line) <= width:
+        return line
+    kept = list(fields)
+    while len(kept) > 1 and len(joined(kept)) + 3 > width:
+        kept.pop()
+    line = joined(kept) + "  …"
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def compact_line(snap: dict[str, Any]) -> str:
+    """``HOST seq N  [conflicts C]  [LIBVIRT DOWN]  free: pCPUs F/D 2MiB N 1GiB N ways W
+    guests G``: host-wide totals (free/dedicated pCPUs, free hugepages per size by the
+    accounting, free cache ways), within ``LINE_WIDTH`` columns (``fit_width``)."""
     usage = snap.get("usage", {})
     cells = usage.get("cells", [])
+    fields = [("", f"{snap.get('host')} seq {snap.get('seq')}")]
+    fields += [("  ", alarm) for alarm in _alarms(snap)]
+    if cells:
+        free = sum(int(c["free_pcpus"]) for c in cells)
+        dedicated = sum(int(c["dedicated_cpus"]) for c in cells)
+        fields.append(("  ", f"free: pCPUs {free}/{dedicated}"))
+    else:
+        fields.append(("  ", "free: pCPUs -"))
+    pages: dict[int, int] = {}
+    for c in cells:
+        for h in c.get("hugepages", []):
+            size = int(h["size_kib"])
+            pages[size] = pages.get(size, 0) + int(h["free"])
+    fields += [(" ", f"{format_kib(size, sep='')} {n}") for size, n in sorted(pages.items())]
+    caches = usage.get("caches", [])
+    if caches:
+        fields.append((" ", f"ways {sum(int(c['free_ways']) for c in caches)}"))
+    fields.append(("  ", f"guests {len(usage.get('guests', []))}"))
+    return fit_width(fields)
+
+
+def wide_line(snap: dict[str, Any]) -> str:
+    """Everything, per cell and cache ID: ``HOST seq N  pCPUs free/dedicated c0:F/D ...
+    hugepages free/kernel c0:2MiB=F/K,... cache ways free L3#0=W ...  guests G
+    conflicts C``; ``K`` is the kernel's free count (``-`` when the topology has no such
+    pool)."""
+    usage = snap.get("usage", {})
+    cells = usage.get("cells", [])
+    kernel = {(c["id"], p["size_kib"]): p["free"]
+              for c in snap.get("topology", {}).get("cells", []) for p in c.get("hugepages", [])}
     pcpus = " ".join(f"c{c['id']}:{c.get('free_pcpus', '?')}/{c.get('dedicated_cpus', '?')}"
                      for c in cells)
     pages = " ".join(
-        f"c{c['id']}:" + ",".join(f"{_size(h['size_kib'])}={h['free']}"
-                                  for h in c.get("hugepages", []))
+        f"c{c['id']}:" + ",".join(
+            f"{format_kib(h['size_kib'], sep='')}={h['free']}/"
+            f"{kernel.get((c['id'], h['size_kib']), '-')}" for h in c["hugepages"])
         for c in cells if c.get("hugepages"))
     caches = " ".join(
         f"{c.get('resource') or 'L' + str(c.get('level'))}#{c['id']}={c['free_ways']}"
         for c in usage.get("caches", []))
-    agent = snap.get("agent", {})
-    lv = "" if agent.get("libvirt", {}).get("connected", True) else "  LIBVIRT DOWN"
-    return (f"{snap.get('host')} seq {snap.get('seq')}  pCPUs free {pcpus or '-'}"
-            f"  hugepages free {pages or '-'}  cache ways free {caches or '-'}"
+    lv = "" if snap.get("agent", {}).get("libvirt", {}).get("connected", True) \
+        else "  LIBVIRT DOWN"
+    return (f"{snap.get('host')} seq {snap.get('seq')}  pCPUs free/dedicated {pcpus or '-'}"
+            f"  hugepages free/kernel {pages or '-'}  cache ways free {caches or '-'}"
             f"  guests {len(usage.get('guests', []))}"
             f"  conflicts {len(usage.get('conflicts', []))}{lv}")
+
+
+def _show(args: argparse.Namespace, upd: Any, out: Any, epochs: dict[str, str | None]) -> bool:
+    """Print one update; False when it is a snapshot the summary or JSON cannot show
+    (one line says why)."""
+    if upd.kind == "snapshot":
+        try:
+            if args.json:
+                line = json.dumps(upd.snapshot, separators=(",", ":"), allow_nan=False)
+            else:
+                line = summary({**upd.snapshot, "host": upd.host, "seq": upd.seq},
+                               wide=args.wide)
+        except UNREADABLE as exc:
+            print(f"{upd.host} seq {upd.seq}: skipped, unreadable snapshot: "
+                  f"{type(exc).__name__}: {exc}",
+                  file=sys.stderr if args.json else out, flush=True)
+            return False
+        if not args.json and epochs.get(upd.host) not in (None, upd.epoch):
+            out.write(f"{upd.host}: agent restarted (new epoch {upd.epoch})\n")
+        out.write(line + "\n")
+        epochs[upd.host] = upd.epoch
+    elif not args.json and upd.kind == "dead":
+        out.write(f"{upd.host}: no message for {args.dead_after:g} s "
+                  "(agent down or unreachable?)\n")
+    elif not args.json and upd.kind == "stale":
+        out.write(f"{upd.host}: missed a snapshot after seq {upd.seq}; "
+                  "fetching or waiting for the next one\n")
+    out.flush()
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,43 +252,35 @@ def run(args: argparse.Namespace) -> int:
     sub = Subscriber(sources, hosts=args.host, curve=client_curve(args),
                      dead_after=args.dead_after)
     out = sys.stdout
+    streams = ", ".join(s.stream for s in sources)
     if not args.json:
-        print("watching " + ", ".join(s.stream for s in sources), file=sys.stderr, flush=True)
-    end = None if args.seconds is None else time.monotonic() + args.seconds
+        legend = "" if args.wide else (" (free: pCPUs free/dedicated, hugepages per size, "
+                                       "cache ways; all cells; --wide: per cell)")
+        print(f"watching {streams}{legend}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    end = None if args.seconds is None else start + args.seconds
+    # say once that nothing came, when nothing did within --dead-after seconds
+    notice: float | None = start + args.dead_after
     seen = skipped = 0
     epochs: dict[str, str | None] = {}
     try:
         while args.count is None or seen < args.count:
-            left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
+            now = time.monotonic()
+            if notice is not None and now >= notice:
+                notice = None
+                print(f"watch: no snapshot within {args.dead_after:g} s from {streams} "
+                      "(is the agent running, and is this its stream endpoint?)",
+                      file=sys.stderr, flush=True)
+            if end is not None and now >= end:
                 break
-            for upd in sub.poll(left):
+            waits = [t - now for t in (end, notice) if t is not None]
+            for upd in sub.poll(min(waits) if waits else None):
                 if upd.kind == "snapshot":
-                    try:
-                        if args.json:
-                            line = json.dumps(upd.snapshot, separators=(",", ":"),
-                                              allow_nan=False)
-                        else:
-                            line = summary({**upd.snapshot, "host": upd.host,
-                                            "seq": upd.seq})
-                    except UNREADABLE as exc:
-                        skipped += 1
-                        print(f"{upd.host} seq {upd.seq}: skipped, unreadable snapshot: "
-                              f"{type(exc).__name__}: {exc}",
-                              file=sys.stderr if args.json else out, flush=True)
-                        continue
+                    notice = None
+                if not _show(args, upd, out, epochs):
+                    skipped += 1
+                elif upd.kind == "snapshot":
                     seen += 1
-                    if not args.json and epochs.get(upd.host) not in (None, upd.epoch):
-                        out.write(f"{upd.host}: agent restarted (new epoch {upd.epoch})\n")
-                    out.write(line + "\n")
-                    epochs[upd.host] = upd.epoch
-                elif not args.json and upd.kind == "dead":
-                    out.write(f"{upd.host}: no message for {args.dead_after:g} s "
-                              "(agent down or unreachable?)\n")
-                elif not args.json and upd.kind == "stale":
-                    out.write(f"{upd.host}: missed a snapshot after seq {upd.seq}; "
-                              "fetching or waiting for the next one\n")
-                out.flush()
                 if args.count is not None and seen >= args.count:
                     break
     except KeyboardInterrupt:
@@ -198,4 +290,9 @@ def run(args: argparse.Namespace) -> int:
         report = drop_report(sub.stats, skipped)
         if report:
             print(report, file=sys.stderr, flush=True)
-    return 0
+    if seen:
+        return 0
+    waited = args.seconds if args.seconds is not None else round(time.monotonic() - start, 1)
+    print(f"watch: no {'readable ' if skipped else ''}snapshot within {waited:g} s",
+          file=sys.stderr, flush=True)
+    return 1

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hostagent.cpulist import BACKWARDS, BAD_ELEMENT, OUT_OF_RANGE, CpuListError, parse_cpu_ranges
 from hostagent.errors import RequestError
 from hostagent.fit_limits import (
     MAX_GUEST_CELLS,
@@ -287,43 +288,27 @@ def parse_cpu_spec(text: str, *, limit: int | None = None) -> set[int]:
     """Nova's CPU spec: ``0-3,^2,5`` (ranges, single ids, ``^`` exclusions).
 
     Every id must be at most ``limit`` (default the last of ``MAX_VCPUS``), else
-    ``CpuBeyondLimit``; ranges are merged before they are expanded, so the work is
-    bounded by the text and the limit. Raises ValueError with a reason; callers add the
-    key and value.
+    ``CpuBeyondLimit``. The grammar is ``hostagent.cpulist.parse_cpu_ranges`` with ``^``
+    exclusions and blanks inside elements (ranges merged before they are expanded, so the
+    work is bounded by the text and the limit). Raises ValueError with a reason; callers
+    add the key and value.
     """
     if limit is None:
         limit = MAX_VCPUS - 1
-    include: list[tuple[int, int]] = []
-    exclude: list[tuple[int, int]] = []
     if not text.strip():
         raise ValueError("is empty")
-    for raw in text.split(","):
-        part = raw.strip()
-        neg = part.startswith("^")
-        if neg:
-            part = part[1:].strip()
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not m:
-            raise ValueError(f"{raw.strip()!r} is not a CPU id, range or ^exclusion")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"range {raw.strip()!r} runs backwards")
-        if hi > limit:
-            raise CpuBeyondLimit(hi, limit)
-        (exclude if neg else include).append((lo, hi))
-    return _expand(include) - _expand(exclude)
+    try:
+        return set(parse_cpu_ranges(text, last=limit, exclusions=True, blanks=True))
+    except CpuListError as exc:
+        if exc.reason == OUT_OF_RANGE:
+            raise CpuBeyondLimit(exc.cpu, limit) from None
+        raise ValueError(exc.reworded(_CPU_SPEC_WORDS)) from None
 
 
-def _expand(ranges: list[tuple[int, int]]) -> set[int]:
-    """The ids of inclusive ranges, each id added once (overlapping ranges merged)."""
-    out: set[int] = set()
-    end = -1
-    for lo, hi in sorted(ranges):
-        if hi > end:
-            out.update(range(max(lo, end + 1), hi + 1))
-            end = hi
-    return out
+_CPU_SPEC_WORDS = {
+    BAD_ELEMENT: "{element!r} is not a CPU id, range or ^exclusion",
+    BACKWARDS: "range {element!r} runs backwards",
+}
 
 
 def _mask(specs: _Specs, key: str, vcpus: int) -> set[int]:

@@ -17,6 +17,7 @@ libvirt is imported lazily, inside the functions that need its constants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hostagent.errors import HostagentError
@@ -79,12 +80,20 @@ def _is_no_domain(exc: Exception) -> bool:
     return bool(get_code and get_code() == _VIR_ERR_NO_DOMAIN)
 
 
-def read_guests(conn: Any) -> list[GuestRecord]:
-    """Every active domain of ``conn``, sorted by uuid. Vanished domains are skipped."""
+def read_guests(conn: Any, progress: Callable[[str], None] | None = None) -> list[GuestRecord]:
+    """Every active domain of ``conn``, sorted by uuid. Vanished domains are skipped.
+
+    ``progress(what)``, when given, is called before the listing and before each domain
+    read (the daemon's worker times each of these steps, not the whole resync)."""
     import libvirt
 
     out = []
-    for dom in conn.listAllDomains(_LIST_ACTIVE):
+    if progress is not None:
+        progress("listAllDomains")
+    doms = conn.listAllDomains(_LIST_ACTIVE)
+    for i, dom in enumerate(doms):
+        if progress is not None:
+            progress(f"read domain {i + 1} of {len(doms)}")
         try:
             out.append(read_guest(dom))
         except libvirt.libvirtError as exc:
@@ -93,6 +102,56 @@ def read_guests(conn: Any) -> list[GuestRecord]:
             raise
     out.sort(key=lambda r: r.uuid)
     return out
+
+
+def read_guests_once(uri: str, timeout: float) -> list[GuestRecord]:
+    """Open ``uri`` read-only, read every active domain, close: the one-shot read of
+    ``hostagent snapshot``, bounded in time.
+
+    The calls run on a daemon thread; when the open, the listing or one domain read does
+    not return within ``timeout`` seconds (a stopped libvirtd, a socket that never
+    answers), ``LibvirtUnavailable`` names the URI, the step and the limit, and the
+    thread is left behind (it cannot be interrupted inside libvirt; the process exits
+    without it). Errors of the calls are ``LibvirtUnavailable`` too.
+    """
+    import threading
+    import time
+
+    step = ["open"]
+    since = [time.monotonic()]
+    result: list[Any] = []
+
+    def progress(what: str) -> None:
+        step[0], since[0] = what, time.monotonic()
+
+    def work() -> None:
+        try:
+            conn = open_readonly(uri)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            result.append(exc)
+            return
+        try:
+            result.append(read_guests(conn, progress))
+        except Exception as exc:  # noqa: BLE001 - libvirtError, without importing it
+            result.append(LibvirtUnavailable(f"reading domains from {uri} failed: {exc}"))
+        finally:
+            progress("close")
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    thread = threading.Thread(target=work, name="libvirt-once", daemon=True)
+    thread.start()
+    while not result:
+        thread.join(max(0.0, since[0] + timeout - time.monotonic()))
+        if not result and time.monotonic() - since[0] >= timeout:
+            raise LibvirtUnavailable(
+                f"libvirt at {uri}: {step[0]} did not return within {timeout:g} s "
+                "([libvirt] call_timeout_seconds, --libvirt-timeout)")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def silence_libvirt_errors() -> None:

@@ -33,7 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from hostagent.cpulist import format_cpulist
+from hostagent.cpulist import (
+    BACKWARDS,
+    BAD_ELEMENT,
+    OUT_OF_RANGE,
+    CpuListError,
+    format_cpulist,
+    parse_cpu_ranges,
+)
 from hostagent.errors import HostagentError
 
 MAX_CPU_ID = 16383  # libvirt's VIR_DOMAIN_CPUMASK_LEN - 1
@@ -267,31 +274,28 @@ def unit_factor(unit: str | None, default: int) -> int | None:
 
 
 def parse_cpuset(text: str) -> tuple[int, ...]:
-    """libvirt's bitmap syntax ``"1-4,^3,6"`` → sorted ids; ValueError with the reason."""
-    include: set[int] = set()
-    exclude: set[int] = set()
+    """libvirt's bitmap syntax ``"1-4,^3,6"`` → sorted ids; ValueError with the reason.
+
+    The grammar of ``hostagent.cpulist.parse_cpu_ranges`` with ``^`` exclusions and blanks
+    inside elements, ids up to ``MAX_CPU_ID``; unlike a kernel list, a cpuset may not be
+    empty nor exclude every id it names.
+    """
     if not text.strip():
         raise ValueError("empty CPU set")
-    for raw in text.split(","):
-        part = raw.strip()
-        negate = part.startswith("^")
-        if negate:
-            part = part[1:].strip()
-        lo, sep, hi = part.partition("-")
-        lo, hi = lo.strip(), hi.strip()
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"bad element {raw.strip()!r}")
-        a = int(lo)
-        b = int(hi) if sep else a
-        if b < a:
-            raise ValueError(f"range {raw.strip()!r} runs backwards")
-        if b > MAX_CPU_ID:
-            raise ValueError(f"id {b} above the maximum {MAX_CPU_ID}")
-        (exclude if negate else include).update(range(a, b + 1))
-    out = tuple(sorted(include - exclude))
+    try:
+        out = parse_cpu_ranges(text, last=MAX_CPU_ID, exclusions=True, blanks=True)
+    except CpuListError as exc:
+        raise ValueError(exc.reworded(_CPUSET_WORDS)) from None
     if not out:
         raise ValueError("the set is empty")
     return out
+
+
+_CPUSET_WORDS = {
+    BAD_ELEMENT: "bad element {element!r}",
+    BACKWARDS: "range {element!r} runs backwards",
+    OUT_OF_RANGE: "id {cpu} above the maximum {last}",
+}
 
 
 class _Ctx:

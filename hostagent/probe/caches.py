@@ -19,9 +19,11 @@ CPU alone; ``type`` missing → unified;
 level and type because a CPU has one cache of each level and type); ``size``,
 ``ways_of_associativity``, ``coherency_line_size`` missing → 0 (unknown). Each value is an
 ``unsigned int`` in the kernel (``struct cacheinfo``): a larger one, size in bytes included,
-is an error (``hostagent.probe.limits.MAX_U32``). A second cache
-with the same (level, type, id) as one already read is dropped. The result is sorted by
-level, then type (data, instruction, unified), then id.
+is an error (``hostagent.probe.limits.MAX_U32``). An index with none of ``type``, ``size``
+and ``id`` (only ``level``, perhaps ``shared_cpu_list``) names no cache and is skipped,
+as libvirt skips an index it cannot describe; the walk goes on with the next index.
+A second cache with the same (level, type, id) as one already read is dropped. The result
+is sorted by level, then type (data, instruction, unified), then id.
 """
 
 from __future__ import annotations
@@ -71,12 +73,18 @@ _MAX_KIB_DIGITS = len(str(MAX_U32 >> 10))  # "<n>K" sizes of this many digits, p
 def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
     """(level, type, id or None, size, ways, line, {path: text} or None) of one ``indexK/``.
 
+    The type is ``None`` when the directory names no cache: it has none of ``type``,
+    ``size`` and ``id`` (the caller skips it, see ``names_no_cache``).
+
     The texts are kept (``keep``) only for a static memo, which replays them into later
     readers' ``files``. The common texts (decimal counts, ``"<n>K"`` sizes, the kernel's
     ``"Data"``/``"Instruction"``/``"Unified"``) are parsed inline; anything else goes
     through the checking parsers, which name the file in their errors.
     """
     level_text, _, ttype, tid, tsize, tways, tline = texts
+    if ttype is None and tsize is None and tid is None:
+        level = _count(d + "level", level_text)  # still checked: a bad one is an error
+        return level, None, None, 0, 0, 0, _kept(d, texts) if keep else None
     try:
         level = int(level_text)
         cid = None if tid is None else int(tid)
@@ -100,12 +108,14 @@ def _geometry(d: str, texts: list[str | None], keep: bool) -> tuple[Any, ...]:
         size = int(tsize[:-2]) << 10  # fewer digits than MAX_U32 >> 10 has: in range
     else:
         size = 0 if tsize is None else to_size(d + "size", tsize, MAX_U32)
-    kept = None
-    if keep:
-        # not shared_cpu_list: it can change (CPU hotplug) and is read again every time
-        kept = {d + n: t for n, t in zip(_FILES, texts, strict=True)
-                if t is not None and n != "shared_cpu_list"}
-    return level, ctype, cid, size, ways, line, kept
+    return level, ctype, cid, size, ways, line, _kept(d, texts) if keep else None
+
+
+def _kept(d: str, texts: list[str | None]) -> dict[str, str]:
+    """``{path: text}`` of one ``indexK/`` for a static memo: not ``shared_cpu_list``,
+    which can change (CPU hotplug) and is read again every time."""
+    return {d + n: t for n, t in zip(_FILES, texts, strict=True)
+            if t is not None and n != "shared_cpu_list"}
 
 
 def _sharing(d: str, text: str | None, cpu: int, online: set[int]) -> tuple[int, tuple[int, ...]]:
@@ -188,6 +198,9 @@ def read_caches(reader: FileReader, sysfs_root: str, online: Iterable[int]) -> t
                 for c in shared:
                     cov.setdefault(c, cpu)
                 level, ctype, cid, size, ways, line, _ = geo
+                if ctype is None:  # names no cache: skipped (the module docstring)
+                    k += 1
+                    continue
                 if cid is None:
                     cid = shared[0]
                 key = (level, ctype, cid)

@@ -4,30 +4,66 @@ Pure: ``render(topo)`` turns a ``HostTopology`` into text. Cache-way maps are dr
 the kernel's ``info/<res>/bit_usage``, most significant way first, one character per way:
 
     ``.`` free (no group holds it)          ``D`` the default group
-    ``A``, ``B``, ... named groups (legend)  ``*`` held by two or more groups
+    ``A``, ``b``, ... named groups (legend)  ``*`` held by two or more groups
     ``-`` free, but in ``shareable_bits`` (I/O such as DDIO also fills it)
+
+A group's letter comes from its name (``group_letters``), so it is the same on every run;
+the legend names only the symbols the maps show. Sizes and counts use
+``hostagent.units`` (``4.5 MiB``, ``1 way``), as every command's text does.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 from hostagent.cbm import cache_ways, parse_mask
 from hostagent.cpulist import format_cpulist
-from hostagent.model import Cache, HostTopology, Resctrl
+from hostagent.model import Cache, HostTopology
+from hostagent.units import format_size, plural
 
-_GROUP_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+#: the letters named groups get in way maps (``D`` is the default group's)
+GROUP_LETTERS = "ABCEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: the symbols of a way map other than group letters, with what the legend says of them
+WAY_SYMBOLS = (
+    (".", ". free"),
+    ("-", "- free but shared with I/O (shareable_bits)"),
+    ("D", "D the default group"),
+    ("*", "* held by several groups"),
+)
 _TYPE_SUFFIX = {"data": "d", "instruction": "i", "unified": ""}
 WIDTH = 100
 
 
-def human_bytes(n: int) -> str:
-    """``33554432`` → ``"32 MiB"``; non-integral values get one decimal."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} B"
+def group_letters(names: Iterable[str]) -> dict[str, str]:
+    """Each resctrl group's letter in way maps: ``D`` for the default group (``""``);
+    for a named group, the letter of ``GROUP_LETTERS`` its name hashes to (CRC-32 of the
+    UTF-8 name), so it does not depend on the order groups are listed or on the run.
+    Names are taken in sorted order; one whose letter is taken gets the next free one
+    (wrapping round); ``?`` once every letter is used."""
+    letters = {"": "D"}
+    taken: set[str] = set()
+    n = len(GROUP_LETTERS)
+    for name in sorted({x for x in names if x}):
+        start = zlib.crc32(name.encode("utf-8", "surrogateescape")) % n
+        letter = "?"
+        for i in range(n):
+            cand = GROUP_LETTERS[(start + i) % n]
+            if cand not in taken:
+                letter = cand
+                taken.add(cand)
+                break
+        letters[name] = letter
+    return letters
+
+
+def way_legend(maps: Iterable[str]) -> str:
+    """What the symbols in ``maps`` mean: only those that appear (``"-"`` when none)."""
+    shown = set("".join(maps))
+    parts = [text for sym, text in WAY_SYMBOLS if sym in shown]
+    if shown - {sym for sym, _ in WAY_SYMBOLS}:
+        parts.append("letters: the groups listed")
+    return ", ".join(parts) or "-"
 
 
 def _wrap(tokens: Iterable[str], indent: str) -> list[str]:
@@ -47,15 +83,15 @@ def _cells(topo: HostTopology) -> list[str]:
     out = ["Cells"]
     for c in topo.cells:
         pools = (
-            "  ".join(f"{human_bytes(p.size_kib * 1024)}: {p.total}/{p.free}/{p.surplus}"
+            "  ".join(f"{format_size(p.size_kib * 1024)}: {p.total}/{p.free}/{p.surplus}"
                       for p in c.hugepages)
             or "none"
         )
         dist = " ".join(f"{k}:{v}" for k, v in sorted(c.distances.items()))
         out.append(
             f"  cell {c.id}: cpus {format_cpulist(c.cpus) or '-'}"
-            f"  memory {human_bytes(c.memory_kib * 1024)}"
-            f" ({human_bytes(c.memory_free_kib * 1024)} free)"
+            f"  memory {format_size(c.memory_kib * 1024, approx=True)}"
+            f" ({format_size(c.memory_free_kib * 1024, approx=True)} free)"
         )
         out.append(f"    hugepages (total/free/surplus): {pools}   distances {dist or '-'}")
     return out
@@ -87,6 +123,27 @@ def core_runs(cores: list[tuple[int, ...]]) -> list[str]:
     return tokens
 
 
+def core_legend(cores: list[tuple[int, ...]]) -> str:
+    """How to read the ``core=threads`` tokens, with this host's first token as the
+    example (``cores``: the first socket's (core, thread, thread...) in token order);
+    about hyperthreads only when its first core has more than one thread."""
+    c0 = cores[0]
+    noun = "threads" if len(c0) > 2 else "thread"
+    example = core_runs(cores)[0]
+    text = f"core={noun}; {example} is core {c0[0]} = {noun} {','.join(map(str, c0[1:]))}"
+    if "-" in example.partition("=")[0]:
+        c1 = cores[1]
+        text += f", core {c1[0]} = {','.join(map(str, c1[1:]))}, ..."
+    return f"  ({text})"
+
+
+def _thread_counts(counts: Iterable[int]) -> str:
+    """``[2]`` → ``2 threads``; ``[1, 2]`` → ``1 or 2 threads``."""
+    ns = sorted(set(counts))
+    return " or ".join(map(str, ns[:-1])) + (" or " if len(ns) > 1 else "") \
+        + plural(ns[-1], "thread")
+
+
 def _cores(topo: HostTopology) -> list[str]:
     online = [c for c in topo.cpus if c.online]
     offline = [c.id for c in topo.cpus if not c.online]
@@ -96,7 +153,6 @@ def _cores(topo: HostTopology) -> list[str]:
         + (f", offline {format_cpulist(offline)}" if offline else "")
         + (f", isolated {format_cpulist(isolated)}" if isolated else "")
         + ")",
-        "  (core=threads; 0-7=0-7/224-231 is core 0 = threads 0,224, core 1 = 1,225, ...)",
     ]
     sockets: dict[tuple[int, int], list[tuple[int, ...]]] = {}
     cells_of: dict[tuple[int, int], set[int]] = {}
@@ -107,14 +163,17 @@ def _cores(topo: HostTopology) -> list[str]:
         if c.siblings not in seen:
             seen.add(c.siblings)
             sockets.setdefault(key, []).append((c.core, *c.siblings))
-    for (sock, die), cores in sorted(sockets.items()):
-        threads = sorted({len(t) - 1 for t in cores})
+    for i, ((sock, die), cores) in enumerate(sorted(sockets.items())):
+        cores = sorted(cores, key=lambda t: t[1])
+        if i == 0:
+            out.append(core_legend(cores))
+        threads = [len(t) - 1 for t in cores]
         cells = ",".join(str(x) for x in sorted(cells_of[(sock, die)]))
         out.append(
-            f"  socket {sock} die {die} (cell {cells}): {len(cores)} cores, "
-            f"{'/'.join(map(str, threads))} thread(s) each"
+            f"  socket {sock} die {die} (cell {cells}): {plural(len(cores), 'core')}, "
+            f"{_thread_counts(threads)} each"
         )
-        out += _wrap(core_runs(sorted(cores, key=lambda t: t[1])), "    ")
+        out += _wrap(core_runs(cores), "    ")
     return out
 
 
@@ -127,7 +186,7 @@ def _caches(topo: HostTopology) -> list[str]:
     for (level, ctype), items in groups.items():
         name = f"L{level}{_TYPE_SUFFIX[ctype]}"
         sizes = sorted({(c.size_bytes, c.ways) for c in items})
-        desc = ", ".join(f"{human_bytes(s)} {w}-way" for s, w in sizes)
+        desc = ", ".join(f"{format_size(s)} {w}-way" for s, w in sizes)
         if all(c.cpus in cores for c in items) and len(items) > 1:
             out.append(f"  {name:4} {desc}: {len(items)}, one per core")
             continue
@@ -137,13 +196,6 @@ def _caches(topo: HostTopology) -> list[str]:
         if len(items) > len(shown):
             out.append(f"       ... {len(items) - len(shown)} more")
     return out
-
-
-def _letters(rc: Resctrl) -> dict[str, str]:
-    letters = {"": "D"}
-    for i, grp in enumerate(g for g in rc.groups if g.name):
-        letters[grp.name] = _GROUP_LETTERS[i] if i < len(_GROUP_LETTERS) else "?"
-    return letters
 
 
 def way_map(full: int, shareable: int, holders: list[tuple[str, int]]) -> str:
@@ -164,21 +216,24 @@ def _resctrl(topo: HostTopology) -> list[str]:
     rc = topo.resctrl
     if rc is None:
         return ["resctrl: not mounted"]
-    letters = _letters(rc)
+    letters = group_letters(g.name for g in rc.groups)
     cdp = ", ".join(k for k, v in sorted(rc.cdp.items()) if v)
     out = [f"resctrl (CDP: {cdp or 'off'})"]
     for g in rc.groups:
         out.append(
-            f"  group {letters[g.name]} {g.name or '(default)'}: {g.mode}, {g.tasks} tasks"
+            f"  group {letters[g.name]} {g.name or '(default)'}: {g.mode}, "
+            f"{plural(g.tasks, 'task')}"
             + (f", cpus {format_cpulist(g.cpus)}" if g.cpus else "")
         )
     ways = {(w["resource"], w["id"]): w for w in cache_ways(topo)}
+    maps: list[str] = []
     for res in rc.resources:
         full = parse_mask(res.cbm_mask)
         shareable = parse_mask(res.shareable_bits)
         out.append(
-            f"  {res.name}: {res.cbm_bits} ways of {human_bytes(res.granularity_bytes)}, "
-            f"min {res.min_cbm_bits} way(s), {res.num_closids} CLOSIDs, "
+            f"  {res.name}: {plural(res.cbm_bits, 'way')} of "
+            f"{format_size(res.granularity_bytes)}, min {plural(res.min_cbm_bits, 'way')}, "
+            f"{res.num_closids} CLOSIDs, "
             f"{'sparse' if res.sparse_masks else 'contiguous'} masks, "
             f"shareable_bits {res.shareable_bits}"
         )
@@ -190,16 +245,15 @@ def _resctrl(topo: HostTopology) -> list[str]:
                 if cid in g.schemata.get(res.name, {})
             ]
             w = ways[(res.name, cid)]
+            maps.append(way_map(full, shareable, holders))
             out.append(
-                f"    {res.name}:{cid} = {way_map(full, shareable, holders)}"
-                f"  free {w['free_ways']} ({human_bytes(w['free_bytes'])}),"
-                f" largest run {w['largest_free_run']}"
-                f" ({human_bytes(w['largest_free_bytes'])})"
+                f"    {res.name}:{cid} = {maps[-1]}"
+                f"  free {plural(w['free_ways'], 'way')} ({format_size(w['free_bytes'])}),"
+                f" largest run {plural(w['largest_free_run'], 'way')}"
+                f" ({format_size(w['largest_free_bytes'])})"
             )
-    out.append(
-        "  legend: . free, - free but shared with I/O (shareable_bits), * held by several "
-        "groups, letters: the groups above"
-    )
+    if maps:
+        out.append(f"  legend: {way_legend(maps)}")
     if rc.mb is not None:
         mb = rc.mb
         out.append(
