@@ -71,7 +71,7 @@ CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
 #: the agent's recorded errors (docs/daemon.md §7.2 ``errors``), requests a handler
 #: failed on with a bug, and libvirt errors during reads.
 ERROR_WHERE = ("probe", "hugepages", "reload", "curve", "dump", "task", "request",
-               "libvirt")
+               "libvirt", "claims")
 #: The server's own answers and dropped connections, each exported from 0.
 HTTP_CODES = (200, 400, 404, 405, 431, 500)
 DROP_REASONS = ("evicted", "refused", "request_timeout", "write_timeout")
