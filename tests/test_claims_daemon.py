@@ -208,7 +208,11 @@ def test_a_guest_started_from_the_claim_consumes_it(agent: DaemonProc) -> None:
             b["free_cpus"], b["free_cores"], b["hugepages"])
     agent.wait_log(f"claim {claim['id']} consumed by guest {guest['uuid']}")
     assert agent.request({"op": "claims"})["claims"] == []
-    assert json.loads((agent.dir / "run" / "claims.json").read_text())["claims"] == []
+    saved = agent.dir / "run" / "claims.json"  # written after the hand-off, not before it
+    deadline = time.monotonic() + 30
+    while json.loads(saved.read_text())["claims"] != []:
+        assert time.monotonic() < deadline, saved.read_text()
+        time.sleep(0.02)
 
 
 def test_a_guest_started_with_other_pins_is_a_claim_mismatch(agent: DaemonProc) -> None:
