@@ -26,6 +26,11 @@ known guests are kept and ``connected`` is false.
 Extension points: ops registered on the publisher's registry, and ``connect_hooks`` run
 on each new libvirt connection. With a ``test:///`` URI, ``hostagent.test_driver`` uses
 them for the ``test-domain`` op and the demo guests; with any other URI neither exists.
+
+Claims (``hostagent.claim_desk``, docs/claims.md): the request endpoint also answers
+``{op: "claim" | "release" | "claims"}``; the tracker is a ``claims.ClaimTracker``, so
+outstanding claims count in the snapshot's usage like guests, and a guest booted from a
+claim consumes it as its record arrives.
 """
 
 from __future__ import annotations
@@ -55,11 +60,12 @@ from hostagent.notify import Notifier, watchdog_interval
 if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] is on)
     import zmq.asyncio
 
+    from hostagent.claim_desk import ClaimDesk
+    from hostagent.claims import ClaimTracker
     from hostagent.curve import ClientAuthenticator
     from hostagent.libvirt_watch import LibvirtWatcher
     from hostagent.metrics import AgentReadings, MetricsServer
     from hostagent.publisher import Publisher
-    from hostagent.tracker import UsageTracker
     from hostagent.udev_watch import UdevWatch
 
 log = logging.getLogger("hostagent")
@@ -208,11 +214,12 @@ class Agent:
         self.topo: HostTopology | None = None
         self.topology_doc: dict[str, Any] = {}
         self.resources: dict[str, Any] = {}
-        self.tracker: UsageTracker | None = None
+        self.tracker: ClaimTracker | None = None
         self.publisher: Publisher | None = None
         self.watcher: LibvirtWatcher | None = None
         self.udev: UdevWatch | None = None
         self.auth: ClientAuthenticator | None = None
+        self.claim_desk: ClaimDesk | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
@@ -263,13 +270,13 @@ class Agent:
                  ", ".join(names) or "no cache or MB resource")
 
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
-        from hostagent.tracker import UsageTracker
+        from hostagent.claims import ClaimTracker
 
         self.topo = topo
         self.topology_doc = topology_to_dict(topo)
         self.resources = resolve_resources(cfg.resources, topo)
         if self.tracker is None:
-            self.tracker = UsageTracker(topo, self.resources)
+            self.tracker = ClaimTracker(topo, self.resources)
         else:
             self.tracker.set_host(topo, self.resources)
 
@@ -487,10 +494,11 @@ class Agent:
     async def _reload(self) -> bool:
         """Everything that can fail (config file, probe, allowed CURVE keys) is read
         first; only then is anything applied: a failure changes nothing."""
+        from hostagent.claim_desk import join_keys, load_claimants
         from hostagent.curve import load_allowed_keys
 
         old = self.config
-        allowed = None
+        allowed = claimants = None
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             merged, notes = merge_reload(old, new)
@@ -498,6 +506,8 @@ class Agent:
             if self.auth is not None:  # bad key files are skipped; a missing dir refuses
                 allowed = await asyncio.to_thread(load_allowed_keys,
                                                   merged.curve.allowed_clients_dir)
+                claimants = await asyncio.to_thread(load_claimants, merged.curve)
+                allowed = join_keys(allowed, claimants)
         except HostagentError as exc:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
@@ -513,6 +523,8 @@ class Agent:
         self.publisher.cfg = dataclasses.replace(
             self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
             heartbeat_seconds=merged.publisher.heartbeat_seconds)
+        if claimants is not None:
+            self.claim_desk.set_claimants(claimants.keys)
         if allowed is not None:
             removed = self.auth.replace(allowed)
             for message in allowed.skipped:
@@ -571,6 +583,7 @@ class Agent:
             "udev": self.udev.state() if self.udev else {"active": False},
             "counters": dict(self.counters),
             "errors": list(self.errors),
+            "claims": self.claim_desk.state() if self.claim_desk else None,
             "notify": {"socket": self.notifier.address, "last": self.notifier.sent,
                        "watchdog_interval": watchdog_interval(self.env)},
             "process": process_info(),
@@ -640,7 +653,8 @@ class Agent:
         import zmq
         import zmq.asyncio
 
-        from hostagent.curve import ServerCurve, start_authenticator
+        from hostagent.claim_desk import ClaimDesk, join_keys, load_claimants
+        from hostagent.curve import AllowedKeys, ServerCurve, start_authenticator
         from hostagent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
         from hostagent.publisher import Publisher
         from hostagent.test_driver import attach as attach_test_driver
@@ -661,14 +675,22 @@ class Agent:
                 curve = ServerCurve.load(cfg.curve.server_secret_key,
                                          cfg.curve.allowed_clients_dir)
                 self.auth = start_authenticator(self.ctx, curve.allowed_dir)
-                log.info("CURVE: %d allowed client keys in %s", len(self.auth.keys),
-                         curve.allowed_dir)
+                claimants = load_claimants(cfg.curve)  # they may connect too
+                self.auth.replace(join_keys(AllowedKeys(self.auth.keys, self.auth.skipped),
+                                            claimants))
+                log.info("CURVE: %d allowed client keys in %s, %d claimants", len(
+                    self.auth.keys), curve.allowed_dir, len(claimants.keys))
                 for message in self.auth.skipped:
                     self.record_error("curve", message)
             self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
                                        curve=curve)
             self.publisher.bind()
             self.publisher.register("fit", self.op_fit)
+            self.claim_desk = ClaimDesk(self)
+            if curve is not None:
+                self.claim_desk.set_claimants(claimants.keys)
+            self.claim_desk.register(self.publisher)
+            self.claim_desk.restore()
             if is_test_uri(cfg.libvirt.uri):  # the test-domain op, the demo guests
                 attach_test_driver(self)
             await self._start_metrics()
@@ -691,6 +713,7 @@ class Agent:
                 self.udev.start(loop)
             tasks.append(asyncio.ensure_future(self.publisher.run()))
             tasks.append(asyncio.ensure_future(self._hugepage_loop()))
+            tasks.append(asyncio.ensure_future(self.claim_desk.run()))
             interval = watchdog_interval(self.env)
             if interval:
                 tasks.append(asyncio.ensure_future(self._watchdog_loop(interval)))
@@ -737,6 +760,8 @@ class Agent:
             await self.metrics.close()
         if self.watcher is not None:
             await self.watcher.close()
+        if self.claim_desk is not None:
+            self.claim_desk.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.auth is not None:

@@ -124,7 +124,7 @@ def test_counters_before_any_snapshot():
     assert s[("hostagent_busy_requests_total", ())] == 0
     errors = {dict(k[1])["where"]: v for k, v in s.items() if k[0] == "hostagent_errors_total"}
     assert errors == {"probe": 4, "hugepages": 0, "reload": 0, "curve": 0, "dump": 0,
-                      "task": 0, "request": 2, "libvirt": 6, "metrics-new": 1}
+                      "task": 0, "request": 2, "libvirt": 6, "claims": 0, "metrics-new": 1}
     assert ("hostagent_guests", ()) not in s  # nothing from a snapshot yet
     assert ("process_resident_memory_bytes", ()) in s
 

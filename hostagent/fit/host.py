@@ -4,8 +4,8 @@
 frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 
 - a *dedicated* thread is online and in ``config.dedicated_cpus``; it is *free* unless
-  ``usage.threads`` gives it a guest, an emulator, a shared guest or a hold
-  (``held_by``), or ``usage.cells[].pinned_cpus`` lists it;
+  ``usage.threads`` gives it a guest, an emulator, a shared guest, a hold
+  (``held_by``) or a claim (``claim``), or ``usage.cells[].pinned_cpus`` lists it;
 - a *core* is the set of a thread's online siblings inside the cell, cores ordered by
   their lowest thread id, threads ascending;
 - small-page memory of a cell is ``memory_kib`` minus every hugepage pool minus
@@ -17,7 +17,11 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
   so do their hugepages (``usage.floating_hugepages``): the kernel may have taken them
   from any cell, so no cell offers more pages of a size than all cells together have
   left after them, and a placement's pages of that size must fit in that remainder;
-- a PCI function listed in ``usage.pci`` with a guest (or in ``usage.guests[].pci``) is taken.
+- a PCI function listed in ``usage.pci`` with a guest or a claim (or in
+  ``usage.guests[].pci``) is taken;
+- cache ways of a ``usage.caches[].allocations[]`` entry with a ``claim`` are held by a
+  claim whose resctrl group does not exist yet: the reservations planner counts them as
+  taken, and each such claim's group as one CLOSID already promised.
 """
 
 from __future__ import annotations
@@ -111,6 +115,10 @@ class HostView:
     # for those sizes the pages all cells together have left after them
     floating_pages: Mapping[int, int] = field(default_factory=dict)
     pages_left: Mapping[int, int] = field(default_factory=dict)
+    # cache ways claims hold (no resctrl group yet): (resource, cache id) -> mask, and the
+    # number of groups those claims will need
+    claimed_ways: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    claimed_groups: int = 0
 
     def cell(self, cell_id: int) -> HostCell:
         for c in self.cells:
@@ -175,7 +183,7 @@ def _view(
     # only dedicated threads can be free: the others' flags need no look
     taken = {cpu for t in usage.get("threads") or () if (cpu := int(t["cpu"])) in dedicated_all
              and (t.get("guest") is not None or t.get("emulator") or t.get("shared_guests")
-                  or t.get("held_by"))}
+                  or t.get("held_by") or t.get("claim"))}
     ucells = {int(c["id"]): c for c in usage.get("cells") or []}
     for uc in ucells.values():
         taken.update(_ids(uc.get("pinned_cpus")))
@@ -220,7 +228,7 @@ def _view(
 
     used_pci: set[str] = set()
     for item in usage.get("pci") or []:
-        if item.get("guest") is not None:
+        if item.get("guest") is not None or item.get("claim") is not None:
             used_pci.add(str(item["address"]))
     for guest in usage.get("guests") or []:
         for addr in guest.get("pci") or guest.get("hostdevs") or []:
@@ -246,6 +254,7 @@ def _view(
             if p.get(size, 0) > left:
                 p[size] = left
     floating = usage.get("floating") or {}
+    claimed_ways, claimed_groups = _claimed_ways(usage.get("caches") or ())
     return HostView(
         cells=tuple(cells),
         topology=topo,
@@ -259,6 +268,8 @@ def _view(
         snapshot_usage_caches=tuple(usage.get("caches") or ()),
         floating_pages=floating_pages,
         pages_left=pages_left,
+        claimed_ways=claimed_ways,
+        claimed_groups=claimed_groups,
     )
 
 
@@ -292,6 +303,22 @@ def _cores(members: frozenset[int], cpu_by_id: Mapping[int, Mapping[str, Any]]
         seen.update(core)
         cores.append(core)
     return tuple(cores)
+
+
+def _claimed_ways(caches: Any) -> tuple[dict[tuple[str, int], int], int]:
+    """The ways claims hold per (resource, cache id), from the allocations of
+    ``usage.caches`` that name a claim, and how many resctrl groups those claims need."""
+    ways: dict[tuple[str, int], int] = {}
+    groups: set[tuple[str, str]] = set()
+    for cache in caches:
+        for alloc in cache.get("allocations") or ():
+            claim = alloc.get("claim")
+            if claim is None:
+                continue
+            key = (str(cache["resource"]), int(cache["id"]))
+            ways[key] = ways.get(key, 0) | int(str(alloc["mask"]), 16)
+            groups.add((str(claim), str(alloc.get("group"))))
+    return ways, len(groups)
 
 
 def _floating_pages(items: Any) -> dict[int, int]:

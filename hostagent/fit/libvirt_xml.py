@@ -11,7 +11,8 @@ Keys of the returned dict (only those that apply are present):
 - ``memoryBacking``: one hugepage ``page`` per page size with the guest cells using it;
 - ``devices``: ``hostdev`` elements for the PCI devices;
 - ``metadata``: ``<hostagent:fit>`` listing the sibling threads an ``isolate`` guest keeps
-  idle, so that the tracker can count them as held.
+  idle, so that the tracker can count them as held, and the id of the agent's claim the
+  placement was granted as (``claim_id``; the agent consumes the claim when the domain runs).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def fragments(
     placement: Mapping[str, Any],
     realtime: Sequence[int] = (),
     floating_cpus: Sequence[int] = (),
+    claim_id: str | None = None,
 ) -> dict[str, str]:
     """Build the fragments from a placement dict (the ``placement`` part of a fit answer)."""
     out: dict[str, str] = {}
@@ -121,8 +123,12 @@ def fragments(
         out["devices"] = _el("devices", None, body)
 
     reserved = sorted({t for c in cells for t in c.get("reserved_cpus", [])})
+    meta = ""
     if reserved:
-        idle = _el("hostagent:idle", {"cpus": format_cpulist(reserved)})
+        meta += _el("hostagent:idle", {"cpus": format_cpulist(reserved)})
+    if claim_id is not None:
+        meta += _el("hostagent:claim", {"id": claim_id})
+    if meta:
         out["metadata"] = _el("metadata", None, _el(
-            "hostagent:fit", {"xmlns:hostagent": METADATA_NS}, idle))
+            "hostagent:fit", {"xmlns:hostagent": METADATA_NS}, meta))
     return out
