@@ -3,7 +3,7 @@
 A claim holds a guest's placement (threads, threads kept idle, memory and hugepages per
 cell, shared vCPUs, PCI functions, cache ways) until the guest booted from it appears,
 it is released, or it expires. Everything here is pure but the claims file functions;
-``hostagent.claim_desk`` serves the request ops on the agent's loop.
+``hostagent.agent.claim_desk`` serves the request ops on the agent's loop.
 
 - ``parse_claim_op`` / ``parse_release_op``: the request fields, each bounded, every
   error a ``RequestError`` naming the field, the value and the limit.
@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hostagent.cbm import parse_mask, popcount, resource_cache_ids
 from hostagent.claim_limits import (
     MAX_CLAIM_RECORD_BYTES,
     MAX_CLAIMANT_CHARS,
@@ -57,6 +56,7 @@ from hostagent.errors import RequestError
 from hostagent.fit_limits import MAX_GUEST_CELLS, MAX_MEMORY_MB, MAX_PAGE_SIZE_KIB, MAX_VCPUS
 from hostagent.guests.xml import CLAIM_ID_PATTERN, GuestRecord, parse_domain
 from hostagent.model import HostTopology
+from hostagent.resctrl_cbm import parse_mask, popcount, resource_cache_ids
 from hostagent.tracker import Context, Contribution, UsageTracker, guest_contribution
 
 #: The claims file under ``[agent] runtime_dir``.

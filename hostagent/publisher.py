@@ -60,7 +60,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from hostagent import memtrim, wire
+from hostagent import wire
+from hostagent.agent import memtrim
 from hostagent.config import EXPOSED_WHY, PublisherConfig, exposed_endpoints
 from hostagent.curve import ServerCurve
 from hostagent.errors import HostagentError

@@ -38,10 +38,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from hostagent.cbm import cache_ways, parse_mask, popcount
 from hostagent.cpulist import format_cpulist
 from hostagent.guests.xml import GuestRecord, GuestSpec
 from hostagent.model import Cell, HostTopology
+from hostagent.resctrl_cbm import cache_ways, parse_mask, popcount
 
 DEFAULT_HUGEPAGE_KIB = 2048
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -1096,7 +1096,7 @@ def _cache_allocations(topo: HostTopology, group_owners: Mapping[str, str],
                        previous: list[dict[str, Any]] | None,
                        claimed: tuple[tuple[str, str, int, int, str], ...] = (),
                        ) -> list[dict[str, Any]]:
-    """``usage.caches`` (``hostagent.cbm.cache_ways`` with the groups' owners and the
+    """``usage.caches`` (``hostagent.resctrl_cbm.cache_ways`` with the groups' owners and the
     ways claims hold: (claim id, resource, cache id, mask, group)).
 
     ``previous`` (the previous fold's on the same topology, or None) is handed back as

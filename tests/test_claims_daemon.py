@@ -17,7 +17,7 @@ import pytest
 from claim_helpers import boot_xml, fits_one_by_one, held, race, snapshot, wait_snapshot
 from daemon_helpers import DaemonProc
 
-from hostagent.cbm import parse_mask
+from hostagent.resctrl_cbm import parse_mask
 
 # xeon-2s-cat: 2 cells x 12 cores x 2 threads; dedicated 2-11,14-23,26-35,38-47 (20 cores);
 # 2048 pages of 2 MiB per cell; L3 (11 ways) with 2 free ways on cache 0, 3 on cache 1

@@ -1,4 +1,4 @@
-"""The claim desk (hostagent/claim_desk.py) on an asyncio loop with a stand-in for the
+"""The claim desk (hostagent/agent/claim_desk.py) on an asyncio loop with a stand-in for the
 agent (the parts the desk uses: a real ClaimTracker, a Config, publisher seq/host):
 a guest that takes the fitted placement while the fit runs in the desk's thread makes
 the desk fit again (the check before the grant is on the loop, against that moment);
@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from fit_hosts import flavor, make_topology
 
-from hostagent import claim_desk, claims
-from hostagent.claim_desk import ClaimDesk
+from hostagent import claims
+from hostagent.agent import claim_desk
+from hostagent.agent.claim_desk import ClaimDesk
 from hostagent.config import config_from_dict, resolve_resources
 from hostagent.errors import HostagentError
 from hostagent.guests.source import record_from_xml
@@ -26,7 +27,7 @@ PINNED = flavor(2, 256, cpu_policy="dedicated")
 
 
 class StandIn:
-    """What ClaimDesk uses of hostagent.daemon.Agent."""
+    """What ClaimDesk uses of hostagent.agent.daemon.Agent."""
 
     def __init__(self, runtime: Path) -> None:
         self.config = config_from_dict({"agent": {"runtime_dir": str(runtime)},

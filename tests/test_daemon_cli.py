@@ -124,7 +124,7 @@ def test_demo_runs_and_exits_0(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(SLOW_WATCH)
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "hostagent.demo", "--seconds", "2.5",
+    r = subprocess.run([sys.executable, "-m", "hostagent.agent.demo", "--seconds", "2.5",
                         "--sysfs-root", str(ROOT / "fixtures/sysfs/xeon-2s-cat/sys")],
                        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -14,10 +14,10 @@ from fixture_trees import copy_of, need_fixture
 from libvirt_helpers import domain_xml, probe_fixture, write_node
 from loop_helpers import LOOP, run, until
 
+from hostagent.agent.daemon import Agent, merge_reload, read_hugepages, stderr_is_journal
+from hostagent.agent.udev_watch import UdevWatch
 from hostagent.config import load_config
-from hostagent.daemon import Agent, merge_reload, read_hugepages, stderr_is_journal
 from hostagent.subscriber import AsyncSubscriber
-from hostagent.udev_watch import UdevWatch
 
 
 class FakeDevice:
@@ -239,7 +239,7 @@ def test_journal_prefix_only_when_stderr_is_the_journal():
     assert not stderr_is_journal({})
     import logging
 
-    from hostagent.daemon import _SyslogPrefix
+    from hostagent.agent.daemon import _SyslogPrefix
 
     rec = logging.LogRecord("hostagent", logging.WARNING, __file__, 1, "a\nb", None, None)
     assert _SyslogPrefix("%(name)s: %(message)s").format(rec) == "<4>hostagent: a\n<4>b"

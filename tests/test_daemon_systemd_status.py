@@ -51,6 +51,6 @@ def test_sigabrt_writes_the_python_stacks_to_stderr():
         log = d.log_text()
         assert "Fatal Python error: Aborted" in log, log
         assert "most recent call first" in log and 'File "' in log, log
-        assert "hostagent/daemon.py" in log or "asyncio" in log, log
+        assert "hostagent/agent/daemon.py" in log or "asyncio" in log, log
     finally:
         d.close()

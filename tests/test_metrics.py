@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostagent import metrics
+from hostagent.agent import metrics
+from hostagent.agent.daemon import merge_reload
 from hostagent.config import MetricsConfig, config_from_dict, parse_listen
-from hostagent.daemon import merge_reload
 from hostagent.errors import ConfigError, HostagentError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,6 +356,6 @@ def test_the_agent_does_not_import_prometheus_client_unless_metrics_are_on():
     import subprocess
     import sys
 
-    code = ("import sys, hostagent.daemon, hostagent.cli; "
+    code = ("import sys, hostagent.agent.daemon, hostagent.cli; "
             "sys.exit('prometheus_client' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from fixture_trees import copy_of, need_fixture
 
-from hostagent.cbm import cache_ways
 from hostagent.model import topology_from_dict, topology_to_dict
 from hostagent.probe.host import FileReader, probe_host, probe_json, probe_json_text
+from hostagent.resctrl_cbm import cache_ways
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell", "big-448",

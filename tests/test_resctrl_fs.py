@@ -19,10 +19,10 @@ import pytest
 from fixture_trees import need_fixture
 
 from hostagent import resctrl_fs
-from hostagent.cbm import cache_ways, parse_mask
 from hostagent.errors import HostagentError, RequestError
 from hostagent.probe.host import probe_host
 from hostagent.resctrl import LOCKED_MODES, validate_mask
+from hostagent.resctrl_cbm import cache_ways, parse_mask
 from hostagent.resctrl_fs import (
     PREFIX,
     ResctrlApplyError,

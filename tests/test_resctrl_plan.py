@@ -13,7 +13,6 @@ from fixture_trees import need_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostagent.cbm import cache_ways, largest_run, parse_mask, popcount
 from hostagent.errors import RequestError
 from hostagent.model import (
     Cache,
@@ -34,6 +33,7 @@ from hostagent.resctrl import (
     plan_reservation,
     validate_mask,
 )
+from hostagent.resctrl_cbm import cache_ways, largest_run, parse_mask, popcount
 
 MIB = 1 << 20
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"

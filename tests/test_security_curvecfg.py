@@ -481,7 +481,7 @@ def test_an_endpoint_that_cannot_be_bound_again_stops_the_agent_with_exit_2():
 def test_probe_udev_is_restart_only():
     import dataclasses
 
-    from hostagent.daemon import merge_reload
+    from hostagent.agent.daemon import merge_reload
 
     old = load_config(None)
     new = dataclasses.replace(old, probe=dataclasses.replace(old.probe, udev=False,

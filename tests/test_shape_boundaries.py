@@ -43,15 +43,15 @@ def test_every_command_in_the_table_has_its_module():
 
 def test_the_daemon_is_only_the_agent():
     """The test driver's op and the demo guests reach the agent through its extension
-    points (the publisher's op registry, connect_hooks), from hostagent.test_driver."""
+    points (the publisher's op registry, connect_hooks), from hostagent.agent.test_driver."""
     import ast
     import inspect
 
-    import hostagent.daemon as daemon
+    import hostagent.agent.daemon as daemon
 
     tree = ast.parse(inspect.getsource(daemon))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "hostagent.demo" not in imported
+    assert "hostagent.agent.demo" not in imported
     docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                   if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef
                                 | ast.AsyncFunctionDef)
@@ -63,7 +63,7 @@ def test_the_daemon_is_only_the_agent():
 
 
 def test_test_driver_attaches_its_op_and_the_demo_hook():
-    from hostagent import test_driver
+    from hostagent.agent import test_driver
 
     class Publisher:
         def __init__(self):

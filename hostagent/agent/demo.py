@@ -12,7 +12,7 @@ Two parts:
     The daemon defines them (and starts the first of each kind) when
     ``[libvirt] demo_guests = true`` and the URI is ``test:///...``.
 
-``python -m hostagent.demo [--seconds N]`` (what ``scripts/demo`` runs)
+``python -m hostagent.agent.demo [--seconds N]`` (what ``scripts/demo`` runs)
     Writes a config in a temporary directory (ipc endpoints there, a test-driver node
     file, the isolated CPUs — or else half the online ones — dedicated), starts
     ``hostagent run`` and ``hostagent watch`` beside it, then starts and destroys demo
@@ -140,7 +140,7 @@ def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float) 
                     "<memory>8388608</memory></node>\n")
     res = f'dedicated_cpus = "{format_cpulist(dedicated)}"\n' if dedicated else ""
     cfg = tmp / "hostagent.toml"
-    cfg.write_text(f"""# written by hostagent.demo
+    cfg.write_text(f"""# written by hostagent.agent.demo
 [probe]
 sysfs_root = "{sysfs_root}"
 resctrl_root = "{sysfs_root.rstrip('/')}/fs/resctrl"
@@ -171,7 +171,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hostagent.demo", description=(
+    parser = argparse.ArgumentParser(prog="python -m hostagent.agent.demo", description=(
         "Run the agent on this machine's /sys with libvirt's test:/// driver and demo "
         "guests, and `hostagent watch` beside it."))
     parser.add_argument("--seconds", type=float, default=10.0,

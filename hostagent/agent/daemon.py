@@ -24,10 +24,10 @@ The snapshot is the schema-v1 document plus one added top-level key,
 known guests are kept and ``connected`` is false.
 
 Extension points: ops registered on the publisher's registry, and ``connect_hooks`` run
-on each new libvirt connection. With a ``test:///`` URI, ``hostagent.test_driver`` uses
+on each new libvirt connection. With a ``test:///`` URI, ``hostagent.agent.test_driver`` uses
 them for the ``test-domain`` op and the demo guests; with any other URI neither exists.
 
-Claims (``hostagent.claim_desk``, docs/claims.md): the request endpoint also answers
+Claims (``hostagent.agent.claim_desk``, docs/claims.md): the request endpoint also answers
 ``{op: "claim" | "release" | "claims"}``; the tracker is a ``claims.ClaimTracker``, so
 outstanding claims count in the snapshot's usage like guests, and a guest booted from a
 claim consumes it as its record arrives.
@@ -52,21 +52,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostagent import __version__
+from hostagent.agent.notify import Notifier, watchdog_interval
 from hostagent.config import Config, load_config, resolve_resources
 from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
-from hostagent.notify import Notifier, watchdog_interval
 
 if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] is on)
     import zmq.asyncio
 
-    from hostagent.claim_desk import ClaimDesk
+    from hostagent.agent.claim_desk import ClaimDesk
+    from hostagent.agent.libvirt_watch import LibvirtWatcher
+    from hostagent.agent.metrics import AgentReadings, MetricsServer
+    from hostagent.agent.udev_watch import UdevWatch
     from hostagent.claims import ClaimTracker
     from hostagent.curve import ClientAuthenticator
-    from hostagent.libvirt_watch import LibvirtWatcher
-    from hostagent.metrics import AgentReadings, MetricsServer
     from hostagent.publisher import Publisher
-    from hostagent.udev_watch import UdevWatch
 
 log = logging.getLogger("hostagent")
 
@@ -494,7 +494,7 @@ class Agent:
     async def _reload(self) -> bool:
         """Everything that can fail (config file, probe, allowed CURVE keys) is read
         first; only then is anything applied: a failure changes nothing."""
-        from hostagent.claim_desk import join_keys, load_claimants
+        from hostagent.agent.claim_desk import join_keys, load_claimants
         from hostagent.curve import load_allowed_keys
 
         old = self.config
@@ -565,7 +565,7 @@ class Agent:
                  "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
-        from hostagent.debug_dump import process_info, thread_stacks, with_iso_times
+        from hostagent.agent.debug_dump import process_info, thread_stacks, with_iso_times
 
         pub = self.publisher
         return with_iso_times({
@@ -593,7 +593,7 @@ class Agent:
 
     async def dump(self) -> Path | None:
         """SIGUSR1: write the debug dump; log one line with its path."""
-        from hostagent.debug_dump import write_dump
+        from hostagent.agent.debug_dump import write_dump
 
         self.counters["dumps"] += 1
         doc = self.dump_document()
@@ -609,9 +609,9 @@ class Agent:
         return path
 
     def metrics_readings(self) -> AgentReadings:
-        """What a Prometheus scrape reads (``hostagent.metrics.AgentReadings``): the latest
+        """What a Prometheus scrape reads (``hostagent.agent.metrics.AgentReadings``): the latest
         published snapshot and copies of the counters. Called on the loop thread."""
-        from hostagent.metrics import AgentReadings
+        from hostagent.agent.metrics import AgentReadings
 
         pub = self.publisher
         return AgentReadings(
@@ -624,7 +624,7 @@ class Agent:
         """``[metrics] listen``: serve the Prometheus endpoint on this loop (off when "")."""
         if not self.config.metrics.listen:
             return
-        from hostagent.metrics import start_metrics_server
+        from hostagent.agent.metrics import start_metrics_server
 
         self.metrics = await start_metrics_server(self.config.metrics.listen,
                                                   self.metrics_readings)
@@ -633,7 +633,7 @@ class Agent:
     # --- run ---------------------------------------------------------------------------
 
     def _start_watcher(self) -> None:
-        from hostagent.libvirt_watch import LibvirtWatcher
+        from hostagent.agent.libvirt_watch import LibvirtWatcher
 
         lv = self.config.libvirt
         extra = {} if self._libvirt_opener is None else {"opener": self._libvirt_opener}
@@ -653,13 +653,13 @@ class Agent:
         import zmq
         import zmq.asyncio
 
-        from hostagent.claim_desk import ClaimDesk, join_keys, load_claimants
+        from hostagent.agent.claim_desk import ClaimDesk, join_keys, load_claimants
+        from hostagent.agent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
+        from hostagent.agent.test_driver import attach as attach_test_driver
+        from hostagent.agent.test_driver import is_test_uri
+        from hostagent.agent.udev_watch import UdevWatch
         from hostagent.curve import AllowedKeys, ServerCurve, start_authenticator
-        from hostagent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
         from hostagent.publisher import Publisher
-        from hostagent.test_driver import attach as attach_test_driver
-        from hostagent.test_driver import is_test_uri
-        from hostagent.udev_watch import UdevWatch
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()

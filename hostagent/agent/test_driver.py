@@ -9,7 +9,7 @@ through the agent's ordinary extension points and nothing else:
   undefine, list), registered on the publisher's op registry; its libvirt calls run on
   the watcher's worker thread under its time limit, like every libvirt call;
 - with ``[libvirt] demo_guests = true``, a connect hook that defines the bundled demo
-  guests (``hostagent.demo``) on every new connection.
+  guests (``hostagent.agent.demo``) on every new connection.
 
 With any other URI the agent never calls ``attach``: a production agent answers
 ``unknown op`` to ``test-domain`` (docs/daemon.md §3.4).
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from hostagent.errors import HostagentError
 
 if TYPE_CHECKING:
-    from hostagent.daemon import Agent
+    from hostagent.agent.daemon import Agent
 
 log = logging.getLogger("hostagent")
 
@@ -48,7 +48,7 @@ def define_demo_guests(agent: Agent, conn: Any) -> None:
     """(the watcher's worker thread) The demo guests, when the config asks for them."""
     lv = agent.config.libvirt
     if lv.demo_guests and is_test_uri(lv.uri):
-        from hostagent.demo import define_demo_guests as define
+        from hostagent.agent.demo import define_demo_guests as define
 
         names = define(conn, agent.topo, agent.resources)
         log.info("demo guests defined: %s", ", ".join(names))

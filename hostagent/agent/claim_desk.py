@@ -24,7 +24,7 @@ Who may claim: with CURVE, only clients whose key is in ``[curve] claimants_dir`
 Without CURVE, every client of the request endpoints may claim: bind them to loopback or
 ipc (docs/claims.md, "Who may claim").
 
-Uses of the agent (``hostagent.daemon.Agent``): ``tracker`` (a ``claims.ClaimTracker``),
+Uses of the agent (``hostagent.agent.daemon.Agent``): ``tracker`` (a ``claims.ClaimTracker``),
 ``config``, ``publisher``, ``topology_doc``, ``resources``, ``epoch``, ``auth``,
 ``mark_dirty``, ``record_error``, ``_spawn``.
 """
