@@ -75,7 +75,7 @@ def conn() -> Iterator[Any]:
         c.close()
 
 
-def guest_xml(name: str, vcpupin: dict[int, int], emulatorpin: str) -> str:
+def guest_xml(name: str, vcpupin: dict[int, int | str], emulatorpin: str) -> str:
     pins = "".join(f"<vcpupin vcpu='{v}' cpuset='{c}'/>" for v, c in vcpupin.items())
     return f"""<domain type='qemu'>
   <name>{name}</name>
@@ -97,7 +97,7 @@ def guest_xml(name: str, vcpupin: dict[int, int], emulatorpin: str) -> str:
 class Guest:
     """A transient TCG guest with a unique name, destroyed by ``close()`` (idempotent)."""
 
-    def __init__(self, conn: Any, vcpupin: dict[int, int], emulatorpin: str) -> None:
+    def __init__(self, conn: Any, vcpupin: dict[int, int | str], emulatorpin: str) -> None:
         self.name = f"{GUEST_PREFIX}{uuid.uuid4().hex[:10]}"
         self.xml = guest_xml(self.name, vcpupin, emulatorpin)
         self.dom = conn.createXML(self.xml, 0)
@@ -125,7 +125,7 @@ class Guest:
 def new_guest(conn: Any) -> Iterator[Any]:
     made: list[Guest] = []
 
-    def make(vcpupin: dict[int, int], emulatorpin: str) -> Guest:
+    def make(vcpupin: dict[int, int | str], emulatorpin: str) -> Guest:
         g = Guest(conn, vcpupin, emulatorpin)
         made.append(g)
         return g
@@ -263,3 +263,37 @@ def test_setup_libvirtd_run_again_says_each_step_and_leaves_the_daemons_alone(co
     assert lines[7].startswith("setup-libvirtd: libvirtd answers on qemu:///system"), r.stderr
     assert len(lines) == 8, r.stderr
     assert conn.getVersion() > 0  # the module's connection survived: nothing restarted
+
+
+def test_real_vcpu_threads_and_a_repin_behind_libvirts_back_is_drift(conn, new_guest):
+    """vCPU 0 may run on every CPU (``vcpupin 0-1``); ``sched_setaffinity`` narrows its real
+    thread to one CPU. (Widening cannot drift here: libvirt also puts each vCPU thread in
+    a cpuset cgroup of its pin, and the kernel intersects the affinity with it.)"""
+    from hostagent.guests.threads import affinity_drift, find_qemu_pid, read_threads
+    from hostagent.guests.xml import parse_domain
+
+    cpus = _host_cpus()
+    if len(cpus) < 2:
+        pytest.skip("a drift needs two CPUs to narrow a vCPU's affinity")
+    everywhere = f"{cpus[0]}-{cpus[-1]}"
+    g = new_guest({0: everywhere, 1: cpus[-1]}, everywhere)
+    spec = parse_domain(g.dom.XMLDesc(0))
+    pid = find_qemu_pid(g.dom.UUIDString())
+    assert pid is not None
+    threads = read_threads(pid)
+    vcpus = {t.vcpu: t for t in threads if t.vcpu is not None}
+    assert {v: t.cpus for v, t in vcpus.items()} == {0: tuple(cpus), 1: (cpus[-1],)}
+    assert all(t.name == f"CPU {v}/TCG" for v, t in vcpus.items())
+    assert any(t.tid == pid and t.emulator for t in threads)
+    assert affinity_drift(spec, threads) == []
+    os.sched_setaffinity(vcpus[0].tid, {cpus[0]})  # behind libvirt's back
+    try:
+        assert affinity_drift(spec, read_threads(pid)) == [
+            {"tid": vcpus[0].tid, "name": "CPU 0/TCG", "vcpu": 0, "declared": cpus,
+             "actual": [cpus[0]]}]
+    finally:
+        os.sched_setaffinity(vcpus[0].tid, set(cpus))
+    assert affinity_drift(spec, read_threads(pid)) == []
+    g.destroy()
+    gone = find_qemu_pid(g.dom.UUIDString(), hint=pid)
+    assert gone is None, gone
