@@ -124,3 +124,32 @@ def test_nothing_is_declared_nothing_drifts(tmp_path):
       <memory unit='MiB'>64</memory><vcpu>2</vcpu></domain>""")
     (tmp_path / "100" / "task" / "103" / "status").write_text("Cpus_allowed_list:\t1\n")
     assert affinity_drift(unpinned, read_threads(100, proc=tmp_path)) == []
+
+
+def test_tracker_adds_threads_and_drift_conflicts_as_data_and_clears_them():
+    from libvirt_helpers import probe_fixture
+
+    from hostagent.guests.xml import GuestRecord
+    from hostagent.libvirt_watch import THREAD_CHECK_SECONDS, LibvirtWatcher
+    from hostagent.tracker import UsageTracker
+
+    tracker = UsageTracker(probe_fixture("xeon-2s-cat"), {"dedicated_cpus": "2-11"})
+    tracker.update(GuestRecord(UUID, "g", "running", True, SPEC))
+    plain = tracker.usage()
+    assert "threads" not in plain["guests"][0]
+    threads = [GuestThread(103, "CPU 0/TCG", (0, 1), 0, False).as_dict()]
+    drift = [{"tid": 103, "name": "CPU 0/TCG", "vcpu": 0, "declared": [0], "actual": [0, 1]}]
+    tracker.set_threads({UUID: {"pid": 100, "threads": threads, "drift": drift},
+                         "gone-uuid": {"pid": None, "threads": [], "drift": []}})
+    usage = tracker.usage()
+    assert usage["guests"][0]["threads"] == threads and usage["guests"][0]["pid"] == 100
+    [c] = [c for c in usage["conflicts"] if c["kind"] == "affinity_drift"]
+    assert c == {"kind": "affinity_drift", "guests": [UUID], "vcpu": 0, "tid": 103,
+                 "declared": [0], "actual": [0, 1],
+                 "detail": "g: vCPU 0 (tid 103) runs on 0-1, the XML says 0"}
+    assert "threads" not in plain["guests"][0]  # the earlier usage was not modified
+    tracker.set_threads({UUID: {"pid": 100, "threads": threads, "drift": []}})
+    assert not [c for c in tracker.usage()["conflicts"] if c["kind"] == "affinity_drift"]
+    assert LibvirtWatcher("qemu:///system", lambda: None).thread_check_seconds == \
+        THREAD_CHECK_SECONDS
+    assert LibvirtWatcher("test:///default", lambda: None).thread_check_seconds == 0

@@ -297,3 +297,48 @@ def test_real_vcpu_threads_and_a_repin_behind_libvirts_back_is_drift(conn, new_g
     g.destroy()
     gone = find_qemu_pid(g.dom.UUIDString(), hint=pid)
     assert gone is None, gone
+
+
+def _drifts(snap: dict[str, Any], uuid: str) -> list[dict[str, Any]]:
+    return [c for c in snap["usage"]["conflicts"]
+            if c["kind"] == "affinity_drift" and uuid in c["guests"]]
+
+
+def test_agent_reports_real_threads_and_affinity_drift_until_undone(agent, new_guest):
+    """Through the running agent: ``usage.guests[].threads`` with the real tids, and an
+    ``affinity_drift`` conflict within one check period after ``sched_setaffinity``
+    narrows vCPU 0 behind libvirt's back; it clears when the affinity is restored."""
+    cpus = _host_cpus()
+    if len(cpus) < 2:
+        pytest.skip("a drift needs two CPUs to narrow a vCPU's affinity")
+    everywhere = f"{cpus[0]}-{cpus[-1]}"
+    with agent.subscriber() as sub:
+        sub.wait_snapshot("testhost", timeout=REACH_TIMEOUT_SECONDS)
+        g = new_guest({0: everywhere, 1: cpus[-1]}, everywhere)
+        uuid = g.dom.UUIDString()
+
+        def vcpu_threads(s: dict[str, Any]) -> dict[int, dict[str, Any]]:
+            guest = _guest(s, g.name)
+            return {t["vcpu"]: t for t in (guest or {}).get("threads", [])
+                    if t["vcpu"] is not None}
+
+        snap = wait_for(sub, lambda s: len(vcpu_threads(s)) == 2,
+                        timeout=GUEST_TIMEOUT_SECONDS)
+        threads = vcpu_threads(snap)
+        assert {v: t["cpus"] for v, t in threads.items()} == {0: cpus, 1: [cpus[-1]]}
+        assert {v: t["name"] for v, t in threads.items()} == {0: "CPU 0/TCG", 1: "CPU 1/TCG"}
+        pid = _guest(snap, g.name)["pid"]
+        assert all(Path(f"/proc/{pid}/task/{t['tid']}").exists() for t in threads.values())
+        assert _drifts(snap, uuid) == []
+        tid = threads[0]["tid"]
+        os.sched_setaffinity(tid, {cpus[0]})  # behind libvirt's back
+        try:
+            snap = wait_for(sub, lambda s: _drifts(s, uuid), timeout=GUEST_TIMEOUT_SECONDS)
+            [c] = _drifts(snap, uuid)
+            assert (c["vcpu"], c["tid"], c["declared"], c["actual"]) == (0, tid, cpus,
+                                                                         [cpus[0]])
+            assert c["detail"].startswith(f"{g.name}: vCPU 0 (tid {tid}) runs on {cpus[0]}")
+        finally:
+            os.sched_setaffinity(tid, set(cpus))
+        wait_for(sub, lambda s: not _drifts(s, uuid) and len(vcpu_threads(s)) == 2,
+                 timeout=GUEST_TIMEOUT_SECONDS)

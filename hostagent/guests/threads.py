@@ -153,3 +153,24 @@ def affinity_drift(spec: GuestSpec, threads: list[GuestThread]) -> list[dict[str
             out.append({"tid": t.tid, "name": t.name, "vcpu": t.vcpu,
                         "declared": sorted(declared), "actual": list(t.cpus)})
     return out
+
+
+def check_guests(specs: dict[str, GuestSpec], hints: dict[str, int], *,
+                 proc: Path = PROC_ROOT) -> dict[str, dict[str, Any]]:
+    """One check of every running guest: uuid → ``{"pid", "threads", "drift"}`` (``pid``
+    None and empty lists when its QEMU process is not found). ``hints`` (uuid → the pid
+    found last time) is updated in place. Kernel reads only; runs off the event loop."""
+    out: dict[str, dict[str, Any]] = {}
+    for uuid, spec in sorted(specs.items()):
+        pid = find_qemu_pid(uuid, proc=proc, hint=hints.get(uuid))
+        threads = None if pid is None else read_threads(pid, proc=proc)
+        if pid is None or threads is None:
+            hints.pop(uuid, None)
+            out[uuid] = {"pid": None, "threads": [], "drift": []}
+            continue
+        hints[uuid] = pid
+        out[uuid] = {"pid": pid, "threads": [t.as_dict() for t in threads],
+                     "drift": affinity_drift(spec, threads)}
+    for uuid in set(hints) - set(specs):
+        del hints[uuid]
+    return out
