@@ -65,7 +65,8 @@ CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
                   "idle_thread_taken", "floating_on_dedicated", "cell_missing",
                   "hugepages_exhausted", "hugepages_untracked", "hugepage_size_missing",
                   "memory_exhausted",
-                  "cache_group_missing", "pci_overlap", "pci_missing", "xml_error")
+                  "cache_group_missing", "pci_overlap", "pci_missing", "xml_error",
+                  "affinity_drift")
 #: Where errors are counted (``hostagent_errors_total{where}``), each exported from 0:
 #: the agent's recorded errors (docs/daemon.md §7.2 ``errors``), requests a handler
 #: failed on with a bug, and libvirt errors during reads.
