@@ -9,7 +9,9 @@ disk) with a unique name, pinned to this machine's own CPUs, and destroys it in 
 ``finally`` (libvirtd is machine-wide: only what a test started is touched). One real
 ``hostagent run`` per module reads the machine's own ``/sys`` (the pins must be CPUs of the
 probed host) and follows ``qemu:///system``; the tests check what it publishes through a
-real subscriber. Every wait is bounded; nothing asserts on durations.
+real subscriber. One test stops the machine's libvirtd (SIGTERM; its guests keep running) and
+starts it again with scripts/setup-libvirtd, so each test opens its own connection. Every
+wait is bounded; nothing asserts on durations.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def _unreachable_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def conn() -> Iterator[Any]:
-    """A read-write connection to the real libvirtd; fail in CI / skip elsewhere without."""
+def reachable() -> None:
+    """Fail (CI=true) or skip (elsewhere) when the real libvirtd cannot be reached."""
     reason = _unreachable_reason()
     if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
@@ -68,6 +70,13 @@ def conn() -> Iterator[Any]:
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@pytest.fixture
+def conn(reachable: None) -> Iterator[Any]:
+    """A read-write connection to the real libvirtd, per test (one test restarts it)."""
+    import libvirt
+
     c = libvirt.open(URI)
     try:
         yield c
@@ -117,8 +126,19 @@ class Guest:
         try:
             if self.dom.isActive():
                 self.dom.destroy()
+            return
         except libvirt.libvirtError:
-            pass  # already gone: a transient guest is undefined when it stops
+            pass  # gone (a transient guest is undefined when it stops), or the connection
+        try:  # was to a libvirtd that has been restarted since: look it up again
+            c = libvirt.open(URI)
+        except libvirt.libvirtError:
+            return
+        try:
+            c.lookupByName(self.name).destroy()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            c.close()
 
 
 @pytest.fixture
@@ -138,7 +158,7 @@ def new_guest(conn: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def agent(conn: Any) -> Iterator[DaemonProc]:
+def agent(reachable: None) -> Iterator[DaemonProc]:
     """``hostagent run`` on this machine's /sys, following the real libvirtd."""
     cpus = _host_cpus()
     d = DaemonProc(start=False)
@@ -342,3 +362,53 @@ def test_agent_reports_real_threads_and_affinity_drift_until_undone(agent, new_g
             os.sched_setaffinity(tid, set(cpus))
         wait_for(sub, lambda s: not _drifts(s, uuid) and len(vcpu_threads(s)) == 2,
                  timeout=GUEST_TIMEOUT_SECONDS)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and \
+        Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+
+
+def test_libvirtd_killed_and_restarted_keeps_guests_then_reconnects_and_resyncs(agent,
+                                                                                new_guest):
+    """SIGTERM to the machine's libvirtd (its QEMU guests keep running): the snapshot says
+    ``connected: false`` and keeps the guest; scripts/setup-libvirtd starts libvirtd again,
+    the agent reconnects and resyncs (the guest is still there, its threads too)."""
+    cpus = _host_cpus()
+    with agent.subscriber() as sub:
+        sub.wait_snapshot("testhost", timeout=REACH_TIMEOUT_SECONDS)
+        g = new_guest(_pins(cpus), f"{cpus[0]}-{cpus[-1]}")
+        wait_for(sub, lambda s: _guest(s, g.name) is not None, timeout=GUEST_TIMEOUT_SECONDS)
+        pid = int(Path("/run/libvirtd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        try:
+            deadline = time.monotonic() + GUEST_TIMEOUT_SECONDS
+            while _pid_alive(pid):
+                assert time.monotonic() < deadline, "libvirtd did not stop on SIGTERM"
+                time.sleep(0.1)
+            down = wait_for(sub, lambda s: not s["agent"]["libvirt"]["connected"],
+                            timeout=GUEST_TIMEOUT_SECONDS)
+            assert _guest(down, g.name) is not None  # kept while libvirt is unreachable
+        finally:
+            r = subprocess.run([str(ROOT / "scripts" / "setup-libvirtd")],
+                               capture_output=True, text=True,
+                               timeout=REACH_TIMEOUT_SECONDS + 30)
+            assert r.returncode == 0, r.stderr
+        assert "setup-libvirtd: starting libvirtd -d" in r.stderr, r.stderr
+        up = wait_for(sub, lambda s: s["agent"]["libvirt"]["connected"]
+                      and _guest(s, g.name) is not None, timeout=REACH_TIMEOUT_SECONDS)
+        assert _vcpu_owners(up, g.name) == {0: {cpus[0]}, 1: {cpus[-1]}}
+        # the new libvirtd knows the guest (it re-attached to the running QEMU)
+        import libvirt
+
+        c2 = libvirt.open(URI)
+        try:
+            assert c2.lookupByName(g.name).isActive()
+            c2.lookupByName(g.name).destroy()
+        finally:
+            c2.close()
+        wait_for(sub, lambda s: _guest(s, g.name) is None, timeout=GUEST_TIMEOUT_SECONDS)
