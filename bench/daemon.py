@@ -67,8 +67,9 @@ def running(xml: str) -> str:
 
 class Agent:
     def __init__(self, fixture: str, resources: str, domains: list[str], *,
-                 heartbeat: float, coalesce_ms: float) -> None:
+                 heartbeat: float, coalesce_ms: float, runtime_dir: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="hab-"))
+        runtime_dir = runtime_dir or f"{self.dir}/run"
         sysfs = ROOT / "fixtures" / "sysfs" / fixture / "sys"
         self.topo = probe_fixture(fixture)
         self.uri = write_node(self.dir, self.topo, domains)
@@ -91,7 +92,7 @@ coalesce_ms = {coalesce_ms}
 heartbeat_seconds = {heartbeat}
 max_message_bytes = 1048576
 [agent]
-runtime_dir = "{self.dir}/run"
+runtime_dir = "{runtime_dir}"
 log_level = "warning"
 """)
         notify = str(self.dir / "notify")

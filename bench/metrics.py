@@ -28,7 +28,7 @@ from libvirt_helpers import probe_fixture, uuid_for  # noqa: E402
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from tracker import guest_xmls, host_config  # noqa: E402
 
-from hostagent import metrics  # noqa: E402
+from hostagent.agent import metrics  # noqa: E402
 from hostagent.guests.source import record_from_xml  # noqa: E402
 from hostagent.model import topology_to_dict  # noqa: E402
 from hostagent.snapshot import assemble_snapshot  # noqa: E402

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hostagent.claim_limits import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import ConfigError
 from hostagent.fit_limits import MAX_SEARCH_STEPS, STEP_BUDGET
@@ -90,6 +91,7 @@ class CurveConfig:
     enabled: bool = False
     server_secret_key: str = "/etc/hostagent/curve/server.key_secret"
     allowed_clients_dir: str = "/etc/hostagent/curve/clients"
+    claimants_dir: str = ""  # public keys that may also claim and release; "" = none
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ class AgentConfig:
 class FitConfig:
     cell_strategy: str = "spread"  # "spread" | "pack"
     search_steps: int = STEP_BUDGET  # the fit search's step budget (docs/fit.md)
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    default_ttl_seconds: float = DEFAULT_TTL_SECONDS  # a claim without ttl_s lasts this long
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,7 @@ class Config:
     curve: CurveConfig = field(default_factory=CurveConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
@@ -251,6 +259,14 @@ def _search_steps(r: _Reader) -> int:
     return value
 
 
+def _default_ttl(r: _Reader) -> float:
+    value = float(r.get("default_ttl_seconds", DEFAULT_TTL_SECONDS, (int, float)))
+    if not MIN_TTL_SECONDS <= value <= MAX_TTL_SECONDS:  # nan too
+        r.fail("default_ttl_seconds", r.data.get("default_ttl_seconds"),
+               f"must be between {MIN_TTL_SECONDS:g} and {MAX_TTL_SECONDS:g} seconds")
+    return value
+
+
 def _resources(r: _Reader) -> ResourcesConfig:
     r.check_keys(ResourcesConfig)
     dedicated = r.cpus("dedicated_cpus")
@@ -360,6 +376,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     ag = reader("agent", AgentConfig)
     ft = reader("fit", FitConfig)
     mt = reader("metrics", MetricsConfig)
+    cl = reader("claims", ClaimsConfig)
     endpoints = pub.strings("endpoints", PublisherConfig.endpoints)
     requests = pub.strings("request_endpoints", PublisherConfig.request_endpoints)
     for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
@@ -406,6 +423,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             server_secret_key=cv.get("server_secret_key", CurveConfig.server_secret_key, str),
             allowed_clients_dir=cv.get("allowed_clients_dir", CurveConfig.allowed_clients_dir,
                                        str),
+            claimants_dir=cv.get("claimants_dir", "", str),
         ),
         agent=AgentConfig(
             runtime_dir=ag.get("runtime_dir", "/run/hostagent", str),
@@ -413,6 +431,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         ),
         fit=FitConfig(cell_strategy=ft.choice("cell_strategy", "spread", _STRATEGIES),
                       search_steps=_search_steps(ft)),
+        claims=ClaimsConfig(default_ttl_seconds=_default_ttl(cl)),
         metrics=_metrics(mt),
         source=source,
     )

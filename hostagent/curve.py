@@ -144,20 +144,21 @@ class AllowedKeys:
     skipped: tuple[str, ...] = ()
 
 
-def load_allowed_keys(directory: str | Path) -> AllowedKeys:
+def load_allowed_keys(directory: str | Path, *, what: str = "allowed-clients") -> AllowedKeys:
     """Every public key of the ``*.key`` files in ``directory``.
 
     A bad file is skipped with a warning naming it (the message is also in
     ``skipped``); the other keys stay allowed. A missing or unreadable directory is a
-    ``ConfigError``: the caller keeps the keys it had.
+    ``ConfigError``: the caller keeps the keys it had. ``what`` names the directory in
+    messages (``claimants`` for ``[curve] claimants_dir``).
     """
     d = Path(directory)
     if not d.is_dir():
-        raise ConfigError(f"{d}: allowed-clients directory does not exist")
+        raise ConfigError(f"{d}: {what} directory does not exist")
     try:
         names = sorted(n for n in os.listdir(d) if n.endswith(".key"))
     except OSError as exc:
-        raise ConfigError(f"{d}: cannot read the allowed-clients directory: "
+        raise ConfigError(f"{d}: cannot read the {what} directory: "
                           f"{exc.strerror}") from None
     keys: set[bytes] = set()
     skipped: list[str] = []
@@ -169,8 +170,10 @@ def load_allowed_keys(directory: str | Path) -> AllowedKeys:
             log.warning("%s; file skipped, the other client keys stay allowed", exc)
             continue
         keys.add(public)
-    if not keys:
+    if not keys and what == "allowed-clients":
         log.warning("%s: no allowed client key: every CURVE client is refused", d)
+    elif not keys:
+        log.warning("%s: no %s key: no client may claim", d, what)
     return AllowedKeys(frozenset(keys), tuple(skipped))
 
 

@@ -34,7 +34,11 @@ Every request is served in its own task and its reply is sent when it is ready (
 ROUTER envelope routes it), so a slow handler (a fit runs in a worker thread) never
 delays the others: ``snapshot`` is answered at once. At most ``MAX_REQUESTS_IN_FLIGHT``
 handler requests run at a time; one more is answered ``busy: ...`` at once instead of
-being queued. ``snapshot`` is never counted: it is answered on the spot.
+being queued. ``snapshot`` is never counted: it is answered on the spot, nor are the ops
+registered with ``bounded=False`` (the claim ops, which bound their own queue).
+
+With CURVE, a handler reads the requesting client's public key (z85 text, from the ZAP
+handler's ``User-Id``) with ``request_peer_key()``; it is None without CURVE.
 
 What one peer can make the agent hold (docs/daemon.md §6.1): replies it does not read,
 ``REQUEST_SEND_HWM`` of them; requests, ``REQUEST_RECV_HWM``; snapshots it does not read,
@@ -49,13 +53,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from hostagent import memtrim, wire
+from hostagent import wire
+from hostagent.agent import memtrim
 from hostagent.config import EXPOSED_WHY, PublisherConfig, exposed_endpoints
 from hostagent.curve import ServerCurve
 from hostagent.errors import HostagentError
@@ -96,6 +102,17 @@ REBIND_TIMEOUT_SECONDS = 5.0
 #: every worker the probe needs.
 MAX_REQUESTS_IN_FLIGHT = 4
 
+#: The CURVE public key (z85 text) of the client whose request is being served; each
+#: request runs in its own task, so each sees its own.
+_PEER_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "hostagent_request_peer_key", default=None)
+
+
+def request_peer_key() -> str | None:
+    """The CURVE public key (z85) of the client whose request the calling handler serves;
+    None without CURVE."""
+    return _PEER_KEY.get()
+
 
 class Publisher:
     """Owns the XPUB and ROUTER sockets of one agent; use from one asyncio loop only."""
@@ -121,6 +138,7 @@ class Publisher:
         self._last_welcome = 0.0
         self._welcome_handle: asyncio.Handle | None = None
         self.handlers: dict[str, Handler] = {}
+        self._unbounded: set[str] = set()  # ops not counted in MAX_REQUESTS_IN_FLIGHT
         self.in_flight = 0  # handler requests being served
         self._serving: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
@@ -320,21 +338,38 @@ class Publisher:
 
     # --- requests ----------------------------------------------------------------------
 
-    def register(self, op: str, handler: Handler) -> None:
+    def register(self, op: str, handler: Handler, *, bounded: bool = True) -> None:
         """Answer ``{op: <op>, ...}`` with ``await handler(request)`` (a reply dict
-        without ``v``/``ok``; raise ``HostagentError`` for an error reply)."""
+        without ``v``/``ok``; raise ``HostagentError`` for an error reply). An op
+        registered with ``bounded=False`` is not counted in ``MAX_REQUESTS_IN_FLIGHT``:
+        its handler bounds what it holds itself."""
         self.handlers[op] = handler
+        if bounded:
+            self._unbounded.discard(op)
+        else:
+            self._unbounded.add(op)
 
     async def _requests(self) -> None:
+        zmq = self._zmq
         while True:
-            frames = await self.router.recv_multipart()
-            task = asyncio.ensure_future(self._serve(frames))
+            if self.curve is None:
+                frames = await self.router.recv_multipart()
+                key = None
+            else:  # the ZAP handler's User-Id: the client's public key (z85)
+                raw = await self.router.recv_multipart(copy=False)
+                try:
+                    key = raw[-1].get("User-Id")
+                except zmq.ZMQError:
+                    key = None
+                frames = [f.bytes for f in raw]
+            task = asyncio.ensure_future(self._serve(frames, key))
             self._serving.add(task)
             task.add_done_callback(self._served)
             await asyncio.sleep(0)  # a flood of requests must not starve the loop
 
-    async def _serve(self, frames: list[bytes]) -> None:
+    async def _serve(self, frames: list[bytes], key: str | None = None) -> None:
         """Answer one request and send its reply as soon as it is ready."""
+        _PEER_KEY.set(key)  # this task's own context
         reply_frames = await self.answer(frames)
         if reply_frames is not None:
             await self.router.send_multipart(reply_frames)
@@ -396,6 +431,9 @@ class Publisher:
         if handler is None:
             known = ", ".join(sorted({"snapshot", *self.handlers}))
             raise wire.WireError(f"unknown op {op[:64]!r} (known: {known})")
+        if op in self._unbounded:
+            self.stats[f"op_{op}"] += 1
+            return wire.ok_reply(**await handler(req))
         if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
             self.stats["busy_requests"] += 1
             raise HostagentError(f"busy: {self.in_flight} requests in flight (the limit); "

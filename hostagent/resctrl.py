@@ -5,6 +5,12 @@ group needs, using only a ``HostTopology`` (what the probe read). It never touch
 file; ``hostagent.resctrl_fs`` applies plans under the resctrl lock, and the fitter calls
 ``plan_reservation`` for per-vCPU reservations inside a placement.
 
+Where the rest of resctrl lives: ``hostagent.resctrl_fs`` (the file-system side: lock,
+mkdir, write, attach, release, carve), ``hostagent.resctrl_cbm`` (capacity bitmasks: parse,
+format, popcount, runs, and ``cache_ways``, who holds which ways), ``hostagent.probe.resctrl``
+(reading the mount into the ``HostTopology``), ``hostagent.commands.resctrl`` (the
+``hostagent resctrl`` sub-command).
+
 The model
 =========
 
@@ -24,7 +30,7 @@ or MB): the kernel gives every group one CLOSID valid in all of them.
 
 Free ways. A way of a domain is free when no group holds it, the default group
 included: start from ``cbm_mask`` and subtract every group's mask (libvirt's rule;
-``hostagent.cbm.cache_ways`` reports the same numbers). So after a fresh mount nothing
+``hostagent.resctrl_cbm.cache_ways`` reports the same numbers). So after a fresh mount nothing
 is free until the default group is shrunk (``plan_carve``). ``taken`` lets a caller add
 ways it has already promised elsewhere (several plans in one go, nothing written).
 
@@ -78,7 +84,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from hostagent.cbm import (
+from hostagent.cpulist import format_cpulist
+from hostagent.errors import RequestError
+from hostagent.model import HostTopology, Resctrl, ResctrlGroup, ResctrlResource
+from hostagent.resctrl_cbm import (
     RESCTRL_TYPE_SUFFIX,
     format_mask,
     largest_run,
@@ -89,9 +98,6 @@ from hostagent.cbm import (
     run_mask,
     runs,
 )
-from hostagent.cpulist import format_cpulist
-from hostagent.errors import RequestError
-from hostagent.model import HostTopology, Resctrl, ResctrlGroup, ResctrlResource
 from hostagent.units import format_size, plural
 
 __all__ = [

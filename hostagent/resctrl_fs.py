@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hostagent.cbm import parse_mask
 from hostagent.cpulist import format_cpulist, parse_cpulist
 from hostagent.errors import HostagentError, RequestError
 from hostagent.model import HostTopology
@@ -62,6 +61,7 @@ from hostagent.resctrl import (
     plan_carve,
     plan_reservation,
 )
+from hostagent.resctrl_cbm import parse_mask
 
 __all__ = [
     "LOCK_TIMEOUT_MAX_S",

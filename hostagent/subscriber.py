@@ -37,7 +37,8 @@ monitored, and a disconnect that libzmq does not follow with a retry within
 ``RECONNECT_GRACE_SECONDS`` is reconnected by the library (``reconnects``; doubling
 delays up to ``RECONNECT_MAX_SECONDS`` while it keeps happening before any snapshot
 arrives). ``request()`` / ``async_request()`` send one request to an agent's request
-endpoint and return the reply.
+endpoint and return the reply; ``claim()`` / ``release()`` claim a placement at an agent
+and give it back (docs/claims.md).
 """
 
 from __future__ import annotations
@@ -671,3 +672,40 @@ async def async_request(endpoint: str, req: dict[str, Any], *,
         return _reply(payload, endpoint, max_message_bytes)
     finally:
         s.close(linger=0)
+
+
+# --- claims ----------------------------------------------------------------------------
+
+def _checked(endpoint: str, reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply["ok"]:
+        raise HostagentError(f"{endpoint}: {reply['error']}")
+    return reply
+
+
+def claim(endpoint: str, request_: dict[str, Any], *, ttl_s: float | None = None,
+          strategy: str | None = None, claimant: str | None = None,
+          placement: dict[str, Any] | None = None,
+          timeout: float = DEFAULT_REQUEST_TIMEOUT, curve: ClientCurve | None = None,
+          ctx: Any = None) -> dict[str, Any]:
+    """Claim a placement for fit request ``request_`` at the agent (docs/claims.md): the
+    agent's own fit, or ``placement`` (the ``placement`` of a fit answer) if given.
+
+    Returns the reply: ``{claimed: True, claim: {id, expires, claimant, request,
+    placement, libvirt_xml, ...}, seq, epoch}``, or ``{claimed: False, reasons, ...}``
+    when it does not fit or is taken. An error reply (an invalid field, a client that may
+    not claim, ``busy: ...``) or no reply within ``timeout`` is a ``HostagentError``.
+    """
+    req: dict[str, Any] = {"op": "claim", "request": request_}
+    for key, value in (("ttl_s", ttl_s), ("strategy", strategy), ("claimant", claimant),
+                       ("placement", placement)):
+        if value is not None:
+            req[key] = value
+    return _checked(endpoint, request(endpoint, req, timeout=timeout, curve=curve, ctx=ctx))
+
+
+def release(endpoint: str, claim_id: str, *, timeout: float = DEFAULT_REQUEST_TIMEOUT,
+            curve: ClientCurve | None = None, ctx: Any = None) -> dict[str, Any]:
+    """Give claim ``claim_id`` back (``{released: id}``); ``HostagentError`` for an
+    unknown id, a client that may not release, or no reply."""
+    return _checked(endpoint, request(endpoint, {"op": "release", "id": claim_id},
+                                      timeout=timeout, curve=curve, ctx=ctx))

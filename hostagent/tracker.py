@@ -11,11 +11,14 @@ Three steps, so that one guest's change costs one guest's work:
     amounts, resctrl groups). Build once per topology or config change.
 ``guest_contribution(ctx, record) -> Contribution``
     Everything one guest holds, and its own conflicts, precomputed. Cache it per uuid.
-``fold(ctx, contributions, previous=None) -> usage dict``
+``fold(ctx, contributions, previous=None, claims=()) -> usage dict``
     Sums the contributions: thread ownership, threads kept idle, shared guests per
     thread, per-cell totals and free amounts, thread entries, cache allocations, and the
     cross-guest conflicts. Linear in guests + threads. Pure: ``previous`` (the last
     usage folded on the same context) only lends the objects that did not change.
+    ``claims`` are the contributions of the agent's outstanding claims
+    (``hostagent.claims``): shaped like a guest's, counted like one in every total and
+    free amount, listed in ``usage.claims`` instead of ``usage.guests``.
 
 ``compute_usage(topo, resources, guests)`` does all three (a full recompute).
 ``UsageTracker`` is the small stateful wrapper the daemon uses: ``set_host`` on a new
@@ -35,10 +38,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from hostagent.cbm import cache_ways, parse_mask, popcount
 from hostagent.cpulist import format_cpulist
 from hostagent.guests.xml import GuestRecord, GuestSpec
 from hostagent.model import Cell, HostTopology
+from hostagent.resctrl_cbm import cache_ways, parse_mask, popcount
 
 DEFAULT_HUGEPAGE_KIB = 2048
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -188,6 +191,9 @@ class Contribution:
     pci: tuple[str, ...] = ()  # PCI addresses passed through
     idle: tuple[int, ...] = ()  # dedicated threads this guest keeps idle (isolate siblings)
     conflicts: tuple[dict[str, Any], ...] = ()
+    # cache ways a claim holds before its resctrl group exists: (resource, cache id, mask,
+    # group name the placement planned); a guest's ways are in its groups' schemata
+    cache_ways: tuple[tuple[str, int, int, str], ...] = ()
 
 
 def machine_name(domain_id: int, name: str, driver: str = "qemu") -> str:
@@ -697,7 +703,7 @@ def _split(kib: int, hosts: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def fold(
     ctx: Context, contributions: Iterable[Contribution],
-    previous: Mapping[str, Any] | None = None,
+    previous: Mapping[str, Any] | None = None, claims: Iterable[Contribution] = (),
 ) -> dict[str, Any]:
     """Sum contributions into the ``usage`` dict (schema v1). Pure.
 
@@ -705,27 +711,48 @@ def fold(
     none). It changes nothing in the result, only which objects carry it: a thread entry
     equal to the previous one is that same dict, and the cache list is the previous one
     when no group changed owner, so packers keep their bytes (``hostagent.wire``).
+
+    ``claims`` (``uuid`` = the claim id, ``entry`` = its ``usage.claims`` item) hold what
+    they hold exactly as guests do, in the order given (``UsageTracker``: oldest first);
+    a guest comes before every claim, so a thread both hold is the guest's. A thread a
+    claim runs on or keeps idle carries the claim's id in ``claim`` (``guest`` and
+    ``held_by`` stay about guests); a conflict a claim is part of lists it in ``claims``
+    instead of ``guests``.
     """
     contribs = sorted((c for c in contributions if c.entry is not None), key=lambda c: c.uuid)
-    names = {c.uuid: c.name for c in contribs}
+    held = [c for c in claims if c.entry is not None]  # in the order given: oldest first
+    everyone = contribs + held if held else contribs
+    claim_ids = frozenset(c.uuid for c in held)
+    names = {c.uuid: c.name for c in everyone}
     conflicts: list[dict[str, Any]] = []  # in the order met; sorted at the end
-    owner = _thread_owners(contribs, names, conflicts)
+    owner = _thread_owners(everyone, names, conflicts)
     held_by = _idle_holders(contribs)
+    claimed = _claimed_threads(held)
     shared_on = _shared_guests_per_thread(contribs)
-    _idle_threads_taken(contribs, owner, shared_on, names, conflicts)
-    sums = _sum_contributions(contribs, conflicts)
-    pci_out = _pci_users(sums.pci_users, names, conflicts)
-    cells_out = _cell_usage(ctx, sums, owner, shared_on, held_by, conflicts)
-    threads = _thread_entries(ctx, owner, shared_on, held_by,
-                              previous["threads"] if previous else ())
+    _idle_threads_taken(everyone, owner, shared_on, names, conflicts)
+    sums = _sum_contributions(everyone, conflicts)
+    if held:
+        claim_pages: dict[tuple[int, int], int] = {}
+        for c in held:
+            for cell, size, n in c.pages:
+                claim_pages[(cell, size)] = claim_pages.get((cell, size), 0) + n
+        sums = sums._replace(claim_pages=claim_pages)
+    pci_out = _pci_users(sums.pci_users, names, conflicts, claim_ids)
+    busy = _Busy(owner, shared_on, held_by, claimed, claim_ids)
+    cells_out = _cell_usage(ctx, sums, busy, conflicts)
+    threads = _thread_entries(ctx, busy, previous["threads"] if previous else ())
     caches = _cache_allocations(ctx.topo, sums.group_owners,
-                                previous["caches"] if previous else None)
+                                previous["caches"] if previous else None,
+                                tuple((c.uuid, *w) for c in held for w in c.cache_ways))
+    if claim_ids:
+        _name_claims(conflicts, claim_ids)
     conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
     return {
         "cells": cells_out,
         "threads": threads,
         "caches": caches,
         "guests": [c.entry for c in contribs],
+        "claims": [c.entry for c in held],
         "pci": pci_out,
         "floating_vcpus": sums.floating_vcpus,
         "floating_memory_kib": sums.floating_memory,
@@ -733,6 +760,42 @@ def fold(
                                for s, n in sorted(sums.floating_pages.items())],
         "conflicts": conflicts,
     }
+
+
+class _Busy(NamedTuple):
+    """Who is on each thread: what ``usage.threads`` shows and what makes a thread not
+    free."""
+
+    owner: Mapping[int, tuple[str, Claim]]  # thread → its owner (a guest, else a claim)
+    shared_on: Mapping[int, list[str]]  # thread → guests with shared vCPUs pinned there
+    held_by: Mapping[int, str]  # thread → the guest keeping it idle
+    claimed: Mapping[int, str]  # thread → the claim running on it or keeping it idle
+    claim_ids: frozenset[str]
+
+    def taken(self) -> set[int]:
+        """The threads that are not free: owned, shared onto, kept idle or claimed."""
+        return set(self.owner).union(self.shared_on, self.held_by, self.claimed)
+
+
+def _claimed_threads(held: list[Contribution]) -> dict[int, str]:
+    """Thread → the first claim (oldest first) whose vCPUs, emulator or iothreads run
+    there or that keeps it idle."""
+    claimed: dict[int, str] = {}
+    for c in held:
+        for cl in c.claims:
+            claimed.setdefault(cl.cpu, c.uuid)
+        for cpu in c.idle:
+            claimed.setdefault(cpu, c.uuid)
+    return claimed
+
+
+def _name_claims(conflicts: list[dict[str, Any]], claim_ids: frozenset[str]) -> None:
+    """A conflict a claim is part of lists it in ``claims``, not in ``guests``."""
+    for i, c in enumerate(conflicts):
+        ids = [u for u in c["guests"] if u in claim_ids]
+        if ids:
+            conflicts[i] = {**c, "guests": [u for u in c["guests"] if u not in claim_ids],
+                            "claims": ids}
 
 
 def _thread_owners(contribs: list[Contribution], names: Mapping[str, str],
@@ -830,6 +893,9 @@ class _Sums(NamedTuple):
     floating_pages: dict[int, int]  # size KiB → pages
     group_owners: dict[str, str]  # resctrl group → uuid
     pci_users: dict[str, list[str]]  # address → uuids
+    # (cell, size KiB) → pages held by claims (counted in ``pages`` too; not in the
+    # kernel's counters until their guests run)
+    claim_pages: Mapping[tuple[int, int], int] = {}
 
 
 def _sum_contributions(contribs: list[Contribution],
@@ -867,11 +933,15 @@ def _sum_contributions(contribs: list[Contribution],
 
 
 def _pci_users(pci_users: Mapping[str, list[str]], names: Mapping[str, str],
-               conflicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``usage.pci``: each address with its first user; two users are a ``pci_overlap``."""
+               conflicts: list[dict[str, Any]],
+               claim_ids: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``usage.pci``: each address with its first guest and first claim; two users are a
+    ``pci_overlap``."""
     pci_out = []
     for addr, users in sorted(pci_users.items()):
-        pci_out.append({"address": addr, "guest": users[0]})
+        guest = next((u for u in users if u not in claim_ids), None)
+        claim = next((u for u in users if u in claim_ids), None)
+        pci_out.append({"address": addr, "guest": guest, "claim": claim})
         if len(set(users)) > 1:
             conflicts.append(_conflict(
                 "pci_overlap", f"PCI device {addr} is assigned to "
@@ -880,26 +950,24 @@ def _pci_users(pci_users: Mapping[str, list[str]], names: Mapping[str, str],
 
 
 def _cell_usage(
-    ctx: Context, sums: _Sums, owner: Mapping[int, tuple[str, Claim]],
-    shared_on: Mapping[int, list[str]], held_by: Mapping[int, str],
-    conflicts: list[dict[str, Any]],
+    ctx: Context, sums: _Sums, busy: _Busy, conflicts: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """``usage.cells``: pinned and free dedicated threads and cores, shared vCPUs,
     ordinary memory and hugepage pools per host cell."""
     pinned_by_cell: dict[int | None, list[int]] = {}
-    for t in sorted(owner):
-        pinned_by_cell.setdefault(ctx.cpu_cell.get(t), []).append(t)
+    for t in sorted(busy.owner):
+        if busy.owner[t][0] not in busy.claim_ids:  # pinned = a guest's
+            pinned_by_cell.setdefault(ctx.cpu_cell.get(t), []).append(t)
     cells_out = []
+    taken = busy.taken()
     for cell in ctx.topo.cells:
         cid = cell.id
         # a dedicated thread is free when nobody owns it, no guest's shared vCPUs,
         # emulator or iothreads are pinned onto it (that is a floating_on_dedicated
-        # conflict) and no guest keeps it idle (held_by)
-        free = [t for t in ctx.cell_dedicated[cid]
-                if t not in owner and t not in shared_on and t not in held_by]
+        # conflict), no guest keeps it idle (held_by) and no claim holds it
+        free = [t for t in ctx.cell_dedicated[cid] if t not in taken]
         free_cores = sum(1 for core in ctx.cell_dedicated_cores.get(cid, ())
-                         if not any(t in owner or t in shared_on or t in held_by
-                                    for t in core))
+                         if taken.isdisjoint(core))
         pool_kib = sum(p.total * p.size_kib for p in cell.hugepages)
         reserved = ctx.reserved_memory.get(cid, 0)
         limit = int(max(0, cell.memory_kib - pool_kib - reserved) * ctx.ram_ratio)
@@ -951,7 +1019,9 @@ def _cell_hugepages(ctx: Context, cell: Cell, sums: _Sums,
                 f"available ({total} in the pool, {res_pages} reserved)",
                 sums.page_users.get((cid, size), []), cell=cid, size_kib=size))
         free = max(0, avail - n)
-        _untracked_pages(ctx, cid, size, n, free, conflicts)
+        # claimed pages are not in the kernel's counters yet: compared without them
+        claimed = sums.claim_pages.get((cid, size), 0)
+        _untracked_pages(ctx, cid, size, n - claimed, max(0, avail - n + claimed), conflicts)
         hp_out.append({"size_kib": size, "total": total, "reserved": res_pages,
                        "used": n, "free": free})
     return hp_out
@@ -979,18 +1049,19 @@ def _untracked_pages(ctx: Context, cid: int, size: int, used: int, free: int,
 
 
 def _thread_entries(
-    ctx: Context, owner: Mapping[int, tuple[str, Claim]],
-    shared_on: Mapping[int, list[str]], held_by: Mapping[int, str],
-    previous: Sequence[dict[str, Any]],
+    ctx: Context, busy: _Busy, previous: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """``usage.threads``, one entry per CPU of the topology. An entry equal to the one in
     ``previous`` (the previous fold's on this ctx, or empty) is that same dict, so
     packers can keep its bytes (entries are never changed once made: read-only)."""
     threads = []
     empty: list[str] = []
+    owner, shared_on, held_by, claimed = busy.owner, busy.shared_on, busy.held_by, busy.claimed
     for i, cpu in enumerate(ctx.topo.cpus):
         t = cpu.id
         held = owner.get(t)
+        if held is not None and held[0] in busy.claim_ids:
+            held = None  # a claim's thread: in ``claim``, not ``guest``
         cl = held[1] if held else None
         guest = held[0] if held else None
         vcpu = cl.vcpu if cl else None
@@ -998,11 +1069,12 @@ def _thread_entries(
         iothread = cl.iothread if cl else None
         shared = shared_on.get(t, empty)
         holder = held_by.get(t)
+        claim = claimed.get(t)
         if previous:
             old = previous[i]
             if (old["guest"] == guest and old["vcpu"] == vcpu and old["held_by"] == holder
                     and old["emulator"] == emulator and old["iothread"] == iothread
-                    and old["shared_guests"] == shared):
+                    and old["shared_guests"] == shared and old.get("claim") == claim):
                 threads.append(old)
                 continue
         threads.append({
@@ -1015,23 +1087,28 @@ def _thread_entries(
             "iothread": iothread,
             "shared_guests": shared,
             "held_by": holder,
+            "claim": claim,
         })
     return threads
 
 
 def _cache_allocations(topo: HostTopology, group_owners: Mapping[str, str],
-                       previous: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """``usage.caches`` (``hostagent.cbm.cache_ways`` with the groups' owners).
+                       previous: list[dict[str, Any]] | None,
+                       claimed: tuple[tuple[str, str, int, int, str], ...] = (),
+                       ) -> list[dict[str, Any]]:
+    """``usage.caches`` (``hostagent.resctrl_cbm.cache_ways`` with the groups' owners and the
+    ways claims hold: (claim id, resource, cache id, mask, group)).
 
     ``previous`` (the previous fold's on the same topology, or None) is handed back as
-    is when every group it lists has the same owner now: its contents depend on nothing
-    else."""
-    if previous is None:
-        return cache_ways(topo, group_owners)
+    is when every group it lists has the same owner now and no claim holds ways, now or
+    then: its contents depend on nothing else."""
+    if previous is None or claimed:
+        return cache_ways(topo, group_owners, claimed)
     for cache in previous:
         for alloc in cache["allocations"]:
-            if alloc["guest"] != group_owners.get(alloc["group"]):
-                return cache_ways(topo, group_owners)
+            if alloc.get("claim") is not None or alloc["guest"] != group_owners.get(
+                    alloc["group"]):
+                return cache_ways(topo, group_owners, claimed)
     return previous
 
 
@@ -1076,12 +1153,17 @@ class UsageTracker:
     >>> t.replace_all(records) # full resync (connect, reconnect, periodic)
     >>> t.set_host(topo, resources)  # re-probe (hotplug, resctrl change) or config reload
     >>> usage = t.usage()      # fold, memoised until the next change
+
+    ``claims`` holds the contributions of outstanding claims by id (``put_claim``,
+    ``drop_claim``; ``hostagent.claims.ClaimTracker`` keeps them current): they are folded
+    with the guests.
     """
 
     def __init__(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
         self.ctx = make_context(topo, resources)
         self.records: dict[str, GuestRecord] = {}
         self.contributions: dict[str, Contribution] = {}
+        self.claims: dict[str, Contribution] = {}
         self._usage: dict[str, Any] | None = None  # memo; None after a change
         # what the kernel does with each running guest's threads (hostagent.guests.threads
         # check_guests): uuid → {"pid", "threads", "drift"}; data, read elsewhere
@@ -1091,13 +1173,16 @@ class UsageTracker:
 
     def set_host(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
         self.ctx = make_context(topo, resources)
-        self.contributions = {u: guest_contribution(self.ctx, r)
-                              for u, r in self.records.items()}
+        self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
         self._usage = self._previous = None  # a new context starts from fresh entries
+
+    def _contribute(self, record: GuestRecord) -> Contribution:
+        """One guest's contribution (a subclass may add to it: ``hostagent.claims``)."""
+        return guest_contribution(self.ctx, record)
 
     def update(self, record: GuestRecord) -> None:
         self.records[record.uuid] = record
-        self.contributions[record.uuid] = guest_contribution(self.ctx, record)
+        self.contributions[record.uuid] = self._contribute(record)
         self._usage = None
 
     def remove(self, uuid: str) -> None:
@@ -1107,8 +1192,7 @@ class UsageTracker:
 
     def replace_all(self, records: Iterable[GuestRecord]) -> None:
         self.records = {r.uuid: r for r in records}
-        self.contributions = {u: guest_contribution(self.ctx, r)
-                              for u, r in self.records.items()}
+        self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
         self._usage = None
 
     def set_threads(self, checked: Mapping[str, dict[str, Any]]) -> None:
@@ -1117,9 +1201,22 @@ class UsageTracker:
             self.threads = dict(checked)
             self._usage = None
 
+    def put_claim(self, contribution: Contribution) -> None:
+        """Hold a claim (``contribution.uuid`` = its id)."""
+        self.claims[contribution.uuid] = contribution
+        self._usage = None
+
+    def drop_claim(self, claim_id: str) -> bool:
+        """Stop holding a claim; False if it was not held."""
+        if self.claims.pop(claim_id, None) is None:
+            return False
+        self._usage = None
+        return True
+
     def usage(self) -> dict[str, Any]:
         if self._usage is None:
-            folded = fold(self.ctx, self.contributions.values(), self._previous)
+            folded = fold(self.ctx, self.contributions.values(), self._previous,
+                          self.claims.values())
             self._previous = folded
             self._usage = with_threads(folded, self.threads)
         return self._usage

@@ -546,7 +546,7 @@ SNAPSHOT_MAPS = ("topology", "config", "usage")
 SNAPSHOT_MAP_LISTS = {
     "topology": ("cells", "cpus", "caches", "pci"),
     "config": ("reserved_hugepages",),
-    "usage": ("cells", "threads", "caches", "guests", "conflicts", "pci",
+    "usage": ("cells", "threads", "caches", "guests", "claims", "conflicts", "pci",
               "floating_hugepages"),
 }
 #: ... these are lists (of CPU ids; not checked deeper) ...

@@ -1,10 +1,13 @@
 """Test helpers: run ``hostagent run`` as a real process on a fixture tree and test:///.
 
-``DaemonProc(tmp)`` writes a config (fixture sysfs tree, a custom test-driver node file,
+``DaemonProc(fixture)`` writes a config (fixture sysfs tree, a custom test-driver node file,
 ipc endpoints in a short tmp dir, short heartbeat and coalescing), binds a fake
 ``NOTIFY_SOCKET`` (a real AF_UNIX datagram socket) and starts the daemon. ``notify()``
 returns the next notify datagram; ``request()`` talks to the request endpoint;
 ``subscriber()`` opens a real SUB; ``stop()`` sends SIGTERM and returns the exit code.
+The agent reads the committed fixture tree, or with ``copy_tree`` a tree of its own:
+``copy_tree=("devices/...", ...)`` makes only those paths the test's (fixture_trees.copy_of),
+``copy_tree=True`` copies the whole tree.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from libvirt_helpers import FIXTURES, probe_fixture, write_node
+from fixture_trees import copy_of, need_fixture
+from libvirt_helpers import probe_fixture, write_node
 
 from hostagent.subscriber import Subscriber, request
 
@@ -63,13 +68,15 @@ log_level = "debug"
 
 
 class DaemonProc:
-    def __init__(self, fixture: str = "xeon-2s-cat", *, copy_tree: bool = False,
-                 env: dict[str, str] | None = None, start: bool = True, **cfg: Any) -> None:
+    def __init__(self, fixture: str = "xeon-2s-cat", *,
+                 copy_tree: bool | Sequence[str] = False, env: dict[str, str] | None = None,
+                 start: bool = True, **cfg: Any) -> None:
+        src = need_fixture(fixture)
         self.dir = Path(tempfile.mkdtemp(prefix="ha-"))  # short: ipc paths are limited
-        src = FIXTURES / fixture / "sys"
-        if copy_tree:
-            shutil.copytree(src, self.dir / "sys", symlinks=True)
-            self.sysfs = self.dir / "sys"
+        if copy_tree is True:
+            self.sysfs = copy_of(fixture, self.dir)
+        elif copy_tree:
+            self.sysfs = copy_of(fixture, self.dir, *copy_tree)
         else:
             self.sysfs = src
         self.topo = probe_fixture(fixture)

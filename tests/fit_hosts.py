@@ -185,7 +185,7 @@ def make_snapshot(
         "cpu_allocation_ratio": cpu_ratio,
         "ram_allocation_ratio": ram_ratio,
     }
-    from hostagent.cbm import cache_ways
+    from hostagent.resctrl_cbm import cache_ways
 
     return {
         "schema": 1,

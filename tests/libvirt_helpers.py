@@ -31,9 +31,11 @@ TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 
 
 def probe_fixture(name: str) -> HostTopology:
+    from fixture_trees import need_fixture
+
     from hostagent.probe.host import probe_host
 
-    base = FIXTURES / name / "sys"
+    base = need_fixture(name)
     return probe_host(base, base / "fs" / "resctrl")
 
 

@@ -2,7 +2,7 @@
 
 They share ``LOOP`` and run coroutines on it from the main thread with ``run(coro)``
 (signal handlers need the main thread). libvirt's events come from its own event thread
-(``hostagent.libvirt_watch.ensure_event_impl``) and are posted to whichever loop runs.
+(``hostagent.agent.libvirt_watch.ensure_event_impl``) and are posted to whichever loop runs.
 """
 
 from __future__ import annotations

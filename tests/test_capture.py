@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.cli import main
 from hostagent.commands.capture import capture
@@ -18,10 +19,7 @@ NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell",
 
 
 def fixture_root(name):
-    root = FIXTURES / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
-    return root
+    return need_fixture(name)
 
 
 def files_under(top):
@@ -31,11 +29,24 @@ def files_under(top):
     return out
 
 
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    """``captured(name)``: (out dir, topology, reader) of a capture of fixture ``name``,
+    made once for this module; tests only read it."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            root = fixture_root(name)
+            out = tmp_path_factory.mktemp(f"capture-{name}") / "out"
+            done[name] = (out, *capture(str(out), str(root), str(root / "fs" / "resctrl")))
+        return done[name]
+    return get
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_capture_of_fixture_probes_the_same(name, tmp_path):
-    root = fixture_root(name)
-    out = tmp_path / "out"
-    topo, reader = capture(str(out), str(root), str(root / "fs" / "resctrl"))
+def test_capture_of_fixture_probes_the_same(name, captured):
+    out, topo, reader = captured(name)
     again = FileReader()
     back = probe_host(out / "sys", out / "sys" / "fs" / "resctrl", reader=again)
     assert probe_json(back) == probe_json(topo)
@@ -48,10 +59,9 @@ def test_capture_of_fixture_probes_the_same(name, tmp_path):
     assert reread == written
 
 
-def test_capture_keeps_pci_symlinks(tmp_path):
+def test_capture_keeps_pci_symlinks(captured):
     root = fixture_root("xeon-2s-cat")
-    out = tmp_path / "out"
-    capture(str(out), str(root), str(root / "fs" / "resctrl"))
+    out = captured("xeon-2s-cat")[0]
     link = out / "sys/bus/pci/devices/0000:af:00.0"
     assert link.is_symlink()
     assert os.readlink(link) == os.readlink(root / "bus/pci/devices/0000:af:00.0")
@@ -59,10 +69,8 @@ def test_capture_keeps_pci_symlinks(tmp_path):
     assert not (link / "subsystem_vendor").exists()  # not read by the probe, not copied
 
 
-def test_capture_keeps_offline_cpu_directories(tmp_path):
-    root = fixture_root("large-8cell")
-    out = tmp_path / "out"
-    capture(str(out), str(root), str(root / "fs" / "resctrl"))
+def test_capture_keeps_offline_cpu_directories(captured):
+    out = captured("large-8cell")[0]
     assert (out / "sys/devices/system/cpu/cpu127").is_dir()
     back = probe_host(out / "sys", None)
     assert [c.id for c in back.cpus if not c.online] == [63, 124, 125, 126, 127]

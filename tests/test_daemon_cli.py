@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -64,9 +65,13 @@ def test_watch_json_prints_whole_snapshots(agent):
 
 
 def test_watch_seconds_and_config_endpoints(agent):
-    r = cli("watch", "--config", str(agent.config), "--seconds", "0.5")
+    r = cli("watch", "--config", str(agent.config), "--count", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("testhost seq ")
+    # --seconds alone ends the watch (what it printed by then depends on the machine's load)
+    r = cli("watch", "--config", str(agent.config), "--seconds", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert all(ln.startswith("testhost seq ") for ln in r.stdout.splitlines()), r.stdout
     r = cli("watch", "udp://x")
     assert r.returncode == 2 and "must start with tcp://" in r.stderr
 
@@ -94,13 +99,43 @@ def test_show_from_an_endpoint_and_from_a_file(agent, tmp_path):
     assert r4.returncode == 2 and "no snapshot within 0.3 s" in r4.stderr
 
 
-def test_demo_runs_and_exits_0():
-    r = subprocess.run([sys.executable, "-m", "hostagent.demo", "--seconds", "2.5",
+# `hostagent watch` made slow to start, as on a loaded machine (a sitecustomize module on
+# PYTHONPATH runs before the command): the demo must wait for it, not for a fixed time
+SLOW_WATCH_START_SECONDS = 3.0
+SLOW_WATCH = f"""import sys, time
+if sys.argv[1:2] == ["watch"]:
+    time.sleep({SLOW_WATCH_START_SECONDS})
+"""
+
+
+def snapshot_lines(lines):
+    """[(index, seq)] of the lines of `watch` that show a snapshot."""
+    out = []
+    for i, ln in enumerate(lines):
+        m = re.match(r"\S+ seq (\d+)  ", ln)
+        if m:
+            out.append((i, int(m.group(1))))
+    return out
+
+
+def test_demo_runs_and_exits_0(tmp_path):
+    """The demo changes guests only once `watch` shows the first snapshot (seq 1), and
+    each change is followed by a newer snapshot, however slowly `watch` starts."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_WATCH)
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "hostagent.agent.demo", "--seconds", "2.5",
                         "--sysfs-root", str(ROOT / "fixtures/sysfs/xeon-2s-cat/sys")],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+                       capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert any(" seq 1 " in ln and "free: pCPUs" in ln for ln in lines)
-    assert any(ln.startswith("demo: starting") or ln.startswith("demo: stopping")
-               for ln in lines)
+    snaps = snapshot_lines(lines)
+    changes = [i for i, ln in enumerate(lines)
+               if ln.startswith(("demo: starting ", "demo: stopping "))]
+    assert snaps and changes, r.stdout
+    assert snaps[0][0] < changes[0] and snaps[0][1] == 1, r.stdout
+    for n, i in enumerate(changes):  # each change is shown before the next one is made
+        before = max(seq for j, seq in snaps if j < i)
+        nxt = changes[n + 1] if n + 1 < len(changes) else len(lines)
+        assert any(i < j < nxt and seq > before for j, seq in snaps), r.stdout
     assert "demo: done (agent exit 0)" in r.stdout

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from daemon_helpers import config_text
-from libvirt_helpers import FIXTURES, domain_xml, probe_fixture, write_node
+from fixture_trees import copy_of, need_fixture
+from libvirt_helpers import domain_xml, probe_fixture, write_node
 from loop_helpers import LOOP, run, until
 
+from hostagent.agent.daemon import Agent, merge_reload, read_hugepages, stderr_is_journal
+from hostagent.agent.udev_watch import UdevWatch
 from hostagent.config import load_config
-from hostagent.daemon import Agent, merge_reload, read_hugepages, stderr_is_journal
 from hostagent.subscriber import AsyncSubscriber
-from hostagent.udev_watch import UdevWatch
 
 
 class FakeDevice:
@@ -64,8 +65,14 @@ class FakeMonitor:
         return self.queue.pop(0) if self.queue else None
 
 
+# the files set_cpu3_online writes (for copy_of)
+CPU3_ONLINE_FILES = ("devices/system/cpu/cpu3/online", "devices/system/cpu/online",
+                     "devices/system/cpu/offline", "devices/system/node/node0/cpulist")
+
+
 def set_cpu3_online(sysfs: Path, online: bool) -> None:
-    """What the kernel changes when CPU 3 of vm-1s-nosmt goes offline or online."""
+    """What the kernel changes when CPU 3 of vm-1s-nosmt goes offline or online
+    (``CPU3_ONLINE_FILES``)."""
     cpu = sysfs / "devices/system/cpu"
     (cpu / "cpu3/online").write_text("1\n" if online else "0\n")
     (cpu / "online").write_text("0-3\n" if online else "0-2\n")
@@ -74,12 +81,16 @@ def set_cpu3_online(sysfs: Path, online: bool) -> None:
 
 
 class InProc:
-    def __init__(self, fixture="vm-1s-nosmt", dedicated=None, copy=False, **cfg):
+    """The agent in this process; ``copy``: the paths of the tree the test changes (a
+    fixture_trees.copy_of), True for all of it."""
+
+    def __init__(self, fixture="vm-1s-nosmt", dedicated=None, copy=(), **cfg):
         self.dir = Path(tempfile.mkdtemp(prefix="hai-"))
-        self.sysfs = FIXTURES / fixture / "sys"
-        if copy:  # a tree the test changes
-            shutil.copytree(self.sysfs, self.dir / "sys", symlinks=True)
-            self.sysfs = self.dir / "sys"
+        self.sysfs = need_fixture(fixture)
+        if copy is True:
+            self.sysfs = copy_of(fixture, self.dir)
+        elif copy:  # a tree the test changes
+            self.sysfs = copy_of(fixture, self.dir, *copy)
         self.uri = write_node(self.dir, probe_fixture(fixture))
         self.config = self.dir / "hostagent.toml"
         text = config_text(self.dir, self.sysfs, self.uri, dedicated=dedicated, **cfg)
@@ -113,7 +124,7 @@ class InProc:
 
 def test_udev_cpu_offline_triggers_a_debounced_reprobe():
     async def main():
-        p = InProc(copy=True)
+        p = InProc(copy=CPU3_ONLINE_FILES)
         await p.start()
         a = p.agent
         assert p.monitor.started and p.monitor.filters == ["cpu", "memory", "node"]
@@ -208,14 +219,13 @@ def test_merge_reload_keeps_restart_only_settings(tmp_path):
                              "publisher.endpoints takes effect at restart"]
 
 
-def test_read_hugepages_rereads_only_the_counters():
-    d = Path(tempfile.mkdtemp(prefix="hh-"))
-    shutil.copytree(FIXTURES / "xeon-2s-cat" / "sys", d / "sys", symlinks=True)
+def test_read_hugepages_rereads_only_the_counters(tmp_path):
+    pool = "devices/system/node/node1/hugepages/hugepages-1048576kB"
+    root = copy_of("xeon-2s-cat", tmp_path, f"{pool}/free_hugepages")
     topo = probe_fixture("xeon-2s-cat")
-    assert read_hugepages(str(d / "sys"), topo) is topo  # nothing changed: same object
-    pool = d / "sys/devices/system/node/node1/hugepages/hugepages-1048576kB"
-    (pool / "free_hugepages").write_text("3\n")
-    new = read_hugepages(str(d / "sys"), topo)
+    assert read_hugepages(str(root), topo) is topo  # nothing changed: same object
+    (root / pool / "free_hugepages").write_text("3\n")
+    new = read_hugepages(str(root), topo)
     assert new.cells[0] is topo.cells[0]
     assert [(h.size_kib, h.free) for h in new.cells[1].hugepages] == [(2048, 2048),
                                                                       (1048576, 3)]
@@ -229,7 +239,7 @@ def test_journal_prefix_only_when_stderr_is_the_journal():
     assert not stderr_is_journal({})
     import logging
 
-    from hostagent.daemon import _SyslogPrefix
+    from hostagent.agent.daemon import _SyslogPrefix
 
     rec = logging.LogRecord("hostagent", logging.WARNING, __file__, 1, "a\nb", None, None)
     assert _SyslogPrefix("%(name)s: %(message)s").format(rec) == "<4>hostagent: a\n<4>b"

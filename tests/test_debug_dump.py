@@ -11,7 +11,7 @@ import pytest
 from daemon_helpers import DaemonProc, guest_names, wait_for
 from libvirt_helpers import domain_xml
 
-from hostagent.debug_dump import TIME_FIELDS, iso_time, with_iso_times
+from hostagent.agent.debug_dump import TIME_FIELDS, iso_time, with_iso_times
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fit_hosts import flavor, make_snapshot, make_topology
 
-from hostagent.cbm import parse_mask
 from hostagent.fit import fit, parse_request
+from hostagent.resctrl_cbm import parse_mask
 
 # 12 ways of 1 MiB per L3; the default group holds the low 6 ways unless told otherwise
 

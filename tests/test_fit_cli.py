@@ -14,6 +14,7 @@ import zmq
 from fit_hosts import flavor, make_snapshot, make_topology
 
 from hostagent.cli import main
+from hostagent.fit import fit
 
 SNAP = make_snapshot(make_topology(2, 4, 2), taken={0: "a"})
 
@@ -112,18 +113,27 @@ class Router:
         self.ctx.term()
 
 
-def test_endpoint_snapshot(tmp_path, capsys):
+def test_endpoint_asks_the_agent_to_fit(tmp_path, capsys):
+    """With --endpoint the agent answers ({op: "fit"}): no strategy is sent unless given,
+    so the agent's own [fit] cell_strategy applies."""
     endpoint = f"ipc://{tmp_path}/req.sock"
-    body = {"v": 1, "ok": True, "kind": "snapshot", "host": "h", "epoch": "e", "seq": 3,
-            "time": 0.0, "data": SNAP}
-    router = Router(endpoint, body)
+    request = flavor(2, 512, cpu_policy="dedicated")
+    answer = fit(SNAP, request, strategy="pack")
+    router = Router(endpoint, {"v": 1, "ok": True, "seq": 3, "epoch": "e", "result": answer})
     try:
-        req = write(tmp_path, "r.json", flavor(2, 512, cpu_policy="dedicated"))
+        req = write(tmp_path, "r.json", request)
         assert main(["fit", "--endpoint", endpoint, "--request", req, "--json"]) == 0
     finally:
         router.close()
-    assert router.requests == [{"op": "snapshot"}]
-    assert json.loads(capsys.readouterr().out)["fits"]
+    assert router.requests == [{"op": "fit", "request": request}]
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(answer))
+    router = Router(endpoint, {"v": 1, "ok": True, "seq": 3, "epoch": "e", "result": answer})
+    try:
+        assert main(["fit", "--endpoint", endpoint, "--request", req, "--json",
+                     "--strategy", "spread"]) == 0
+    finally:
+        router.close()
+    assert router.requests == [{"op": "fit", "request": request, "strategy": "spread"}]
 
 
 def test_endpoint_error_reply_and_timeout(tmp_path, capsys):
@@ -157,21 +167,26 @@ def test_console_script_subprocess(tmp_path):
     assert json.loads(proc.stdout)["fits"] is False
 
 
-def test_endpoint_of_the_real_publisher(tmp_path, capsys):
-    """The agent's own ROUTER (hostagent.publisher) serves the snapshot to ``--endpoint``."""
-    import asyncio
+def test_endpoint_gives_the_agents_own_answer(capsys):
+    """One answer for one question: an agent whose [fit] cell_strategy is pack answers
+    ``hostagent fit --endpoint`` exactly as it answers ``{op: "fit"}``, and that differs
+    from the local default (spread) on the same snapshot."""
+    from daemon_helpers import DaemonProc
 
-    from zmq_helpers import run, running_publisher
-
-    req = write(tmp_path, "r.json", flavor(2, 512, cpu_policy="dedicated"))
-
-    async def go() -> int:
-        async with running_publisher(tmp_path, heartbeat_seconds=30) as pub:
-            await pub.publish(SNAP)
-            return await asyncio.to_thread(
-                main, ["fit", "--endpoint", f"ipc://{tmp_path}/request", "--request", req,
-                       "--json"])
-
-    assert run(go()) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["fits"] and out["placement"]["cells"][0]["host_cell"] == 1
+    d = DaemonProc(extra='\n[fit]\ncell_strategy = "pack"\n')
+    try:
+        d.wait_notify("READY=1")
+        request = flavor(2, 512, cpu_policy="dedicated")
+        req = write(d.dir, "r.json", request)
+        assert main(["fit", "--endpoint", d.req, "--request", req, "--json"]) == 0
+        via_cli = json.loads(capsys.readouterr().out)
+        via_op = d.request({"op": "fit", "request": request}, timeout=30)["result"]
+        assert via_cli == via_op and via_cli["strategy"] == "pack"
+        snap = d.request({"op": "snapshot"}, timeout=30)["data"]
+        local = fit(snap, request)
+        assert local["strategy"] == "spread"
+        assert main(["fit", "--endpoint", d.req, "--request", req]) == 0
+        assert "fits (strategy pack)" in capsys.readouterr().out
+        assert d.stop() == 0
+    finally:
+        d.close()

@@ -4,11 +4,11 @@ the fragments, metadata included → GuestRecord → snapshot) before the next f
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fit_hosts import flavor
+from fixture_trees import FIXTURE_NAMES, need_fixture
 from libvirt_helpers import pools_free
 from test_fit_property import check_invariants
 
@@ -17,9 +17,7 @@ from hostagent.fit import fit, parse_request
 from hostagent.guests.source import record_from_xml
 from hostagent.snapshot import build_snapshot
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
-NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "sys").is_dir()) \
-    if FIXTURES.is_dir() else []
+NAMES = FIXTURE_NAMES  # every tree, on disk or not: need_fixture says when one is missing
 
 _TOPOS: dict[str, Any] = {}
 
@@ -28,7 +26,7 @@ def topology(name: str) -> Any:
     if name not in _TOPOS:
         from hostagent.probe.host import probe_host
 
-        base = FIXTURES / name / "sys"
+        base = need_fixture(name)
         # pools wholly free in the kernel's count: the placed guests are the only page
         # users (else every snapshot has a hugepages_untracked conflict from the fixture)
         _TOPOS[name] = pools_free(probe_host(base, base / "fs" / "resctrl"))
@@ -68,7 +66,6 @@ TYPICAL = [
 ]
 
 
-@pytest.mark.skipif(not NAMES, reason="no fixture trees")
 @pytest.mark.parametrize("name", NAMES)
 def test_typical_requests_on_fixture(name):
     topo = topology(name)
@@ -88,7 +85,6 @@ def test_typical_requests_on_fixture(name):
         assert fits >= 2, name
 
 
-@pytest.mark.skipif(not NAMES, reason="no fixture trees")
 @pytest.mark.parametrize("name", NAMES)
 def test_fill_loop_through_the_tracker(name):
     topo = topology(name)
@@ -136,8 +132,6 @@ def test_fill_loop_through_the_tracker(name):
 
 
 def test_amd_ccx_reservation_pins_to_a_ccx_with_free_ways():
-    if "epyc-amd" not in NAMES:
-        pytest.skip("no epyc-amd fixture")
     topo = topology("epyc-amd")
     snap = snapshot(topo)
     free = {w["id"]: w["free_ways"] for w in snap["usage"]["caches"] if w["resource"] == "L3"}
@@ -153,8 +147,6 @@ def test_amd_ccx_reservation_pins_to_a_ccx_with_free_ways():
 
 
 def test_cdp_reservation_on_fixture():
-    if "xeon-2s-cdp" not in NAMES:
-        pytest.skip("no xeon-2s-cdp fixture")
     snap = snapshot(topology("xeon-2s-cdp"))
     ok = fit(snap, flavor(2, 1024, cpu_policy="dedicated",
                           cache_reservation="vcpus=0-1:type=code,size=1mb;type=data,size=1mb"))
@@ -195,8 +187,6 @@ def test_pci_device_held_by_a_placed_guest_is_not_offered_again():
 def test_isolate_idle_siblings_go_through_the_tracker():
     """Fit an isolate guest → domain XML from the fragments (metadata included) → tracker
     → the next fits leave its idle siblings alone. Without the metadata they would not."""
-    if "xeon-2s-cat" not in NAMES:
-        pytest.skip("no xeon-2s-cat fixture")
     topo = topology("xeon-2s-cat")
     iso = flavor(2, 1024, cpu_policy="dedicated", cpu_thread_policy="isolate")
     first = fit(snapshot(topo), iso, strategy="pack")
@@ -236,8 +226,6 @@ def test_floating_usage_from_the_tracker_reaches_the_fit():
     """The tracker reports floating usage at the top of ``usage``; the fit counts it."""
     from hostagent.fit.host import host_view
 
-    if "xeon-2s-cat" not in NAMES:
-        pytest.skip("no xeon-2s-cat fixture")
     topo = topology("xeon-2s-cat")
     floating = flavor(3, 1024)
     answer = fit(snapshot(topo), floating)

@@ -359,7 +359,7 @@ def cat_requests(draw: Any) -> dict[str, Any]:
           suppress_health_check=[HealthCheck.too_slow])
 @given(cat_hosts(), cat_requests())
 def test_cache_reservations_never_collide(snap, request):
-    from hostagent.cbm import is_contiguous, parse_mask
+    from hostagent.resctrl_cbm import is_contiguous, parse_mask
 
     req = _parse(request)
     answer = fit(snap, request)

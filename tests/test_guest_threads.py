@@ -129,8 +129,8 @@ def test_nothing_is_declared_nothing_drifts(tmp_path):
 def test_tracker_adds_threads_and_drift_conflicts_as_data_and_clears_them():
     from libvirt_helpers import probe_fixture
 
+    from hostagent.agent.libvirt_watch import THREAD_CHECK_SECONDS, LibvirtWatcher
     from hostagent.guests.xml import GuestRecord
-    from hostagent.libvirt_watch import THREAD_CHECK_SECONDS, LibvirtWatcher
     from hostagent.tracker import UsageTracker
 
     tracker = UsageTracker(probe_fixture("xeon-2s-cat"), {"dedicated_cpus": "2-11"})

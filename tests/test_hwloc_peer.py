@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.probe.host import probe_host
 
@@ -103,9 +104,7 @@ def compare(topo, objs) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_agrees_with_hwloc(name):
-    tree = FIXTURES / name
-    if not (tree / "sys").is_dir():
-        pytest.skip(f"fixture {name} not generated")
+    tree = need_fixture(name).parent
     topo = probe_host(tree / "sys", tree / "sys" / "fs" / "resctrl")
     compare(topo, lstopo(tree))
 
@@ -123,8 +122,6 @@ def test_parse_cpuset():
 
 
 def test_comparison_can_fail():
-    small, other = FIXTURES / "vm-1s-nosmt", FIXTURES / "xeon-2s-cat"
-    if not (small / "sys").is_dir() or not (other / "sys").is_dir():
-        pytest.skip("fixtures not generated")
+    small, other = need_fixture("vm-1s-nosmt").parent, need_fixture("xeon-2s-cat").parent
     with pytest.raises(AssertionError):
         compare(probe_host(small / "sys", None), lstopo(other))

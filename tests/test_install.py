@@ -13,7 +13,6 @@ import configparser
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +22,9 @@ from test_packaging import run_build
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "hostagent.service"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")  # systemd's own units (sysinit.target, ...)
+# the venv's interpreter: scripts/install refuses one under /home, /root or /tmp (which the
+# unit hides), as the test's own interpreter may be (e.g. pyenv in /root)
+INSTALL_PYTHON = "/usr/bin/python3"
 
 
 def unit() -> configparser.ConfigParser:
@@ -50,7 +52,7 @@ def installed(tmp_path_factory) -> Path:
     run_build("--wheel", outdir=tmp / "dist")
     [wheel] = (tmp / "dist").glob("hostagent-*.whl")
     root = tmp / "root"
-    env = {**os.environ, "DESTDIR": str(root), "PYTHON": sys.executable,
+    env = {**os.environ, "DESTDIR": str(root), "PYTHON": INSTALL_PYTHON,
            "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}
     r = subprocess.run([str(ROOT / "scripts" / "install"), str(wheel)], env=env,
                        capture_output=True, text=True, timeout=600)
@@ -85,7 +87,7 @@ def test_the_install_keeps_an_existing_config(installed):
     original = cfg.read_text()
     try:
         cfg.write_text("# edited by the operator\n")
-        env = {**os.environ, "DESTDIR": str(installed), "PYTHON": sys.executable,
+        env = {**os.environ, "DESTDIR": str(installed), "PYTHON": INSTALL_PYTHON,
                "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}
         [wheel] = (installed.parent / "dist").glob("hostagent-*.whl")
         r = subprocess.run([str(ROOT / "scripts" / "install"), str(wheel)], env=env,

@@ -194,7 +194,7 @@ class HungAgent:
 
         from libvirt_helpers import domain_xml, open_test, probe_fixture, write_node
 
-        from hostagent.daemon import Agent
+        from hostagent.agent.daemon import Agent
 
         self.dir = Path(tempfile.mkdtemp(prefix="hah-"))
         sysfs = Path(__file__).resolve().parent.parent / "fixtures/sysfs/xeon-2s-cat/sys"
@@ -260,7 +260,7 @@ def test_a_hang_mid_run_is_bounded_and_the_agent_keeps_serving_and_recovers():
 
     from loop_helpers import run, until
 
-    from hostagent.libvirt_watch import MAX_ABANDONED_THREADS, abandoned_threads
+    from hostagent.agent.libvirt_watch import MAX_ABANDONED_THREADS, abandoned_threads
     from hostagent.subscriber import async_request
 
     p = HungAgent(call_timeout=0.5)
@@ -361,7 +361,7 @@ def test_a_slow_full_resync_is_timed_per_step_not_as_a_whole():
     from libvirt_helpers import domain_xml, open_test, probe_fixture, write_node
     from loop_helpers import run, until
 
-    from hostagent.libvirt_watch import LibvirtWatcher
+    from hostagent.agent.libvirt_watch import LibvirtWatcher
 
     async def main() -> None:
         d = Path(tempfile.mkdtemp(prefix="hsl-"))

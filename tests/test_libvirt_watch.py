@@ -12,8 +12,8 @@ from pathlib import Path
 from libvirt_helpers import domain_xml, probe_fixture, write_node
 from loop_helpers import run, until
 
+from hostagent.agent.libvirt_watch import LibvirtWatcher, ensure_event_impl
 from hostagent.config import Config, resolve_resources
-from hostagent.libvirt_watch import LibvirtWatcher, ensure_event_impl
 from hostagent.tracker import UsageTracker
 
 TOPO = probe_fixture("vm-1s-nosmt")

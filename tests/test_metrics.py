@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostagent import metrics
+from hostagent.agent import metrics
+from hostagent.agent.daemon import merge_reload
 from hostagent.config import MetricsConfig, config_from_dict, parse_listen
-from hostagent.daemon import merge_reload
 from hostagent.errors import ConfigError, HostagentError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_counters_before_any_snapshot():
     assert s[("hostagent_busy_requests_total", ())] == 0
     errors = {dict(k[1])["where"]: v for k, v in s.items() if k[0] == "hostagent_errors_total"}
     assert errors == {"probe": 4, "hugepages": 0, "reload": 0, "curve": 0, "dump": 0,
-                      "task": 0, "request": 2, "libvirt": 6, "metrics-new": 1}
+                      "task": 0, "request": 2, "libvirt": 6, "claims": 0, "metrics-new": 1}
     assert ("hostagent_guests", ()) not in s  # nothing from a snapshot yet
     assert ("process_resident_memory_bytes", ()) in s
 
@@ -356,6 +356,6 @@ def test_the_agent_does_not_import_prometheus_client_unless_metrics_are_on():
     import subprocess
     import sys
 
-    code = ("import sys, hostagent.daemon, hostagent.cli; "
+    code = ("import sys, hostagent.agent.daemon, hostagent.cli; "
             "sys.exit('prometheus_client' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -16,7 +16,7 @@ from daemon_helpers import DaemonProc
 from libvirt_helpers import domain_xml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostagent import metrics
+from hostagent.agent import metrics
 
 METRICS_ON = '\n[metrics]\nlisten = "127.0.0.1:0"\n'
 

@@ -1,6 +1,7 @@
 """The model records: immutable, compared and hashed by value, copied with ``replace``."""
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.model import (
     Cell,
@@ -77,13 +78,9 @@ def _records(value):
 @pytest.mark.parametrize("name", ["xeon-2s-cdp", "epyc-amd", "large-8cell"])
 def test_instance_dict_holds_exactly_the_fields_in_order(name):
     """``probe --json`` writes a record's ``__dict__`` as is (``hostagent.probe.host``)."""
-    from pathlib import Path
-
     from hostagent.probe.host import probe_host
 
-    root = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs" / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
+    root = need_fixture(name)
     kinds = set()
     for rec in _records(probe_host(root, root / "fs" / "resctrl")):
         assert tuple(vars(rec)) == rec._fields, rec.__class__.__name__

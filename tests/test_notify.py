@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from hostagent.notify import Notifier, watchdog_interval
+from hostagent.agent.notify import Notifier, watchdog_interval
 
 
 @pytest.fixture

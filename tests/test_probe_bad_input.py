@@ -12,37 +12,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixture_trees import copy_of, need_fixture
 
 from hostagent.cli import main
 from hostagent.errors import ProbeError
 from hostagent.probe.host import probe_host
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 CPU = "devices/system/cpu"
 NODE0 = "devices/system/node/node0"
 
 
-def copy_of(name, tmp_path):
-    """A copy of fixture ``name``'s sys/ tree (resctrl included) in tmp_path."""
-    src = FIXTURES / name / "sys"
-    if not src.is_dir():
-        pytest.skip(f"fixture {name} not generated")
-    dst = tmp_path / name / "sys"
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
 @pytest.fixture
 def vm(tmp_path):
+    """A whole copy of vm-1s-nosmt; a test that can name what it changes copies only that:
+    ``copy_of("vm-1s-nosmt", tmp_path, *changed)``."""
     return copy_of("vm-1s-nosmt", tmp_path)
 
 
 @pytest.fixture
 def xeon_resctrl(tmp_path):
     """xeon-2s-cat's sysfs (read only) and a copy of its resctrl tree."""
-    src = FIXTURES / "xeon-2s-cat" / "sys"
-    if not src.is_dir():
-        pytest.skip("fixture xeon-2s-cat not generated")
+    src = need_fixture("xeon-2s-cat")
     dst = tmp_path / "resctrl"
     shutil.copytree(src / "fs" / "resctrl", dst, symlinks=True)
     return src, dst
@@ -65,27 +55,32 @@ def expect_error(capsys, root, path, value, resctrl=None):
     return msg
 
 
-def test_cpulist_with_open_range(vm, capsys):
+def test_cpulist_with_open_range(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/cpulist")
     path = vm / NODE0 / "cpulist"
     path.write_text("0-\n")
     msg = expect_error(capsys, vm, path, "0-")
     assert "not a CPU list" in msg
 
 
-def test_thread_siblings_garbage(vm, capsys):
+def test_thread_siblings_garbage(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/topology/thread_siblings_list")
     path = vm / CPU / "cpu0/topology/thread_siblings_list"
     path.write_text("zero\n")
     expect_error(capsys, vm, path, "zero")
 
 
-def test_negative_cache_size(vm, capsys):
+def test_negative_cache_size(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index2/size")
     path = vm / CPU / "cpu0/cache/index2/size"
     path.write_text("-4096K\n")
     msg = expect_error(capsys, vm, path, "-4096K")
     assert "negative size" in msg
 
 
-def test_cache_size_garbage(vm, capsys):
+def test_cache_size_garbage(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu1/cache/index3/size",
+                 f"{CPU}/cpu0/cache/index3/size")
     path = vm / CPU / "cpu1/cache/index3/size"  # not read: cpu0's L3 covers cpu1
     path.write_text("lots\n")
     probe_host(vm, None)
@@ -94,51 +89,59 @@ def test_cache_size_garbage(vm, capsys):
     expect_error(capsys, vm, path, "16X")
 
 
-def test_unknown_cache_type(vm, capsys):
+def test_unknown_cache_type(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index0/type")
     path = vm / CPU / "cpu0/cache/index0/type"
     path.write_text("Trace\n")
     expect_error(capsys, vm, path, "Trace")
 
 
-def test_non_integer_core_id(vm, capsys):
+def test_non_integer_core_id(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu2/topology/core_id")
     path = vm / CPU / "cpu2/topology/core_id"
     path.write_text("2a\n")
     expect_error(capsys, vm, path, "2a")
 
 
-def test_garbage_meminfo(vm, capsys):
+def test_garbage_meminfo(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     path = vm / NODE0 / "meminfo"
     path.write_text("this is not meminfo\n")
     msg = expect_error(capsys, vm, path, "this is not meminfo")
     assert "no MemTotal line" in msg
 
 
-def test_meminfo_bad_value(vm, capsys):
+def test_meminfo_bad_value(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     path = vm / NODE0 / "meminfo"
     path.write_text("Node 0 MemTotal:       lots kB\nNode 0 MemFree:  12 kB\n")
     expect_error(capsys, vm, path, "Node 0 MemTotal:       lots kB")
 
 
-def test_distance_count_mismatch(vm, capsys):
+def test_distance_count_mismatch(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/distance")
     path = vm / NODE0 / "distance"
     path.write_text("10 21\n")
     msg = expect_error(capsys, vm, path, "10 21")
     assert "2 values for 1 nodes" in msg
 
 
-def test_bad_hugepage_count(vm, capsys):
+def test_bad_hugepage_count(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/hugepages/hugepages-2048kB/free_hugepages")
     path = vm / NODE0 / "hugepages/hugepages-2048kB/free_hugepages"
     path.write_text("-3\n")
     expect_error(capsys, vm, path, "-3")
 
 
-def test_pci_numa_node_garbage(vm, capsys):
+def test_pci_numa_node_garbage(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, "bus/pci/devices/0000:00:03.0/numa_node")
     path = vm / "bus/pci/devices/0000:00:03.0/numa_node"
     path.write_text("near\n")
     expect_error(capsys, vm, path, "near")
 
 
-def test_directory_where_a_file_is_expected(vm, capsys):
+def test_directory_where_a_file_is_expected(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/topology/core_id")
     path = vm / CPU / "cpu0/topology/core_id"
     path.unlink()
     path.mkdir()
@@ -147,7 +150,8 @@ def test_directory_where_a_file_is_expected(vm, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(vm, capsys):
+def test_unreadable_file(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     path = vm / NODE0 / "meminfo"
     path.chmod(0)
     try:
@@ -193,7 +197,8 @@ def test_bad_group_cpus_list(xeon_resctrl, capsys):
     expect_error(capsys, root, path, "8-9,32-", resctrl=rc)
 
 
-def test_cli_entry_point_exits_2(vm):
+def test_cli_entry_point_exits_2(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/cpulist")
     (vm / NODE0 / "cpulist").write_text("0-\n")
     proc = subprocess.run(
         [sys.executable, "-m", "hostagent.cli", "probe", "--sysfs-root", str(vm)],
@@ -208,7 +213,8 @@ def test_cli_entry_point_exits_2(vm):
 # ----------------------------------------------------------- missing optional files
 
 
-def test_missing_optional_topology_files_get_defaults(vm):
+def test_missing_optional_topology_files_get_defaults(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu1/topology")
     topo_dir = vm / CPU / "cpu1/topology"
     for name in ("die_id", "die_cpus_list", "cluster_id", "core_id"):
         (topo_dir / name).unlink()
@@ -216,7 +222,8 @@ def test_missing_optional_topology_files_get_defaults(vm):
     assert (cpu1.die, cpu1.cluster, cpu1.core) == (0, -1, 1)  # core: lowest sibling
 
 
-def test_negative_package_and_core_ids_fall_back(vm):
+def test_negative_package_and_core_ids_fall_back(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, *(f"{CPU}/cpu{n}/topology" for n in range(4)))
     for cpu in range(4):
         (vm / CPU / f"cpu{cpu}/topology/physical_package_id").write_text("-1\n")
         (vm / CPU / f"cpu{cpu}/topology/core_id").write_text("-1\n")
@@ -225,7 +232,8 @@ def test_negative_package_and_core_ids_fall_back(vm):
     assert [c.core for c in topo.cpus] == [0, 1, 2, 3]
 
 
-def test_cache_without_id_file_gets_lowest_cpu(vm):
+def test_cache_without_id_file_gets_lowest_cpu(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, *(f"{CPU}/cpu{n}/cache/index2/id" for n in range(4)))
     for cpu in range(4):
         (vm / CPU / f"cpu{cpu}/cache/index2/id").unlink()
     topo = probe_host(vm, None)
@@ -233,7 +241,9 @@ def test_cache_without_id_file_gets_lowest_cpu(vm):
     assert [(c.id, c.cpus) for c in l2] == [(0, (0,)), (1, (1,)), (2, (2,)), (3, (3,))]
 
 
-def test_missing_online_isolated_and_optional_cache_files(vm):
+def test_missing_online_isolated_and_optional_cache_files(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/online", f"{CPU}/isolated",
+                 f"{CPU}/cpu0/cache/index3")
     (vm / CPU / "online").unlink()
     (vm / CPU / "isolated").unlink()
     (vm / CPU / "cpu0/cache/index3/ways_of_associativity").unlink()
@@ -244,14 +254,16 @@ def test_missing_online_isolated_and_optional_cache_files(vm):
     assert (l3.ways, l3.type, l3.size_bytes) == (0, "unified", 16 * 1024 * 1024)
 
 
-def test_missing_meminfo_distance_and_cpulist(vm):
+def test_missing_meminfo_distance_and_cpulist(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, NODE0)
     for name in ("meminfo", "distance", "cpulist"):
         (vm / NODE0 / name).unlink()
     cell = probe_host(vm, None).cells[0]
     assert (cell.memory_kib, cell.memory_free_kib, cell.distances, cell.cpus) == (0, 0, {}, ())
 
 
-def test_offline_cpu_from_online_file(vm):
+def test_offline_cpu_from_online_file(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/online", f"{NODE0}/cpulist")
     (vm / CPU / "online").write_text("0-2\n")
     (vm / NODE0 / "cpulist").write_text("0-2\n")
     topo = probe_host(vm, None)
@@ -261,9 +273,10 @@ def test_offline_cpu_from_online_file(vm):
     assert not any(3 in c.cpus for c in topo.caches)
 
 
-def test_file_that_cannot_be_opened(vm, capsys, monkeypatch):
+def test_file_that_cannot_be_opened(tmp_path, capsys, monkeypatch):
     """Works as root too: a socket where a file is expected fails to open (ENXIO), and
     the error says what it is."""
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     import socket
 
     path = vm / NODE0 / "meminfo"
@@ -279,16 +292,18 @@ def test_file_that_cannot_be_opened(vm, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["level", "shared_cpu_list", "type", "size"])
-def test_cache_file_that_is_a_directory(vm, capsys, name):
+def test_cache_file_that_is_a_directory(tmp_path, capsys, name):
     """Cache files are read several per call (``FileReader.read_many``): errors still
     name the one file."""
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index1/{name}")
     path = vm / CPU / f"cpu0/cache/index1/{name}"
     path.unlink()
     path.mkdir()
     assert "is a directory" in expect_error(capsys, vm, path, None)
 
 
-def test_cache_file_that_cannot_be_opened(vm, capsys, monkeypatch):
+def test_cache_file_that_cannot_be_opened(tmp_path, capsys, monkeypatch):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index2/ways_of_associativity")
     import socket
 
     path = vm / CPU / "cpu0/cache/index2/ways_of_associativity"
@@ -302,7 +317,8 @@ def test_cache_file_that_cannot_be_opened(vm, capsys, monkeypatch):
         sock.close()
 
 
-def test_cache_file_that_is_not_text(vm, capsys):
+def test_cache_file_that_is_not_text(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index0/coherency_line_size")
     path = vm / CPU / "cpu0/cache/index0/coherency_line_size"
     path.write_bytes(b"\xff\xfe64\n")
     assert "is not text" in expect_error(capsys, vm, path, b"\xff\xfe64\n")

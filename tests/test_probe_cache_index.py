@@ -7,10 +7,10 @@ file keeps its fallback (docs/probe.md, "Caches"). On copies of fixtures.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from fixture_trees import copy_of
 
 from hostagent.cli import main
 from hostagent.probe.host import FileReader, probe_host
@@ -22,10 +22,9 @@ NAMING_FILES = ("type", "size", "id")
 
 @pytest.fixture
 def vm(tmp_path):
-    src = FIXTURES / "vm-1s-nosmt" / "sys"
-    dst = tmp_path / "sys"
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
+    """vm-1s-nosmt where the L2 and L3 index directories of every CPU are the test's."""
+    return copy_of("vm-1s-nosmt", tmp_path,
+                   *(f"{CPU}/cpu{n}/cache/index{k}" for n in range(4) for k in (2, 3)))
 
 
 def strip_index(root: Path, index: int, keep: tuple[str, ...] = ("level",)) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.cli import main
 from hostagent.probe.host import probe_host, probe_json
@@ -14,10 +15,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 
 
 def root_of(name):
-    root = FIXTURES / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
-    return root
+    return need_fixture(name)
 
 
 def run_cli(capsys, *argv):

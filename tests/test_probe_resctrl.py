@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.errors import ProbeError
 from hostagent.probe.host import probe_host, probe_json, read_resctrl
@@ -17,10 +18,7 @@ FIXTURES = REPO / "fixtures" / "sysfs"
 
 
 def root_of(name):
-    root = FIXTURES / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
-    return root
+    return need_fixture(name)
 
 
 def probe(name):
@@ -136,8 +134,15 @@ def test_mb_unit_mbps_from_generated_tree(tmp_path):
     spec = generate.HOSTS["xeon-2s-cat"]
     spec = dataclasses.replace(spec, resctrl=dataclasses.replace(spec.resctrl,
                                                                   mba_unit="MBps"))
-    tree = generate.generate_tree(spec, tmp_path / "t")
-    rc = probe_host(tree / "sys", tree / "sys" / "fs" / "resctrl").resctrl
+    # only the resctrl part is written: the sysfs side is the committed xeon-2s-cat's
+    prefix = "sys/fs/resctrl/"
+    rc_dir = tmp_path / "resctrl"
+    for rel, (kind, value) in generate.render_tree(spec).items():
+        if rel.startswith(prefix):
+            path = rc_dir / rel[len(prefix):]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(value) if kind == "link" else path.write_text(value)
+    rc = probe_host(root_of("xeon-2s-cat"), rc_dir).resctrl
     assert rc.mb.unit == "MBps"
 
 

@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from fixture_trees import copy_of, need_fixture
 
-from hostagent.cbm import cache_ways
 from hostagent.model import topology_from_dict, topology_to_dict
 from hostagent.probe.host import FileReader, probe_host, probe_json, probe_json_text
+from hostagent.resctrl_cbm import cache_ways
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell", "big-448",
@@ -15,9 +16,7 @@ NAMES = ["vm-1s-nosmt", "xeon-2s-cat", "xeon-2s-cdp", "epyc-amd", "large-8cell",
 
 
 def probe(name, reader=None):
-    root = FIXTURES / name / "sys"
-    if not root.is_dir():
-        pytest.skip(f"fixture {name} not generated")
+    root = need_fixture(name)
     return probe_host(root, root / "fs" / "resctrl", reader=reader)
 
 
@@ -178,11 +177,9 @@ def test_this_machine():
 def test_reprobe_with_static_memo(tmp_path):
     import shutil
 
-    src = FIXTURES / "vm-1s-nosmt"
-    if not src.is_dir():
-        pytest.skip("fixture vm-1s-nosmt not generated")
-    root = tmp_path / "vm" / "sys"
-    shutil.copytree(src / "sys", root, symlinks=True)
+    cpu = "devices/system/cpu"
+    root = copy_of("vm-1s-nosmt", tmp_path, "devices/system/node/node0/hugepages",
+                   f"{cpu}/cpu0/cache/index3/size", f"{cpu}/cpu4", f"{cpu}/online")
     memo: dict = {}
     cold = FileReader(memo)
     first = probe_host(root, None, reader=cold)
@@ -257,11 +254,8 @@ def test_cache_index_end_assumption_and_its_limit(tmp_path):
     read past that cache; a CPU whose last cache is its own is read to its own end."""
     import shutil
 
-    src = FIXTURES / "vm-1s-nosmt" / "sys"
-    if not src.is_dir():
-        pytest.skip("fixture vm-1s-nosmt not generated")
-    root = tmp_path / "sys"
-    shutil.copytree(src, root, symlinks=True)
+    root = copy_of("vm-1s-nosmt", tmp_path,
+                   *(f"devices/system/cpu/cpu{n}/cache/index4" for n in (0, 1)))
 
     def add_l4(cpu):
         base = root / f"devices/system/cpu/cpu{cpu}/cache"

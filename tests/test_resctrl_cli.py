@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent.cli import main
 
@@ -16,7 +17,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 @pytest.fixture
 def roots(tmp_path) -> list[str]:
     dst = tmp_path / "resctrl"
-    shutil.copytree(FIXTURES / "xeon-2s-cat/sys/fs/resctrl", dst, symlinks=True)
+    shutil.copytree(need_fixture("xeon-2s-cat") / "fs/resctrl", dst, symlinks=True)
     return ["--resctrl-root", str(dst), "--sysfs-root", str(FIXTURES / "xeon-2s-cat/sys")]
 
 

@@ -129,7 +129,7 @@ def test_a_copied_default_mask_below_min_cbm_bits_is_refused_not_written():
 
 
 def test_every_written_mask_of_a_fixture_plan_passes_min_cbm_bits(tmp_path):
-    from hostagent.cbm import parse_mask, popcount
+    from hostagent.resctrl_cbm import parse_mask, popcount
 
     for name in ("xeon-2s-cat", "xeon-2s-cdp", "epyc-amd"):
         resctrl, sysfs = tree(tmp_path / name, name)

@@ -16,12 +16,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 
 from hostagent import resctrl_fs
-from hostagent.cbm import cache_ways, parse_mask
 from hostagent.errors import HostagentError, RequestError
 from hostagent.probe.host import probe_host
 from hostagent.resctrl import LOCKED_MODES, validate_mask
+from hostagent.resctrl_cbm import cache_ways, parse_mask
 from hostagent.resctrl_fs import (
     PREFIX,
     ResctrlApplyError,
@@ -37,7 +38,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 def tree(tmp_path: Path, name: str) -> tuple[str, str]:
     """(resctrl root copy, sysfs root in place) of fixture ``name``."""
     dst = tmp_path / f"{name}-resctrl"
-    shutil.copytree(FIXTURES / name / "sys/fs/resctrl", dst, symlinks=True)
+    shutil.copytree(need_fixture(name) / "fs/resctrl", dst, symlinks=True)
     return str(dst), str(FIXTURES / name / "sys")
 
 

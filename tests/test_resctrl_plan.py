@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixture_trees import need_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostagent.cbm import cache_ways, largest_run, parse_mask, popcount
 from hostagent.errors import RequestError
 from hostagent.model import (
     Cache,
@@ -33,6 +33,7 @@ from hostagent.resctrl import (
     plan_reservation,
     validate_mask,
 )
+from hostagent.resctrl_cbm import cache_ways, largest_run, parse_mask, popcount
 
 MIB = 1 << 20
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
@@ -424,7 +425,8 @@ def test_no_resctrl_and_default_group():
 
 
 def probed(name: str) -> HostTopology:
-    return probe_host(FIXTURES / name / "sys", FIXTURES / name / "sys/fs/resctrl")
+    root = need_fixture(name)
+    return probe_host(root, root / "fs/resctrl")
 
 
 def test_xeon_cat_fixture_plan():

@@ -225,8 +225,15 @@ def test_removed_key_loses_its_stream_and_request_connections(tmp_path):
                 assert removed == frozenset({load_keys(gone_pub.parent / "gone.key_secret",
                                                        need_secret=True)[0]})
                 assert auth.keys == frozenset({load_keys(kept_pub, need_secret=False)[0]})
+                unsubscribes = pub.stats["unsubscribes"]
                 await pub.drop_connections()
                 assert pub.stats["connection_drops"] == 1
+                # the cut takes effect in ZeroMQ's I/O thread: once both clients' pipes
+                # are gone (their unsubscriptions read), nothing more reaches b
+                end = time.monotonic() + 10
+                while pub.stats["unsubscribes"] < unsubscribes + 2:
+                    assert time.monotonic() < end, dict(pub.stats)
+                    await asyncio.sleep(0.01)
 
                 # the kept client reconnects by itself and gets what is published next
                 await pub.publish(snapshot_data(2))
@@ -474,7 +481,7 @@ def test_an_endpoint_that_cannot_be_bound_again_stops_the_agent_with_exit_2():
 def test_probe_udev_is_restart_only():
     import dataclasses
 
-    from hostagent.daemon import merge_reload
+    from hostagent.agent.daemon import merge_reload
 
     old = load_config(None)
     new = dataclasses.replace(old, probe=dataclasses.replace(old.probe, udev=False,

@@ -19,9 +19,10 @@ from pathlib import Path
 import msgpack
 import pytest
 from daemon_helpers import DaemonProc, wait_for
+from fixture_trees import copy_of
 from loop_helpers import run, until
-from test_daemon_inprocess import FakeDevice, InProc, set_cpu3_online
-from test_probe_bad_input import CPU, NODE0, copy_of, expect_error
+from test_daemon_inprocess import CPU3_ONLINE_FILES, FakeDevice, InProc, set_cpu3_online
+from test_probe_bad_input import CPU, NODE0, expect_error
 
 from hostagent import wire
 from hostagent.config import load_config
@@ -60,13 +61,14 @@ def expect_child_error(proc, path, problem):
 
 @pytest.fixture
 def vm(tmp_path):
+    """A whole copy of vm-1s-nosmt; a test that can name what it changes copies only that:
+    ``copy_of("vm-1s-nosmt", tmp_path, *changed)``."""
     return copy_of("vm-1s-nosmt", tmp_path)
 
 
-@pytest.fixture
-def xeon(tmp_path):
-    """A whole copy of xeon-2s-cat (sysfs and resctrl)."""
-    return copy_of("xeon-2s-cat", tmp_path)
+def xeon_changing(tmp_path, *changed):
+    """xeon-2s-cat where only ``changed`` (paths under sys/fs/resctrl) is the test's."""
+    return copy_of("xeon-2s-cat", tmp_path, *(f"fs/resctrl/{c}" for c in changed))
 
 
 # ------------------------------------------------------------------------- CPU lists
@@ -85,9 +87,10 @@ def test_cpulist_parser_refuses_a_text_longer_than_a_kernel_prints():
         parse_cpulist(text)
 
 
-def test_huge_online_range_is_one_error_in_bounded_memory(vm):
+def test_huge_online_range_is_one_error_in_bounded_memory(tmp_path):
     """``0-4000000000`` used to build the whole list (11 GB in a minute): now the
     range is refused before anything is built, in a child with 1 GiB of address space."""
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/online")
     path = vm / CPU / "online"
     path.write_text("0-4000000000\n")
     proc = probe_child(vm)
@@ -100,20 +103,23 @@ def test_huge_online_range_is_one_error_in_bounded_memory(vm):
     f"{CPU}/cpu0/topology/thread_siblings_list", f"{CPU}/cpu0/topology/package_cpus_list",
     f"{CPU}/cpu0/topology/die_cpus_list", f"{CPU}/cpu0/cache/index0/shared_cpu_list",
 ])
-def test_cpu_above_nr_cpus_in_any_cpu_list(vm, capsys, where):
+def test_cpu_above_nr_cpus_in_any_cpu_list(tmp_path, capsys, where):
+    vm = copy_of("vm-1s-nosmt", tmp_path, where)
     text = f"0-{limits.MAX_CPUS}"
     (vm / where).write_text(text + "\n")
     msg = expect_error(capsys, vm, vm / where, text)
     assert f"CPU {limits.MAX_CPUS} out of range 0..{limits.MAX_CPUS - 1}" in msg
 
 
-def test_cpu_above_nr_cpus_in_a_resctrl_group(xeon, capsys):
+def test_cpu_above_nr_cpus_in_a_resctrl_group(tmp_path, capsys):
+    xeon = xeon_changing(tmp_path, "nfv-excl/cpus_list")
     path = xeon / "fs/resctrl/nfv-excl/cpus_list"
     path.write_text("2-3,9000\n")
     expect_error(capsys, xeon, path, "2-3,9000")
 
 
-def test_cpu_directory_above_nr_cpus(vm, capsys):
+def test_cpu_directory_above_nr_cpus(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu{limits.MAX_CPUS}")
     path = vm / CPU / f"cpu{limits.MAX_CPUS}"
     path.mkdir()
     msg = expect_error(capsys, vm, path, None)
@@ -121,7 +127,8 @@ def test_cpu_directory_above_nr_cpus(vm, capsys):
 
 
 @pytest.mark.parametrize("text", ["", "\n", "  \n"])
-def test_empty_online_is_an_error_not_zero_cpus(vm, capsys, text):
+def test_empty_online_is_an_error_not_zero_cpus(tmp_path, capsys, text):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/online")
     path = vm / CPU / "online"
     path.write_text(text)
     msg = expect_error(capsys, vm, path, None)
@@ -133,7 +140,8 @@ def test_empty_online_is_an_error_not_zero_cpus(vm, capsys, text):
 
 @pytest.mark.parametrize("name", ["physical_package_id", "die_id", "core_id", "cluster_id"])
 @pytest.mark.parametrize("value", [HUGE, "-" + HUGE, str(2**31)])
-def test_topology_id_beyond_a_c_int(vm, capsys, name, value):
+def test_topology_id_beyond_a_c_int(tmp_path, capsys, name, value):
+    vm = copy_of("vm-1s-nosmt", tmp_path, *(f"{CPU}/cpu{n}/topology/{name}" for n in range(4)))
     for cpu in range(4):  # every core reads its own core_id and cluster_id
         (vm / CPU / f"cpu{cpu}/topology/{name}").write_text(value + "\n")
     path = vm / CPU / f"cpu0/topology/{name}"
@@ -141,7 +149,8 @@ def test_topology_id_beyond_a_c_int(vm, capsys, name, value):
     assert "out of range -2147483648..2147483647" in msg
 
 
-def test_node_directory_above_max_numnodes(vm, capsys):
+def test_node_directory_above_max_numnodes(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"devices/system/node/node{limits.MAX_NODES}")
     path = vm / f"devices/system/node/node{limits.MAX_NODES}"
     path.mkdir()
     msg = expect_error(capsys, vm, path, None)
@@ -152,7 +161,8 @@ def test_node_directory_above_max_numnodes(vm, capsys):
     ("level", str(2**32)), ("id", HUGE), ("ways_of_associativity", str(2**32)),
     ("coherency_line_size", HUGE), ("size", "4194304K"), ("size", "4G"), ("size", HUGE),
 ])
-def test_cache_attribute_beyond_an_unsigned_int(vm, capsys, name, value):
+def test_cache_attribute_beyond_an_unsigned_int(tmp_path, capsys, name, value):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index3/{name}")
     path = vm / CPU / f"cpu0/cache/index3/{name}"
     path.write_text(value + "\n")
     msg = expect_error(capsys, vm, path, value)
@@ -160,7 +170,8 @@ def test_cache_attribute_beyond_an_unsigned_int(vm, capsys, name, value):
 
 
 @pytest.mark.parametrize("name", ["nr_hugepages", "free_hugepages", "surplus_hugepages"])
-def test_hugepage_count_beyond_the_largest_memory(vm, capsys, name):
+def test_hugepage_count_beyond_the_largest_memory(tmp_path, capsys, name):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/hugepages/hugepages-2048kB/{name}")
     path = vm / NODE0 / f"hugepages/hugepages-2048kB/{name}"
     path.write_text(HUGE + "\n")
     msg = expect_error(capsys, vm, path, HUGE)
@@ -168,7 +179,8 @@ def test_hugepage_count_beyond_the_largest_memory(vm, capsys, name):
 
 
 @pytest.mark.parametrize("size", ["0", str(limits.MAX_MEMORY_KIB + 1), HUGE])
-def test_hugepage_size_beyond_the_largest_memory(vm, capsys, size):
+def test_hugepage_size_beyond_the_largest_memory(tmp_path, capsys, size):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/hugepages/hugepages-{size}kB")
     pool = vm / NODE0 / f"hugepages/hugepages-{size}kB"
     pool.mkdir()
     (pool / "nr_hugepages").write_text("0\n")
@@ -177,7 +189,8 @@ def test_hugepage_size_beyond_the_largest_memory(vm, capsys, size):
 
 
 @pytest.mark.parametrize("line", [f"Node 0 MemTotal: {HUGE} kB", "Node 0 MemFree: 2\u00b2 kB"])
-def test_meminfo_value_beyond_the_largest_memory_or_not_ascii(vm, capsys, line):
+def test_meminfo_value_beyond_the_largest_memory_or_not_ascii(tmp_path, capsys, line):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     path = vm / NODE0 / "meminfo"
     path.write_text(f"Node 0 MemTotal: 1024 kB\n{line}\n")
     msg = expect_error(capsys, vm, path, line)
@@ -186,7 +199,7 @@ def test_meminfo_value_beyond_the_largest_memory_or_not_ascii(vm, capsys, line):
 
 def test_memory_blocks_beyond_the_largest_memory(tmp_path, capsys):
     """A kernel without NUMA: memory = memoryN blocks × block_size_bytes (hex)."""
-    root = copy_of("no-node-dir", tmp_path)
+    root = copy_of("no-node-dir", tmp_path, "devices/system/memory")
     mem = root / "devices/system/memory"
     for n in range(2):
         (mem / f"memory{n}").mkdir(parents=True)
@@ -198,14 +211,16 @@ def test_memory_blocks_beyond_the_largest_memory(tmp_path, capsys):
     assert msg == f"{mem}: 2 blocks of {2**56} bytes: memory out of range 0..{2**46} kB"
 
 
-def test_distance_beyond_a_c_int(vm, capsys):
+def test_distance_beyond_a_c_int(tmp_path, capsys):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/distance")
     path = vm / NODE0 / "distance"
     path.write_text(HUGE + "\n")
     expect_error(capsys, vm, path, HUGE)
 
 
 @pytest.mark.parametrize("name,value", [("numa_node", "1024"), ("sriov_totalvfs", "65536")])
-def test_pci_values_beyond_the_kernel_types(vm, capsys, name, value):
+def test_pci_values_beyond_the_kernel_types(tmp_path, capsys, name, value):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"bus/pci/devices/0000:00:03.0/{name}")
     path = vm / "bus/pci/devices/0000:00:03.0" / name
     path.write_text(value + "\n")
     expect_error(capsys, vm, path, value)
@@ -220,7 +235,8 @@ def test_pci_values_beyond_the_kernel_types(vm, capsys, name, value):
     ("batch/schemata", f"L3:{2**32}=7\n", f"{2**32}=7"),
     ("batch/schemata", f"MB:0={HUGE}\n", f"0={HUGE}"),
 ])
-def test_resctrl_values_beyond_32_bits(xeon, capsys, where, text, value):
+def test_resctrl_values_beyond_32_bits(tmp_path, capsys, where, text, value):
+    xeon = xeon_changing(tmp_path, where)
     path = xeon / "fs/resctrl" / where
     path.write_text(text)
     expect_error(capsys, xeon, path, value)
@@ -242,7 +258,8 @@ def test_every_file_with_every_hostile_value(tmp_path, fixture):
     """Each file the probe reads, holding each hostile text: the probe either fails with
     one ``ProbeError`` naming that file, or gives a topology whose whole snapshot packs
     for the wire (every integer inside msgpack's 64 bits)."""
-    root = copy_of(fixture, tmp_path)
+    # vm-1s-nosmt: any file; xeon-2s-cat: the resctrl files only (see below)
+    root = copy_of(fixture, tmp_path, *(["fs/resctrl"] if fixture == "xeon-2s-cat" else []))
     resctrl = root / "fs" / "resctrl"
     cfg = load_config(None)
     paths = _files_read(root, resctrl)
@@ -268,16 +285,18 @@ def test_every_file_with_every_hostile_value(tmp_path, fixture):
 # ------------------------------------------------------------------ only regular files
 
 
-def test_fifo_in_place_of_meminfo_is_an_error_not_a_hang(vm):
+def test_fifo_in_place_of_meminfo_is_an_error_not_a_hang(tmp_path):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/meminfo")
     path = vm / NODE0 / "meminfo"
     path.unlink()
     os.mkfifo(path)
     expect_child_error(probe_child(vm), path, "not a regular file (a FIFO)")
 
 
-def test_fifo_with_a_writer_in_a_batched_cache_file_is_refused_unread(vm):
+def test_fifo_with_a_writer_in_a_batched_cache_file_is_refused_unread(tmp_path):
     """A FIFO whose writer has data ready is not read either (cache files are read
     several per call, on another code path than meminfo)."""
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{CPU}/cpu0/cache/index2/size")
     path = vm / CPU / "cpu0/cache/index2/size"
     path.unlink()
     os.mkfifo(path)
@@ -292,15 +311,17 @@ def test_fifo_with_a_writer_in_a_batched_cache_file_is_refused_unread(vm):
 
 @pytest.mark.parametrize("where", [f"{NODE0}/meminfo", f"{CPU}/cpu0/cache/index1/level"])
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
-def test_character_device_in_place_of_a_file(vm, where, device):
+def test_character_device_in_place_of_a_file(tmp_path, where, device):
     """Through a symlink, as an untrusted tree can do without privileges."""
+    vm = copy_of("vm-1s-nosmt", tmp_path, where)
     path = vm / where
     path.unlink()
     path.symlink_to(device)
     expect_child_error(probe_child(vm), path, "not a regular file (a character device)")
 
 
-def test_socket_in_place_of_a_file(vm, capsys, monkeypatch):
+def test_socket_in_place_of_a_file(tmp_path, capsys, monkeypatch):
+    vm = copy_of("vm-1s-nosmt", tmp_path, f"{NODE0}/distance")
     path = vm / NODE0 / "distance"
     path.unlink()
     monkeypatch.chdir(path.parent)  # AF_UNIX paths are limited to 108 bytes
@@ -313,8 +334,9 @@ def test_socket_in_place_of_a_file(vm, capsys, monkeypatch):
     assert msg == f"{path}: not a regular file (a socket)"
 
 
-def test_file_larger_than_a_kernel_writes(xeon):
+def test_file_larger_than_a_kernel_writes(tmp_path):
     """A sparse 1 GiB ``tasks`` file: refused after ``MAX_FILE_BYTES``, not read whole."""
+    xeon = xeon_changing(tmp_path, "batch/tasks")
     path = xeon / "fs/resctrl/batch/tasks"
     with open(path, "wb") as f:
         f.truncate(1 << 30)
@@ -338,9 +360,10 @@ def test_regular_file_check_holds_on_this_machines_sysfs():
 
 
 def test_run_refuses_a_bad_id_at_start_with_one_line():
-    d = DaemonProc("vm-1s-nosmt", copy_tree=True, dedicated=None, start=False)
+    package_id = f"{CPU}/cpu0/topology/physical_package_id"
+    d = DaemonProc("vm-1s-nosmt", copy_tree=[package_id], dedicated=None, start=False)
     try:
-        path = d.sysfs / CPU / "cpu0/topology/physical_package_id"
+        path = d.sysfs / package_id
         path.write_text(HUGE + "\n")
         d.start()
         assert d.proc.wait(30) == 2
@@ -354,10 +377,11 @@ def test_run_refuses_a_bad_id_at_start_with_one_line():
 def test_hugepage_poll_keeps_the_last_good_value_and_keeps_publishing():
     """``free_hugepages`` of 10**23 at run time: one logged error naming the file, the
     last good counters kept, heartbeats go on, and a later valid change is published."""
-    d = DaemonProc("vm-1s-nosmt", copy_tree=True, dedicated=None, heartbeat=0.2)
+    pool = f"{NODE0}/hugepages/hugepages-2048kB"
+    d = DaemonProc("vm-1s-nosmt", copy_tree=[pool], dedicated=None, heartbeat=0.2)
     try:
         d.wait_notify("READY=1")
-        pool = d.sysfs / NODE0 / "hugepages/hugepages-2048kB"
+        pool = d.sysfs / pool
         with d.subscriber() as sub:
             (pool / "nr_hugepages").write_text("64\n")
             (pool / "free_hugepages").write_text("60\n")
@@ -392,7 +416,7 @@ def test_udev_reprobe_of_a_bad_tree_keeps_the_last_topology():
     """A re-probe that meets a value no kernel prints logs it, keeps the topology it had,
     and the next good re-probe is published as usual."""
     async def main():
-        p = InProc(copy=True)
+        p = InProc(copy=[f"{NODE0}/meminfo", *CPU3_ONLINE_FILES])
         await p.start()
         a = p.agent
         meminfo = p.sysfs / NODE0 / "meminfo"

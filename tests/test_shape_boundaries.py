@@ -32,8 +32,53 @@ def test_every_command_in_the_table_has_its_module():
     from hostagent.commands import COMMANDS
 
     required = {"capture": ["out"], "resctrl": ["free"], "keys": ["dir"],
-                "fit": ["--snapshot", "s", "--request", "r"]}
+                "fit": ["--snapshot", "s", "--request", "r"],
+                "claim": ["--endpoint", "e", "--request", "r"],
+                "release": ["--endpoint", "e", "claim-1"]}
     parser = build_parser()
     for name in COMMANDS:
         args = parser.parse_args([name, *required.get(name, [])])
         assert args.func.__module__ == f"hostagent.commands.{name}"
+
+
+def test_the_daemon_is_only_the_agent():
+    """The test driver's op and the demo guests reach the agent through its extension
+    points (the publisher's op registry, connect_hooks), from hostagent.agent.test_driver."""
+    import ast
+    import inspect
+
+    import hostagent.agent.daemon as daemon
+
+    tree = ast.parse(inspect.getsource(daemon))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "hostagent.agent.demo" not in imported
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef
+                                | ast.AsyncFunctionDef)
+                  and n.body and isinstance(n.body[0], ast.Expr)}
+    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str) and id(n) not in docstrings]
+    assert not any("test-domain" in s for s in strings)
+    assert not hasattr(daemon.Agent, "op_test_domain")
+
+
+def test_test_driver_attaches_its_op_and_the_demo_hook():
+    from hostagent.agent import test_driver
+
+    class Publisher:
+        def __init__(self):
+            self.handlers = {}
+
+        def register(self, op, handler):
+            self.handlers[op] = handler
+
+    class AgentShape:
+        publisher = Publisher()
+        connect_hooks: list = []
+
+    agent = AgentShape()
+    test_driver.attach(agent)
+    assert set(agent.publisher.handlers) == {"test-domain"}
+    assert len(agent.connect_hooks) == 1
+    assert test_driver.is_test_uri("test:///default")
+    assert not test_driver.is_test_uri("qemu:///system")

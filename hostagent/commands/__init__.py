@@ -14,5 +14,7 @@ COMMANDS = (
     "show",
     "resctrl",
     "fit",
+    "claim",
+    "release",
     "keys",
 )

@@ -1,9 +1,11 @@
 """``hostagent fit``: does a request fit a host, and where (docs/fit.md).
 
-The snapshot comes from a JSON file (``--snapshot FILE``, ``-`` = stdin) or from a running
-agent (``--endpoint E``: one ``{op: "snapshot"}`` request to its ROUTER endpoint over a
-ZeroMQ DEALER socket, waiting at most ``--timeout`` seconds). The request is a JSON file.
-Exit status: 0 fits, 1 does not fit, 2 invalid input (message on stderr).
+With ``--snapshot FILE`` (``-`` = stdin) the request is fitted here, on that snapshot. With
+``--endpoint E`` the agent answers it: one ``{op: "fit"}`` request to its ROUTER endpoint
+over a ZeroMQ DEALER socket (waiting at most ``--timeout`` seconds), so the answer is the
+agent's own — its ``[fit] cell_strategy`` unless ``--strategy`` is given, its search
+budget, its latest snapshot — exactly what a scheduler asking the agent gets. The request
+is a JSON file. Exit status: 0 fits, 1 does not fit, 2 invalid input (message on stderr).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="agent request endpoint, e.g. tcp://127.0.0.1:6511")
     p.add_argument("--request", metavar="FILE", required=True,
                    help="request JSON file ('-' = stdin)")
-    p.add_argument("--strategy", choices=("spread", "pack"), default="spread",
-                   help="cell choice (default spread)")
+    p.add_argument("--strategy", choices=("spread", "pack"), default=None,
+                   help="cell choice (default: with --snapshot spread, with --endpoint the "
+                   "agent's [fit] cell_strategy)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="seconds to wait for the agent's reply (default 5)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -64,8 +67,8 @@ def _load_json(path: str, what: str, max_chars: int | None = None) -> Any:
         raise RequestError(f"{what} {path}: not JSON ({why})") from None
 
 
-def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
-    """One ``{op: "snapshot"}`` round trip to an agent's request endpoint."""
+def ask(endpoint: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request/reply round trip to an agent's request endpoint; the ``ok`` reply."""
     import msgpack
     import zmq
 
@@ -79,7 +82,7 @@ def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
             raise HostagentError(f"--endpoint {endpoint!r}: {exc}") from None
-        sock.send(msgpack.packb({"op": "snapshot"}, use_bin_type=True))
+        sock.send(msgpack.packb(req, use_bin_type=True))
         try:
             frames = sock.recv_multipart()
         except zmq.Again:
@@ -95,10 +98,28 @@ def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
     if not isinstance(reply, dict) or not reply.get("ok"):
         err = reply.get("error") if isinstance(reply, dict) else reply
         raise HostagentError(f"--endpoint {endpoint}: the agent refused: {err}")
+    return reply
+
+
+def fetch_snapshot(endpoint: str, timeout: float) -> dict[str, Any]:
+    """One ``{op: "snapshot"}`` round trip to an agent's request endpoint."""
+    reply = ask(endpoint, {"op": "snapshot"}, timeout)
     snap = reply.get("snapshot", reply.get("data"))
     if not isinstance(snap, dict):
         raise HostagentError(f"--endpoint {endpoint}: the reply carries no snapshot")
     return snap
+
+
+def fit_at_agent(endpoint: str, request: Any, strategy: str | None,
+                 timeout: float) -> dict[str, Any]:
+    """The agent's own answer (``{op: "fit"}``): its strategy unless one is given."""
+    req: dict[str, Any] = {"op": "fit", "request": request}
+    if strategy is not None:
+        req["strategy"] = strategy
+    answer = ask(endpoint, req, timeout).get("result")
+    if not isinstance(answer, dict) or "fits" not in answer:
+        raise HostagentError(f"--endpoint {endpoint}: the reply carries no fit answer")
+    return answer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,12 +130,14 @@ def run(args: argparse.Namespace) -> int:
     request = _load_json(args.request, "--request", MAX_REQUEST_BYTES)
     if args.snapshot:
         snapshot = _load_json(args.snapshot, "--snapshot")
+        answer = fit(snapshot, request, strategy=args.strategy or "spread")
     else:
-        snapshot = fetch_snapshot(args.endpoint, args.timeout)
-    answer = fit(snapshot, request, strategy=args.strategy)
+        answer = fit_at_agent(args.endpoint, request, args.strategy, args.timeout)
     if args.json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     else:
+        if args.snapshot is None:  # the cell ids, to say "every host cell"
+            snapshot = fetch_snapshot(args.endpoint, args.timeout)
         cells = (snapshot.get("topology") or {}).get("cells") or []
         sys.stdout.write(explain(answer, [c["id"] for c in cells if isinstance(c, dict)]))
     return 0 if answer["fits"] else 1

@@ -98,8 +98,8 @@ def _json(doc: Any) -> None:
 def free_report(topo: Any, leftovers: Sequence[Any] = ()) -> dict[str, Any]:
     """The ``resctrl free --json`` document (see docs/resctrl.md); ``leftovers`` are
     ``hostagent.resctrl_fs.Leftover``."""
-    from hostagent.cbm import cache_ways, parse_mask
     from hostagent.probe.report import group_letters, way_map
+    from hostagent.resctrl_cbm import cache_ways, parse_mask
 
     rc = topo.resctrl
     letters = group_letters(g.name for g in rc.groups)

@@ -1,4 +1,4 @@
-"""``hostagent run [--config F]``: the daemon (see ``hostagent.daemon`` and docs/daemon.md).
+"""``hostagent run [--config F]``: the daemon (see ``hostagent.agent.daemon`` and docs/daemon.md).
 
 Without ``--config`` it reads ``/etc/hostagent/hostagent.toml`` when that file exists and
 runs on the built-in defaults otherwise (``hostagent.config.config_path``, the rule of
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hostagent.agent.daemon import run_agent
     from hostagent.config import config_path
-    from hostagent.daemon import run_agent
 
     return run_agent(config_path(args.config))

@@ -150,8 +150,8 @@ def hugepage_pools(snap: dict[str, Any]) -> list[str]:
 
 
 def way_maps(snap: dict[str, Any]) -> list[str]:
-    from hostagent.cbm import parse_mask
     from hostagent.probe.report import group_letters, way_legend, way_map
+    from hostagent.resctrl_cbm import parse_mask
 
     caches = snap["usage"].get("caches", [])
     if not caches:

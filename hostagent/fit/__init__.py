@@ -2,10 +2,12 @@
 
 ``fit(snapshot, request, strategy=...)`` answers from a schema-v1 snapshot dict and a Nova
 flavor-style request dict, never changing either. ``parse_request`` validates a request on
-its own. Modules: ``request`` (parsing), ``host`` (the snapshot as free resources per
-cell), ``cellfit`` (one guest cell on one host cell), ``place`` (the search), ``pci``,
-``cache`` (reservations through ``hostagent.resctrl``), ``vcpu_topology``,
-``libvirt_xml`` (domain XML fragments), ``explain`` (reasons as text).
+its own; ``prepare(snapshot)`` reads a snapshot once for many fits (the agent keeps one per
+snapshot), and ``fit`` takes it in place of the snapshot. Modules: ``request`` (parsing),
+``host`` (the snapshot as free resources per cell), ``cellfit`` (one guest cell on one host
+cell), ``place`` (the search), ``pci``, ``cache`` (reservations through
+``hostagent.resctrl``), ``vcpu_topology``, ``libvirt_xml`` (domain XML fragments),
+``explain`` (reasons as text).
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from hostagent.fit.host import HostView, host_view
 from hostagent.fit.libvirt_xml import fragments
 from hostagent.fit.place import STEP_BUDGET, STRATEGIES, Outcome, place, place_floating
 from hostagent.fit.request import FitRequest, parse_request
-from hostagent.fit.vcpu_topology import best_topology
+from hostagent.fit.vcpu_topology import VcpuTopology, best_topology, require_topology
 
-__all__ = ["STEP_BUDGET", "FitRequest", "RequestError", "STRATEGIES", "fit", "parse_request"]
+__all__ = ["STEP_BUDGET", "FitRequest", "HostView", "RequestError", "STRATEGIES", "fit",
+           "parse_request", "prepare"]
+
+
+def prepare(snapshot: Mapping[str, Any]) -> HostView:
+    """The snapshot as the fit reads it (free threads, memory, pages, devices per cell),
+    to pass to ``fit`` in place of the snapshot for many requests: it is never changed by
+    a fit, and what a fit works out of it (the cores of a cell) is kept for the next.
+    Raises ``RequestError`` for a malformed snapshot."""
+    return host_view(snapshot)
 
 
 def fit(
-    snapshot: Mapping[str, Any],
+    snapshot: Mapping[str, Any] | HostView,
     request: Mapping[str, Any] | FitRequest,
     *,
     strategy: str = "spread",
@@ -33,6 +44,7 @@ def fit(
 ) -> dict[str, Any]:
     """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``.
 
+    ``snapshot`` is a schema-v1 snapshot dict or what ``prepare`` made of one.
     The placement search takes at most ``search_steps`` steps (``hostagent.fit.place``);
     beyond them the answer is "does not fit" with a ``search`` reason. Raises
     ``RequestError`` for an invalid request, strategy, step budget or snapshot.
@@ -42,13 +54,12 @@ def fit(
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
         raise RequestError(f"search_steps={search_steps!r}: must be an integer >= 1")
     req = request if isinstance(request, FitRequest) else parse_request(request)
-    view = host_view(snapshot)
+    view = snapshot if isinstance(snapshot, HostView) else host_view(snapshot)
 
     forced = 1 if req.thread_policy == "isolate" else None
-    if req.thread_policy == "require":
-        forced = None  # decided per host cell (threads per core) inside the cell fit
+    # require: the thread count follows the placement (``require_topology``, below)
     topo = best_topology(req.vcpus, req.topology, threads=forced)
-    if topo is None and req.thread_policy != "require":
+    if topo is None:
         why = ("isolate gives every vCPU its own core, so the guest has 1 thread per core; "
                if forced == 1 else "")
         return _no(strategy, [Reason(
@@ -64,14 +75,26 @@ def fit(
         return _no(strategy, out.reasons)
 
     if req.thread_policy == "require":
-        t = view.cell(out.cells[0].host_cell).threads_per_core
-        topo = best_topology(req.vcpus, req.topology, threads=t)
-    assert topo is not None
+        topo = _require_topology(view, req, out.cells) or topo
     placement = _placement(view, req, out, topo.as_dict())
     xml = fragments(vcpus=req.vcpus, placement=placement, realtime=req.realtime,
                     floating_cpus=view.shared_cpus)
     return {"fits": True, "strategy": strategy, "placement": placement, "reasons": [],
             "libvirt_xml": xml}
+
+
+def _require_topology(
+    view: HostView, req: FitRequest, cells: list[CellFit]
+) -> VcpuTopology | None:
+    """The guest topology of a placed ``require`` guest (``require_topology``)."""
+    core_of: dict[int, int] = {}
+    threads = 1
+    for cf in cells:
+        host = view.cell(cf.host_cell)
+        threads = max(threads, host.threads_per_core)
+        first = {t: core[0] for core in host.cores for t in core}
+        core_of.update((v, first[cpu]) for v, cpu in cf.pinning)
+    return require_topology(req.vcpus, req.topology, threads, core_of)
 
 
 def _no(strategy: str, reasons: list[Reason]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ the fit reserves the requested ways on every cache (of the item's level, L3 by d
 that serves one of the group's pinned threads: one resctrl group / libvirt ``cachetune``
 per vCPU group, one mask per cache ID. Groups are planned in request order, each seeing
 the ways promised to the groups before it (``taken``) and counting as a pending CLOSID,
-so the reservations of one placement never collide.
+so the reservations of one placement never collide. Ways the agent's claims hold
+(``HostView.claimed_ways``) are taken from the start, and their groups pending.
 
 - ``cell_check``: the part of every group that lands in one host cell, planned alone;
   a necessary condition used while searching (exact when no cache spans two cells);
@@ -74,9 +75,9 @@ def _run(
     from hostagent import resctrl
 
     pins = _pins(chosen)
-    taken: dict[tuple[str, int], int] = {}
+    taken: dict[tuple[str, int], int] = dict(view.claimed_ways)  # claims' ways: not free
     entries: list[dict[str, Any]] = []
-    pending = 0
+    pending = view.claimed_groups  # each claim's group will need a CLOSID
     for group in req.cache:
         here = [v for v in group.vcpus if v in pins]
         if not here:

@@ -11,9 +11,10 @@ why not, one per failing resource. The thread rules (docs/fit.md):
 - ``isolate``: every vCPU gets a core whose threads are all dedicated and free; it runs
   on the lowest thread, the other threads stay idle (``reserved``). Works with or
   without SMT.
-- ``require``: the host's threads per core ``T`` > 1; guest sibling groups (vCPUs
-  ``kT..kT+T-1``, as the guest topology numbers them) each take one core with ``T``
-  free threads.
+- ``require``: the host's threads per core ``T`` > 1; each guest cell's dedicated vCPUs,
+  ascending, are cut into runs of ``T`` (the last may be shorter, as in Nova) and each run
+  takes one core whose ``T`` threads are all free; the threads a short run leaves are kept
+  idle (``reserved``), unless the isolated emulator thread takes one.
 - an isolated emulator thread takes one more free thread (best fit, outside idle cores).
 """
 
@@ -22,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostagent.cpulist import format_cpulist
-from hostagent.fit.host import SMALL_PAGE_KIB, HostCell
+from hostagent.fit.host import SMALL_PAGE_KIB, HostCell, split_cores
 from hostagent.fit.request import FitRequest, GuestCell
-from hostagent.fit.vcpu_topology import best_topology
 
 
 @dataclass(frozen=True)
@@ -128,39 +127,51 @@ def _page_problem(size: int, mem: int, cell: HostCell) -> str | None:
     return f"{size} KiB pages: needs {need}, {cell.pages[size]} free"
 
 
-def _best_fit_core(
-    cores: Sequence[tuple[int, ...]], avail: dict[int, list[int]], want: int
-) -> int:
-    """Index of the core whose available count best fits ``want`` (ties: first in order)."""
-    best = -1
-    for i in range(len(cores)):
-        n = len(avail[i])
+def _best_fit(groups: Sequence[list[int]], want: int) -> int:
+    """Index of the non-empty group whose size best fits ``want``: the smallest that holds
+    it, else the largest (ties: the first); -1 when all are empty."""
+    best, bn = -1, 0
+    for i, group in enumerate(groups):
+        n = len(group)
         if n == 0:
             continue
-        if best < 0:
-            best = i
-            continue
-        bn = len(avail[best])
-        if bn >= want:
-            if want <= n < bn:
-                best = i
-        elif n > bn:
-            best = i
+        if best < 0 or (want <= n < bn if bn >= want else n > bn):
+            best, bn = i, n
     return best
 
 
 def pin_prefer(
     cores: Sequence[tuple[int, ...]], free: frozenset[int], n: int
 ) -> list[int] | None:
-    avail = {i: [t for t in core if t in free] for i, core in enumerate(cores)}
+    """``n`` free threads for ``prefer``, touching as few whole cores as possible.
+
+    A core is *whole* when all its threads are free (an ``isolate``/``require`` guest can
+    still take it), *broken* when only some are. When the broken cores' free threads
+    hold the ``n`` vCPUs, only they are used; otherwise just enough whole cores are taken,
+    all their threads (siblings for the guest), and the rest comes from broken cores.
+    Cores are chosen by best fit (the smallest free count that holds what is left, else
+    the largest; ties: first in order), and a core's free threads are taken ascending.
+    """
+    whole, broken = split_cores(cores, free)
+    return _pin_prefer_split(list(whole), list(broken), n)
+
+
+def _pin_prefer_split(whole: list[list[int]], broken: list[list[int]], n: int
+                      ) -> list[int] | None:
+    """``pin_prefer`` on the split cores (the lists of lists are changed, not the lists)."""
+    spare = sum(map(len, broken))
+    if spare + sum(map(len, whole)) < n:
+        return None
     out: list[int] = []
+    while n - len(out) > spare:  # the broken cores alone cannot hold the rest
+        i = _best_fit(whole, n - len(out) - spare)
+        out.extend(whole[i][: n - len(out)])
+        whole[i] = []
     while len(out) < n:
-        i = _best_fit_core(cores, avail, n - len(out))
-        if i < 0:
-            return None
-        take = avail[i][: n - len(out)]
+        i = _best_fit(broken, n - len(out))
+        take = broken[i][: n - len(out)]
         out.extend(take)
-        avail[i] = avail[i][len(take):]
+        broken[i] = broken[i][len(take):]
     return out
 
 
@@ -174,31 +185,35 @@ def pin_isolate(
     return [c[0] for c in chosen], [t for c in chosen for t in c[1:]]
 
 
-def require_groups(vcpus: Sequence[int], t: int) -> list[list[int]]:
-    """Guest sibling groups of the given vCPUs: ids ``kT..kT+T-1`` share a guest core."""
-    groups: dict[int, list[int]] = {}
-    for v in sorted(vcpus):
-        groups.setdefault(v // t, []).append(v)
-    return [groups[k] for k in sorted(groups)]
+def require_runs(dedicated: Sequence[int], t: int) -> list[list[int]]:
+    """A guest cell's dedicated vCPUs ascending, cut into runs of ``t`` (the last one may
+    be shorter): each run goes onto one host core, as Nova's ``require`` packs them."""
+    ordered = sorted(dedicated)
+    return [ordered[i:i + t] for i in range(0, len(ordered), t)]
 
 
 def pin_require(
-    cores: Sequence[tuple[int, ...]], free: frozenset[int], groups: list[list[int]], t: int
-) -> list[int] | None:
+    cores: Sequence[tuple[int, ...]], free: frozenset[int], runs: list[list[int]], t: int
+) -> tuple[list[int], list[int]] | None:
+    """One core with ``t`` free threads per run, its lowest threads for the run's vCPUs;
+    returns (the threads in vCPU order, the threads of partly used cores kept idle)."""
     usable = [c for c in cores if len(c) == t and all(x in free for x in c)]
-    if len(usable) < len(groups):
+    if len(usable) < len(runs):
         return None
     out: list[int] = []
-    for group, core in zip(groups, usable, strict=False):
-        out.extend(core[: len(group)])
-    return out
+    idle: list[int] = []
+    for run, core in zip(runs, usable, strict=False):
+        out.extend(core[: len(run)])
+        idle.extend(core[len(run):])
+    return out, idle
 
 
 def pick_emulator(
     cores: Sequence[tuple[int, ...]], free: frozenset[int], used: set[int]
 ) -> int | None:
-    avail = {i: [t for t in core if t in free and t not in used] for i, core in enumerate(cores)}
-    i = _best_fit_core(cores, avail, 1)
+    """A free thread for the isolated emulator thread, by best fit (a broken core first)."""
+    avail = [[t for t in core if t in free and t not in used] for core in cores]
+    i = _best_fit(avail, 1)
     return avail[i][0] if i >= 0 else None
 
 
@@ -256,35 +271,29 @@ def fit_cell(
                 pins, reserved = got
         elif policy == "require":
             t = cell.threads_per_core
-            groups = require_groups(g.dedicated, t) if t > 1 else []
-            bad = [grp for grp in groups if len(grp) != t]
             if t <= 1:
                 no("sibling_threads", "require needs SMT; the cell's cores have 1 thread")
                 pins = None
-            elif best_topology(req.vcpus, req.topology, threads=t) is None:
-                no("topology", f"require: the guest needs {t} threads per core (the host's), "
-                               f"but no sockets x cores x {t} = {req.vcpus} fits the limits "
-                               f"{req.topology.max_sockets}:{req.topology.max_cores}:"
-                               f"{req.topology.max_threads}")
-                pins = None
-            elif bad:
-                no("sibling_threads",
-                   f"require: the host has {t} threads per core, so guest cores are vCPUs "
-                   f"{t}k..{t}k+{t - 1}; vCPUs {format_cpulist(bad[0])} of guest cell "
-                   f"{g.index} are not a whole dedicated guest core")
-                pins = None
             else:
-                pins = pin_require(order, cell.free, groups, t)
-                if pins is None:
+                runs = require_runs(g.dedicated, t)
+                got = pin_require(order, cell.free, runs, t)
+                if got is None:
                     usable = sum(1 for c in order if len(c) == t and set(c) <= cell.free)
-                    no("sibling_threads", f"require needs {len(groups)} cores with {t} free "
+                    no("sibling_threads", f"require needs {len(runs)} cores with {t} free "
                                           f"sibling threads, the cell has {usable}")
+                    pins = None
+                else:
+                    pins, reserved = got
         else:
-            pins = pin_prefer(order, cell.free, nd)
+            whole, broken = split_cores(order, cell.free) if cores is not None else \
+                cell.free_split
+            pins = _pin_prefer_split(list(whole), list(broken), nd)
             if pins is None:
                 no("dedicated_threads", f"needs {nd + extra} free dedicated threads{emu_note}, "
                                         f"the cell has {len(cell.free)}")
-        if pins is not None and extra:
+        if pins is not None and extra and policy == "require" and reserved:
+            emu_cpu = reserved.pop(0)  # an idle thread of the guest's own half-used core
+        elif pins is not None and extra:
             emu_cpu = pick_emulator(order, cell.free, set(pins) | set(reserved))
             if emu_cpu is None:
                 no("dedicated_threads",

@@ -4,8 +4,8 @@
 frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 
 - a *dedicated* thread is online and in ``config.dedicated_cpus``; it is *free* unless
-  ``usage.threads`` gives it a guest, an emulator, a shared guest or a hold
-  (``held_by``), or ``usage.cells[].pinned_cpus`` lists it;
+  ``usage.threads`` gives it a guest, an emulator, a shared guest, a hold
+  (``held_by``) or a claim (``claim``), or ``usage.cells[].pinned_cpus`` lists it;
 - a *core* is the set of a thread's online siblings inside the cell, cores ordered by
   their lowest thread id, threads ascending;
 - small-page memory of a cell is ``memory_kib`` minus every hugepage pool minus
@@ -17,13 +17,17 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
   so do their hugepages (``usage.floating_hugepages``): the kernel may have taken them
   from any cell, so no cell offers more pages of a size than all cells together have
   left after them, and a placement's pages of that size must fit in that remainder;
-- a PCI function listed in ``usage.pci`` with a guest (or in ``usage.guests[].pci``) is taken.
+- a PCI function listed in ``usage.pci`` with a guest or a claim (or in
+  ``usage.guests[].pci``) is taken;
+- cache ways of a ``usage.caches[].allocations[]`` entry with a ``claim`` are held by a
+  claim whose resctrl group does not exist yet: the reservations planner counts them as
+  taken, and each such claim's group as one CLOSID already promised.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +52,12 @@ class PciDev:
 
 @dataclass(frozen=True)
 class HostCell:
+    """One host cell as the fit sees it. ``cores``, ``threads_per_core`` and ``socket``
+    are worked out from the snapshot's CPUs (``cpus``: id -> CPU entry) when first asked:
+    most fits look at one or two cells' cores only."""
+
     id: int
-    cores: tuple[tuple[int, ...], ...]
+    members: frozenset[int]  # online threads of the cell
     dedicated: frozenset[int]
     free: frozenset[int]
     shared: tuple[int, ...]
@@ -57,8 +65,32 @@ class HostCell:
     small_total_kib: int
     small_used_kib: int
     pages: Mapping[int, int]  # hugepage size KiB -> free pages
-    socket: int | None  # None when the cell spans several sockets
-    threads_per_core: int
+    cpus: Mapping[int, Mapping[str, Any]] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def cores(self) -> tuple[tuple[int, ...], ...]:
+        """Each thread's online siblings inside the cell, ascending; cores ordered by
+        their lowest thread."""
+        return _cores(self.members, self.cpus)
+
+    @functools.cached_property
+    def free_split(self) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+        """The free threads of each core that has any, in core order: (cores whose threads
+        are all free, cores where only some are). Shared by the fits of this view; never
+        changed."""
+        return split_cores(self.cores, self.free)
+
+    @functools.cached_property
+    def threads_per_core(self) -> int:
+        """The largest core holding a dedicated thread (1 without any)."""
+        return max((len(c) for c in self.cores if not self.dedicated.isdisjoint(c)),
+                   default=1)
+
+    @functools.cached_property
+    def socket(self) -> int | None:
+        """The cell's socket; None when the cell spans several sockets."""
+        sockets = {self.cpus[c]["socket"] for c in self.members if c in self.cpus}
+        return sockets.pop() if len(sockets) == 1 else None
 
     @property
     def small_free_kib(self) -> int:
@@ -78,18 +110,33 @@ class HostView:
     floating_used: int  # shared vCPUs not bound to any cell (usage.floating.vcpus)
     floating_memory_kib: int  # guest memory not bound to any cell
     pci: tuple[PciDev, ...]
-    cache_of: Mapping[tuple[int, int], int]  # (level, cpu) -> cache id
     snapshot_usage_caches: tuple[Mapping[str, Any], ...]
     # hugepages held by guests bound to no cell (on cells unknown): size KiB -> pages, and
     # for those sizes the pages all cells together have left after them
     floating_pages: Mapping[int, int] = field(default_factory=dict)
     pages_left: Mapping[int, int] = field(default_factory=dict)
+    # cache ways claims hold (no resctrl group yet): (resource, cache id) -> mask, and the
+    # number of groups those claims will need
+    claimed_ways: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    claimed_groups: int = 0
 
     def cell(self, cell_id: int) -> HostCell:
         for c in self.cells:
             if c.id == cell_id:
                 return c
         raise KeyError(cell_id)
+
+    @functools.cached_property
+    def cache_of(self) -> Mapping[tuple[int, int], int]:
+        """(level, cpu) -> the id of the data/unified cache of that level serving the cpu
+        (built only when a request reserves cache)."""
+        out: dict[tuple[int, int], int] = {}
+        for cache in self.topology.get("caches") or []:
+            if cache["type"] == "instruction":
+                continue
+            for cpu in cache["cpus"]:
+                out[(cache["level"], cpu)] = cache["id"]
+        return out
 
     @functools.cached_property
     def topo(self) -> HostTopology:
@@ -116,7 +163,7 @@ def host_view(snapshot: Mapping[str, Any]) -> HostView:
 
 def _ids(value: Any) -> list[int]:
     if isinstance(value, list):
-        return [int(v) for v in value]
+        return list(map(int, value))
     return []
 
 
@@ -133,11 +180,10 @@ def _view(
         key = (int(item["cell"]), int(item["size_kib"]))
         reserved_pages[key] = reserved_pages.get(key, 0) + int(item["count"])
 
-    taken: set[int] = set()
-    for t in usage.get("threads") or []:
-        if (t.get("guest") is not None or t.get("emulator") or t.get("shared_guests")
-                or t.get("held_by")):
-            taken.add(int(t["cpu"]))
+    # only dedicated threads can be free: the others' flags need no look
+    taken = {cpu for t in usage.get("threads") or () if (cpu := int(t["cpu"])) in dedicated_all
+             and (t.get("guest") is not None or t.get("emulator") or t.get("shared_guests")
+                  or t.get("held_by") or t.get("claim"))}
     ucells = {int(c["id"]): c for c in usage.get("cells") or []}
     for uc in ucells.values():
         taken.update(_ids(uc.get("pinned_cpus")))
@@ -147,17 +193,7 @@ def _view(
     cell_pages: list[dict[int, int]] = []
     for cell in topo["cells"]:
         cid = int(cell["id"])
-        members = [c for c in cell["cpus"] if c in online]
-        member_set = set(members)
-        seen: set[int] = set()
-        cores: list[tuple[int, ...]] = []
-        for cpu in sorted(members):
-            if cpu in seen:
-                continue
-            sib = cpu_by_id[cpu]["siblings"] if cpu in cpu_by_id else (cpu,)
-            core = tuple(sorted(member_set.intersection(sib) | {cpu}))
-            seen.update(core)
-            cores.append(core)
+        member_set = online.intersection(cell["cpus"])
         dedicated = frozenset(member_set & dedicated_all)
         free = frozenset(dedicated - taken)
         uc = ucells.get(cid, {})
@@ -175,12 +211,10 @@ def _view(
                 used = int(upages.get(size, {}).get("used", 0))
                 free_pages = int(pool["total"]) - used - reserved_pages.get((cid, size), 0)
             pages[size] = max(0, free_pages)
-        sockets = {cpu_by_id[c]["socket"] for c in members if c in cpu_by_id}
-        tpc = max((len(c) for c in cores if dedicated.intersection(c)), default=1)
         cells.append(
             HostCell(
                 id=cid,
-                cores=tuple(cores),
+                members=frozenset(member_set),
                 dedicated=dedicated,
                 free=free,
                 shared=tuple(sorted(member_set & shared_all)),
@@ -188,14 +222,13 @@ def _view(
                 small_total_kib=max(0, small_total),
                 small_used_kib=int(uc.get("memory_used_kib", 0) or 0),
                 pages=pages,
-                socket=sockets.pop() if len(sockets) == 1 else None,
-                threads_per_core=tpc,
+                cpus=cpu_by_id,
             )
         )
 
     used_pci: set[str] = set()
     for item in usage.get("pci") or []:
-        if item.get("guest") is not None:
+        if item.get("guest") is not None or item.get("claim") is not None:
             used_pci.add(str(item["address"]))
     for guest in usage.get("guests") or []:
         for addr in guest.get("pci") or guest.get("hostdevs") or []:
@@ -221,12 +254,7 @@ def _view(
             if p.get(size, 0) > left:
                 p[size] = left
     floating = usage.get("floating") or {}
-    cache_of: dict[tuple[int, int], int] = {}
-    for cache in topo.get("caches") or []:
-        if cache["type"] == "instruction":
-            continue
-        for cpu in cache["cpus"]:
-            cache_of[(cache["level"], cpu)] = cache["id"]
+    claimed_ways, claimed_groups = _claimed_ways(usage.get("caches") or ())
     return HostView(
         cells=tuple(cells),
         topology=topo,
@@ -237,11 +265,60 @@ def _view(
         floating_memory_kib=int(
             floating.get("memory_kib", usage.get("floating_memory_kib", 0)) or 0),
         pci=pci,
-        cache_of=cache_of,
         snapshot_usage_caches=tuple(usage.get("caches") or ()),
         floating_pages=floating_pages,
         pages_left=pages_left,
+        claimed_ways=claimed_ways,
+        claimed_groups=claimed_groups,
     )
+
+
+def split_cores(
+    cores: Sequence[tuple[int, ...]], free: frozenset[int]
+) -> tuple[tuple[list[int], ...], tuple[list[int], ...]]:
+    """The free threads of each core that has any, in core order: (whole cores — every
+    thread free —, broken ones)."""
+    whole: list[list[int]] = []
+    broken: list[list[int]] = []
+    for core in cores:
+        avail = [t for t in core if t in free]
+        if avail:
+            (whole if len(avail) == len(core) else broken).append(avail)
+    return tuple(whole), tuple(broken)
+
+
+def _cores(members: frozenset[int], cpu_by_id: Mapping[int, Mapping[str, Any]]
+           ) -> tuple[tuple[int, ...], ...]:
+    """The cell's cores: each thread's online siblings inside the cell, ascending; cores
+    ordered by their lowest thread."""
+    seen: set[int] = set()
+    cores: list[tuple[int, ...]] = []
+    for cpu in sorted(members):
+        if cpu in seen:
+            continue
+        entry = cpu_by_id.get(cpu)
+        sib = members.intersection(entry["siblings"]) if entry is not None else ()
+        core = (cpu,) if not sib or (len(sib) == 1 and cpu in sib) else \
+            tuple(sorted(sib | {cpu}))
+        seen.update(core)
+        cores.append(core)
+    return tuple(cores)
+
+
+def _claimed_ways(caches: Any) -> tuple[dict[tuple[str, int], int], int]:
+    """The ways claims hold per (resource, cache id), from the allocations of
+    ``usage.caches`` that name a claim, and how many resctrl groups those claims need."""
+    ways: dict[tuple[str, int], int] = {}
+    groups: set[tuple[str, str]] = set()
+    for cache in caches:
+        for alloc in cache.get("allocations") or ():
+            claim = alloc.get("claim")
+            if claim is None:
+                continue
+            key = (str(cache["resource"]), int(cache["id"]))
+            ways[key] = ways.get(key, 0) | int(str(alloc["mask"]), 16)
+            groups.add((str(claim), str(alloc.get("group"))))
+    return ways, len(groups)
 
 
 def _floating_pages(items: Any) -> dict[int, int]:

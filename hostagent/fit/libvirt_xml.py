@@ -11,7 +11,8 @@ Keys of the returned dict (only those that apply are present):
 - ``memoryBacking``: one hugepage ``page`` per page size with the guest cells using it;
 - ``devices``: ``hostdev`` elements for the PCI devices;
 - ``metadata``: ``<hostagent:fit>`` listing the sibling threads an ``isolate`` guest keeps
-  idle, so that the tracker can count them as held.
+  idle, so that the tracker can count them as held, and the id of the agent's claim the
+  placement was granted as (``claim_id``; the agent consumes the claim when the domain runs).
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ SMALL_PAGE_KIB = 4
 
 
 def _q(value: object) -> str:
-    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    text = str(value)
+    if "&" in text or "<" in text or '"' in text:
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    return text
 
 
 def _el(tag: str, attrs: Mapping[str, object] | None = None, body: str | None = None) -> str:
     """One element as text; ``body`` None makes it empty (``<tag ... />``)."""
-    a = "".join(f' {k}="{_q(v)}"' for k, v in (attrs or {}).items())
+    a = "".join([f' {k}="{_q(v)}"' for k, v in attrs.items()]) if attrs else ""
     return f"<{tag}{a} />" if body is None else f"<{tag}{a}>{body}</{tag}>"
 
 
@@ -41,6 +45,7 @@ def fragments(
     placement: Mapping[str, Any],
     realtime: Sequence[int] = (),
     floating_cpus: Sequence[int] = (),
+    claim_id: str | None = None,
 ) -> dict[str, str]:
     """Build the fragments from a placement dict (the ``placement`` part of a fit answer)."""
     out: dict[str, str] = {}
@@ -59,8 +64,7 @@ def fragments(
             cpus = format_cpulist(cell["shared_cpus"])
             for v in cell["shared_vcpus"]:
                 pins[int(v)] = cpus
-    for v in sorted(pins):
-        tune.append(_el("vcpupin", {"vcpu": v, "cpuset": pins[v]}))
+    tune.extend([f'<vcpupin vcpu="{v}" cpuset="{_q(pins[v])}" />' for v in sorted(pins)])
     if placement.get("emulator_cpus"):
         tune.append(_el("emulatorpin", {"cpuset": format_cpulist(placement["emulator_cpus"])}))
     if realtime:
@@ -119,8 +123,12 @@ def fragments(
         out["devices"] = _el("devices", None, body)
 
     reserved = sorted({t for c in cells for t in c.get("reserved_cpus", [])})
+    meta = ""
     if reserved:
-        idle = _el("hostagent:idle", {"cpus": format_cpulist(reserved)})
+        meta += _el("hostagent:idle", {"cpus": format_cpulist(reserved)})
+    if claim_id is not None:
+        meta += _el("hostagent:claim", {"id": claim_id})
+    if meta:
         out["metadata"] = _el("metadata", None, _el(
-            "hostagent:fit", {"xmlns:hostagent": METADATA_NS}, idle))
+            "hostagent:fit", {"xmlns:hostagent": METADATA_NS}, meta))
     return out

@@ -1,9 +1,11 @@
 """The placement search: guest cells onto distinct host cells (pure, deterministic).
 
-1. Every (guest cell, host cell) pair is checked once by ``fit_cell`` (plus the cache
-   pre-check); the result is memoized for this call only, keyed on the guest cell's
+1. Every (guest cell, host cell) pair is checked at most once by ``fit_cell`` (plus the
+   cache pre-check); the result is memoized for this call only, keyed on the guest cell's
    *index* and the host cell's *id*, neither of which the search ever changes (Nova keyed
-   its cache on an id the fit overwrote, which made it wrong on 3+ cells).
+   its cache on an id the fit overwrote, which made it wrong on 3+ cells). Pairs are
+   checked as the search first descends (``first_descent``, ``run_one_cell``); only when
+   that path does not end in a placement are all of them checked for the matching.
 2. Host cells are ordered by the strategy: devices first (cells with the requested PCI
    devices first; for guests without PCI requests, cells with fewer assignable devices
    first), then free CPU (dedicated threads for pinned guests, shared headroom for shared
@@ -173,7 +175,59 @@ class _Search:
                 return False
         return True
 
+    def run_one_cell(self) -> Outcome | None:
+        """``run`` for a guest of one cell: host cells are checked in order only until
+        one takes it (no matching needed), as the search would visit them."""
+        self.stuck = []
+        for h in self.order:
+            cf = self.cell(0, h)
+            if not isinstance(cf, CellFit):
+                continue
+            if not self.spend():
+                break
+            if self.pci_bound_ok(1, {h.id}):
+                out = self.leaf([cf])
+                if out is not None:
+                    return out
+            if self.exhausted:
+                break
+        self.adj = {0: self.feasible(0)}  # for the reasons
+        return None
+
+    def first_descent(self) -> Outcome | None:
+        """The search's first path, found without checking every pair first: each guest
+        cell on the first unused host cell (in order) that takes it. When that reaches a
+        placement that passes the whole-placement checks, it is the one the full search
+        returns first (every choice on the way has a completion, so no matching prunes
+        it), for the same steps; otherwise ``None`` and the full search runs."""
+        if self.req.pci and self.req.pci_policy == "required":
+            return None  # the device bound prunes with every pair's feasibility
+        used: set[int] = set()
+        chosen: list[CellFit] = []
+        for gi in range(self.k):
+            for h in self.order:
+                if h.id in used:
+                    continue
+                cf = self.cell(gi, h)
+                if isinstance(cf, CellFit):
+                    used.add(h.id)
+                    chosen.append(cf)
+                    break
+            else:
+                return None
+        self.spend(self.k)
+        out = self.leaf(chosen)
+        if out is None:  # the full search starts again, counting from zero
+            self.steps, self.exhausted, self.leaf_reasons = 0, False, []
+        return out
+
     def run(self) -> Outcome | None:
+        if self.k == 1:
+            return self.run_one_cell()
+        out = self.first_descent()
+        if out is not None:
+            self.stuck = []
+            return out
         self.adj = {gi: self.feasible(gi) for gi in range(self.k)}
         ok, stuck = self.matching(range(self.k), set())
         if not ok:

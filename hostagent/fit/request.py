@@ -377,16 +377,14 @@ def parse_request(request: Any) -> FitRequest:
     thread_policy = _thread_policy(flavor, img)
     emulator = _emulator_policy(flavor, img)
     cpu_policy, thread_policy = _resources_and_traits(
-        flavor, cpu_policy, thread_policy, emulator, vcpus
+        flavor, img, cpu_policy, thread_policy, emulator, vcpus
     )
     realtime = _realtime(flavor, img, cpu_policy, emulator, vcpus)
     dedicated_mask = _dedicated_mask(flavor, cpu_policy, realtime, vcpus)
 
     if cpu_policy in (None, "shared"):
         if thread_policy is not None:
-            key = "hw:cpu_thread_policy" if flavor.has("hw:cpu_thread_policy") else \
-                "hw_cpu_thread_policy"
-            src = flavor if flavor.has(key) else img
+            src, key = _thread_policy_source(flavor, img)
             raise src.fail(key, "a thread policy needs hw:cpu_policy=dedicated or mixed")
         if emulator == "isolate":
             src = flavor if flavor.has("hw:emulator_threads_policy") else img
@@ -512,38 +510,88 @@ def _emulator_policy(flavor: _Specs, img: _Specs) -> str | None:
     return f or i
 
 
+def _both(first: _Specs, key: str, second: _Specs, other: str) -> RequestError:
+    """Nova's refusal of a placement-form key next to the ``hw:`` form of the same choice."""
+    return first.fail(key, f"cannot be combined with {second.where} {other}="
+                           f"{short_repr(second.get(other))}; use one or the other "
+                           "(Nova refuses the pair)")
+
+
 def _resources_and_traits(
-    flavor: _Specs, policy: str | None, thread: str | None, emulator: str | None, vcpus: int
+    flavor: _Specs, img: _Specs, policy: str | None, thread: str | None,
+    emulator: str | None, vcpus: int,
 ) -> tuple[str | None, str | None]:
-    res = {m.group(1): k for k in flavor.data if (m := _RESOURCES.match(k))}
+    """Nova's placement form: ``resources:PCPU|VCPU`` sets the CPU policy and
+    ``trait:HW_CPU_HYPERTHREADING`` (flavor ``required``/``forbidden``, image ``required``)
+    the thread policy. Either is refused next to a CPU or thread policy given by the flavor
+    *or* the image, as ``numa_get_constraints`` refuses it, so an image never overrides it
+    silently."""
+    res: dict[str, list[str]] = {}
+    for k in flavor.data:
+        if m := _RESOURCES.match(k):
+            res.setdefault(m.group(1), []).append(k)
     traits = [k for k in flavor.data if _HT_TRAIT.match(k)]
     if res:
-        key = next(iter(res.values()))
+        key = next(iter(res.values()))[0]
         if flavor.has("hw:cpu_policy"):
             raise flavor.fail(key, "cannot be combined with hw:cpu_policy")
+        if img.has("hw_cpu_policy"):
+            raise _both(flavor, key, img, "hw_cpu_policy")
         if len(res) > 1:
             raise flavor.fail(key, "resources:PCPU and resources:VCPU cannot both be given")
         if "PCPU" in res:
+            # the request groups' counts add up (resources1:PCPU=2 + resources2:PCPU=2)
             want = vcpus + (1 if emulator == "isolate" else 0)
-            count = flavor.integer(res["PCPU"], maximum=MAX_VCPUS + 1,
-                                   why="the vCPUs and an emulator thread")
+            count = sum(flavor.integer(k, maximum=MAX_VCPUS + 1,
+                                       why="the vCPUs and an emulator thread") or 0
+                        for k in res["PCPU"])
+            if count != want and len(res["PCPU"]) == 1:
+                raise flavor.fail(key, f"must equal the vCPU count ({want})")
             if count != want:
-                raise flavor.fail(res["PCPU"], f"must equal the vCPU count ({want})")
+                raise RequestError(f"extra_specs {' + '.join(res['PCPU'])} = {count}: must "
+                                   f"equal the vCPU count ({want})")
             policy = "dedicated"
         else:
-            flavor.integer(res["VCPU"], maximum=MAX_VCPUS, why=_VCPUS_WHY)
+            for k in res["VCPU"]:
+                flavor.integer(k, maximum=MAX_VCPUS, why=_VCPUS_WHY)
             policy = "shared"
     for key in traits:
         value = flavor.get(key)
         if flavor.has("hw:cpu_thread_policy"):
             raise flavor.fail(key, "cannot be combined with hw:cpu_thread_policy")
+        if img.has("hw_cpu_thread_policy"):
+            raise _both(flavor, key, img, "hw_cpu_thread_policy")
         if value == "required":
             thread = "require"
         elif value == "forbidden":
             thread = "isolate"
         else:
             raise flavor.fail(key, "must be required or forbidden")
+    # an image requires a trait with ``trait:NAME=required`` (Nova reads no other value)
+    img_trait = next((k for k in img.data if _HT_TRAIT.match(k)
+                      and img.get(k) == "required"), None)
+    if img_trait is not None:
+        if traits and flavor.get(traits[0]) != "required":
+            raise img.fail(img_trait, f"conflicts with {flavor.where} {traits[0]}="
+                                      f"{short_repr(flavor.get(traits[0]))}")
+        for specs, key in ((flavor, "hw:cpu_thread_policy"), (img, "hw_cpu_thread_policy")):
+            if specs.has(key):
+                raise _both(img, img_trait, specs, key)
+        thread = "require"
     return policy, thread
+
+
+def _thread_policy_source(flavor: _Specs, img: _Specs) -> tuple[_Specs, str]:
+    """Which key set the thread policy: ``hw:``/``hw_cpu_thread_policy`` or a
+    ``trait:HW_CPU_HYPERTHREADING`` of the flavor or the image."""
+    for specs, key in ((flavor, "hw:cpu_thread_policy"), (img, "hw_cpu_thread_policy")):
+        if specs.has(key):
+            return specs, key
+    for specs in (flavor, img):
+        trait = next((k for k in specs.data if _HT_TRAIT.match(k)), None)
+        if trait is not None:
+            return specs, trait
+    return flavor, "hw:cpu_thread_policy"
 
 
 def _realtime(
@@ -778,7 +826,15 @@ def _cache(flavor: _Specs, vcpus: int, pcpus: set[int]) -> tuple[CacheGroup, ...
     return tuple(out)
 
 
+_TOPOLOGY_KEYS = frozenset(
+    [f"hw:cpu_{k}" for k in _INT_KEYS] + [f"hw:cpu_max_{k}" for k in _INT_KEYS]
+    + [f"hw_cpu_{k}" for k in _INT_KEYS] + [f"hw_cpu_max_{k}" for k in _INT_KEYS])
+
+
 def _topology(flavor: _Specs, img: _Specs) -> TopologyPrefs:
+    if _TOPOLOGY_KEYS.isdisjoint(flavor.data) and _TOPOLOGY_KEYS.isdisjoint(img.data):
+        return TopologyPrefs()  # no preference, no limit (most flavors)
+
     def get(specs: _Specs, key: str) -> int | None:
         return specs.integer(key, maximum=MAX_VCPUS, why=_VCPUS_WHY)
 

@@ -16,7 +16,9 @@ XML, and follows libvirt's own rules where it matters:
   into the live XML, else ``vcpus_<list>`` exactly as libvirt derives it (``virBitmapFormat``);
 * ``metadata/fit/idle/@cpus`` in hostagent's namespace (``FIT_METADATA_NS``, written by
   ``hostagent fit`` for ``isolate`` guests) lists host threads the guest keeps idle;
-  elements are matched by namespace URI, not prefix (libvirt may re-prefix them).
+  elements are matched by namespace URI, not prefix (libvirt may re-prefix them);
+  ``metadata/fit/claim/@id`` there names the agent's claim the domain was booted from
+  (``hostagent.claims``; at most one, ``CLAIM_ID_PATTERN``);
 
 Every problem raises ``DomainXMLError`` naming the domain, the element or attribute and
 the bad value. Nothing here knows the host: checking pins against host CPUs and cells is
@@ -49,6 +51,9 @@ SCHEDULERS = ("batch", "idle", "fifo", "rr")
 FIT_METADATA_NS = "https://hostagent.dev/xmlns/fit/1"
 _FIT = f"{{{FIT_METADATA_NS}}}fit"
 _IDLE = f"{{{FIT_METADATA_NS}}}idle"
+_CLAIM = f"{{{FIT_METADATA_NS}}}claim"
+#: What a claim id looks like (``hostagent.claims`` makes them; the metadata carries one).
+CLAIM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class DomainXMLError(HostagentError):
@@ -206,6 +211,7 @@ class GuestSpec:
     pages: tuple[HugePage, ...]  # () with hugepages = the default size for all memory
     hostdevs: tuple[str, ...] = ()  # PCI addresses assigned (hostdev, interface hostdev)
     idle_cpus: tuple[int, ...] = ()  # host threads kept idle (hostagent:fit metadata)
+    claim_id: str | None = None  # the agent's claim it was booted from (hostagent:fit metadata)
 
     def vcpu_affinity(self, vcpu: int) -> tuple[int, ...] | None:
         """Host CPUs vCPU ``vcpu`` may run on: its vcpupin, else ``<vcpu cpuset>``."""
@@ -411,7 +417,7 @@ def parse_domain(xml: str) -> GuestSpec:
     _check_memnodes(ctx, numatune, cells)
     hugepages, pages = _parse_memory_backing(ctx, root.find("memoryBacking"))
     hostdevs = _parse_pci_devices(ctx, root)
-    idle = _parse_fit_metadata(ctx, root)
+    idle, claim_id = _parse_fit_metadata(ctx, root)
     return GuestSpec(
         name=name,
         uuid=uuid,
@@ -436,6 +442,7 @@ def parse_domain(xml: str) -> GuestSpec:
         pages=pages,
         hostdevs=hostdevs,
         idle_cpus=idle,
+        claim_id=claim_id,
     )
 
 
@@ -760,14 +767,28 @@ def _parse_pci_devices(ctx: _Ctx, root: ET.Element) -> tuple[str, ...]:
     return tuple(hostdevs)
 
 
-def _parse_fit_metadata(ctx: _Ctx, root: ET.Element) -> tuple[int, ...]:
-    """Host threads kept idle (``hostagent fit`` metadata for isolate guests), sorted."""
+def _parse_fit_metadata(ctx: _Ctx, root: ET.Element) -> tuple[tuple[int, ...], str | None]:
+    """Host threads kept idle (``hostagent fit`` metadata for isolate guests), sorted, and
+    the claim id the domain was booted from (None without one)."""
     idle: set[int] = set()
+    claims: list[str] = []
     for fit_el in root.findall(f"metadata/{_FIT}"):
         for i, el in enumerate(fit_el.findall(_IDLE)):
             where = f"metadata/hostagent:fit/hostagent:idle[{i + 1}]/@cpus"
             idle.update(ctx.cpuset(el.get("cpus"), where))
-    return tuple(sorted(idle))
+        for i, el in enumerate(fit_el.findall(_CLAIM)):
+            where = f"metadata/hostagent:fit/hostagent:claim[{i + 1}]/@id"
+            value = el.get("id")
+            if value is None:
+                raise ctx.fail(where, "missing attribute")
+            if not CLAIM_ID_PATTERN.fullmatch(value):
+                raise ctx.fail(where, "not a claim id (1-64 letters, digits, '.', '_', '-')",
+                               value[:80])
+            claims.append(value)
+    if len(set(claims)) > 1:
+        raise ctx.fail("metadata/hostagent:fit/hostagent:claim", "several claim ids",
+                       ", ".join(claims[:4]))
+    return tuple(sorted(idle)), (claims[0] if claims else None)
 
 
 def _pci_address(ctx: _Ctx, addr: ET.Element, where: str) -> str:

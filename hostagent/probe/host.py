@@ -3,7 +3,7 @@
 Assembles the area readers (cpus, cells, caches, hugepages, resctrl, pci) around one
 ``FileReader``, which records every file read (``hostagent capture`` copies exactly those).
 ``probe_json`` is the ``hostagent probe --json`` document: the schema-v1 ``topology`` dict
-plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.cbm.cache_ways``);
+plus ``free_cache`` (free ways per resource and cache ID, ``hostagent.resctrl_cbm.cache_ways``);
 ``probe_json_text`` is that document as compact JSON text, encoded straight from the model.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from hostagent.cbm import cache_ways
 from hostagent.errors import ProbeError
 from hostagent.model import HostTopology, topology_to_dict
 from hostagent.probe.caches import read_caches
@@ -20,6 +19,7 @@ from hostagent.probe.cpus import read_cpu_ids, read_cpus
 from hostagent.probe.pci import read_pci
 from hostagent.probe.reader import FileReader
 from hostagent.probe.resctrl import read_resctrl
+from hostagent.resctrl_cbm import cache_ways
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:

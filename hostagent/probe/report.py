@@ -17,9 +17,9 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 
-from hostagent.cbm import cache_ways, parse_mask
 from hostagent.cpulist import format_cpulist
 from hostagent.model import Cache, HostTopology
+from hostagent.resctrl_cbm import cache_ways, parse_mask
 from hostagent.units import format_size, plural
 
 #: the letters named groups get in way maps (``D`` is the default group's)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 
-from hostagent.cbm import format_mask, popcount
 from hostagent.errors import ProbeError
 from hostagent.model import (
     Cache,
@@ -50,6 +49,7 @@ from hostagent.model import (
 )
 from hostagent.probe.limits import MAX_U32
 from hostagent.probe.reader import FileReader, _snippet, to_count, to_cpus, to_hex, to_int
+from hostagent.resctrl_cbm import format_mask, popcount
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:

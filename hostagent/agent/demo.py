@@ -12,13 +12,20 @@ Two parts:
     The daemon defines them (and starts the first of each kind) when
     ``[libvirt] demo_guests = true`` and the URI is ``test:///...``.
 
-``python -m hostagent.demo [--seconds N]`` (what ``scripts/demo`` runs)
+``python -m hostagent.agent.demo [--seconds N]`` (what ``scripts/demo`` runs)
     Writes a config in a temporary directory (ipc endpoints there, a test-driver node
     file, the isolated CPUs — or else half the online ones — dedicated), starts
     ``hostagent run`` and ``hostagent watch`` beside it, then starts and destroys demo
     guests through the agent's ``test-domain`` request op about once a second so that
     snapshots keep arriving. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
     processes and exits 0 (non-zero only if the agent failed).
+
+    The demo waits on events, not on time: ``watch``'s output goes through the demo
+    (``WatchOutput`` forwards each line to stdout as it comes), guests are changed only
+    once ``watch`` has printed its first snapshot, and after each change the demo waits
+    until ``watch`` has printed a newer snapshot (at most ``WATCH_SNAPSHOT_TIMEOUT``
+    seconds) before the next one. ``--seconds`` counts from ``watch``'s first snapshot and
+    at least one guest is changed, so a slow start (a loaded machine) shortens nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid as _uuid
 from collections.abc import Mapping
@@ -39,6 +47,10 @@ from hostagent.cpulist import format_cpulist
 from hostagent.model import HostTopology
 
 MIB = 1024
+AGENT_START_TIMEOUT = 20.0  # seconds for the agent to answer its first request
+WATCH_SNAPSHOT_TIMEOUT = 30.0  # seconds for `watch` to print a (newer) snapshot
+STEP_SECONDS = 1.0  # pace of the guest changes
+REQUEST_TIMEOUT = 10.0  # seconds for the agent to answer a test-domain request
 
 
 def _uuid_for(name: str) -> str:
@@ -128,7 +140,7 @@ def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float) 
                     "<memory>8388608</memory></node>\n")
     res = f'dedicated_cpus = "{format_cpulist(dedicated)}"\n' if dedicated else ""
     cfg = tmp / "hostagent.toml"
-    cfg.write_text(f"""# written by hostagent.demo
+    cfg.write_text(f"""# written by hostagent.agent.demo
 [probe]
 sysfs_root = "{sysfs_root}"
 resctrl_root = "{sysfs_root.rstrip('/')}/fs/resctrl"
@@ -159,7 +171,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hostagent.demo", description=(
+    parser = argparse.ArgumentParser(prog="python -m hostagent.agent.demo", description=(
         "Run the agent on this machine's /sys with libvirt's test:/// driver and demo "
         "guests, and `hostagent watch` beside it."))
     parser.add_argument("--seconds", type=float, default=10.0,
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                      stdout=logfh, start_new_session=True)
         stream, req_ep = f"ipc://{tmp}/stream", f"ipc://{tmp}/request"
         watch = None
+        watch_out: WatchOutput | None = None
         rc = 0
         old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -198,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                 + "   (* running)", flush=True)
             watch = subprocess.Popen(
                 _cli("watch", f"{stream},{req_ep}", *(["--json"] if args.json else [])),
-                start_new_session=True)
-            _drive(req_ep, [n["name"] for n in names], args.seconds, agent, request)
+                stdout=subprocess.PIPE, start_new_session=True)
+            watch_out = WatchOutput(watch, sys.stdout, json_lines=args.json)
+            _drive(req_ep, [n["name"] for n in names], args.seconds, agent, request,
+                   watch_out)
         except KeyboardInterrupt:
             print("\ndemo: interrupted", flush=True)
         except HostagentError as exc:
@@ -217,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     except subprocess.TimeoutExpired:
                         p.kill()
                         p.wait()
+            if watch_out is not None:
+                watch_out.close()
             if agent.returncode not in (0, None):
                 rc = rc or 1
                 print(f"demo: the agent exited with {agent.returncode}; its log:",
@@ -227,10 +244,79 @@ def main(argv: list[str] | None = None) -> int:
         return rc
 
 
+class WatchOutput:
+    """Forwards the stdout of ``hostagent watch`` to ``out`` line by line (from a thread)
+    and remembers the ``seq`` of the last snapshot line, so that the demo can wait until
+    ``watch`` has shown a snapshot (``wait_for_seq_above``). While the demo holds
+    ``held()`` no line is forwarded: its own line about a change comes before the
+    snapshots that show it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], out: Any, *, json_lines: bool) -> None:
+        self._proc = proc
+        self._out = out
+        self._json = json_lines
+        self._changed = threading.Condition()
+        self.last_seq: int | None = None
+        self.ended = False
+        self._thread = threading.Thread(target=self._forward, name="watch-output", daemon=True)
+        self._thread.start()
+
+    def _seq_of(self, line: str) -> int | None:
+        """The snapshot seq a line of ``watch`` shows (``None``: not a snapshot line)."""
+        if self._json:
+            import json
+
+            try:
+                seq = json.loads(line).get("seq")
+            except (ValueError, AttributeError):
+                return None
+            return seq if isinstance(seq, int) else None
+        # "HOST seq N  ..." (not "HOST seq N: skipped, ...", nor "HOST: agent restarted")
+        words = line.split(maxsplit=3)
+        if len(words) == 4 and words[1] == "seq" and words[2].isdigit():
+            return int(words[2])
+        return None
+
+    def _forward(self) -> None:
+        assert self._proc.stdout is not None
+        try:
+            for raw in self._proc.stdout:
+                line = raw.decode(errors="replace")
+                seq = self._seq_of(line)
+                with self._changed:
+                    self._out.write(line)
+                    self._out.flush()
+                    if seq is not None:
+                        self.last_seq = seq
+                        self._changed.notify_all()
+        finally:
+            with self._changed:
+                self.ended = True
+                self._changed.notify_all()
+
+    def wait_for_seq_above(self, seq: int | None, timeout: float) -> bool:
+        """Wait until ``watch`` has printed a snapshot newer than ``seq`` (any snapshot
+        when ``seq`` is None); False if it has not within ``timeout`` s or has exited."""
+        def shown() -> bool:
+            return self.last_seq is not None and (seq is None or self.last_seq > seq)
+
+        with self._changed:
+            self._changed.wait_for(lambda: shown() or self.ended, timeout)
+            return shown()
+
+    def held(self) -> threading.Condition:
+        """A context manager: no line is forwarded while inside it."""
+        return self._changed
+
+    def close(self) -> None:
+        """Wait for the last lines of an exited ``watch`` to be forwarded."""
+        self._thread.join(10)
+
+
 def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> list[dict]:
     from hostagent.errors import HostagentError
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
     while True:
         if agent.poll() is not None:
             raise HostagentError(f"the agent exited with {agent.returncode} while starting")
@@ -241,32 +327,43 @@ def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> li
         except HostagentError:
             pass
         if time.monotonic() > deadline:
-            raise HostagentError("the agent did not come up within 20 s")
+            raise HostagentError(f"the agent did not come up within {AGENT_START_TIMEOUT:g} s")
         time.sleep(0.2)
 
 
 def _drive(req_ep: str, names: list[str], seconds: float, agent: subprocess.Popen[bytes],
-           request: Any) -> None:
-    """Toggle demo guests about once a second until ``seconds`` have passed."""
+           request: Any, watch_out: WatchOutput) -> None:
+    """Once ``watch`` has shown its first snapshot, toggle demo guests about once a second
+    until ``seconds`` have passed (at least one), each time waiting until ``watch`` has
+    shown the change."""
     from hostagent.errors import HostagentError
 
+    if not watch_out.wait_for_seq_above(None, WATCH_SNAPSHOT_TIMEOUT):
+        raise HostagentError(f"watch showed no snapshot within {WATCH_SNAPSHOT_TIMEOUT:g} s")
     end = time.monotonic() + seconds
     step = 0
-    time.sleep(min(1.0, seconds / 4))
-    while time.monotonic() < end:
+    while True:
         if agent.poll() is not None:
             raise HostagentError(f"the agent exited with {agent.returncode}")
+        step_end = time.monotonic() + STEP_SECONDS
         name = names[step % len(names)]
-        rep = request(req_ep, {"op": "test-domain", "action": "list"}, timeout=2)
+        rep = request(req_ep, {"op": "test-domain", "action": "list"}, timeout=REQUEST_TIMEOUT)
         active = {d["name"]: d["active"] for d in rep.get("domains", [])}
         action = "destroy" if active.get(name) else "start"
-        rep = request(req_ep, {"op": "test-domain", "action": action, "name": name},
-                      timeout=2)
         verb = "stopping" if action == "destroy" else "starting"
-        print(f"demo: {verb} {name}" + ("" if rep.get("ok") else f": {rep.get('error')}"),
-              flush=True)
+        with watch_out.held():
+            shown = watch_out.last_seq
+            rep = request(req_ep, {"op": "test-domain", "action": action, "name": name},
+                          timeout=REQUEST_TIMEOUT)
+            print(f"demo: {verb} {name}" + ("" if rep.get("ok") else f": {rep.get('error')}"),
+                  flush=True)
+        if rep.get("ok") and not watch_out.wait_for_seq_above(shown, WATCH_SNAPSHOT_TIMEOUT):
+            raise HostagentError(f"watch showed no new snapshot within "
+                                 f"{WATCH_SNAPSHOT_TIMEOUT:g} s of {verb} {name}")
         step += 1
-        time.sleep(max(0.0, min(1.2, end - time.monotonic())))
+        if time.monotonic() >= end:
+            return
+        time.sleep(max(0.0, min(step_end, end) - time.monotonic()))
 
 
 if __name__ == "__main__":

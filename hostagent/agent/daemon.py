@@ -23,10 +23,14 @@ The snapshot is the schema-v1 document plus one added top-level key,
 ``agent: {version, libvirt: {uri, connected}}``: while libvirt is unreachable the last
 known guests are kept and ``connected`` is false.
 
-Test/demo requests: with a ``test:///`` libvirt URI the request endpoint also answers
-``{op: "test-domain", action, ...}`` (define/start/create/destroy/undefine/list), because
-the test driver's guests live inside the agent's process. The op does not exist with
-any other URI.
+Extension points: ops registered on the publisher's registry, and ``connect_hooks`` run
+on each new libvirt connection. With a ``test:///`` URI, ``hostagent.agent.test_driver`` uses
+them for the ``test-domain`` op and the demo guests; with any other URI neither exists.
+
+Claims (``hostagent.agent.claim_desk``, docs/claims.md): the request endpoint also answers
+``{op: "claim" | "release" | "claims"}``; the tracker is a ``claims.ClaimTracker``, so
+outstanding claims count in the snapshot's usage like guests, and a guest booted from a
+claim consumes it as its record arrives.
 """
 
 from __future__ import annotations
@@ -48,13 +52,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostagent import __version__
+from hostagent.agent.notify import Notifier, watchdog_interval
 from hostagent.config import Config, load_config, resolve_resources
 from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
-from hostagent.notify import Notifier, watchdog_interval
 
-if TYPE_CHECKING:  # imported only when [metrics] is on (it imports prometheus_client)
-    from hostagent.metrics import AgentReadings, MetricsServer
+if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] is on)
+    import zmq.asyncio
+
+    from hostagent.agent.claim_desk import ClaimDesk
+    from hostagent.agent.libvirt_watch import LibvirtWatcher
+    from hostagent.agent.metrics import AgentReadings, MetricsServer
+    from hostagent.agent.udev_watch import UdevWatch
+    from hostagent.claims import ClaimTracker
+    from hostagent.curve import ClientAuthenticator
+    from hostagent.publisher import Publisher
 
 log = logging.getLogger("hostagent")
 
@@ -189,6 +201,8 @@ class Agent:
         self.config_path = config_path
         self._udev_monitor = udev_monitor  # tests: an object shaped like pyudev.Monitor
         self._libvirt_opener = libvirt_opener  # tests: uri -> a virConnect-shaped object
+        # run on the watcher's worker thread with each new libvirt connection
+        self.connect_hooks: list[Callable[[Any], None]] = []
         self.config = load_config(config_path)
         self.env = dict(os.environ if environ is None else environ)
         self.epoch = secrets.token_hex(8)
@@ -200,12 +214,13 @@ class Agent:
         self.topo: HostTopology | None = None
         self.topology_doc: dict[str, Any] = {}
         self.resources: dict[str, Any] = {}
-        self.tracker: Any = None
-        self.publisher: Any = None
-        self.watcher: Any = None
-        self.udev: Any = None
-        self.auth: Any = None
-        self.ctx: Any = None
+        self.tracker: ClaimTracker | None = None
+        self.publisher: Publisher | None = None
+        self.watcher: LibvirtWatcher | None = None
+        self.udev: UdevWatch | None = None
+        self.auth: ClientAuthenticator | None = None
+        self.claim_desk: ClaimDesk | None = None
+        self.ctx: zmq.asyncio.Context | None = None
         self.exit_error: HostagentError | None = None  # ends run() with this error
         self.counters: dict[str, int] = {"reprobes": 0, "hugepage_polls": 0,
                                          "hugepage_changes": 0, "reloads": 0,
@@ -215,9 +230,11 @@ class Agent:
         self._last_content: Any = None
         self._last_publish = -1e9
         self._last_status = -1e9
+        self._reload_refused: str | None = None  # in STATUS= until a reload succeeds
         self._memo: dict[str, Any] = {}
         self._memo_key: tuple[str, str] | None = None
         self._hugepage_error: str | None = None  # the poll's error, logged once until it ends
+        self._fit_view: tuple[Any, Any] | None = None  # (snapshot, fit.prepare(snapshot))
         self._dirty = False
         self._flushing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -253,13 +270,13 @@ class Agent:
                  ", ".join(names) or "no cache or MB resource")
 
     def _set_host(self, topo: HostTopology, cfg: Config) -> None:
-        from hostagent.tracker import UsageTracker
+        from hostagent.claims import ClaimTracker
 
         self.topo = topo
         self.topology_doc = topology_to_dict(topo)
         self.resources = resolve_resources(cfg.resources, topo)
         if self.tracker is None:
-            self.tracker = UsageTracker(topo, self.resources)
+            self.tracker = ClaimTracker(topo, self.resources)
         else:
             self.tracker.set_host(topo, self.resources)
 
@@ -330,7 +347,11 @@ class Agent:
         pub = self.publisher
         lv = "libvirt connected" if self.watcher and self.watcher.connected else \
             "libvirt unavailable, retrying"
-        return f"seq {pub.seq}, {pub.subscribers} subscribers, {lv}"
+        status = f"seq {pub.seq}, {pub.subscribers} subscribers, {lv}"
+        if self._reload_refused is not None:  # `systemctl reload` returned 0 regardless
+            status += (f"; reload refused: {self._reload_refused}; running with the "
+                       "previous configuration")
+        return status
 
     def record_error(self, where: str, message: str) -> None:
         self.errors.append({"time": time.time(), "where": where, "message": message})
@@ -437,50 +458,21 @@ class Agent:
         snap = self.latest_snapshot()
         if snap is None:
             raise HostagentError("no snapshot yet: the agent is starting")
-        result = await asyncio.to_thread(fit, snap, request, strategy=strategy,
-                                         search_steps=self.config.fit.search_steps)
+        steps = self.config.fit.search_steps
+        result = await asyncio.to_thread(
+            lambda: fit(self._prepared(snap), request, strategy=strategy, search_steps=steps))
         return {"seq": snap["seq"], "epoch": snap["epoch"], "result": result}
 
-    async def op_test_domain(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Define/start/stop guests in the in-process ``test:///`` driver (the calls run
-        on the watcher's worker thread, under its time limit)."""
-        action = req.get("action")
-        actions = ("define", "create", "start", "destroy", "undefine", "list")
-        if action not in actions:
-            raise HostagentError(f"op test-domain: action={action!r}: must be one of "
-                                 f"{', '.join(actions)}")
-        watcher = self.watcher
-        if watcher is None or watcher.conn is None:
-            raise HostagentError("op test-domain: libvirt is not connected")
-        xml, name = req.get("xml"), req.get("name")
-        if action in ("define", "create") and (not isinstance(xml, str) or not xml.strip()):
-            raise HostagentError(f"op test-domain {action}: 'xml' must be domain XML")
-        if action not in ("define", "create", "list") and (
-                not isinstance(name, str) or not name):
-            raise HostagentError(f"op test-domain {action}: 'name' must be a string")
+    def _prepared(self, snap: dict[str, Any]) -> Any:
+        """The snapshot as the fit reads it, made once per snapshot (a published snapshot
+        is never changed; the next one is a new dict) and shared by the fits until then
+        (fits in flight at once may each make it: the same result)."""
+        from hostagent.fit import prepare
 
-        def job(conn: Any) -> dict[str, Any]:
-            import libvirt
-
-            try:
-                if action == "list":
-                    return {"domains": [{"name": d.name(), "uuid": d.UUIDString(),
-                                         "active": bool(d.isActive())}
-                                        for d in conn.listAllDomains()]}
-                if action in ("define", "create"):
-                    dom = conn.defineXML(xml) if action == "define" else conn.createXML(xml, 0)
-                else:
-                    dom = conn.lookupByName(name)
-                    {"start": dom.create, "destroy": dom.destroy,
-                     "undefine": dom.undefine}[action]()
-                return {"name": dom.name(), "uuid": dom.UUIDString()}
-            except libvirt.libvirtError as exc:
-                what = f" {name!r}" if isinstance(name, str) else ""
-                raise HostagentError(
-                    f"op test-domain {action}{what}: {exc.get_error_message()}") from None
-
-        result: dict[str, Any] = await watcher.call(f"test-domain {action}", job)
-        return result
+        cached = self._fit_view
+        if cached is None or cached[0] is not snap:
+            cached = self._fit_view = (snap, prepare(snap))
+        return cached[1]
 
     # --- signals -----------------------------------------------------------------------
 
@@ -502,10 +494,11 @@ class Agent:
     async def _reload(self) -> bool:
         """Everything that can fail (config file, probe, allowed CURVE keys) is read
         first; only then is anything applied: a failure changes nothing."""
+        from hostagent.agent.claim_desk import join_keys, load_claimants
         from hostagent.curve import load_allowed_keys
 
         old = self.config
-        allowed = None
+        allowed = claimants = None
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             merged, notes = merge_reload(old, new)
@@ -513,11 +506,15 @@ class Agent:
             if self.auth is not None:  # bad key files are skipped; a missing dir refuses
                 allowed = await asyncio.to_thread(load_allowed_keys,
                                                   merged.curve.allowed_clients_dir)
+                claimants = await asyncio.to_thread(load_claimants, merged.curve)
+                allowed = join_keys(allowed, claimants)
         except HostagentError as exc:
             self.counters["reloads_refused"] += 1
             self.record_error("reload", str(exc))
             log.error("reload refused, the previous configuration stays in force: %s", exc)
+            self._reload_refused = str(exc)
             return False
+        self._reload_refused = None
         for note in notes:
             log.warning("reload: %s", note)
         self.config = merged
@@ -526,6 +523,8 @@ class Agent:
         self.publisher.cfg = dataclasses.replace(
             self.publisher.cfg, coalesce_ms=merged.publisher.coalesce_ms,
             heartbeat_seconds=merged.publisher.heartbeat_seconds)
+        if claimants is not None:
+            self.claim_desk.set_claimants(claimants.keys)
         if allowed is not None:
             removed = self.auth.replace(allowed)
             for message in allowed.skipped:
@@ -566,7 +565,7 @@ class Agent:
                  "allowed clients reconnect")
 
     def dump_document(self) -> dict[str, Any]:
-        from hostagent.debug_dump import process_info, thread_stacks, with_iso_times
+        from hostagent.agent.debug_dump import process_info, thread_stacks, with_iso_times
 
         pub = self.publisher
         return with_iso_times({
@@ -584,6 +583,7 @@ class Agent:
             "udev": self.udev.state() if self.udev else {"active": False},
             "counters": dict(self.counters),
             "errors": list(self.errors),
+            "claims": self.claim_desk.state() if self.claim_desk else None,
             "notify": {"socket": self.notifier.address, "last": self.notifier.sent,
                        "watchdog_interval": watchdog_interval(self.env)},
             "process": process_info(),
@@ -593,7 +593,7 @@ class Agent:
 
     async def dump(self) -> Path | None:
         """SIGUSR1: write the debug dump; log one line with its path."""
-        from hostagent.debug_dump import write_dump
+        from hostagent.agent.debug_dump import write_dump
 
         self.counters["dumps"] += 1
         doc = self.dump_document()
@@ -609,9 +609,9 @@ class Agent:
         return path
 
     def metrics_readings(self) -> AgentReadings:
-        """What a Prometheus scrape reads (``hostagent.metrics.AgentReadings``): the latest
+        """What a Prometheus scrape reads (``hostagent.agent.metrics.AgentReadings``): the latest
         published snapshot and copies of the counters. Called on the loop thread."""
-        from hostagent.metrics import AgentReadings
+        from hostagent.agent.metrics import AgentReadings
 
         pub = self.publisher
         return AgentReadings(
@@ -624,7 +624,7 @@ class Agent:
         """``[metrics] listen``: serve the Prometheus endpoint on this loop (off when "")."""
         if not self.config.metrics.listen:
             return
-        from hostagent.metrics import start_metrics_server
+        from hostagent.agent.metrics import start_metrics_server
 
         self.metrics = await start_metrics_server(self.config.metrics.listen,
                                                   self.metrics_readings)
@@ -633,7 +633,7 @@ class Agent:
     # --- run ---------------------------------------------------------------------------
 
     def _start_watcher(self) -> None:
-        from hostagent.libvirt_watch import LibvirtWatcher
+        from hostagent.agent.libvirt_watch import LibvirtWatcher
 
         lv = self.config.libvirt
         extra = {} if self._libvirt_opener is None else {"opener": self._libvirt_opener}
@@ -645,21 +645,21 @@ class Agent:
         self.watcher.start()
 
     def _on_connect(self, conn: Any) -> None:
-        """(the watcher's worker thread) Demo guests, when configured."""
-        if self.config.libvirt.demo_guests and self.config.libvirt.uri.startswith("test:///"):
-            from hostagent.demo import define_demo_guests
-
-            names = define_demo_guests(conn, self.topo, self.resources)
-            log.info("demo guests defined: %s", ", ".join(names))
+        """(the watcher's worker thread) Every connect hook, on each new connection."""
+        for hook in self.connect_hooks:
+            hook(conn)
 
     async def run(self) -> int:
         import zmq
         import zmq.asyncio
 
-        from hostagent.curve import ServerCurve, start_authenticator
-        from hostagent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
+        from hostagent.agent.claim_desk import ClaimDesk, join_keys, load_claimants
+        from hostagent.agent.libvirt_watch import FIRST_SYNC_WAIT_SECONDS
+        from hostagent.agent.test_driver import attach as attach_test_driver
+        from hostagent.agent.test_driver import is_test_uri
+        from hostagent.agent.udev_watch import UdevWatch
+        from hostagent.curve import AllowedKeys, ServerCurve, start_authenticator
         from hostagent.publisher import Publisher
-        from hostagent.udev_watch import UdevWatch
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -675,16 +675,24 @@ class Agent:
                 curve = ServerCurve.load(cfg.curve.server_secret_key,
                                          cfg.curve.allowed_clients_dir)
                 self.auth = start_authenticator(self.ctx, curve.allowed_dir)
-                log.info("CURVE: %d allowed client keys in %s", len(self.auth.keys),
-                         curve.allowed_dir)
+                claimants = load_claimants(cfg.curve)  # they may connect too
+                self.auth.replace(join_keys(AllowedKeys(self.auth.keys, self.auth.skipped),
+                                            claimants))
+                log.info("CURVE: %d allowed client keys in %s, %d claimants", len(
+                    self.auth.keys), curve.allowed_dir, len(claimants.keys))
                 for message in self.auth.skipped:
                     self.record_error("curve", message)
             self.publisher = Publisher(self.ctx, cfg.publisher, cfg.host_name, self.epoch,
                                        curve=curve)
             self.publisher.bind()
             self.publisher.register("fit", self.op_fit)
-            if cfg.libvirt.uri.startswith("test:///"):
-                self.publisher.register("test-domain", self.op_test_domain)
+            self.claim_desk = ClaimDesk(self)
+            if curve is not None:
+                self.claim_desk.set_claimants(claimants.keys)
+            self.claim_desk.register(self.publisher)
+            self.claim_desk.restore()
+            if is_test_uri(cfg.libvirt.uri):  # the test-domain op, the demo guests
+                attach_test_driver(self)
             await self._start_metrics()
             self._start_watcher()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -693,6 +701,8 @@ class Agent:
             loop.add_signal_handler(signal.SIGUSR1, lambda: self._spawn(self.dump()))
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True,
                                   chain=True)
+            if not faulthandler.is_enabled():  # SIGABRT (watchdog timeout): stacks first
+                faulthandler.enable(file=sys.stderr, all_threads=True)
             # the first snapshot waits a little for the guests (never for a hung libvirt;
             # a SIGTERM meanwhile stops the agent right after it)
             await self.watcher.wait_synced(min(FIRST_SYNC_WAIT_SECONDS,
@@ -703,6 +713,7 @@ class Agent:
                 self.udev.start(loop)
             tasks.append(asyncio.ensure_future(self.publisher.run()))
             tasks.append(asyncio.ensure_future(self._hugepage_loop()))
+            tasks.append(asyncio.ensure_future(self.claim_desk.run()))
             interval = watchdog_interval(self.env)
             if interval:
                 tasks.append(asyncio.ensure_future(self._watchdog_loop(interval)))
@@ -749,6 +760,8 @@ class Agent:
             await self.metrics.close()
         if self.watcher is not None:
             await self.watcher.close()
+        if self.claim_desk is not None:
+            self.claim_desk.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.auth is not None:

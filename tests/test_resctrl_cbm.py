@@ -2,7 +2,7 @@
 
 import pytest
 
-from hostagent import cbm
+from hostagent import resctrl_cbm
 from hostagent.model import (
     Cache,
     Cell,
@@ -17,23 +17,23 @@ from hostagent.model import (
 
 
 def test_runs_and_largest():
-    assert cbm.runs(0b1110011) == [(0, 2), (4, 3)]
-    assert cbm.largest_run(0b1110011) == 3
-    assert cbm.largest_run(0) == 0
-    assert cbm.is_contiguous(0b0111000)
-    assert not cbm.is_contiguous(0b101)
+    assert resctrl_cbm.runs(0b1110011) == [(0, 2), (4, 3)]
+    assert resctrl_cbm.largest_run(0b1110011) == 3
+    assert resctrl_cbm.largest_run(0) == 0
+    assert resctrl_cbm.is_contiguous(0b0111000)
+    assert not resctrl_cbm.is_contiguous(0b101)
 
 
 def test_format_pads_to_mask_width():
-    assert cbm.format_mask(0xFF, 20) == "000ff"
-    assert cbm.format_mask(0x70F, 11) == "70f"
-    assert cbm.format_mask(0, 16) == "0000"
+    assert resctrl_cbm.format_mask(0xFF, 20) == "000ff"
+    assert resctrl_cbm.format_mask(0x70F, 11) == "70f"
+    assert resctrl_cbm.format_mask(0, 16) == "0000"
 
 
 @pytest.mark.parametrize("bad", ["", "xyz", "0xg1", "1-2"])
 def test_parse_mask_rejects_garbage(bad):
     with pytest.raises(ValueError, match="not a hex mask"):
-        cbm.parse_mask(bad)
+        resctrl_cbm.parse_mask(bad)
 
 
 def _topo() -> HostTopology:
@@ -61,7 +61,7 @@ def _topo() -> HostTopology:
 
 
 def test_free_ways_subtract_default_and_groups():
-    ways = {w["id"]: w for w in cbm.cache_ways(_topo(), owners={"rt": "uuid-1"})}
+    ways = {w["id"]: w for w in resctrl_cbm.cache_ways(_topo(), owners={"rt": "uuid-1"})}
     assert ways[0]["free_mask"] == "fc0"
     assert ways[0]["free_ways"] == 6
     assert ways[0]["largest_free_run"] == 6

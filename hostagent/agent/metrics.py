@@ -66,12 +66,12 @@ CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
                   "hugepages_exhausted", "hugepages_untracked", "hugepage_size_missing",
                   "memory_exhausted",
                   "cache_group_missing", "pci_overlap", "pci_missing", "xml_error",
-                  "affinity_drift")
+                  "claim_mismatch", "affinity_drift")
 #: Where errors are counted (``hostagent_errors_total{where}``), each exported from 0:
 #: the agent's recorded errors (docs/daemon.md §7.2 ``errors``), requests a handler
 #: failed on with a bug, and libvirt errors during reads.
 ERROR_WHERE = ("probe", "hugepages", "reload", "curve", "dump", "task", "request",
-               "libvirt")
+               "libvirt", "claims")
 #: The server's own answers and dropped connections, each exported from 0.
 HTTP_CODES = (200, 400, 404, 405, 431, 500)
 DROP_REASONS = ("evicted", "refused", "request_timeout", "write_timeout")
@@ -211,6 +211,8 @@ def state_families(snap: Mapping[str, Any]) -> list[Metric]:
     return [
         GaugeMetricFamily("hostagent_guests", "Guests tracked (active domains).",
                           value=len(usage["guests"])),
+        GaugeMetricFamily("hostagent_claims", "Outstanding claims (usage.claims, "
+                          "docs/claims.md).", value=len(usage.get("claims") or ())),
         GaugeMetricFamily("hostagent_floating_vcpus",
                           "vCPUs of guests with no affinity to any one cell.",
                           value=usage["floating_vcpus"]),

@@ -22,7 +22,7 @@ from hostagent.model import HostTopology, Resctrl, ResctrlResource
 
 TYPE_CHECKING = False  # typing is not imported at run time: `hostagent probe` starts faster
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
 
@@ -98,17 +98,24 @@ def cache_size(topo: HostTopology, level: int, cache_id: int) -> int:
 
 
 def cache_ways(
-    topo: HostTopology, owners: Mapping[str, str | None] | None = None
+    topo: HostTopology, owners: Mapping[str, str | None] | None = None,
+    claimed: Sequence[tuple[str, str, int, int, str]] = (),
 ) -> list[dict[str, Any]]:
     """Per resource and cache ID: free ways and every group's allocation (``usage.caches``).
 
     ``owners`` maps a group name to the guest uuid holding it (the tracker fills it);
-    groups not in it are listed with ``guest: None``.
+    groups not in it are listed with ``guest: None``. ``claimed`` are ways the agent's
+    claims hold before any group exists, ``(claim id, resource, cache id, mask, group)``:
+    they are not free, and each is listed as an allocation with ``claim`` set (``mode``
+    ``"claim"``, ``guest`` None).
     """
     rc: Resctrl | None = topo.resctrl
     if rc is None:
         return []
     owners = owners or {}
+    by_cache: dict[tuple[str, int], list[tuple[str, int, str]]] = {}
+    for claim_id, res_name, cache_id, mask, group in claimed:
+        by_cache.setdefault((res_name, cache_id), []).append((claim_id, mask, group))
     out: list[dict[str, Any]] = []
     for res in rc.resources:
         full = parse_mask(res.cbm_mask)
@@ -134,6 +141,12 @@ def cache_ways(
                         "bytes": popcount(mask) * gran,
                     }
                 )
+            for claim_id, mask, group in by_cache.get((res.name, cid), ()):
+                mask &= full
+                used |= mask
+                allocations.append({"group": group, "guest": None, "claim": claim_id,
+                                    "mode": "claim", "mask": format_mask(mask, width),
+                                    "ways": popcount(mask), "bytes": popcount(mask) * gran})
             free = full & ~used
             out.append(
                 {
