@@ -1165,6 +1165,9 @@ class UsageTracker:
         self.contributions: dict[str, Contribution] = {}
         self.claims: dict[str, Contribution] = {}
         self._usage: dict[str, Any] | None = None  # memo; None after a change
+        # what the kernel does with each running guest's threads (hostagent.guests.threads
+        # check_guests): uuid → {"pid", "threads", "drift"}; data, read elsewhere
+        self.threads: dict[str, dict[str, Any]] = {}
         # the last fold on self.ctx: the next fold hands over its unchanged parts
         self._previous: dict[str, Any] | None = None
 
@@ -1192,6 +1195,12 @@ class UsageTracker:
         self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
         self._usage = None
 
+    def set_threads(self, checked: Mapping[str, dict[str, Any]]) -> None:
+        """The latest thread check of the running guests (replaces the previous one)."""
+        if checked != self.threads:
+            self.threads = dict(checked)
+            self._usage = None
+
     def put_claim(self, contribution: Contribution) -> None:
         """Hold a claim (``contribution.uuid`` = its id)."""
         self.claims[contribution.uuid] = contribution
@@ -1206,7 +1215,34 @@ class UsageTracker:
 
     def usage(self) -> dict[str, Any]:
         if self._usage is None:
-            self._usage = fold(self.ctx, self.contributions.values(), self._previous,
-                               self.claims.values())
-            self._previous = self._usage
+            folded = fold(self.ctx, self.contributions.values(), self._previous,
+                          self.claims.values())
+            self._previous = folded
+            self._usage = with_threads(folded, self.threads)
         return self._usage
+
+
+def with_threads(usage: dict[str, Any], checked: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """``usage`` with ``guests[].threads`` (and ``guests[].pid``) for each guest in
+    ``checked`` and an ``affinity_drift`` conflict per drifting thread. Pure; ``usage``
+    and its guest entries are not modified (new dicts where something is added)."""
+    if not checked:
+        return usage
+    guests: list[dict[str, Any]] = []
+    conflicts = list(usage["conflicts"])
+    for g in usage["guests"]:
+        info = checked.get(g["uuid"])
+        if info is None:
+            guests.append(g)
+            continue
+        guests.append({**g, "pid": info["pid"], "threads": info["threads"]})
+        for d in info["drift"]:
+            what = "emulator thread" if d["vcpu"] is None else f"vCPU {d['vcpu']}"
+            conflicts.append(_conflict(
+                "affinity_drift",
+                f"{g['name']}: {what} (tid {d['tid']}) runs on "
+                f"{format_cpulist(d['actual'])}, the XML says {format_cpulist(d['declared'])}",
+                [g["uuid"]], vcpu=d["vcpu"], tid=d["tid"], declared=d["declared"],
+                actual=d["actual"]))
+    conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
+    return {**usage, "guests": guests, "conflicts": conflicts}

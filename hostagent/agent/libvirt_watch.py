@@ -43,6 +43,13 @@ keeps the results and calls ``on_change()``. The daemon then calls ``apply(track
 which only moves results already read into the tracker (it never waits on libvirt): an
 inactive or vanished domain is removed.
 
+Guest threads (``qemu…`` URIs only): after each ``apply`` that changed guests, and every
+``thread_check_seconds`` (``THREAD_CHECK_SECONDS``), ``hostagent.guests.threads.check_guests``
+reads the running guests' QEMU threads and real affinities from ``/proc`` on a thread of the
+loop's default executor (kernel reads, no libvirt call: not on the worker, not on the loop).
+A result that differs from the last is handed to the tracker at the next ``apply``
+(``tracker.set_threads``: ``guests[].threads`` and ``affinity_drift`` conflicts).
+
 Connection loss — the close callback (remote drivers), any libvirt error on a call, a
 step over the time limit, or a failed ``isAlive()`` check every ``check_seconds``
 (drivers without a close callback): the watcher drops the connection, calls
@@ -66,6 +73,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hostagent.guests.source import GuestRecord, LibvirtUnavailable, read_guest, read_guests
+from hostagent.guests.threads import check_guests
 
 log = logging.getLogger("hostagent.libvirt")
 
@@ -80,6 +88,9 @@ MAX_ABANDONED_THREADS = 4  # workers stuck in a call, alive at once, per process
 RECONNECT_FIRST_SECONDS = 0.5  # first reconnect delay; doubles up to reconnect_max_seconds
 FIRST_SYNC_WAIT_SECONDS = 2.0  # start-up: the first snapshot waits this long for libvirt
 CLOSE_WAIT_SECONDS = 1.0  # close(): how long an idle worker is given to close its connection
+# the running guests' threads (hostagent.guests.threads) are re-checked after each applied
+# guest change and this often; only for QEMU URIs (qemu:///...: guests are QEMU processes)
+THREAD_CHECK_SECONDS = 10.0
 _VIR_ERR_NO_DOMAIN = 42
 _CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by client"}
 
@@ -266,8 +277,13 @@ class LibvirtWatcher:
                  check_seconds: float = 2.0,
                  call_timeout_seconds: float = DEFAULT_CALL_TIMEOUT_SECONDS,
                  opener: Callable[[str], Any] = _open,
-                 on_connect: Callable[[Any], None] | None = None) -> None:
+                 on_connect: Callable[[Any], None] | None = None,
+                 thread_check_seconds: float | None = None) -> None:
         self.uri = uri
+        # 0 = off; default THREAD_CHECK_SECONDS for qemu URIs, off for others (test:///)
+        self.thread_check_seconds = (
+            thread_check_seconds if thread_check_seconds is not None
+            else THREAD_CHECK_SECONDS if uri.startswith("qemu") else 0.0)
         self.on_change = on_change
         self.resync_seconds = resync_seconds
         self.reconnect_max = reconnect_max_seconds
@@ -298,6 +314,11 @@ class LibvirtWatcher:
         self._stall_handle: asyncio.TimerHandle | None = None
         self._check_task: asyncio.Task[Any] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._specs: dict[str, Any] = {}  # running guests' GuestSpec, as last applied
+        self._thread_hints: dict[str, int] = {}  # uuid → QEMU pid (the check thread's)
+        self._threads_last: dict[str, dict[str, Any]] = {}
+        self._threads_ready: dict[str, dict[str, Any]] | None = None
+        self._thread_wake = asyncio.Event()
 
     # --- connection --------------------------------------------------------------------
 
@@ -325,6 +346,8 @@ class LibvirtWatcher:
         self._tasks = [asyncio.ensure_future(c) for c in (
             self._connection_loop(), self._reader_loop(), self._periodic_resync(),
             self._periodic_check())]
+        if self.thread_check_seconds > 0:
+            self._tasks.append(asyncio.ensure_future(self._thread_check_loop()))
 
     async def wait_synced(self, timeout: float) -> bool:
         """Wait at most ``timeout`` s for the first outcome: a full resync read, or a
@@ -678,7 +701,38 @@ class LibvirtWatcher:
                 else:
                     tracker.remove(uuid)
             changed = True
+        if self.thread_check_seconds > 0:
+            if changed:
+                self._specs = {u: r.spec for u, r in tracker.records.items()
+                               if r.active and r.spec is not None}
+                self._thread_wake.set()
+            if self._threads_ready is not None:
+                tracker.set_threads(self._threads_ready)
+                self._threads_ready = None
+                changed = True
         return changed
+
+    async def _thread_check_loop(self) -> None:
+        """Check the running guests' threads (kernel reads on a thread of the default
+        executor, never libvirt) after each applied change and every
+        ``thread_check_seconds``; a result that differs from the last goes to the tracker
+        at the next ``apply``."""
+        while True:
+            try:
+                await asyncio.wait_for(self._thread_wake.wait(), self.thread_check_seconds)
+            except TimeoutError:
+                pass
+            self._thread_wake.clear()
+            specs = dict(self._specs)
+            try:
+                result = await asyncio.to_thread(check_guests, specs, self._thread_hints)
+            except Exception:
+                log.exception("guest thread check failed")
+                continue
+            self.counters["thread_checks"] += 1
+            if result != self._threads_last:
+                self._threads_last = self._threads_ready = result
+                self.on_change()
 
     # --- state -------------------------------------------------------------------------
 
