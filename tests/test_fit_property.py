@@ -167,13 +167,15 @@ class Brute:
                 blocked = {x for c in cores for x in c}
                 rest = [t for t in rest if t not in blocked]
             if policy == "require":
-                if tpc <= 1 or self.req.vcpus % tpc:
+                # docs/fit.md, Threads: the cell's dedicated vCPUs in runs of T (the last
+                # one shorter when their count is no multiple of T), each run on one core
+                # whose T threads are all free
+                if tpc <= 1:
                     return False
-                groups: dict[int, list[int]] = {}
-                for v, t in zip(g.dedicated, combo, strict=True):
-                    groups.setdefault(v // tpc, []).append(t)
-                if any(len(ts) != tpc or len({self.core(t) for t in ts}) != 1
-                       or len(self.core(ts[0])) != tpc for ts in groups.values()):
+                runs = [combo[i:i + tpc] for i in range(0, n, tpc)]
+                if any(len({self.core(t) for t in run}) != 1
+                       or len(self.core(run[0])) != tpc
+                       or not set(self.core(run[0])) <= self.free for run in runs):
                     continue
             if emulator and not rest:
                 continue
