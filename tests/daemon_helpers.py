@@ -12,6 +12,7 @@ The agent reads the committed fixture tree, or with ``copy_tree`` a tree of its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,12 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fixture_trees import copy_of, need_fixture
-from libvirt_helpers import probe_fixture, write_node
+from libvirt_helpers import domain_xml, probe_fixture, write_node
 
 from hostagent.subscriber import Subscriber, request
 
@@ -175,3 +176,28 @@ def wait_for(sub: Subscriber, pred: Any, timeout: float = 10.0) -> dict[str, Any
 
 def guest_names(snap: dict[str, Any]) -> list[str]:
     return sorted(g["name"] for g in snap["usage"]["guests"])
+
+
+@contextlib.contextmanager
+def running_agent(fixture: str = "xeon-2s-cat", *, ready_timeout: float = 15.0,
+                  **kw: Any) -> Iterator[DaemonProc]:
+    """A started agent, past READY=1; when the block ends normally, SIGTERM must stop it
+    with exit code 0. Its directory is removed in every case."""
+    d = DaemonProc(fixture, **kw)
+    try:
+        d.wait_notify("READY=1", timeout=ready_timeout)
+        yield d
+        assert d.stop() == 0, d.log_text()
+    finally:
+        d.close()
+
+
+def start_web_guest(d: DaemonProc) -> None:
+    """Create the pinned guest "web" (vCPUs on 2 and 26, emulator on 0-1, memory strict on
+    cell 0) through the test-domain op and wait until a snapshot lists a guest."""
+    xml = domain_xml("web", vcpus=2, vcpupin={0: "2", 1: "26"}, emulatorpin="0-1",
+                     numa_memory=("strict", "0"))
+    assert d.request({"op": "test-domain", "action": "create", "xml": xml})["ok"]
+    with d.subscriber() as sub:
+        while not (sub.latest("testhost") or {}).get("usage", {}).get("guests"):
+            sub.poll(2)

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProc
-from libvirt_helpers import domain_xml
+from daemon_helpers import running_agent, start_web_guest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,19 +21,9 @@ def cli(*args, timeout=30, **kw):
 
 @pytest.fixture(scope="module")
 def agent():
-    d = DaemonProc()
-    try:
-        d.wait_notify("READY=1")
-        xml = domain_xml("web", vcpus=2, vcpupin={0: "2", 1: "26"}, emulatorpin="0-1",
-                         numa_memory=("strict", "0"))
-        assert d.request({"op": "test-domain", "action": "create", "xml": xml})["ok"]
-        with d.subscriber() as sub:
-            while not (sub.latest("testhost") or {}).get("usage", {}).get("guests"):
-                sub.poll(2)
+    with running_agent() as d:
+        start_web_guest(d)
         yield d
-        assert d.stop() == 0
-    finally:
-        d.close()
 
 
 def test_keys_makes_a_pair_and_refuses_to_overwrite(tmp_path):

@@ -7,7 +7,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from daemon_helpers import DaemonProc, guest_names, wait_for
+from daemon_helpers import DaemonProc, guest_names, running_agent, wait_for
 from libvirt_helpers import domain_xml
 
 from hostagent import wire
@@ -17,13 +17,8 @@ from hostagent.subscriber import Subscriber
 
 @pytest.fixture(scope="module")
 def agent():
-    d = DaemonProc()
-    try:
-        d.wait_notify("READY=1")
+    with running_agent() as d:
         yield d
-        assert d.stop() == 0, d.log_text()
-    finally:
-        d.close()
 
 
 def test_ready_then_first_snapshot_of_the_fixture(agent):

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon_helpers import DaemonProc
-from libvirt_helpers import FIXTURES, domain_xml, probe_fixture
+from daemon_helpers import running_agent, start_web_guest
+from libvirt_helpers import FIXTURES, probe_fixture
 
 from hostagent.commands.watch import LINE_WIDTH, summary
 from hostagent.config import Config
@@ -72,19 +72,9 @@ def test_wide_line_is_everything_per_cell():
 
 @pytest.fixture(scope="module")
 def agent():
-    d = DaemonProc()
-    try:
-        d.wait_notify("READY=1")
-        xml = domain_xml("web", vcpus=2, vcpupin={0: "2", 1: "26"}, emulatorpin="0-1",
-                         numa_memory=("strict", "0"))
-        assert d.request({"op": "test-domain", "action": "create", "xml": xml})["ok"]
-        with d.subscriber() as sub:
-            while not (sub.latest("testhost") or {}).get("usage", {}).get("guests"):
-                sub.poll(2)
+    with running_agent() as d:
+        start_web_guest(d)
         yield d
-        assert d.stop() == 0
-    finally:
-        d.close()
 
 
 def test_watch_default_and_wide_lines_from_an_agent(agent):

@@ -16,7 +16,7 @@ import signal
 
 import pytest
 from attack_battery import run_battery
-from daemon_helpers import DaemonProc, guest_names, wait_for
+from daemon_helpers import guest_names, running_agent, wait_for
 from libvirt_helpers import domain_xml
 from test_security_zmq import MB, rss, settled_rss, wait_rss_below, wait_until
 
@@ -25,13 +25,8 @@ MAX_MESSAGE_BYTES = 262_144  # daemon_helpers' config
 
 @pytest.fixture
 def agent():
-    d = DaemonProc()
-    try:
-        d.wait_notify("READY=1")
+    with running_agent() as d:
         yield d
-        assert d.stop() == 0, d.log_text()
-    finally:
-        d.close()
 
 
 def test_after_every_attack_the_agent_answers_and_returns_its_memory(agent):

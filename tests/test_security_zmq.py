@@ -23,7 +23,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from daemon_helpers import ROOT, DaemonProc
+from daemon_helpers import ROOT, DaemonProc, running_agent
 from zmq_helpers import pub_config, run, running_publisher, snapshot_data
 from zmtp_raw import COMMAND, MORE, RawPeer, frame
 
@@ -84,24 +84,14 @@ def settled_rss(d: DaemonProc) -> int:
 
 @pytest.fixture
 def big_agent():
-    d = DaemonProc("big-448", dedicated=None)
-    try:
-        d.wait_notify("READY=1", timeout=60)
+    with running_agent("big-448", ready_timeout=60, dedicated=None) as d:
         yield d
-        assert d.stop() == 0, d.log_text()
-    finally:
-        d.close()
 
 
 @pytest.fixture
 def agent():
-    d = DaemonProc()
-    try:
-        d.wait_notify("READY=1")
+    with running_agent() as d:
         yield d
-        assert d.stop() == 0, d.log_text()
-    finally:
-        d.close()
 
 
 # --- requests whose replies are never read ---------------------------------------------
