@@ -36,13 +36,13 @@ import math
 import os
 import secrets
 import stat
-import tempfile
 import uuid as _uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostagent.atomic_file import write_atomically
 from hostagent.claim_limits import (
     MAX_CLAIM_RECORD_BYTES,
     MAX_CLAIMANT_CHARS,
@@ -835,28 +835,10 @@ def render_claims(records: Iterable[ClaimRecord],
 
 
 def save_claims(path: str | os.PathLike[str], text: str) -> None:
-    """Write the claims file atomically: a temporary file in the same directory, fsync,
-    rename over ``path``, fsync of the directory. ``OSError`` if it cannot."""
-    p = Path(path)
-    p.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write the claims file atomically (``atomic_file.write_atomically``: a temporary
+    file in the same directory, fsync, rename over ``path``, fsync of the directory).
+    ``OSError`` if it cannot."""
+    write_atomically(path, text)
 
 
 @dataclass(frozen=True)

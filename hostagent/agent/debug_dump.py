@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from hostagent.atomic_file import write_atomically
 
 DUMP_NAME = "hostagent-dump.json"
 
@@ -99,24 +100,8 @@ def write_dump(directory: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
 
     ``OSError`` if the directory cannot be created or written (the caller logs it).
     """
-    d = Path(directory)
-    d.mkdir(mode=0o750, parents=True, exist_ok=True)
-    target = d / DUMP_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".hostagent-dump.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True, default=_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return target
+    text = json.dumps(doc, indent=1, sort_keys=True, default=_default) + "\n"
+    return write_atomically(Path(directory) / DUMP_NAME, text)
 
 
 def _default(obj: Any) -> Any:
