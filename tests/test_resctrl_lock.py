@@ -69,11 +69,18 @@ def hostagent(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_a_stopped_holder_makes_free_and_reserve_fail_after_the_timeout(tmp_path):
     resctrl, sysfs = tree(tmp_path, "xeon-2s-cat")
     roots = ["--resctrl-root", resctrl, "--sysfs-root", sysfs]
+    commands = (["free"], ["reserve", "rt1", "type=both,size=4608k", "--cpus", "12"],
+                ["release", "rt1"], ["carve", "--ways", "4"])
     with holder(resctrl) as h:
         assert lock_holders(resctrl) == [h.pid]
-        for argv in (["free"], ["reserve", "rt1", "type=both,size=4608k", "--cpus", "12"],
-                     ["release", "rt1"], ["carve", "--ways", "4"]):
-            proc = hostagent("resctrl", *argv, *roots, "--lock-timeout", "2")
+        # the four wait at once (each for its own 2 s), so the test waits 2 s, not 8
+        waiting = [subprocess.Popen([sys.executable, "-m", "hostagent.cli", "resctrl", *argv,
+                                     *roots, "--lock-timeout", "2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for argv in commands]
+        for argv, waiter in zip(commands, waiting, strict=True):
+            out, err = waiter.communicate(timeout=BOUND)
+            proc = subprocess.CompletedProcess(waiter.args, waiter.returncode, out, err)
             assert (proc.returncode, proc.stdout) == (2, ""), argv
             lines = proc.stderr.splitlines()
             assert lines[0].startswith(

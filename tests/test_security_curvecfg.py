@@ -245,7 +245,7 @@ def test_removed_key_loses_its_stream_and_request_connections(tmp_path):
                 await _until_usage(a, 3)
                 beats = a.stats["heartbeats"]
                 while a.stats["heartbeats"] < beats + 5:  # a keeps hearing; b must not
-                    await a.poll(5)
+                    await a.poll(0.05)
                     await b.poll(0)
                 await _drain(b, 0.2)
                 assert b.latest("h1")["seq"] < seq_after
@@ -573,6 +573,6 @@ def test_publisher_heartbeat_period_is_read_again_when_cfg_is_replaced(tmp_path)
             await sub.wait_snapshot("h1", timeout=10)
             pub.cfg = dataclasses.replace(pub.cfg, heartbeat_seconds=0.05)
             while sub.stats["heartbeats"] < 5:
-                await sub.poll(5)
+                await sub.poll(0.05)
             sub.close()
     run(main(), timeout=30)
