@@ -78,9 +78,9 @@ class VcpuGroups:
                                           lock_timeout=LOCK_TIMEOUT_SECONDS)
                 except HostagentError as exc:
                     if st["error"] != str(exc):
-                        log.warning("vcpu_groups: %s (guest %s, group %s): %s; tried again "
-                                    "in %.0f s or at the next guest change", b.guest,
-                                    names[uuid], b.group, exc, RETRY_SECONDS)
+                        log.warning("vcpu_groups: guest %s, group %s: %s; tried again in "
+                                    "%.0f s or at the next guest change", names[uuid],
+                                    b.group, exc, RETRY_SECONDS)
                     self._set(st, "error", {}, str(exc))
                     continue
                 log.info("vcpu_groups: guest %s: %s in group %s", names[uuid],
