@@ -152,7 +152,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config in force after a reload, and notes on what needs a restart.
 
     Reloadable: ``[resources]``, ``[probe]`` (but ``udev``), ``[libvirt]``, ``[fit]``,
-    ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
+    ``[agent]``, ``[resctrl]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
     ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
