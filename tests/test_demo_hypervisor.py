@@ -51,6 +51,8 @@ def _guest_name(out: str) -> str:
 
 
 def test_real_demo_runs_its_own_guest_and_leaves_none_behind():
+    """A whole demo (agent, watch, its guest booted and destroyed: ~3-6 s here): the
+    behaviour is the end of a real demo."""
     require_libvirtd()
     r = subprocess.run([*DEMO, "--seconds", "1", "--hypervisor", "real"], capture_output=True,
                        text=True, timeout=240, cwd=ROOT)
@@ -67,6 +69,7 @@ def test_real_demo_runs_its_own_guest_and_leaves_none_behind():
 
 
 def test_real_demo_destroys_its_guest_on_ctrl_c():
+    """A whole demo up to its first running guest, then Ctrl-C (~2-6 s here)."""
     require_libvirtd()
     proc = subprocess.Popen([*DEMO, "--seconds", "600", "--hypervisor", "real"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
