@@ -185,13 +185,24 @@ def _guest(snap: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def _vcpu_owners(snap: dict[str, Any], name: str) -> dict[int, set[int]]:
-    """vCPU → the CPUs whose ``usage.threads`` entry names that vCPU of guest ``name``."""
+    """vCPU → the CPUs whose ``usage.threads`` entry names that vCPU of guest ``name``.
+
+    libvirtd is machine-wide: a guest this test did not start (another session's, one left
+    behind by a killed run) may pin the same CPUs. Such a CPU's entry names one of the two
+    guests, and a ``dedicated_overlap`` conflict names both; for it the vCPU pinned there
+    comes from the guest's ``pinning``."""
     guest = _guest(snap, name)
     if guest is None:
         return {}
+    shared = {c for k in snap["usage"]["conflicts"] if k["kind"] == "dedicated_overlap"
+              and guest["uuid"] in k["guests"] for c in k.get("cpus", [])}
     owners: dict[int, set[int]] = {}
     for t in snap["usage"]["threads"]:
-        if t.get("guest") == guest["uuid"] and t.get("vcpu") is not None:
+        if t["cpu"] in shared:
+            for v, cpu in guest["pinning"].items():
+                if cpu == t["cpu"]:
+                    owners.setdefault(int(v), set()).add(t["cpu"])
+        elif t.get("guest") == guest["uuid"] and t.get("vcpu") is not None:
             owners.setdefault(t["vcpu"], set()).add(t["cpu"])
     return owners
 
