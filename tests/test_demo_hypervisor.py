@@ -71,7 +71,9 @@ def test_real_demo_runs_its_own_guest_and_leaves_none_behind():
 def test_real_demo_destroys_its_guest_on_ctrl_c():
     """A whole demo up to its first running guest, then Ctrl-C (~2-6 s here)."""
     require_libvirtd()
-    proc = subprocess.Popen([*DEMO, "--seconds", "600", "--hypervisor", "real"], cwd=ROOT,
+    # one change only (the next one would come after 600 s): Ctrl-C while the guest runs
+    proc = subprocess.Popen([*DEMO, "--seconds", "600", "--step-seconds", "600",
+                             "--hypervisor", "real"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout],

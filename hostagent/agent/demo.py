@@ -59,7 +59,7 @@ from hostagent.model import HostTopology
 MIB = 1024
 AGENT_START_TIMEOUT = 20.0  # seconds for the agent to answer its first request
 WATCH_SNAPSHOT_TIMEOUT = 30.0  # seconds for `watch` to print a (newer) snapshot
-STEP_SECONDS = 1.0  # pace of the guest changes
+STEP_SECONDS = 1.0  # pace of the guest changes (--step-seconds)
 REQUEST_TIMEOUT = 10.0  # seconds for the agent to answer a test-domain request
 
 
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to run (default 10)")
     parser.add_argument("--sysfs-root", default="/sys", help="sysfs tree (default /sys)")
     parser.add_argument("--json", action="store_true", help="watch --json")
+    parser.add_argument("--step-seconds", type=float, default=STEP_SECONDS,
+                        help=f"at most one guest change this often (default {STEP_SECONDS:g})")
     parser.add_argument("--hypervisor", choices=("auto", "real", "test"), default="auto",
                         help=f"auto (default): {REAL_URI} when it answers and the sysfs "
                         "root is /sys, else libvirt's test:/// driver")
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 _cli("watch", f"{stream},{req_ep}", *(["--json"] if args.json else [])),
                 stdout=subprocess.PIPE, start_new_session=True)
             watch_out = WatchOutput(watch, sys.stdout, json_lines=args.json)
-            _drive(guests, args.seconds, agent, watch_out)
+            _drive(guests, args.seconds, agent, watch_out, args.step_seconds)
         except KeyboardInterrupt:
             print("\ndemo: interrupted", flush=True)
         except HostagentError as exc:
@@ -522,7 +524,7 @@ def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> li
 
 
 def _drive(guests: Any, seconds: float, agent: subprocess.Popen[bytes],
-           watch_out: WatchOutput) -> None:
+           watch_out: WatchOutput, step_seconds: float = STEP_SECONDS) -> None:
     """Once ``watch`` has shown its first snapshot, toggle demo guests about once a second
     until ``seconds`` have passed (at least one), each time waiting until ``watch`` has
     shown the change."""
@@ -535,7 +537,7 @@ def _drive(guests: Any, seconds: float, agent: subprocess.Popen[bytes],
     while True:
         if agent.poll() is not None:
             raise HostagentError(f"the agent exited with {agent.returncode}")
-        step_end = time.monotonic() + STEP_SECONDS
+        step_end = time.monotonic() + step_seconds
         with watch_out.held():
             shown = watch_out.last_seq
             what, error = guests.change(step)
