@@ -61,10 +61,11 @@ class VcpuGroups:
                 uuid = next((u for u, n in names.items() if b.guest in (n, u)), None)
                 found = checked.get(uuid) if uuid is not None else None
                 if found is None or found.get("pid") is None:
-                    if st["tids"]:
-                        log.info("vcpu_groups: guest %s stopped: its threads %s left group "
-                                 "%s with it", b.guest, _tids(st["tids"]), b.group)
+                    gone = st["tids"]
                     self._set(st, "guest not running", {}, None)
+                    if gone:
+                        log.info("vcpu_groups: guest %s stopped: its threads %s left group "
+                                 "%s with it", b.guest, _tids(gone), b.group)
                     continue
                 threads = [GuestThread(t["tid"], t["name"], tuple(t["cpus"]), t["vcpu"],
                                        t["emulator"]) for t in found["threads"]]
@@ -83,9 +84,9 @@ class VcpuGroups:
                                     b.group, exc, RETRY_SECONDS)
                     self._set(st, "error", {}, str(exc))
                     continue
+                self._set(st, "applied", want, None)  # before the log line tests wait on
                 log.info("vcpu_groups: guest %s: %s in group %s", names[uuid],
                          ", ".join(f"{t.label} tid {t.tid}" for t in targets), done.group)
-                self._set(st, "applied", want, None)
 
     @staticmethod
     def _set(st: dict[str, Any], state: str, tids: dict[str, int], error: str | None) -> None:
