@@ -118,6 +118,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class VcpuGroupBinding:
+    """``[[resctrl.vcpu_groups]]``: these threads of guest ``guest`` (a name or uuid) go
+    into resctrl group ``hostagent-<group>`` while it runs (docs/resctrl.md)."""
+
+    group: str
+    guest: str
+    vcpus: tuple[int, ...] = ()
+    emulator: bool = False
+
+
+#: the most ``[resctrl] vcpu_groups`` entries a config may hold
+MAX_VCPU_GROUPS = 256
+
+
+@dataclass(frozen=True)
+class ResctrlConfig:
+    vcpu_groups: tuple[VcpuGroupBinding, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -129,6 +149,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    resctrl: ResctrlConfig = field(default_factory=ResctrlConfig)
     source: str = "<defaults>"
 
     @property
@@ -353,6 +374,48 @@ def _metrics(r: _Reader) -> MetricsConfig:
     return MetricsConfig(listen=listen, allow_remote=allow_remote)
 
 
+def _vcpu_groups(r: _Reader) -> ResctrlConfig:
+    from hostagent.errors import RequestError
+    from hostagent.resctrl_fs import group_dir_name
+
+    r.check_keys(ResctrlConfig)
+    items = r.get("vcpu_groups", [], list)
+    if len(items) > MAX_VCPU_GROUPS:
+        r.fail("vcpu_groups", f"<{len(items)} entries>", f"at most {MAX_VCPU_GROUPS} entries")
+    out: list[VcpuGroupBinding] = []
+    owner: dict[tuple[str, str], str] = {}
+    keys = {"group", "guest", "vcpus", "emulator"}
+    for item in items:
+        hint = ('each entry must be {group = "rt1", guest = "NAME", vcpus = "0-1"} '
+                "and/or emulator = true")
+        if not isinstance(item, dict) or not set(item) <= keys or \
+                not isinstance(item.get("group"), str) or \
+                not isinstance(item.get("guest"), str) or not item["guest"] or \
+                not isinstance(item.get("vcpus", ""), str) or \
+                not isinstance(item.get("emulator", False), bool):
+            r.fail("vcpu_groups", item, hint)
+        try:
+            group_dir_name(item["group"])
+        except RequestError as exc:
+            r.fail("vcpu_groups", item, str(exc))
+        try:
+            vcpus = parse_cpulist(item["vcpus"]) if item.get("vcpus") else ()
+        except ValueError as exc:
+            r.fail("vcpu_groups", item, f"vcpus: {exc}")
+            raise AssertionError from None  # unreachable
+        emulator = item.get("emulator", False)
+        if not vcpus and not emulator:
+            r.fail("vcpu_groups", item, hint)
+        group = group_dir_name(item["group"])
+        for thread in [f"vCPU {v}" for v in vcpus] + (["emulator"] if emulator else []):
+            other = owner.setdefault((item["guest"], thread), group)
+            if other != group:
+                r.fail("vcpu_groups", item, f"the {thread} thread of {item['guest']} is "
+                       f"already in group {other} (a thread is in one group only)")
+        out.append(VcpuGroupBinding(group, item["guest"], vcpus, emulator))
+    return ResctrlConfig(vcpu_groups=tuple(out))
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
     known = {f.name for f in fields(Config)} - {"source"}
@@ -433,6 +496,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
                       search_steps=_search_steps(ft)),
         claims=ClaimsConfig(default_ttl_seconds=_default_ttl(cl)),
         metrics=_metrics(mt),
+        resctrl=_vcpu_groups(_Reader(source, "resctrl", data.get("resctrl", {}))),
         source=source,
     )
 

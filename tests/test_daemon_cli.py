@@ -128,3 +128,5 @@ def test_demo_runs_and_exits_0(tmp_path):
         nxt = changes[n + 1] if n + 1 < len(changes) else len(lines)
         assert any(i < j < nxt and seq > before for j, seq in snaps), r.stdout
     assert "demo: done (agent exit 0)" in r.stdout
+    assert ("demo: using libvirt's test:/// driver (qemu:///system not used: --sysfs-root "
+            f"{ROOT / 'fixtures/sysfs/xeon-2s-cat/sys'} is not this machine's /sys)") in r.stdout

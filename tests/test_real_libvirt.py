@@ -185,13 +185,24 @@ def _guest(snap: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def _vcpu_owners(snap: dict[str, Any], name: str) -> dict[int, set[int]]:
-    """vCPU → the CPUs whose ``usage.threads`` entry names that vCPU of guest ``name``."""
+    """vCPU → the CPUs whose ``usage.threads`` entry names that vCPU of guest ``name``.
+
+    libvirtd is machine-wide: a guest this test did not start (another session's, one left
+    behind by a killed run) may pin the same CPUs. Such a CPU's entry names one of the two
+    guests, and a ``dedicated_overlap`` conflict names both; for it the vCPU pinned there
+    comes from the guest's ``pinning``."""
     guest = _guest(snap, name)
     if guest is None:
         return {}
+    shared = {c for k in snap["usage"]["conflicts"] if k["kind"] == "dedicated_overlap"
+              and guest["uuid"] in k["guests"] for c in k.get("cpus", [])}
     owners: dict[int, set[int]] = {}
     for t in snap["usage"]["threads"]:
-        if t.get("guest") == guest["uuid"] and t.get("vcpu") is not None:
+        if t["cpu"] in shared:
+            for v, cpu in guest["pinning"].items():
+                if cpu == t["cpu"]:
+                    owners.setdefault(int(v), set()).add(t["cpu"])
+        elif t.get("guest") == guest["uuid"] and t.get("vcpu") is not None:
             owners.setdefault(t["vcpu"], set()).add(t["cpu"])
     return owners
 
@@ -270,18 +281,27 @@ def test_setup_libvirtd_run_again_says_each_step_and_leaves_the_daemons_alone(co
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     lines = r.stderr.splitlines()
-    assert lines[:6] == [
+    kvm = ("setup-libvirtd: /dev/kvm: group kvm, mode 0660, libvirt-qemu a member (present)"
+           if Path("/dev/kvm").exists() else
+           "setup-libvirtd: /dev/kvm absent (guests run with TCG only)")
+    hugetlbfs = next(ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()
+                     if ln.split()[2] == "hugetlbfs")
+    pages = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").read_text())
+    assert lines[:9] == [
         "setup-libvirtd: Debian packages present (libvirt-daemon libvirt-daemon-driver-qemu "
         "qemu-system-x86 libvirt-clients)",
         "setup-libvirtd: group libvirt-qemu present",
         "setup-libvirtd: user libvirt-qemu present",
         "setup-libvirtd: /var/log/libvirt/qemu present",
+        kvm,
+        f"setup-libvirtd: hugepages: {pages} 2 MiB pages (at least 64) present",
+        f"setup-libvirtd: hugetlbfs mounted ({hugetlbfs})",
         f"setup-libvirtd: virtlogd running (pid {pids['virtlogd']})",
         f"setup-libvirtd: libvirtd running (pid {pids['libvirtd']})",
     ], r.stderr
-    assert lines[6].startswith("setup-libvirtd: waiting for virsh -c qemu:///system version")
-    assert lines[7].startswith("setup-libvirtd: libvirtd answers on qemu:///system"), r.stderr
-    assert len(lines) == 8, r.stderr
+    assert lines[9].startswith("setup-libvirtd: waiting for virsh -c qemu:///system version")
+    assert lines[10].startswith("setup-libvirtd: libvirtd answers on qemu:///system"), r.stderr
+    assert len(lines) == 11, r.stderr
     assert conn.getVersion() > 0  # the module's connection survived: nothing restarted
 
 

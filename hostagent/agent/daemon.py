@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] i
     from hostagent.agent.libvirt_watch import LibvirtWatcher
     from hostagent.agent.metrics import AgentReadings, MetricsServer
     from hostagent.agent.udev_watch import UdevWatch
+    from hostagent.agent.vcpu_groups import VcpuGroups
     from hostagent.claims import ClaimTracker
     from hostagent.curve import ClientAuthenticator
     from hostagent.publisher import Publisher
@@ -151,7 +152,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config in force after a reload, and notes on what needs a restart.
 
     Reloadable: ``[resources]``, ``[probe]`` (but ``udev``), ``[libvirt]``, ``[fit]``,
-    ``[agent]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
+    ``[agent]``, ``[resctrl]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
     ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
@@ -242,6 +243,9 @@ class Agent:
         self._bg: set[asyncio.Task[Any]] = set()
         self._reload_lock: asyncio.Lock | None = None
         self._stop: asyncio.Event | None = None
+        self.vcpu_groups: VcpuGroups | None = None  # [resctrl] vcpu_groups, when any
+        self._vg_threads: Any = None  # the tracker's thread check last handed to it
+        self._vg_wake: asyncio.Event | None = None
 
     # --- host and snapshot -------------------------------------------------------------
 
@@ -311,6 +315,9 @@ class Agent:
             self.counters["flushes"] += 1
             if self.watcher is not None:
                 self.watcher.apply(self.tracker)
+            if self.vcpu_groups is not None and self.tracker.threads is not self._vg_threads:
+                self._vg_threads = self.tracker.threads
+                self._vg_wake.set()
             usage = self.tracker.usage()
             agent = self._agent_doc()
             # the usage is compared as its msgpack bytes (cheaper than comparing the
@@ -542,12 +549,49 @@ class Agent:
             self.watcher.call_timeout = merged.libvirt.call_timeout_seconds
             self.watcher.request_resync()
         self._set_host(topo, merged)
+        self._set_vcpu_groups(merged)
         if (merged.probe.sysfs_root, merged.probe.resctrl_root) != (
                 old.probe.sysfs_root, old.probe.resctrl_root):
             self._log_roots(topo, merged, "reload")
         log.info("configuration reloaded from %s", merged.source)
         self.mark_dirty()
         return True
+
+    def _set_vcpu_groups(self, cfg: Config) -> None:
+        """(Re)build the ``[resctrl] vcpu_groups`` bindings when they or the resctrl root
+        changed (start, SIGHUP); a new set is applied at once."""
+        from hostagent.agent.vcpu_groups import VcpuGroups
+
+        vg = self.vcpu_groups
+        want = (cfg.probe.resctrl_root, cfg.resctrl.vcpu_groups)
+        if vg is not None and (vg.resctrl_root, vg.bindings) == want:
+            return
+        self.vcpu_groups = VcpuGroups(*want) if cfg.resctrl.vcpu_groups else None
+        if self.vcpu_groups is not None:
+            log.info("vcpu_groups: %d bindings of guest threads to resctrl groups in %s",
+                     len(cfg.resctrl.vcpu_groups), cfg.probe.resctrl_root)
+            self._vg_wake.set()
+
+    async def _vcpu_group_loop(self) -> None:
+        """Apply the bindings off the loop after each changed thread check (and again
+        every ``RETRY_SECONDS`` while one has failed)."""
+        from hostagent.agent.vcpu_groups import RETRY_SECONDS
+
+        while True:
+            failed = self.vcpu_groups is not None and self.vcpu_groups.failed
+            try:
+                await asyncio.wait_for(self._vg_wake.wait(), RETRY_SECONDS if failed else None)
+            except TimeoutError:
+                pass
+            self._vg_wake.clear()
+            vg, tracker = self.vcpu_groups, self.tracker
+            if vg is None or tracker is None:
+                continue
+            names = {u: r.name for u, r in tracker.records.items() if r.active}
+            try:
+                await asyncio.to_thread(vg.apply, names, dict(tracker.threads))
+            except Exception:
+                log.exception("vcpu_groups: applying the bindings failed")
 
     async def _drop_connections(self) -> None:
         """Close every client connection (clients whose key is still allowed reconnect);
@@ -584,6 +628,7 @@ class Agent:
             "counters": dict(self.counters),
             "errors": list(self.errors),
             "claims": self.claim_desk.state() if self.claim_desk else None,
+            "vcpu_groups": self.vcpu_groups.state() if self.vcpu_groups else [],
             "notify": {"socket": self.notifier.address, "last": self.notifier.sent,
                        "watchdog_interval": watchdog_interval(self.env)},
             "process": process_info(),
@@ -694,6 +739,9 @@ class Agent:
             if is_test_uri(cfg.libvirt.uri):  # the test-domain op, the demo guests
                 attach_test_driver(self)
             await self._start_metrics()
+            self._vg_wake = asyncio.Event()
+            self._set_vcpu_groups(cfg)
+            tasks.append(asyncio.ensure_future(self._vcpu_group_loop()))
             self._start_watcher()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)

@@ -12,12 +12,22 @@ Two parts:
     The daemon defines them (and starts the first of each kind) when
     ``[libvirt] demo_guests = true`` and the URI is ``test:///...``.
 
-``python -m hostagent.agent.demo [--seconds N]`` (what ``scripts/demo`` runs)
+``python -m hostagent.agent.demo [--seconds N] [--hypervisor auto|real|test]`` (what
+``scripts/demo`` runs)
     Writes a config in a temporary directory (ipc endpoints there, a test-driver node
     file, the isolated CPUs — or else half the online ones — dedicated), starts
     ``hostagent run`` and ``hostagent watch`` beside it, then starts and destroys demo
-    guests through the agent's ``test-domain`` request op about once a second so that
-    snapshots keep arriving. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
+    guests about once a second so that snapshots keep arriving.
+
+    Which hypervisor (said on the first line): with ``auto`` (the default) the real one,
+    ``qemu:///system``, when it answers (``virsh``-free: one ``libvirt.open``) and the
+    sysfs root is this machine's ``/sys`` (a real guest is pinned to real CPUs); else
+    libvirt's ``test:///`` driver with the bundled demo guests, toggled through the
+    agent's ``test-domain`` request op. On the real hypervisor the demo starts ONE small
+    transient TCG guest of its own (``hostagent-demo-<hex>``: 64 MiB, 1–2 vCPUs pinned to
+    the dedicated CPUs, emulator on the shared ones, no disk) and toggles it (destroy,
+    create again); it destroys it on the way out, also on Ctrl-C or SIGTERM, and touches
+    no other guest. It stops after ``--seconds`` (default 10) or on Ctrl-C, stops both
     processes and exits 0 (non-zero only if the agent failed).
 
     The demo waits on events, not on time: ``watch``'s output goes through the demo
@@ -49,7 +59,7 @@ from hostagent.model import HostTopology
 MIB = 1024
 AGENT_START_TIMEOUT = 20.0  # seconds for the agent to answer its first request
 WATCH_SNAPSHOT_TIMEOUT = 30.0  # seconds for `watch` to print a (newer) snapshot
-STEP_SECONDS = 1.0  # pace of the guest changes
+STEP_SECONDS = 1.0  # pace of the guest changes (--step-seconds)
 REQUEST_TIMEOUT = 10.0  # seconds for the agent to answer a test-domain request
 
 
@@ -128,16 +138,32 @@ def define_demo_guests(conn: Any, topo: HostTopology, resources: Mapping[str, An
 
 # --- the scripted demo -----------------------------------------------------------------
 
-def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float) -> Path:
-    """A config for the demo agent in ``tmp`` (returns its path)."""
-    # dedicated: the isolated CPUs (isolcpus) if the host has any, else the upper half
+REAL_URI = "qemu:///system"
+REAL_GUEST_MEMORY_MIB = 64
+REAL_GUEST_MAX_VCPUS = 2
+QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
+
+
+def demo_cpus(topo: HostTopology) -> tuple[list[int], list[int]]:
+    """(dedicated, shared) CPUs of the demo: the isolated CPUs (isolcpus) if the host has
+    any, else the upper half of the online ones; shared: the other online CPUs."""
     isolated = [c.id for c in topo.cpus if c.online and c.isolated]
     online = [c.id for c in topo.cpus if c.online and not c.isolated]
     half = len(online) // 2
     dedicated = isolated or (online[len(online) - half:] if half else [])
+    return dedicated, [c for c in online if c not in dedicated]
+
+
+def demo_config(tmp: Path, topo: HostTopology, sysfs_root: str, seconds: float,
+                uri: str | None = None) -> Path:
+    """A config for the demo agent in ``tmp`` (returns its path): libvirt ``uri``, or
+    (None) a test-driver node file in ``tmp`` with the demo guests."""
+    dedicated, _ = demo_cpus(topo)
     node = tmp / "node.xml"
     node.write_text("<node><cpu><mhz>2400</mhz><model>x86_64</model></cpu>"
                     "<memory>8388608</memory></node>\n")
+    demo_guests = "true" if uri is None else "false"
+    uri = uri or f"test://{node}"
     res = f'dedicated_cpus = "{format_cpulist(dedicated)}"\n' if dedicated else ""
     cfg = tmp / "hostagent.toml"
     cfg.write_text(f"""# written by hostagent.agent.demo
@@ -148,8 +174,8 @@ hugepage_poll_seconds = 2.0
 udev = false
 
 [libvirt]
-uri = "test://{node}"
-demo_guests = true
+uri = "{uri}"
+demo_guests = {demo_guests}
 
 [resources]
 {res}
@@ -178,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to run (default 10)")
     parser.add_argument("--sysfs-root", default="/sys", help="sysfs tree (default /sys)")
     parser.add_argument("--json", action="store_true", help="watch --json")
+    parser.add_argument("--step-seconds", type=float, default=STEP_SECONDS,
+                        help=f"at most one guest change this often (default {STEP_SECONDS:g})")
+    parser.add_argument("--hypervisor", choices=("auto", "real", "test"), default="auto",
+                        help=f"auto (default): {REAL_URI} when it answers and the sysfs "
+                        "root is /sys, else libvirt's test:/// driver")
     args = parser.parse_args(argv)
 
     from hostagent.errors import HostagentError
@@ -190,48 +221,54 @@ def main(argv: list[str] | None = None) -> int:
     except HostagentError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
+    why_not = real_unavailable(root) if args.hypervisor != "test" else "--hypervisor test"
+    if args.hypervisor == "real" and why_not is not None:
+        print(f"demo: --hypervisor real: {why_not}", file=sys.stderr)
+        return 2
+    real = why_not is None
     with tempfile.TemporaryDirectory(prefix="hostagent-demo-") as d:
         tmp = Path(d)
-        cfg = demo_config(tmp, topo, root, args.seconds)
+        cfg = demo_config(tmp, topo, root, args.seconds, REAL_URI if real else None)
         log = tmp / "agent.log"
         print(f"demo: {len(topo.cpus)} CPUs, {len(topo.cells)} NUMA cell(s) probed from "
               f"{root}; agent config {cfg}", flush=True)
+        if real:
+            print(f"demo: using the real hypervisor {REAL_URI} (libvirtd answers): one "
+                  "small TCG guest of its own, destroyed on exit", flush=True)
+        else:
+            print(f"demo: using libvirt's test:/// driver ({REAL_URI} not used: {why_not})",
+                  flush=True)
         with open(log, "w") as logfh:
             agent = subprocess.Popen(_cli("run", "--config", str(cfg)), stderr=logfh,
                                      stdout=logfh, start_new_session=True)
         stream, req_ep = f"ipc://{tmp}/stream", f"ipc://{tmp}/request"
         watch = None
         watch_out: WatchOutput | None = None
+        guests: Any = None
         rc = 0
         old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        old_term = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            names = _wait_ready(req_ep, agent, request)
-            print("demo: agent is up; guests: " + ", ".join(
-                f"{n['name']}{'*' if n['active'] else ''}" for n in names)
-                + "   (* running)", flush=True)
+            guests = _guests(real, req_ep, agent, request, topo)
             watch = subprocess.Popen(
                 _cli("watch", f"{stream},{req_ep}", *(["--json"] if args.json else [])),
                 stdout=subprocess.PIPE, start_new_session=True)
             watch_out = WatchOutput(watch, sys.stdout, json_lines=args.json)
-            _drive(req_ep, [n["name"] for n in names], args.seconds, agent, request,
-                   watch_out)
+            _drive(guests, args.seconds, agent, watch_out, args.step_seconds)
         except KeyboardInterrupt:
             print("\ndemo: interrupted", flush=True)
         except HostagentError as exc:
             print(f"demo: {exc}", file=sys.stderr)
             rc = 1
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up is not cut short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if isinstance(guests, RealGuest):
+                gone = guests.close()
+                print(f"demo: guest {guests.name} {gone}", flush=True)
             signal.signal(signal.SIGINT, old_int)
-            for p in (watch, agent):
-                if p is not None and p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in (watch, agent):
-                if p is not None:
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            signal.signal(signal.SIGTERM, old_term)
+            _stop(watch, agent)
             if watch_out is not None:
                 watch_out.close()
             if agent.returncode not in (0, None):
@@ -313,6 +350,161 @@ class WatchOutput:
         self._thread.join(10)
 
 
+def _guests(real: bool, req_ep: str, agent: subprocess.Popen[bytes], request: Any,
+            topo: HostTopology) -> RealGuest | TestDriverGuests:
+    """Once the agent is up: the guests the demo toggles (says which)."""
+    if real:
+        _wait_up(req_ep, agent, request)
+        guest = RealGuest(REAL_URI, topo)
+        print(f"demo: agent is up; guest {guest.name} ({guest.describe()}) will be "
+              "started and destroyed in turn", flush=True)
+        return guest
+    names = _wait_ready(req_ep, agent, request)
+    print("demo: agent is up; guests: " + ", ".join(
+        f"{n['name']}{'*' if n['active'] else ''}" for n in names) + "   (* running)",
+        flush=True)
+    return TestDriverGuests(req_ep, [n["name"] for n in names], request)
+
+
+def _stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM each process still running, then wait (10 s each, then SIGKILL)."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        if p is not None:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM: stop as Ctrl-C does (the guest is destroyed on the way out)."""
+    raise KeyboardInterrupt
+
+
+def real_unavailable(sysfs_root: str) -> str | None:
+    """Why the demo cannot use the real hypervisor here, or None when it can."""
+    if os.path.realpath(sysfs_root) != "/sys":
+        return f"--sysfs-root {sysfs_root} is not this machine's /sys"
+    if not os.path.exists(QEMU_BINARY):
+        return f"{QEMU_BINARY} is not installed (scripts/setup-libvirtd)"
+    try:
+        import libvirt
+    except ImportError:
+        return "libvirt-python is not installed"
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(REAL_URI)
+    except libvirt.libvirtError as exc:
+        return f"libvirtd does not answer ({exc.get_error_message()}; scripts/setup-libvirtd)"
+    conn.close()
+    return None
+
+
+def real_guest_xml(name: str, uuid: str, pins: list[int], emulator: list[int]) -> str:
+    """A transient TCG guest: 64 MiB, ``len(pins)`` vCPUs pinned one each, no disk."""
+    tune = "".join(f"<vcpupin vcpu='{i}' cpuset='{c}'/>" for i, c in enumerate(pins))
+    tune += f"<emulatorpin cpuset='{format_cpulist(emulator)}'/>"
+    return (f"<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>"
+            f"<memory unit='MiB'>{REAL_GUEST_MEMORY_MIB}</memory>"
+            f"<vcpu placement='static'>{len(pins)}</vcpu><cputune>{tune}</cputune>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+            "<on_poweroff>destroy</on_poweroff><devices>"
+            f"<emulator>{QEMU_BINARY}</emulator><video><model type='none'/></video>"
+            "<memballoon model='none'/></devices></domain>")
+
+
+class RealGuest:
+    """The demo's one guest on the real hypervisor: started and destroyed in turn
+    (transient: a destroyed guest is gone from libvirt; ``close()`` leaves none)."""
+
+    def __init__(self, uri: str, topo: HostTopology) -> None:
+        import libvirt
+
+        dedicated, shared = demo_cpus(topo)
+        online = [c.id for c in topo.cpus if c.online]
+        pins = (dedicated or online)[:REAL_GUEST_MAX_VCPUS]
+        self.pins, self.emulator = pins, shared or pins
+        self.name = f"hostagent-demo-{_uuid.uuid4().hex[:8]}"
+        self.xml = real_guest_xml(self.name, str(_uuid.uuid4()), pins, self.emulator)
+        self.conn = libvirt.open(uri)
+        self.dom: Any = None
+
+    def describe(self) -> str:
+        return (f"TCG, {REAL_GUEST_MEMORY_MIB} MiB, {len(self.pins)} vCPU(s) pinned to CPU "
+                f"{format_cpulist(self.pins)}, emulator on {format_cpulist(self.emulator)}, "
+                "no disk")
+
+    def change(self, step: int) -> tuple[str, str | None]:
+        """Start the guest if it is not running, else destroy it: (what, error)."""
+        import libvirt
+
+        try:
+            if self.dom is not None and self.dom.isActive():
+                self.dom.destroy()
+                self.dom = None
+                return f"stopping {self.name}", None
+            self.dom = self.conn.createXML(self.xml, 0)
+            return f"starting {self.name}", None
+        except libvirt.libvirtError as exc:
+            return f"changing {self.name}", exc.get_error_message()
+
+    def close(self) -> str:
+        """Destroy the guest if it runs; what became of it."""
+        import libvirt
+
+        try:
+            try:
+                dom = self.conn.lookupByName(self.name)
+            except libvirt.libvirtError:
+                return "not running (nothing to destroy)"
+            dom.destroy()
+            return "destroyed"
+        except libvirt.libvirtError as exc:
+            return f"could not be destroyed: {exc.get_error_message()}"
+        finally:
+            self.conn.close()
+
+
+class TestDriverGuests:
+    """The bundled demo guests of the test:/// driver, toggled through ``test-domain``."""
+
+    def __init__(self, req_ep: str, names: list[str], request: Any) -> None:
+        self.req_ep, self.names, self.request = req_ep, names, request
+
+    def change(self, step: int) -> tuple[str, str | None]:
+        name = self.names[step % len(self.names)]
+        rep = self.request(self.req_ep, {"op": "test-domain", "action": "list"},
+                           timeout=REQUEST_TIMEOUT)
+        active = {d["name"]: d["active"] for d in rep.get("domains", [])}
+        action = "destroy" if active.get(name) else "start"
+        verb = "stopping" if action == "destroy" else "starting"
+        rep = self.request(self.req_ep, {"op": "test-domain", "action": action, "name": name},
+                           timeout=REQUEST_TIMEOUT)
+        return f"{verb} {name}", None if rep.get("ok") else str(rep.get("error"))
+
+
+def _wait_up(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> None:
+    """Until the agent answers a snapshot request (bounded: ``AGENT_START_TIMEOUT``)."""
+    from hostagent.errors import HostagentError
+
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while True:
+        if agent.poll() is not None:
+            raise HostagentError(f"the agent exited with {agent.returncode} while starting")
+        try:
+            if request(req_ep, {"op": "snapshot"}, timeout=0.5):
+                return
+        except HostagentError:
+            pass
+        if time.monotonic() > deadline:
+            raise HostagentError(f"the agent did not come up within {AGENT_START_TIMEOUT:g} s")
+        time.sleep(0.2)
+
+
 def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> list[dict]:
     from hostagent.errors import HostagentError
 
@@ -331,8 +523,8 @@ def _wait_ready(req_ep: str, agent: subprocess.Popen[bytes], request: Any) -> li
         time.sleep(0.2)
 
 
-def _drive(req_ep: str, names: list[str], seconds: float, agent: subprocess.Popen[bytes],
-           request: Any, watch_out: WatchOutput) -> None:
+def _drive(guests: Any, seconds: float, agent: subprocess.Popen[bytes],
+           watch_out: WatchOutput, step_seconds: float = STEP_SECONDS) -> None:
     """Once ``watch`` has shown its first snapshot, toggle demo guests about once a second
     until ``seconds`` have passed (at least one), each time waiting until ``watch`` has
     shown the change."""
@@ -345,21 +537,14 @@ def _drive(req_ep: str, names: list[str], seconds: float, agent: subprocess.Pope
     while True:
         if agent.poll() is not None:
             raise HostagentError(f"the agent exited with {agent.returncode}")
-        step_end = time.monotonic() + STEP_SECONDS
-        name = names[step % len(names)]
-        rep = request(req_ep, {"op": "test-domain", "action": "list"}, timeout=REQUEST_TIMEOUT)
-        active = {d["name"]: d["active"] for d in rep.get("domains", [])}
-        action = "destroy" if active.get(name) else "start"
-        verb = "stopping" if action == "destroy" else "starting"
+        step_end = time.monotonic() + step_seconds
         with watch_out.held():
             shown = watch_out.last_seq
-            rep = request(req_ep, {"op": "test-domain", "action": action, "name": name},
-                          timeout=REQUEST_TIMEOUT)
-            print(f"demo: {verb} {name}" + ("" if rep.get("ok") else f": {rep.get('error')}"),
-                  flush=True)
-        if rep.get("ok") and not watch_out.wait_for_seq_above(shown, WATCH_SNAPSHOT_TIMEOUT):
+            what, error = guests.change(step)
+            print(f"demo: {what}" + (f": {error}" if error else ""), flush=True)
+        if error is None and not watch_out.wait_for_seq_above(shown, WATCH_SNAPSHOT_TIMEOUT):
             raise HostagentError(f"watch showed no new snapshot within "
-                                 f"{WATCH_SNAPSHOT_TIMEOUT:g} s of {verb} {name}")
+                                 f"{WATCH_SNAPSHOT_TIMEOUT:g} s of {what}")
         step += 1
         if time.monotonic() >= end:
             return

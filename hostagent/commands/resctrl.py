@@ -64,6 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who = r.add_mutually_exclusive_group()
     who.add_argument("--cpus", metavar="LIST", help="CPUs to move into the group (0-3,8)")
     who.add_argument("--tasks", metavar="PIDS", help="process ids to move into the group")
+    who.add_argument("--guest", metavar="NAME",
+                     help="a running guest (name or uuid) whose threads go into the group: "
+                     "--vcpus and/or --emulator")
+    r.add_argument("--vcpus", metavar="LIST", help="with --guest: these vCPUs' threads (0-1)")
+    r.add_argument("--emulator", action="store_true",
+                   help="with --guest: its emulator threads")
+    r.add_argument("--uri", default="qemu:///system",
+                   help="with --guest: the libvirt URI (default qemu:///system)")
     r.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     r.set_defaults(func=run_reserve)
     rel = sub.add_parser(
@@ -209,17 +217,65 @@ def run_free(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- changes
 
 
+def _guest_targets(args: argparse.Namespace) -> tuple[int, list[Any]] | None:
+    """``--guest``: (QEMU pid, the threads to move), found before anything is written."""
+    from hostagent.cpulist import parse_cpulist
+    from hostagent.errors import RequestError
+    from hostagent.resctrl_tasks import guest_threads, select_threads
+
+    if args.guest is None:
+        if args.vcpus is not None or args.emulator:
+            raise RequestError("--vcpus and --emulator go with --guest NAME")
+        return None
+    try:
+        vcpus = parse_cpulist(args.vcpus) if args.vcpus is not None else ()
+    except ValueError as exc:
+        raise RequestError(f"--vcpus: {exc}") from None
+    if not vcpus and not args.emulator:
+        raise RequestError(f"--guest {args.guest}: give --vcpus LIST and/or --emulator")
+    name, pid, threads = guest_threads(args.uri, args.guest)
+    return pid, select_threads(name, threads, vcpus, args.emulator)
+
+
+def _attach_guest(args: argparse.Namespace, resctrl: str, result: Any,
+                  found: tuple[int, list[Any]]) -> Any:
+    """Move the guest's threads into the reserved group; a group this command created is
+    removed again when that fails (the error says so)."""
+    from hostagent.resctrl_fs import ResctrlApplyError, release
+    from hostagent.resctrl_tasks import attach_threads
+
+    pid, targets = found
+    try:
+        return attach_threads(resctrl, result.group, targets, pid=pid, **_lock_options(args))
+    except ResctrlApplyError as exc:
+        if result.action != "created":
+            raise
+        try:
+            release(resctrl, result.group, **_lock_options(args))
+            undo = f"group {result.group} removed again (this command created it)"
+        except Exception as rm_exc:  # noqa: BLE001 - said in the message
+            undo = f"removing group {result.group} (created by this command) failed: {rm_exc}"
+        raise ResctrlApplyError(f"{exc}; {undo}", path=exc.path, status=exc.status) from None
+
+
 def run_reserve(args: argparse.Namespace) -> int:
     from hostagent.resctrl import describe_items
     from hostagent.resctrl_fs import reserve
 
     sysfs, resctrl = roots(args)
+    found = _guest_targets(args)
     result = reserve(
         resctrl, sysfs, args.group, args.spec, cpus=args.cpus, tasks=args.tasks,
         dry_run=args.dry_run, **_lock_options(args),
     )
+    attached = None
+    if found is not None and not args.dry_run:
+        attached = _attach_guest(args, resctrl, result, found)
     if args.json:
-        _json(result.to_dict())
+        doc = result.to_dict()
+        if found is not None:
+            doc["threads"] = None if attached is None else attached.to_dict()
+        _json(doc)
         return 0
     plan = result.plan
     out = [f"group {result.group}: {result.action} ({result.path})"]
@@ -234,6 +290,11 @@ def run_reserve(args: argparse.Namespace) -> int:
         out.append(f"cpus: {_cpus(list(result.cpus))}")
     if result.tasks is not None:
         out.append("tasks: " + ",".join(map(str, result.tasks)))
+    if attached is not None:
+        out += [f"thread: {t.label} (tid {t.tid}) moved in" for t in attached.moved]
+        out += [f"thread: {t.label} (tid {t.tid}) already in" for t in attached.already]
+    elif found is not None:
+        out += [f"thread: {t.label} (tid {t.tid}) would move in" for t in found[1]]
     _out("\n".join(out))
     return 0
 
