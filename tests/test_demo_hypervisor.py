@@ -21,7 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from real_libvirt import require_libvirtd
+
+# the machine's one real libvirtd: these tests run in the real-libvirt group, one after
+# another and never beside a test that restarts libvirtd (tests/conftest.py)
+pytestmark = pytest.mark.real_libvirtd
 
 ROOT = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"

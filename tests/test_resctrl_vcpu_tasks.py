@@ -34,6 +34,10 @@ from hostagent.guests.threads import find_qemu_pid, read_threads
 from hostagent.resctrl_fs import ResctrlApplyError, reserve
 from hostagent.resctrl_tasks import ThreadTarget, attach_threads, select_threads, task_groups
 
+# the machine's one real libvirtd: these tests run in the real-libvirt group, one after
+# another and never beside a test that restarts libvirtd (tests/conftest.py)
+pytestmark = pytest.mark.real_libvirtd
+
 SPEC = "type=both,size=2304k,cache-id=1"
 WAIT_SECONDS = 60.0
 
