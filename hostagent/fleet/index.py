@@ -260,6 +260,14 @@ class Fleet:
         return entry is not None and self._why_not_offered(
             entry, time.monotonic() if now is None else now) is None
 
+    def why_not_offered(self, host: str, now: float | None = None) -> str | None:
+        """Why ``host`` is not offered now (``dead``, ``stale ...``, ``unreadable
+        snapshot``, ``duplicate host name``, ...), ``None`` if it is."""
+        entry = self.entries.get(host)
+        if entry is None:
+            return "unknown host"
+        return self._why_not_offered(entry, time.monotonic() if now is None else now)
+
     def _why_not_offered(self, e: HostEntry, now: float) -> str | None:
         if not e.alive:
             return "dead"
@@ -359,7 +367,7 @@ class Fleet:
         req = request if isinstance(request, FitRequest) else parse_request(request)
         needs = needs_of(req)
         now = time.monotonic() if now is None else now
-        per: dict[str, Counter[str]] = {}
+        per: dict[str, dict[str, list[int]]] = {}
         for e in self.entries.values():
             why = self._why_not_offered(e, now) or prefilter(e.shape, e.summary, needs)
             if why is None:
@@ -368,9 +376,22 @@ class Fleet:
                     continue
                 r = answer["reasons"][0]
                 why = f"{r['resource']}: {r['message']}"
-            per.setdefault(e.shape.name, Counter())[why] += 1
-        return {cls: [f"{n} host{'s' * (n != 1)}: {why}" for why, n in c.most_common()]
-                for cls, c in sorted(per.items())}
+            head, sep, have = why.rpartition(", the host has ")
+            key, value = (head, int(have)) if sep and have.isdigit() else (why, -1)
+            per.setdefault(e.shape.name, {}).setdefault(key, []).append(value)
+        out: dict[str, list[str]] = {}
+        for cls, reasons in sorted(per.items()):
+            lines = []
+            for why, values in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+                n = len(values)
+                text = f"{n} host{'s' * (n != 1)}: {why}"
+                if values[0] >= 0:
+                    lo, hi = min(values), max(values)
+                    text += (f", the host has {lo}" if n == 1 else
+                             f", the hosts have {lo}" + (f"-{hi}" if hi > lo else ""))
+                lines.append(text)
+            out[cls] = lines
+        return out
 
 
 def needs_for(request: Mapping[str, Any] | FitRequest) -> Needs:
