@@ -80,16 +80,26 @@ def test_place_and_claim_on_real_agents(caplog):
         assert fleet.entry("a").endpoint == a.req and fleet.entry("b").endpoint == b.req
 
         # pack: both schedulers' first choice is the same host and threads
-        stale = Fleet()
+        stale, stale2 = Fleet(), Fleet()
         for h in ("a", "b"):
-            stale.update(sub.latest(h), time.monotonic(), request_endpoint=fleet.entry(
-                h).endpoint)
+            for f in (stale, stale2):
+                f.update(sub.latest(h), time.monotonic(),
+                         request_endpoint=fleet.entry(h).endpoint)
         first = place_and_claim(fleet, PINNED4, weigher="pack", claimant="s1")
         assert first is not None and first.attempts == 1
-        second = place_and_claim(stale, PINNED4, weigher="pack", claimant="s2")
+        # claiming its own (stale) placement: refused, refreshed, claimed elsewhere
+        second = place_and_claim(stale, PINNED4, weigher="pack", claimant="s2",
+                                 own_placement=True)
         assert second is not None
         assert stale.stats["claim_refused"] >= 1  # it lost, refreshed, and moved on
         assert second.attempts == stale.stats["claim_refused"] + 1
+        # the agent fitting for a scheduler whose view is stale: granted at once, around
+        # what is claimed there
+        third = place_and_claim(stale2, PINNED4, weigher="pack", claimant="s3")
+        assert third is not None and third.attempts == 1 and third.host == first.host
+        threads = [held(c.placement, DEDICATED)["threads"] for c in (first, second, third)
+                   if c.host == third.host]
+        assert sum(map(len, threads)) == len(set().union(*threads))  # disjoint
         mine = held(first.placement, DEDICATED)["threads"]
         theirs = held(second.placement, DEDICATED)["threads"]
         assert first.host != second.host or not mine & theirs

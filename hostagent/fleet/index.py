@@ -234,10 +234,11 @@ class Fleet:
         if entry is not None and now > entry.seen:
             entry.seen = now
 
-    def claimed(self, host: str, epoch: str, seq: int) -> None:
-        """A claim was granted on ``host`` by its agent of ``epoch`` at ``seq`` (the claim
-        reply's): the host is not offered again until a snapshot after ``seq`` (which
-        counts the claim) is held, so this scheduler does not at once pick what it holds."""
+    def await_snapshot_after(self, host: str, epoch: str, seq: int) -> None:
+        """The agent of ``host`` (``epoch``) granted this scheduler a claim at ``seq`` (the
+        claim reply's): the host is not offered until a snapshot after ``seq`` is held (the
+        agent publishes one for every grant; it counts the claim), so this scheduler does
+        not at once pick what it already holds."""
         entry = self.entries.get(host)
         if entry is not None and entry.epoch == epoch:
             entry.awaiting_seq = max(entry.awaiting_seq, seq)
