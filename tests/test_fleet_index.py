@@ -169,16 +169,16 @@ def test_weigher_specs():
 
 
 def test_memory_per_48_thread_host_with_20_guests(hosts):
-    """200 hosts of the 48-thread shape with 20 guests each, distinct snapshot objects:
+    """60 hosts of the 48-thread shape with 20 guests each, distinct snapshot objects:
     the index's own memory per host (the snapshots themselves are freed)."""
     base = hosts["x-full"]
     tracemalloc.start()
     fl = Fleet()
-    for i in range(200):
+    for i in range(60):
         fl.update(copy.deepcopy(dict(base, host=f"h{i}")), 0.0)
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    per_host = current / 200
+    per_host = current / 60
     print(f"fleet index: {per_host / 1024:.1f} KiB per host")
     assert per_host < 100 * 1024
 
