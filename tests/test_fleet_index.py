@@ -215,3 +215,17 @@ def test_rankings_stay_exact_while_hosts_change(hosts):
             got = fl.place(request, count=3, weigher=weigher, now=0.0)
             assert [c.host for c in got] == [h for _, h in want[:3]]
     assert fl.stats["rankings_built"] == 3
+
+
+def test_max_hosts_and_older_snapshots(hosts, caplog):
+    caplog.set_level(logging.WARNING, "hostagent.fleet")
+    fl = Fleet(max_hosts=2)
+    for name in ("a", "b", "c", "c"):
+        fl.update(dict(hosts["x-empty"], host=name), 0.0)
+    assert fl.hosts() == ["a", "b"] and fl.stats["refused"] == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "snapshot of host 'c' refused: the index holds max_hosts=2 hosts"]
+    fl.update(dict(hosts["x-full"], host="a", seq=5), 1.0)
+    fl.update(dict(hosts["x-empty"], host="a", seq=4), 2.0)  # older, same epoch: ignored
+    assert fl.entry("a").seq == 5 and fl.summary("a").free_threads == 0
+    assert fl.stats["older"] == 1
