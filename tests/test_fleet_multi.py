@@ -81,7 +81,7 @@ def run_phase(agents: dict[str, DaemonProc], weigher: str, tmp: Path, tag: str) 
 
 
 def test_three_schedulers_place_300_guests_on_20_agents(tmp_path):
-    """20 agents, 3 schedulers, 300 guests: 9-35 s measured on the loaded 2-core machine
+    """20 agents, 3 schedulers, 300 guests: 9-65 s measured on the loaded 2-core machine
     (the whole path is the point: 20 agent start-ups, 300 claims and boots, every
     snapshot to 3 schedulers)."""
     with contextlib.ExitStack() as stack:
