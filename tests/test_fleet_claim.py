@@ -168,3 +168,32 @@ def test_an_agent_answering_busy_is_left_out_not_marked_dead(tmp_path):
         t.join(5)
         for s in socks:
             s.close(linger=0)
+
+
+def test_two_real_agents_under_one_name(caplog):
+    """Two real agents both named "dup" (~3 s to start): the subscriber binds the name to
+    the source it heard first and drops the other with one warning, so the fleet holds
+    one host, never alternating, and the claim lands at that agent only."""
+    caplog.set_level(logging.WARNING, "hostagent")
+    first = agent("dup", advertise=True)
+    second = agent("dup", advertise=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(second.close)
+        stack.callback(first.close)
+        sub, fleet2 = fed([first.stream, second.stream], 1)
+        stack.callback(sub.close)
+        deadline = time.monotonic() + 30
+        while sub.stats["foreign_source"] == 0:
+            assert time.monotonic() < deadline, sub.stats
+            feed(sub, fleet2, timeout=0.5)
+        bound = sub.binding("dup")[0]
+        owner, other = (first, second) if bound == first.stream else (second, first)
+        assert fleet2.hosts() == ["dup"] and fleet2.entry("dup").endpoint == owner.req
+        assert fleet2.stats["epochs"] == 0  # never alternated
+        got = place_and_claim(fleet2, PINNED4)
+        assert got is not None and got.endpoint == owner.req
+        assert len(owner.request({"op": "claims"})["claims"]) == 1
+        assert other.request({"op": "claims"})["claims"] == []
+        warned = [r.getMessage() for r in caplog.records if "dropped: it is bound" in
+                  r.getMessage()]
+        assert len(warned) == 1, warned
