@@ -16,5 +16,6 @@ COMMANDS = (
     "fit",
     "claim",
     "release",
+    "place",
     "keys",
 )
