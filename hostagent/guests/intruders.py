@@ -158,11 +158,11 @@ def _conflicting(scope: IntruderScope, allowed: set[int], hit: set[int]) -> bool
     return bool(hit & scope.isolated) or len(allowed) < scope.online_count
 
 
-def host_tasks(guest_pids: Iterable[int] = (), *,
-               proc: Path = PROC_ROOT) -> Iterator[tuple[int, int, ProcStat]]:
-    """``(pid, tid, stat of the process)`` of every thread that is not a guest's (its QEMU
-    process, or a kernel thread serving it) and not a zombie leader. Vanished processes
-    are skipped."""
+def host_processes(guest_pids: Iterable[int] = (), *, proc: Path = PROC_ROOT
+                   ) -> Iterator[tuple[int, ProcStat, list[int]]]:
+    """``(pid, stat, tids)`` of every process that is not a guest's (its QEMU process, or
+    a kernel thread serving it); a zombie leader's own tid is left out (it never runs
+    again; its other threads may). Vanished processes are skipped."""
     guests = set(guest_pids)
     for pid in list_pids(proc):
         if pid in guests:
@@ -177,9 +177,17 @@ def host_tasks(guest_pids: Iterable[int] = (), *,
             tids: list[int] | None = [pid]  # a kernel thread is a thread group of one
         else:
             tids = list_tids(pid, proc)
-        for tid in tids or ():
-            if tid == pid and st.state in ("Z", "X"):
-                continue  # a zombie leader never runs again (its threads may)
+        if tids and st.state in ("Z", "X"):
+            tids = [t for t in tids if t != pid]
+        if tids:
+            yield pid, st, tids
+
+
+def host_tasks(guest_pids: Iterable[int] = (), *,
+               proc: Path = PROC_ROOT) -> Iterator[tuple[int, int, ProcStat]]:
+    """``(pid, tid, stat of the process)`` of every thread of ``host_processes``."""
+    for pid, st, tids in host_processes(guest_pids, proc=proc):
+        for tid in tids:
             yield pid, tid, st
 
 
@@ -191,29 +199,32 @@ def scan_intruders(scope: IntruderScope, guest_pids: Iterable[int] = (), *,
     the dedicated threads it may run on)}``. No dedicated thread: nothing is read."""
     counts: Counter[frozenset[int]] = Counter()  # dedicated threads reached → tasks
     flagged: Counter[frozenset[int]] = Counter()
-    worst: list[tuple[int, int, int, int, str, tuple[int, ...]]] = []  # a max-heap (negated)
+    # the worst so far, as a heap of negated ranks: worst[0] is the least bad kept
+    worst: list[tuple[int, int, int, int, str, tuple[int, ...]]] = []
+    bound = MAX_INTRUDERS_REPORTED
     tasks = conflicting = 0
     dedicated = scope.dedicated
-    for pid, tid, st in host_tasks(guest_pids, proc=proc) if dedicated else ():
-        allowed = task_affinity(tid)
-        if allowed is None:
-            continue
-        hit = allowed & dedicated
-        if not hit or (st.kernel_thread and len(allowed) == 1):
-            continue  # not on a dedicated thread, or a per-CPU kernel thread
-        key = frozenset(hit)
-        tasks += 1
-        counts[key] += 1
-        if not _conflicting(scope, allowed, hit):
-            continue
-        conflicting += 1
-        flagged[key] += 1
-        rank = (-(len(allowed) - len(hit)), -len(allowed), -pid, -tid)
-        item = (*rank, st.comm, tuple(sorted(hit)))
-        if len(worst) < MAX_INTRUDERS_REPORTED:
-            heapq.heappush(worst, item)
-        elif item > worst[0]:
-            heapq.heapreplace(worst, item)
+    for pid, st, tids in host_processes(guest_pids, proc=proc) if dedicated else ():
+        kernel = st.kernel_thread
+        for tid in tids:
+            allowed = task_affinity(tid)
+            if allowed is None:
+                continue
+            hit = allowed & dedicated
+            if not hit or (kernel and len(allowed) == 1):
+                continue  # not on a dedicated thread, or a per-CPU kernel thread
+            key = frozenset(hit)
+            tasks += 1
+            counts[key] += 1
+            if not _conflicting(scope, allowed, hit):
+                continue
+            conflicting += 1
+            flagged[key] += 1
+            rank = (len(hit) - len(allowed), -len(allowed), -pid, -tid)
+            if len(worst) < bound:
+                heapq.heappush(worst, (*rank, st.comm, tuple(sorted(hit))))
+            elif rank > worst[0][:4]:
+                heapq.heapreplace(worst, (*rank, st.comm, tuple(sorted(hit))))
     per_cpu: Counter[int] = Counter()
     per_cpu_flagged: Counter[int] = Counter()
     for key, n in counts.items():
