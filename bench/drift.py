@@ -184,14 +184,16 @@ class Guests:
             p.wait()
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (this thread's) milliseconds of each of ``repeat`` runs."""
     fn()  # warm: imports, dentries
-    out = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        c, t = time.thread_time(), time.perf_counter()
         fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+        wall.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.thread_time() - c) * 1000)
+    return wall, cpu
 
 
 def status_scan(scope: IntruderScope) -> int:
@@ -250,8 +252,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-def idle_cpu(uri: str, period: float, seconds: float, cpus: list[int]) -> float:
-    """% of one CPU a real ``hostagent run`` uses over ``seconds`` after it is ready."""
+def dump(d: Any) -> dict[str, Any]:
+    """The agent's SIGUSR1 debug dump (written atomically)."""
+    import json
+    import signal
+
+    path = d.dir / "run" / "hostagent-dump.json"
+    path.unlink(missing_ok=True)
+    d.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, "no debug dump"
+        time.sleep(0.02)
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def idle_cpu(uri: str, period: float, seconds: float,
+             cpus: list[int]) -> tuple[float, int, int]:
+    """% of one CPU a real ``hostagent run`` uses over ``seconds`` after it is ready, the
+    thread checks it ran and the snapshots it published meanwhile (the dumps' own CPU is
+    outside the window)."""
     from daemon_helpers import DaemonProc, config_text
 
     d = DaemonProc(start=False)
@@ -264,11 +285,16 @@ def idle_cpu(uri: str, period: float, seconds: float, cpus: list[int]) -> float:
         d.wait_notify("READY=1", timeout=120)
         time.sleep(2)  # past the start-up work
         assert d.proc is not None
+        first = dump(d)
         before = cpu_seconds(d.proc.pid)
         t = time.monotonic()
         time.sleep(seconds)
         used = cpu_seconds(d.proc.pid) - before
-        return 100 * used / (time.monotonic() - t)
+        took = time.monotonic() - t
+        last = dump(d)
+        checks = (last["libvirt"]["counters"].get("thread_checks", 0)
+                  - first["libvirt"]["counters"].get("thread_checks", 0))
+        return 100 * used / took, checks, last["seq"] - first["seq"]
     finally:
         d.stop()
         d.close()
@@ -284,9 +310,14 @@ def peer_cpu_per_run(repeat: int) -> float:
             + (after.children_system - before.children_system)) / repeat
 
 
-def row(name: str, ms: list[float]) -> str:
+def row(name: str, runs: tuple[list[float], list[float]], *, children: bool = False) -> str:
+    """One table row: wall median, p95, min; the CPU median (for a command run through
+    ``subprocess``, this thread's CPU is not the command's: shown as ``–``)."""
+    ms, cpu = runs
     q = statistics.quantiles(ms, n=20) if len(ms) > 1 else ms * 19
-    return f"| {name} | {statistics.median(ms):.1f} | {q[18]:.1f} | {min(ms):.1f} |"
+    cpu_text = "–" if children else f"{statistics.median(cpu):.1f}"
+    return (f"| {name} | {statistics.median(ms):.1f} | {q[18]:.1f} | {min(ms):.1f} "
+            f"| {cpu_text} |")
 
 
 def main() -> int:
@@ -313,8 +344,8 @@ def main() -> int:
                   f"{kind} guests with {gthreads} QEMU threads, "
                   f"{result['intruders']['tasks']} host tasks on the dedicated CPU "
                   f"{cpus[-1]}, {args.repeat} runs\n")
-            print("| one full check | median ms | p95 ms | min ms |")
-            print("|---|---|---|---|")
+            print("| one full check | median ms | p95 ms | min ms | CPU ms (median) |")
+            print("|---|---|---|---|---|")
             print(row("hostagent check_threads (guests + intruders)",
                       timed(lambda: check_threads(guests.specs, hints, scope),
                             args.repeat)))
@@ -327,20 +358,24 @@ def main() -> int:
                       timed(lambda: status_scan(scope), args.repeat)))
             print(row("psutil (process_iter, threads, cpu_affinity)",
                       timed(lambda: psutil_scan(scope), max(3, args.repeat // 5))))
-            print(row(f"peer: {PEER_NAME} (one process)", timed(peer, args.repeat)))
-            print(row("peer: taskset -ap PID for every process", timed(taskset_all, 3)))
+            print(row(f"peer: {PEER_NAME} (one process)", timed(peer, args.repeat),
+                      children=True))
+            print(row("peer: taskset -ap PID for every process", timed(taskset_all, 3),
+                      children=True))
             per_run = peer_cpu_per_run(max(3, args.repeat // 3))
-            uri = URI if live else "test:///default"
-            print(f"\nidle CPU over {args.idle_seconds:g} s, hostagent run on {uri} "
-                  f"(heartbeat 1 s, hugepage poll 5 s), % of one CPU:\n")
-            print("| what | idle CPU % |")
-            print("|---|---|")
-            for period in (10.0, 1.0, 0.0):
-                what = f"thread check every {period:g} s" if period else "thread check off"
-                pct = idle_cpu(uri, period, args.idle_seconds, cpus)
-                print(f"| hostagent, {what} | {pct:.2f} |")
+            print(f"\nidle CPU over {args.idle_seconds:g} s of hostagent run (heartbeat 1 s, "
+                  "hugepage poll 5 s), % of one CPU; checks and snapshots in the window "
+                  "(on qemu:///system every guest event anywhere on the machine also "
+                  "triggers a check):\n")
+            print("| libvirt | thread check | idle CPU % | checks | snapshots published |")
+            print("|---|---|---|---|---|")
+            for uri in ([URI] if live else []) + ["test:///default"]:
+                for period in (10.0, 1.0, 0.0):
+                    what = f"every {period:g} s" if period else "off"
+                    pct, checks, published = idle_cpu(uri, period, args.idle_seconds, cpus)
+                    print(f"| {uri} | {what} | {pct:.2f} | {checks} | {published} |")
             print(f"| peer: {PEER_NAME} every 10 s ({per_run * 1000:.1f} ms CPU a run) "
-                  f"| {100 * per_run / 10:.2f} |")
+                  f"| | {100 * per_run / 10:.2f} | | |")
         finally:
             for p in procs:
                 p.kill()
