@@ -186,7 +186,8 @@ def exposed_endpoints(pub: PublisherConfig) -> list[str]:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _STRATEGIES = ("spread", "pack")
-_HOST_TASKS_CONFLICT = ("pinned", "all", "off")  # hostagent.guests.intruders
+#: ``[resources] host_tasks_conflict``: which intruders conflict (hostagent.guests.intruders)
+HOST_TASKS_CONFLICT_MODES = ("pinned", "all", "off")
 
 
 class _Reader:
@@ -339,7 +340,8 @@ def _resources(r: _Reader) -> ResourcesConfig:
         reserved_hugepages=tuple(pages),
         cpu_allocation_ratio=r.number("cpu_allocation_ratio", 4.0, minimum=0, exclusive=True),
         ram_allocation_ratio=r.number("ram_allocation_ratio", 1.0, minimum=0, exclusive=True),
-        host_tasks_conflict=r.choice("host_tasks_conflict", "pinned", _HOST_TASKS_CONFLICT),
+        host_tasks_conflict=r.choice("host_tasks_conflict", "pinned",
+                                     HOST_TASKS_CONFLICT_MODES),
     )
 
 

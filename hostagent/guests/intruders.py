@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 MAX_INTRUDERS_REPORTED = 10  # conflicting host tasks named in host_tasks_on_dedicated
 MAX_STAT_BYTES = 4096  # bytes of /proc/<pid>/stat read (about 300 in practice)
-HOST_TASKS_CONFLICT_MODES = ("pinned", "all", "off")
 # kernel threads that serve one guest's QEMU process (pid in the name)
 GUEST_KERNEL_THREAD = re.compile(r"(?:vhost-|kvm-pit/)(\d+)")
 
