@@ -172,13 +172,26 @@ class Guests:
         return n
 
     def close(self) -> None:
-        for d in self.doms:
+        """Destroy the real guests on a fresh connection (the first one may have been
+        dropped while idle), by name; stop the stand-ins."""
+        if self.doms:
+            import libvirt
+
+            names = [d.name() for d in self.doms]
+            conn = libvirt.open(URI)
             try:
-                d.destroy()
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+                for name in names:
+                    try:
+                        conn.lookupByName(name).destroy()
+                    except libvirt.libvirtError as exc:
+                        print(f"drift: could not destroy {name}: {exc}", file=sys.stderr)
+            finally:
+                conn.close()
         if self.conn is not None:
-            self.conn.close()
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - a dropped connection
+                pass
         for p in self.procs:
             p.kill()
             p.wait()
