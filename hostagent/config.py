@@ -33,6 +33,11 @@ DEFAULT_PATH = "/etc/hostagent/hostagent.toml"
 #: environment variable naming another default path (tests, a staged install): the file
 #: read when no ``--config`` is given, if it exists, instead of ``DEFAULT_PATH``
 DEFAULT_PATH_ENV = "HOSTAGENT_DEFAULT_CONFIG"
+#: ``[libvirt] thread_check_seconds`` when not set, for ``qemu…`` URIs (other drivers have
+#: no QEMU processes: off unless set); 0 = off, else within the bounds below
+DEFAULT_THREAD_CHECK_SECONDS = 10.0
+MIN_THREAD_CHECK_SECONDS = 0.1  # a shorter period would keep a CPU busy scanning /proc
+MAX_THREAD_CHECK_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class LibvirtConfig:
     reconnect_max_seconds: float = 30.0
     call_timeout_seconds: float = 10.0  # one libvirt call longer than this: connection lost
     demo_guests: bool = False  # define the bundled demo guests (test:/// driver only)
+    # guests' threads and host intruders re-checked this often; None = the default
+    # (thread_check_period), 0 = off
+    thread_check_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,9 @@ class ResourcesConfig:
     reserved_hugepages: tuple[ReservedHugepages, ...] = ()
     cpu_allocation_ratio: float = 4.0
     ram_allocation_ratio: float = 1.0
+    # which host tasks allowed on dedicated threads are a host_tasks_on_dedicated
+    # conflict: "pinned", "all" or "off" (hostagent.guests.intruders)
+    host_tasks_conflict: str = "pinned"
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,8 @@ def exposed_endpoints(pub: PublisherConfig) -> list[str]:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _STRATEGIES = ("spread", "pack")
+#: ``[resources] host_tasks_conflict``: which intruders conflict (hostagent.guests.intruders)
+HOST_TASKS_CONFLICT_MODES = ("pinned", "all", "off")
 
 
 class _Reader:
@@ -308,6 +321,26 @@ def _default_ttl(r: _Reader) -> float:
     return value
 
 
+def _thread_check_seconds(r: _Reader) -> float | None:
+    key = "thread_check_seconds"
+    if key not in r.data:
+        return None
+    value = float(r.get(key, 0.0, (int, float)))
+    if value != 0 and not MIN_THREAD_CHECK_SECONDS <= value <= MAX_THREAD_CHECK_SECONDS:
+        r.fail(key, r.data[key], f"must be 0 (off) or between {MIN_THREAD_CHECK_SECONDS:g} "
+               f"and {MAX_THREAD_CHECK_SECONDS:g} seconds")
+    return value
+
+
+def thread_check_period(lv: LibvirtConfig) -> float:
+    """Seconds between two checks of the guests' threads and the host's intruders (0 =
+    off): ``thread_check_seconds`` when set, else ``DEFAULT_THREAD_CHECK_SECONDS`` for
+    ``qemu…`` URIs and off for the others (``test:///`` has no QEMU processes)."""
+    if lv.thread_check_seconds is not None:
+        return lv.thread_check_seconds
+    return DEFAULT_THREAD_CHECK_SECONDS if lv.uri.startswith("qemu") else 0.0
+
+
 def _resources(r: _Reader) -> ResourcesConfig:
     r.check_keys(ResourcesConfig)
     dedicated = r.cpus("dedicated_cpus")
@@ -348,6 +381,8 @@ def _resources(r: _Reader) -> ResourcesConfig:
         reserved_hugepages=tuple(pages),
         cpu_allocation_ratio=r.number("cpu_allocation_ratio", 4.0, minimum=0, exclusive=True),
         ram_allocation_ratio=r.number("ram_allocation_ratio", 1.0, minimum=0, exclusive=True),
+        host_tasks_conflict=r.choice("host_tasks_conflict", "pinned",
+                                     HOST_TASKS_CONFLICT_MODES),
     )
 
 
@@ -493,6 +528,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             call_timeout_seconds=lv.number("call_timeout_seconds", 10.0, minimum=0,
                                            exclusive=True),
             demo_guests=lv.get("demo_guests", False, bool),
+            thread_check_seconds=_thread_check_seconds(lv),
         ),
         resources=_resources(_Reader(source, "resources", data.get("resources", {}))),
         publisher=PublisherConfig(

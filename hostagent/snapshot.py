@@ -14,7 +14,7 @@ from typing import Any
 from hostagent.config import Config, resolve_resources
 from hostagent.guests.xml import GuestRecord
 from hostagent.model import HostTopology, topology_to_dict
-from hostagent.tracker import compute_usage
+from hostagent.tracker import compute_usage, with_intruders, with_threads
 
 SCHEMA_VERSION = 1
 
@@ -51,13 +51,20 @@ def build_snapshot(
     epoch: str,
     seq: int,
     now: float,
+    thread_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole schema-v1 document for ``topo``, ``config`` and ``guests``."""
+    """The whole schema-v1 document for ``topo``, ``config`` and ``guests``;
+    ``thread_check`` (``hostagent.guests.intruders.check_threads``) adds the guests'
+    threads, drift and the host's intruders as the daemon does."""
     resources = resolve_resources(config.resources, topo)
+    usage = compute_usage(topo, resources, guests)
+    if thread_check is not None:
+        usage = with_intruders(with_threads(usage, thread_check["guests"]),
+                               thread_check["intruders"])
     return assemble_snapshot(
         topology_to_dict(topo),
         resources,
-        compute_usage(topo, resources, guests),
+        usage,
         host=host,
         epoch=epoch,
         seq=seq,

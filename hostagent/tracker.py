@@ -1168,6 +1168,9 @@ class UsageTracker:
         # what the kernel does with each running guest's threads (hostagent.guests.threads
         # check_guests): uuid → {"pid", "threads", "drift"}; data, read elsewhere
         self.threads: dict[str, dict[str, Any]] = {}
+        # host tasks allowed on dedicated threads (hostagent.guests.intruders
+        # scan_intruders), None until a check ran; data, read elsewhere
+        self.intruders: dict[str, Any] | None = None
         # the last fold on self.ctx: the next fold hands over its unchanged parts
         self._previous: dict[str, Any] | None = None
 
@@ -1201,6 +1204,12 @@ class UsageTracker:
             self.threads = dict(checked)
             self._usage = None
 
+    def set_intruders(self, scanned: Mapping[str, Any] | None) -> None:
+        """The latest intruder scan (replaces the previous one; None: no scan)."""
+        if scanned != self.intruders:
+            self.intruders = None if scanned is None else dict(scanned)
+            self._usage = None
+
     def put_claim(self, contribution: Contribution) -> None:
         """Hold a claim (``contribution.uuid`` = its id)."""
         self.claims[contribution.uuid] = contribution
@@ -1218,7 +1227,8 @@ class UsageTracker:
             folded = fold(self.ctx, self.contributions.values(), self._previous,
                           self.claims.values())
             self._previous = folded
-            self._usage = with_threads(folded, self.threads)
+            self._usage = with_intruders(with_threads(folded, self.threads),
+                                         self.intruders)
         return self._usage
 
 
@@ -1246,3 +1256,28 @@ def with_threads(usage: dict[str, Any], checked: Mapping[str, dict[str, Any]]) -
                 actual=d["actual"]))
     conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
     return {**usage, "guests": guests, "conflicts": conflicts}
+
+
+def with_intruders(usage: dict[str, Any], scanned: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``usage`` with ``intruders`` (``[{cpu, tasks, conflicting}]`` per online dedicated
+    thread) and, when conflicting host tasks were found, one ``host_tasks_on_dedicated``
+    conflict naming the worst (``hostagent.guests.intruders.scan_intruders``). Pure;
+    ``usage`` is not modified. Nothing is added without a scan (``None``)."""
+    if scanned is None:
+        return usage
+    out = {**usage, "intruders": scanned["cpus"]}
+    if scanned["conflicting"]:
+        worst = scanned["worst"]
+        cpus = sorted({c["cpu"] for c in scanned["cpus"] if c["conflicting"]})
+        named = ", ".join(f"{t['comm']} (pid {t['pid']}, tid {t['tid']}) on "
+                          f"{format_cpulist(t['cpus'])}" for t in worst)
+        more = scanned["conflicting"] - len(worst)
+        n = scanned["conflicting"]
+        detail = (f"{n} host task{'s' if n != 1 else ''} may run on dedicated "
+                  f"thread{'s' if len(cpus) != 1 else ''} {format_cpulist(cpus)}: {named}"
+                  + (f" and {more} more" if more else ""))
+        conflicts = [*usage["conflicts"], _conflict(
+            "host_tasks_on_dedicated", detail, [], cpus=cpus, count=n, tasks=worst)]
+        conflicts.sort(key=lambda c: (c["kind"], c["detail"]))
+        out["conflicts"] = conflicts
+    return out

@@ -38,8 +38,10 @@ XEON_DEDICATED = "2-11,14-23,26-35,38-47"
 
 def config_text(d: Path, sysfs: Path, uri: str, *, dedicated: str | None = XEON_DEDICATED,
                 heartbeat: float = 0.2, hugepage_poll: float = 0.2, curve: str = "",
-                extra: str = "") -> str:
-    res = f'dedicated_cpus = "{dedicated}"\n' if dedicated else ""
+                extra: str = "", libvirt: str = "", resources: str = "") -> str:
+    """A config for a test agent; ``libvirt`` and ``resources`` are extra lines for those
+    tables, ``extra`` is appended (further tables)."""
+    res = (f'dedicated_cpus = "{dedicated}"\n' if dedicated else "") + resources
     return f"""[host]
 name = "testhost"
 
@@ -52,7 +54,7 @@ udev = false
 [libvirt]
 uri = "{uri}"
 resync_seconds = 60.0
-
+{libvirt}
 [resources]
 {res}
 [publisher]

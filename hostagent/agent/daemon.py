@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostagent import __version__
 from hostagent.agent.notify import Notifier, watchdog_interval
-from hostagent.config import Config, load_config, resolve_resources
+from hostagent.config import Config, load_config, resolve_resources, thread_check_period
 from hostagent.errors import HostagentError, ProbeError
 from hostagent.model import HostTopology, replace, topology_to_dict
 
@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # imported where they are used (metrics only when [metrics] i
     from hostagent.agent.vcpu_groups import VcpuGroups
     from hostagent.claims import ClaimTracker
     from hostagent.curve import ClientAuthenticator
+    from hostagent.guests.intruders import IntruderScope
     from hostagent.publisher import Publisher
 
 log = logging.getLogger("hostagent")
@@ -283,6 +284,15 @@ class Agent:
             self.tracker = ClaimTracker(topo, self.resources)
         else:
             self.tracker.set_host(topo, self.resources)
+        if self.watcher is not None:
+            self.watcher.set_intruder_scope(self._intruder_scope())
+
+    def _intruder_scope(self) -> IntruderScope:
+        """What the thread check's intruder scan looks for on this host and config."""
+        from hostagent.guests.intruders import IntruderScope
+
+        return IntruderScope.for_host(self.topo, self.resources,
+                                      self.config.resources.host_tasks_conflict)
 
     def _agent_doc(self) -> dict[str, Any]:
         w = self.watcher
@@ -550,6 +560,7 @@ class Agent:
             self.watcher.resync_seconds = merged.libvirt.resync_seconds
             self.watcher.reconnect_max = merged.libvirt.reconnect_max_seconds
             self.watcher.call_timeout = merged.libvirt.call_timeout_seconds
+            self.watcher.set_thread_check_seconds(thread_check_period(merged.libvirt))
             self.watcher.request_resync()
         self._set_host(topo, merged)
         self._set_vcpu_groups(merged)
@@ -689,7 +700,8 @@ class Agent:
             lv.uri, self.mark_dirty, resync_seconds=lv.resync_seconds,
             reconnect_max_seconds=lv.reconnect_max_seconds,
             call_timeout_seconds=lv.call_timeout_seconds, on_connect=self._on_connect,
-            **extra)
+            thread_check_seconds=thread_check_period(lv), **extra)
+        self.watcher.intruder_scope = self._intruder_scope()
         self.watcher.start()
 
     def _on_connect(self, conn: Any) -> None:

@@ -43,12 +43,16 @@ keeps the results and calls ``on_change()``. The daemon then calls ``apply(track
 which only moves results already read into the tracker (it never waits on libvirt): an
 inactive or vanished domain is removed.
 
-Guest threads (``qemu…`` URIs only): after each ``apply`` that changed guests, and every
-``thread_check_seconds`` (``THREAD_CHECK_SECONDS``), ``hostagent.guests.threads.check_guests``
-reads the running guests' QEMU threads and real affinities from ``/proc`` on a thread of the
-loop's default executor (kernel reads, no libvirt call: not on the worker, not on the loop).
-A result that differs from the last is handed to the tracker at the next ``apply``
-(``tracker.set_threads``: ``guests[].threads`` and ``affinity_drift`` conflicts).
+Thread check (``[libvirt] thread_check_seconds``; default ``THREAD_CHECK_SECONDS`` for
+``qemu…`` URIs, off for others; 0 = off): after each ``apply`` that changed guests, after
+``set_intruder_scope`` and every ``thread_check_seconds``,
+``hostagent.guests.intruders.check_threads`` reads, on a thread of the loop's default executor
+(kernel reads, no libvirt call: not on the worker, not on the loop), the running guests'
+QEMU threads and real affinities (``qemu…`` URIs only) and the host tasks allowed on
+dedicated threads (with a scope). A result that differs from the last is handed to the
+tracker at the next ``apply`` (``tracker.set_threads``: ``guests[].threads`` and
+``affinity_drift`` conflicts; ``tracker.set_intruders``: ``intruders`` and the
+``host_tasks_on_dedicated`` conflict).
 
 Connection loss — the close callback (remote drivers), any libvirt error on a call, a
 step over the time limit, or a failed ``isAlive()`` check every ``check_seconds``
@@ -72,8 +76,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hostagent.config import DEFAULT_THREAD_CHECK_SECONDS
+from hostagent.guests.intruders import IntruderScope, check_threads
 from hostagent.guests.source import GuestRecord, LibvirtUnavailable, read_guest, read_guests
-from hostagent.guests.threads import check_guests
 
 log = logging.getLogger("hostagent.libvirt")
 
@@ -88,9 +93,11 @@ MAX_ABANDONED_THREADS = 4  # workers stuck in a call, alive at once, per process
 RECONNECT_FIRST_SECONDS = 0.5  # first reconnect delay; doubles up to reconnect_max_seconds
 FIRST_SYNC_WAIT_SECONDS = 2.0  # start-up: the first snapshot waits this long for libvirt
 CLOSE_WAIT_SECONDS = 1.0  # close(): how long an idle worker is given to close its connection
-# the running guests' threads (hostagent.guests.threads) are re-checked after each applied
-# guest change and this often; only for QEMU URIs (qemu:///...: guests are QEMU processes)
-THREAD_CHECK_SECONDS = 10.0
+# the running guests' threads (hostagent.guests.threads) and the host's intruders
+# (hostagent.guests.intruders) are re-checked after each applied guest change and this
+# often by default; guests' threads only for QEMU URIs (qemu:///...: QEMU processes)
+THREAD_CHECK_SECONDS = DEFAULT_THREAD_CHECK_SECONDS
+NO_THREAD_CHECK: dict[str, Any] = {"guests": {}, "intruders": None}  # what "off" hands over
 _VIR_ERR_NO_DOMAIN = 42
 _CLOSE_REASONS = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "closed by client"}
 
@@ -316,9 +323,11 @@ class LibvirtWatcher:
         self._tasks: list[asyncio.Task[Any]] = []
         self._specs: dict[str, Any] = {}  # running guests' GuestSpec, as last applied
         self._thread_hints: dict[str, int] = {}  # uuid → QEMU pid (the check thread's)
-        self._threads_last: dict[str, dict[str, Any]] = {}
-        self._threads_ready: dict[str, dict[str, Any]] | None = None
+        self._threads_last: dict[str, Any] = dict(NO_THREAD_CHECK)
+        self._threads_ready: dict[str, Any] | None = None
         self._thread_wake = asyncio.Event()
+        self._thread_task: asyncio.Task[Any] | None = None
+        self.intruder_scope: IntruderScope | None = None  # set_intruder_scope
 
     # --- connection --------------------------------------------------------------------
 
@@ -346,8 +355,30 @@ class LibvirtWatcher:
         self._tasks = [asyncio.ensure_future(c) for c in (
             self._connection_loop(), self._reader_loop(), self._periodic_resync(),
             self._periodic_check())]
-        if self.thread_check_seconds > 0:
-            self._tasks.append(asyncio.ensure_future(self._thread_check_loop()))
+        self.set_thread_check_seconds(self.thread_check_seconds)
+
+    def set_thread_check_seconds(self, seconds: float) -> None:
+        """(loop) The thread check's period; 0 stops it and clears its results from the
+        tracker at the next ``apply``. A change takes effect at once (a check runs now)."""
+        self.thread_check_seconds = seconds
+        running = self._thread_task is not None and not self._thread_task.done()
+        if seconds > 0:
+            if not running and self._loop is not None:
+                self._thread_task = asyncio.ensure_future(self._thread_check_loop())
+            self._thread_wake.set()
+        elif running:
+            assert self._thread_task is not None
+            self._thread_task.cancel()
+            self._threads_last = dict(NO_THREAD_CHECK)
+            self._threads_ready = dict(NO_THREAD_CHECK)
+            self.on_change()
+
+    def set_intruder_scope(self, scope: IntruderScope | None) -> None:
+        """(loop) What the intruder scan looks for (the daemon sets it at each probe and
+        reload); a change is checked at once."""
+        if scope != self.intruder_scope:
+            self.intruder_scope = scope
+            self._thread_wake.set()
 
     async def wait_synced(self, timeout: float) -> bool:
         """Wait at most ``timeout`` s for the first outcome: a full resync read, or a
@@ -701,22 +732,22 @@ class LibvirtWatcher:
                 else:
                     tracker.remove(uuid)
             changed = True
-        if self.thread_check_seconds > 0:
-            if changed:
-                self._specs = {u: r.spec for u, r in tracker.records.items()
-                               if r.active and r.spec is not None}
-                self._thread_wake.set()
-            if self._threads_ready is not None:
-                tracker.set_threads(self._threads_ready)
-                self._threads_ready = None
-                changed = True
+        if self.thread_check_seconds > 0 and changed:
+            self._specs = {u: r.spec for u, r in tracker.records.items()
+                           if r.active and r.spec is not None}
+            self._thread_wake.set()
+        if self._threads_ready is not None:
+            tracker.set_threads(self._threads_ready["guests"])
+            tracker.set_intruders(self._threads_ready["intruders"])
+            self._threads_ready = None
+            changed = True
         return changed
 
     async def _thread_check_loop(self) -> None:
-        """Check the running guests' threads (kernel reads on a thread of the default
-        executor, never libvirt) after each applied change and every
-        ``thread_check_seconds``; a result that differs from the last goes to the tracker
-        at the next ``apply``."""
+        """Check the running guests' threads and the host's intruders (kernel reads on a
+        thread of the default executor, never libvirt) after each applied change and
+        every ``thread_check_seconds``; a result that differs from the last goes to the
+        tracker at the next ``apply``."""
         while True:
             try:
                 await asyncio.wait_for(self._thread_wake.wait(), self.thread_check_seconds)
@@ -725,7 +756,9 @@ class LibvirtWatcher:
             self._thread_wake.clear()
             specs = dict(self._specs)
             try:
-                result = await asyncio.to_thread(check_guests, specs, self._thread_hints)
+                result = await asyncio.to_thread(
+                    check_threads, specs, self._thread_hints, self.intruder_scope,
+                    guests=self.uri.startswith("qemu"))
             except Exception:
                 log.exception("guest thread check failed")
                 continue
@@ -763,7 +796,7 @@ class LibvirtWatcher:
     async def close(self) -> None:
         """Stop the tasks and retire the worker. Never waits on a busy worker; an idle
         one gets ``CLOSE_WAIT_SECONDS`` to close its connection."""
-        tasks = [*self._tasks, *([self._check_task] if self._check_task else [])]
+        tasks = [*self._tasks, *(t for t in (self._check_task, self._thread_task) if t)]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

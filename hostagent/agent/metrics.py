@@ -66,7 +66,7 @@ CONFLICT_KINDS = ("dedicated_overlap", "pin_offline", "pin_not_dedicated",
                   "hugepages_exhausted", "hugepages_untracked", "hugepage_size_missing",
                   "memory_exhausted",
                   "cache_group_missing", "pci_overlap", "pci_missing", "xml_error",
-                  "claim_mismatch", "affinity_drift")
+                  "claim_mismatch", "affinity_drift", "host_tasks_on_dedicated")
 #: Where errors are counted (``hostagent_errors_total{where}``), each exported from 0:
 #: the agent's recorded errors (docs/daemon.md §7.2 ``errors``), requests a handler
 #: failed on with a bug, and libvirt errors during reads.

@@ -21,6 +21,10 @@ from hostagent.units import format_kib, plural
 if TYPE_CHECKING:
     import argparse
 
+    from hostagent.config import Config
+    from hostagent.guests.xml import GuestRecord
+    from hostagent.model import HostTopology
+
 QUICK_OPTIONS = (
     Option("--config", "F", "config file (default /etc/hostagent/hostagent.toml if it "
            "exists, else built-in defaults)"),
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     guests = read_guests_once(uri, timeout)
     snap = build_snapshot(
         topo, cfg, guests, host=args.host or cfg.host_name, epoch=secrets.token_hex(8),
-        seq=0, now=time.time(),
+        seq=0, now=time.time(), thread_check=_thread_check(cfg, topo, uri, guests),
     )
     if args.json:
         import json
@@ -80,6 +84,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(snap, uri=uri))
     return 0
+
+
+def _thread_check(cfg: Config, topo: HostTopology, uri: str,
+                  guests: list[GuestRecord]) -> dict[str, Any] | None:
+    """One check of the guests' threads (``qemu…`` URIs) and the host's intruders, as the
+    daemon's (``hostagent.guests.intruders.check_threads``); None when the config turns
+    the check off (``[libvirt] thread_check_seconds = 0``, or not set with another URI)."""
+    from dataclasses import replace
+
+    from hostagent.config import resolve_resources, thread_check_period
+    from hostagent.guests.intruders import IntruderScope, check_threads
+
+    if thread_check_period(replace(cfg.libvirt, uri=uri)) <= 0:
+        return None
+    scope = IntruderScope.for_host(topo, resolve_resources(cfg.resources, topo),
+                                   cfg.resources.host_tasks_conflict)
+    specs = {g.uuid: g.spec for g in guests if g.active and g.spec is not None}
+    return check_threads(specs, {}, scope, guests=uri.startswith("qemu"))
 
 
 def _libvirt_timeout(text: str) -> float:
@@ -97,6 +119,18 @@ def _libvirt_timeout(text: str) -> float:
 
 
 # --------------------------------------------------------------------------- summary
+
+
+def _intruder_lines(intruders: list[dict[str, Any]]) -> list[str]:
+    """Host tasks allowed per dedicated thread, threads with the same counts together."""
+    if not intruders:
+        return ["host tasks on dedicated threads: no dedicated threads"]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for t in intruders:
+        groups.setdefault((t["tasks"], t["conflicting"]), []).append(t["cpu"])
+    return ["host tasks allowed on dedicated threads:"] + [
+        f"  {format_cpulist(cpus)}: {plural(n, 'task')}, {m} conflicting"
+        for (n, m), cpus in sorted(groups.items(), key=lambda kv: min(kv[1]))]
 
 
 def _mib(kib: int) -> str:
@@ -170,6 +204,9 @@ def render(snap: dict[str, Any], uri: str = "") -> str:
                 format_cpulist(g["emulator_cpus"]) or "-", cache or "-",
             ])
         out.extend("  " + line for line in _table(rows))
+    if "intruders" in usage:
+        out.append("")
+        out.extend(_intruder_lines(usage["intruders"]))
     conflicts = usage["conflicts"]
     out.append("")
     out.append(f"conflicts: {len(conflicts) or 'none'}")
