@@ -51,8 +51,10 @@ from hostagent.claim_limits import (
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
 )
+from hostagent.claim_overlay import ClaimSums, GuestBase, guest_base
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import RequestError
+from hostagent.fit.host import HostView
 from hostagent.fit_limits import MAX_GUEST_CELLS, MAX_MEMORY_MB, MAX_PAGE_SIZE_KIB, MAX_VCPUS
 from hostagent.guests.xml import CLAIM_ID_PATTERN, GuestRecord, parse_domain
 from hostagent.model import HostTopology
@@ -515,6 +517,12 @@ def prepare_claim(ctx: Context, snapshot: Mapping[str, Any], ask: ClaimAsk, *, c
     return Prepared(record, claim_contribution(ctx, record), answer)
 
 
+def judge_quickly(tracker: ClaimTracker, c: Contribution) -> list[dict[str, Any]]:
+    """``judge``, answered from the claims overlay when ``c`` is free (no fold of the
+    usage: ``hostagent.claim_overlay``); when it is not, ``judge`` names the reasons."""
+    return [] if tracker.is_free(c) else judge(tracker, c)
+
+
 def _reason(resource: str, message: str, cell: int | None = None) -> dict[str, Any]:
     return {"host_cell": cell, "guest_cell": None, "resource": resource, "message": message}
 
@@ -681,12 +689,52 @@ class ClaimTracker(UsageTracker):
     ``set_host``)."""
 
     def __init__(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
+        self.sums = ClaimSums()  # what the claims hold, added up (claim_overlay)
+        self._base: GuestBase | None = None  # the guests alone, per generation
+        self._topology_doc: tuple[Context, dict[str, Any]] | None = None
         self.claim_records: dict[str, ClaimRecord] = {}
         # guest uuid → (the claim it was booted from, the context and that claim's
         # contribution on it)
         self.consumed: dict[str, tuple[ClaimRecord, Context, Contribution | None]] = {}
         self.on_event: Callable[[ClaimEvent], None] = lambda event: None
         super().__init__(topo, resources)
+
+    # ---- the overlay: what a decision reads (hostagent.claim_overlay)
+
+    def put_claim(self, contribution: Contribution) -> None:
+        old = self.claims.get(contribution.uuid)
+        if old is not None:
+            self.sums.remove(old)
+        super().put_claim(contribution)
+        self.sums.add(contribution)
+
+    def drop_claim(self, claim_id: str) -> bool:
+        old = self.claims.get(claim_id)
+        if old is not None:
+            self.sums.remove(old)
+        return super().drop_claim(claim_id)
+
+    def guest_base(self) -> GuestBase:
+        """The guests alone, folded once per ``generation`` (host or guest change)."""
+        base = self._base
+        if base is None or base.generation != self.generation or base.ctx is not self.ctx:
+            from hostagent.model import topology_to_dict
+
+            if self._topology_doc is None or self._topology_doc[0] is not self.ctx:
+                self._topology_doc = (self.ctx, topology_to_dict(self.ctx.topo))
+            base = self._base = guest_base(self.ctx, self.generation,
+                                           self.contributions.values(),
+                                           self._topology_doc[1])
+        return base
+
+    def fit_view(self) -> HostView:
+        """The fit's view of this moment (guests and claims): exactly ``host_view`` of a
+        snapshot of ``usage()``, without folding it."""
+        return self.sums.fit_view(self.guest_base(), self.claims.values())
+
+    def is_free(self, c: Contribution) -> bool:
+        """Whether ``judge`` finds nothing against holding ``c`` now, without folding."""
+        return self.sums.is_free(self.guest_base(), self.claims.values(), c)
 
     # ---- claims
 
@@ -726,8 +774,7 @@ class ClaimTracker(UsageTracker):
         super().set_host(topo, resources)  # guests: recomputed through _contribute
         for record in list(self.claim_records.values()):
             try:  # accounted as made again on this host (its cpusets may have changed)
-                self.claims[record.id] = claim_contribution(self.ctx,
-                                                            rebuild_record(self.ctx, record))
+                self.put_claim(claim_contribution(self.ctx, rebuild_record(self.ctx, record)))
             except RequestError as exc:
                 self.release(record.id)
                 self.on_event(ClaimEvent("dropped", record, why=str(exc)))
@@ -751,8 +798,9 @@ class ClaimTracker(UsageTracker):
             return c
         fresh = self.claim_records.pop(claim_id, None)
         if fresh is not None:  # the guest booted from an outstanding claim: consumed
-            self.consumed[record.uuid] = (fresh, self.ctx, self.claims.pop(claim_id, None))
-            self._usage = None
+            held = self.claims.get(claim_id)
+            self.drop_claim(claim_id)
+            self.consumed[record.uuid] = (fresh, self.ctx, held)
         held = self.consumed.get(record.uuid)
         if held is None or held[0].id != claim_id:
             return c  # a claim id this agent does not hold (expired, released, another's)
