@@ -55,6 +55,7 @@ from hostagent.claim_overlay import ClaimSums, GuestBase, guest_base
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import RequestError
 from hostagent.fit.host import HostView
+from hostagent.fit.request import FitRequest
 from hostagent.fit_limits import MAX_GUEST_CELLS, MAX_MEMORY_MB, MAX_PAGE_SIZE_KIB, MAX_VCPUS
 from hostagent.guests.xml import CLAIM_ID_PATTERN, GuestRecord, parse_domain
 from hostagent.model import HostTopology
@@ -415,12 +416,13 @@ class ClaimRecord:
 
 
 def make_record(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, claim_id: str,
-                now: float) -> ClaimRecord:
-    """A claim of ``placement`` (checked here: ``RequestError``) for ``ask``."""
+                now: float, parsed: FitRequest | None = None) -> ClaimRecord:
+    """A claim of ``placement`` (checked here: ``RequestError``) for ``ask`` (``parsed``:
+    its request as ``parse_request`` read it, if already read)."""
     record = rebuild_record(ctx, ClaimRecord(
         id=claim_id, claimant=ask.claimant, created=now, expires=now + ask.ttl_s,
         request=ask.request, strategy=ask.strategy, placement=placement, libvirt_xml={},
-        memory_kib=0))
+        memory_kib=0), parsed)
     size = len(record_json(record))
     if size > MAX_CLAIM_RECORD_BYTES:
         raise RequestError(f"op claim: the claim would take {size} bytes, over the limit of "
@@ -428,13 +430,15 @@ def make_record(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, cl
     return record
 
 
-def rebuild_record(ctx: Context, record: ClaimRecord) -> ClaimRecord:
-    """``record`` with its request parsed, its placement checked against the host of
-    ``ctx`` and its XML made again from them (``RequestError`` if either is not valid)."""
+def rebuild_record(ctx: Context, record: ClaimRecord,
+                   parsed: FitRequest | None = None) -> ClaimRecord:
+    """``record`` with its request parsed (unless ``parsed`` is given), its placement
+    checked against the host of ``ctx`` and its XML made again from them
+    (``RequestError`` if either is not valid)."""
     from hostagent.fit.libvirt_xml import fragments
     from hostagent.fit.request import parse_request
 
-    req = parse_request(record.request)
+    req = parsed if parsed is not None else parse_request(record.request)
     norm = check_placement(ctx, record.placement, vcpus=req.vcpus, memory_mib=req.memory_mib)
     xml = fragments(vcpus=req.vcpus, placement=norm, realtime=norm["realtime_vcpus"],
                     floating_cpus=sorted(ctx.shared & ctx.online), claim_id=record.id)
@@ -499,21 +503,25 @@ class Prepared:
     answer: Mapping[str, Any] | None = None
 
 
-def prepare_claim(ctx: Context, snapshot: Mapping[str, Any], ask: ClaimAsk, *, claim_id: str,
-                  now: float, search_steps: int) -> Prepared:
-    """Fit ``ask`` on ``snapshot`` (unless it names its placement), and make the claim of
-    the placement on the host of ``ctx``. Pure (a worker thread may run it);
-    ``RequestError`` for an invalid request or placement."""
+def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: ClaimAsk, *,
+                  claim_id: str, now: float, search_steps: int) -> Prepared:
+    """Fit ``ask`` on ``snapshot`` (a snapshot, or the fit's view of one:
+    ``ClaimTracker.fit_view``) unless it names its placement, and make the claim of the
+    placement on the host of ``ctx``. Pure (a worker thread may run it); ``RequestError``
+    for an invalid request or placement."""
+    from hostagent.fit.request import parse_request
+
+    req = parse_request(ask.request)
     placement = ask.placement
     answer = None
     if placement is None:
         from hostagent.fit import fit
 
-        answer = fit(snapshot, ask.request, strategy=ask.strategy, search_steps=search_steps)
+        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps)
         if not answer["fits"]:
             return Prepared(None, None, answer)
         placement = answer["placement"]
-    record = make_record(ctx, ask, placement, claim_id=claim_id, now=now)
+    record = make_record(ctx, ask, placement, claim_id=claim_id, now=now, parsed=req)
     return Prepared(record, claim_contribution(ctx, record), answer)
 
 
