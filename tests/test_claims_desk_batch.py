@@ -2,7 +2,8 @@
 with the stand-in agent of tests/test_claims_desk.py: a small claim is decided on the
 loop, a large one (or one whose short search runs out) in the desk's thread with the
 whole step budget; claims decided while a write runs go out in one write and none is
-answered before it is on disk; releases are written together, later, and at stop."""
+answered before it is on disk; releases are written together, later, and at stop; the
+agent's short thread switch interval."""
 
 from __future__ import annotations
 
@@ -139,3 +140,30 @@ def test_releases_are_written_together_soon_after_and_at_stop(
 
     run(main())
     assert len(writes) == 6 and saved_ids(path) == set()
+
+
+def test_the_agent_runs_with_a_short_thread_switch_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claims file's writer (a worker thread) gets the GIL back within 0.5 ms of each
+    system call, not 5 ms, while the loop decides claims (docs/daemon.md §2)."""
+    import sys
+
+    from hostagent.agent import daemon
+
+    class Started(Exception):
+        pass
+
+    seen: list[float] = []
+
+    def agent(config_path: Any) -> None:
+        seen.append(sys.getswitchinterval())
+        raise Started
+
+    monkeypatch.setattr(daemon, "Agent", agent)
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(Started):
+            daemon.run_agent(None)
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [daemon.GIL_SWITCH_SECONDS] and daemon.GIL_SWITCH_SECONDS <= 0.001
