@@ -20,11 +20,14 @@ it is released, or it expires. Everything here is pure but the claims file funct
   has free: a thread that is not free, more pages or memory than a cell has free, a
   PCI function or cache way somebody holds, shared vCPUs over the overcommit limit, or a
   problem of its own (a thread that is not dedicated) refuses it, naming what is taken
-  and who holds it.
+  and who holds it. ``judge_quickly`` gives the same answer from the claims overlay
+  (``hostagent.claim_overlay``: no fold of the usage) and asks ``judge`` only for the
+  reasons of a refusal.
 - ``ClaimTracker``: the daemon's ``UsageTracker`` with claims: grant, release, expire,
   and the hand-off: a guest record whose XML carries a claim id consumes that claim; a
   guest holding other threads, pages or devices than its claim gets a ``claim_mismatch``
-  conflict naming both.
+  conflict naming both. ``fit_view`` / ``is_free``: what a decision reads, from the
+  guests' fold (once per ``generation``) and the claims' sums.
 - ``save_claims`` / ``load_claims``: the claims file (JSON, written atomically).
 """
 

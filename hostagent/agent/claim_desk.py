@@ -89,7 +89,8 @@ class ClaimDesk:
         self._write_lock = asyncio.Lock()
         self._generation = 0  # +1 per change to write
         self._written = 0  # the generation on disk
-        self._deferred: asyncio.TimerHandle | None = None  # a write of releases...
+        # the coming write of a release, expiry or hand-off (DEFERRED_WRITE_SECONDS)
+        self._deferred: asyncio.TimerHandle | None = None
 
     # ---- set-up
 
