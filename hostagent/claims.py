@@ -422,15 +422,21 @@ def make_record(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, cl
                 now: float, parsed: FitRequest | None = None) -> ClaimRecord:
     """A claim of ``placement`` (checked here: ``RequestError``) for ``ask`` (``parsed``:
     its request as ``parse_request`` read it, if already read)."""
+    return _made(ctx, ask, placement, claim_id=claim_id, now=now, parsed=parsed)[0]
+
+
+def _made(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, claim_id: str,
+          now: float, parsed: FitRequest | None) -> tuple[ClaimRecord, str]:
+    """``make_record``, and the record's line in the claims file (``record_json``)."""
     record = rebuild_record(ctx, ClaimRecord(
         id=claim_id, claimant=ask.claimant, created=now, expires=now + ask.ttl_s,
         request=ask.request, strategy=ask.strategy, placement=placement, libvirt_xml={},
         memory_kib=0), parsed)
-    size = len(record_json(record))
-    if size > MAX_CLAIM_RECORD_BYTES:
-        raise RequestError(f"op claim: the claim would take {size} bytes, over the limit of "
-                           f"{MAX_CLAIM_RECORD_BYTES}")
-    return record
+    text = record_json(record)
+    if len(text) > MAX_CLAIM_RECORD_BYTES:
+        raise RequestError(f"op claim: the claim would take {len(text)} bytes, over the "
+                           f"limit of {MAX_CLAIM_RECORD_BYTES}")
+    return record, text
 
 
 def rebuild_record(ctx: Context, record: ClaimRecord,
@@ -504,6 +510,7 @@ class Prepared:
     record: ClaimRecord | None
     contribution: Contribution | None
     answer: Mapping[str, Any] | None = None
+    text: str | None = None  # the record's line in the claims file
 
 
 def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: ClaimAsk, *,
@@ -524,8 +531,8 @@ def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: Cla
         if not answer["fits"]:
             return Prepared(None, None, answer)
         placement = answer["placement"]
-    record = make_record(ctx, ask, placement, claim_id=claim_id, now=now, parsed=req)
-    return Prepared(record, claim_contribution(ctx, record), answer)
+    record, text = _made(ctx, ask, placement, claim_id=claim_id, now=now, parsed=req)
+    return Prepared(record, claim_contribution(ctx, record), answer, text)
 
 
 def judge_quickly(tracker: ClaimTracker, c: Contribution) -> list[dict[str, Any]]:

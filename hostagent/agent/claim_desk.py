@@ -249,17 +249,17 @@ class ClaimDesk:
             assert prepared.contribution is not None
             reasons = claims.judge_quickly(tracker, prepared.contribution)
             if not reasons:
-                self._grant(prepared.record, prepared.contribution)
+                self._grant(prepared.record, prepared.contribution, prepared.text)
                 return Decision(prepared.record, [], seq)
             if ask.placement is not None:
                 return Decision(None, reasons, seq)
             self.counters["refits"] += 1  # a guest took part of the placement meanwhile
         return Decision(None, reasons, agent.publisher.seq)
 
-    def _grant(self, record: claims.ClaimRecord, c: Any) -> None:
+    def _grant(self, record: claims.ClaimRecord, c: Any, text: str | None = None) -> None:
         tracker = self.agent.tracker
         tracker.grant(record, c)
-        self._texts[record.id] = claims.record_json(record)
+        self._texts[record.id] = text or claims.record_json(record)
         self._generation += 1  # op_claim writes it before the reply
         self.counters["granted"] += 1
         log.info("claim %s granted to %r until %.0f: %s", record.id, record.claimant,
