@@ -1,7 +1,10 @@
 """What the fit sees of a host: per-cell free threads, memory, pages and devices.
 
 ``host_view(snapshot)`` reads a schema-v1 snapshot (topology + config + usage) once into
-frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
+frozen per-cell records. It never changes the snapshot. ``with_held(view, held)`` is the
+view of the same snapshot with more holders folded into its usage (the agent's claims,
+docs/claims.md §3.1), made from ``view`` at the cost of the cells they touch. The rules
+(docs/fit.md):
 
 - a *dedicated* thread is online and in ``config.dedicated_cpus``; it is *free* unless
   ``usage.threads`` gives it a guest, an emulator, a shared guest, a hold
