@@ -20,11 +20,14 @@ it is released, or it expires. Everything here is pure but the claims file funct
   has free: a thread that is not free, more pages or memory than a cell has free, a
   PCI function or cache way somebody holds, shared vCPUs over the overcommit limit, or a
   problem of its own (a thread that is not dedicated) refuses it, naming what is taken
-  and who holds it.
+  and who holds it. ``judge_quickly`` gives the same answer from the claims overlay
+  (``hostagent.claim_overlay``: no fold of the usage) and asks ``judge`` only for the
+  reasons of a refusal.
 - ``ClaimTracker``: the daemon's ``UsageTracker`` with claims: grant, release, expire,
   and the hand-off: a guest record whose XML carries a claim id consumes that claim; a
   guest holding other threads, pages or devices than its claim gets a ``claim_mismatch``
-  conflict naming both.
+  conflict naming both. ``fit_view`` / ``is_free``: what a decision reads, from the
+  guests' fold (once per ``generation``) and the claims' sums.
 - ``save_claims`` / ``load_claims``: the claims file (JSON, written atomically).
 """
 
@@ -51,8 +54,11 @@ from hostagent.claim_limits import (
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
 )
+from hostagent.claim_overlay import ClaimSums, GuestBase, guest_base
 from hostagent.cpulist import format_cpulist
 from hostagent.errors import RequestError
+from hostagent.fit.host import HostView
+from hostagent.fit.request import FitRequest
 from hostagent.fit_limits import MAX_GUEST_CELLS, MAX_MEMORY_MB, MAX_PAGE_SIZE_KIB, MAX_VCPUS
 from hostagent.guests.xml import CLAIM_ID_PATTERN, GuestRecord, parse_domain
 from hostagent.model import HostTopology
@@ -413,26 +419,35 @@ class ClaimRecord:
 
 
 def make_record(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, claim_id: str,
-                now: float) -> ClaimRecord:
-    """A claim of ``placement`` (checked here: ``RequestError``) for ``ask``."""
+                now: float, parsed: FitRequest | None = None) -> ClaimRecord:
+    """A claim of ``placement`` (checked here: ``RequestError``) for ``ask`` (``parsed``:
+    its request as ``parse_request`` read it, if already read)."""
+    return _made(ctx, ask, placement, claim_id=claim_id, now=now, parsed=parsed)[0]
+
+
+def _made(ctx: Context, ask: ClaimAsk, placement: Mapping[str, Any], *, claim_id: str,
+          now: float, parsed: FitRequest | None) -> tuple[ClaimRecord, str]:
+    """``make_record``, and the record's line in the claims file (``record_json``)."""
     record = rebuild_record(ctx, ClaimRecord(
         id=claim_id, claimant=ask.claimant, created=now, expires=now + ask.ttl_s,
         request=ask.request, strategy=ask.strategy, placement=placement, libvirt_xml={},
-        memory_kib=0))
-    size = len(record_json(record))
-    if size > MAX_CLAIM_RECORD_BYTES:
-        raise RequestError(f"op claim: the claim would take {size} bytes, over the limit of "
-                           f"{MAX_CLAIM_RECORD_BYTES}")
-    return record
+        memory_kib=0), parsed)
+    text = record_json(record)
+    if len(text) > MAX_CLAIM_RECORD_BYTES:
+        raise RequestError(f"op claim: the claim would take {len(text)} bytes, over the "
+                           f"limit of {MAX_CLAIM_RECORD_BYTES}")
+    return record, text
 
 
-def rebuild_record(ctx: Context, record: ClaimRecord) -> ClaimRecord:
-    """``record`` with its request parsed, its placement checked against the host of
-    ``ctx`` and its XML made again from them (``RequestError`` if either is not valid)."""
+def rebuild_record(ctx: Context, record: ClaimRecord,
+                   parsed: FitRequest | None = None) -> ClaimRecord:
+    """``record`` with its request parsed (unless ``parsed`` is given), its placement
+    checked against the host of ``ctx`` and its XML made again from them
+    (``RequestError`` if either is not valid)."""
     from hostagent.fit.libvirt_xml import fragments
     from hostagent.fit.request import parse_request
 
-    req = parse_request(record.request)
+    req = parsed if parsed is not None else parse_request(record.request)
     norm = check_placement(ctx, record.placement, vcpus=req.vcpus, memory_mib=req.memory_mib)
     xml = fragments(vcpus=req.vcpus, placement=norm, realtime=norm["realtime_vcpus"],
                     floating_cpus=sorted(ctx.shared & ctx.online), claim_id=record.id)
@@ -495,24 +510,35 @@ class Prepared:
     record: ClaimRecord | None
     contribution: Contribution | None
     answer: Mapping[str, Any] | None = None
+    text: str | None = None  # the record's line in the claims file
 
 
-def prepare_claim(ctx: Context, snapshot: Mapping[str, Any], ask: ClaimAsk, *, claim_id: str,
-                  now: float, search_steps: int) -> Prepared:
-    """Fit ``ask`` on ``snapshot`` (unless it names its placement), and make the claim of
-    the placement on the host of ``ctx``. Pure (a worker thread may run it);
-    ``RequestError`` for an invalid request or placement."""
+def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: ClaimAsk, *,
+                  claim_id: str, now: float, search_steps: int) -> Prepared:
+    """Fit ``ask`` on ``snapshot`` (a snapshot, or the fit's view of one:
+    ``ClaimTracker.fit_view``) unless it names its placement, and make the claim of the
+    placement on the host of ``ctx``. Pure (a worker thread may run it); ``RequestError``
+    for an invalid request or placement."""
+    from hostagent.fit.request import parse_request
+
+    req = parse_request(ask.request)
     placement = ask.placement
     answer = None
     if placement is None:
         from hostagent.fit import fit
 
-        answer = fit(snapshot, ask.request, strategy=ask.strategy, search_steps=search_steps)
+        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps)
         if not answer["fits"]:
             return Prepared(None, None, answer)
         placement = answer["placement"]
-    record = make_record(ctx, ask, placement, claim_id=claim_id, now=now)
-    return Prepared(record, claim_contribution(ctx, record), answer)
+    record, text = _made(ctx, ask, placement, claim_id=claim_id, now=now, parsed=req)
+    return Prepared(record, claim_contribution(ctx, record), answer, text)
+
+
+def judge_quickly(tracker: ClaimTracker, c: Contribution) -> list[dict[str, Any]]:
+    """``judge``, answered from the claims overlay when ``c`` is free (no fold of the
+    usage: ``hostagent.claim_overlay``); when it is not, ``judge`` names the reasons."""
+    return [] if tracker.is_free(c) else judge(tracker, c)
 
 
 def _reason(resource: str, message: str, cell: int | None = None) -> dict[str, Any]:
@@ -681,12 +707,52 @@ class ClaimTracker(UsageTracker):
     ``set_host``)."""
 
     def __init__(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
+        self.sums = ClaimSums()  # what the claims hold, added up (claim_overlay)
+        self._base: GuestBase | None = None  # the guests alone, per generation
+        self._topology_doc: tuple[Context, dict[str, Any]] | None = None
         self.claim_records: dict[str, ClaimRecord] = {}
         # guest uuid → (the claim it was booted from, the context and that claim's
         # contribution on it)
         self.consumed: dict[str, tuple[ClaimRecord, Context, Contribution | None]] = {}
         self.on_event: Callable[[ClaimEvent], None] = lambda event: None
         super().__init__(topo, resources)
+
+    # ---- the overlay: what a decision reads (hostagent.claim_overlay)
+
+    def put_claim(self, contribution: Contribution) -> None:
+        old = self.claims.get(contribution.uuid)
+        if old is not None:
+            self.sums.remove(old)
+        super().put_claim(contribution)
+        self.sums.add(contribution)
+
+    def drop_claim(self, claim_id: str) -> bool:
+        old = self.claims.get(claim_id)
+        if old is not None:
+            self.sums.remove(old)
+        return super().drop_claim(claim_id)
+
+    def guest_base(self) -> GuestBase:
+        """The guests alone, folded once per ``generation`` (host or guest change)."""
+        base = self._base
+        if base is None or base.generation != self.generation or base.ctx is not self.ctx:
+            from hostagent.model import topology_to_dict
+
+            if self._topology_doc is None or self._topology_doc[0] is not self.ctx:
+                self._topology_doc = (self.ctx, topology_to_dict(self.ctx.topo))
+            base = self._base = guest_base(self.ctx, self.generation,
+                                           self.contributions.values(),
+                                           self._topology_doc[1])
+        return base
+
+    def fit_view(self) -> HostView:
+        """The fit's view of this moment (guests and claims): exactly ``host_view`` of a
+        snapshot of ``usage()``, without folding it."""
+        return self.sums.fit_view(self.guest_base(), self.claims.values())
+
+    def is_free(self, c: Contribution) -> bool:
+        """Whether ``judge`` finds nothing against holding ``c`` now, without folding."""
+        return self.sums.is_free(self.guest_base(), self.claims.values(), c)
 
     # ---- claims
 
@@ -726,8 +792,7 @@ class ClaimTracker(UsageTracker):
         super().set_host(topo, resources)  # guests: recomputed through _contribute
         for record in list(self.claim_records.values()):
             try:  # accounted as made again on this host (its cpusets may have changed)
-                self.claims[record.id] = claim_contribution(self.ctx,
-                                                            rebuild_record(self.ctx, record))
+                self.put_claim(claim_contribution(self.ctx, rebuild_record(self.ctx, record)))
             except RequestError as exc:
                 self.release(record.id)
                 self.on_event(ClaimEvent("dropped", record, why=str(exc)))
@@ -751,8 +816,9 @@ class ClaimTracker(UsageTracker):
             return c
         fresh = self.claim_records.pop(claim_id, None)
         if fresh is not None:  # the guest booted from an outstanding claim: consumed
-            self.consumed[record.uuid] = (fresh, self.ctx, self.claims.pop(claim_id, None))
-            self._usage = None
+            held = self.claims.get(claim_id)
+            self.drop_claim(claim_id)
+            self.consumed[record.uuid] = (fresh, self.ctx, held)
         held = self.consumed.get(record.uuid)
         if held is None or held[0].id != claim_id:
             return c  # a claim id this agent does not hold (expired, released, another's)

@@ -1173,9 +1173,13 @@ class UsageTracker:
         self.intruders: dict[str, Any] | None = None
         # the last fold on self.ctx: the next fold hands over its unchanged parts
         self._previous: dict[str, Any] | None = None
+        # +1 whenever the host or a guest's contribution changes (not for claims):
+        # what is worked out of the guests alone is kept while it stays the same
+        self.generation = 0
 
     def set_host(self, topo: HostTopology, resources: Mapping[str, Any]) -> None:
         self.ctx = make_context(topo, resources)
+        self.generation += 1
         self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
         self._usage = self._previous = None  # a new context starts from fresh entries
 
@@ -1186,16 +1190,19 @@ class UsageTracker:
     def update(self, record: GuestRecord) -> None:
         self.records[record.uuid] = record
         self.contributions[record.uuid] = self._contribute(record)
+        self.generation += 1
         self._usage = None
 
     def remove(self, uuid: str) -> None:
         if self.records.pop(uuid, None) is not None:
             self.contributions.pop(uuid, None)
+            self.generation += 1
             self._usage = None
 
     def replace_all(self, records: Iterable[GuestRecord]) -> None:
         self.records = {r.uuid: r for r in records}
         self.contributions = {u: self._contribute(r) for u, r in self.records.items()}
+        self.generation += 1
         self._usage = None
 
     def set_threads(self, checked: Mapping[str, dict[str, Any]]) -> None:

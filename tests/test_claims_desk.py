@@ -70,6 +70,7 @@ def guest_on(cpus: list[int], n: int = 1) -> Any:
 
 def test_a_guest_taking_the_fitted_threads_during_the_fit_makes_the_desk_fit_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claim_desk, "INLINE_MAX_VCPUS", 0)  # the fit in the desk's thread
     agent = StandIn(tmp_path / "run")
     desk = ClaimDesk(agent)
     real = claims.prepare_claim

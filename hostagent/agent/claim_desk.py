@@ -2,22 +2,27 @@
 (docs/claims.md, docs/daemon.md §5).
 
 One ``ClaimDesk`` per agent, on the agent's loop. It decides claims **one at a time**
-(an ``asyncio.Lock``): the fit (and the making of the claim) runs in the desk's own
-worker thread against the usage of that moment, every outstanding claim included; back
-on the loop, with nothing awaited between the check and the grant, ``claims.judge``
-compares what the claim holds with what the usage of *that* moment (every guest and
-claim) has free, and it is granted only if it takes nothing somebody holds. A guest
-event that took part of the placement while the fit ran makes the desk fit again
-(``DECIDE_ATTEMPTS``). Claim requests waiting for their
-turn are bounded (``MAX_CLAIMS_WAITING``) and hold no thread; they are not counted in the
-publisher's ``MAX_REQUESTS_IN_FLIGHT``.
+(an ``asyncio.Lock``) against the claims overlay of that moment
+(``ClaimTracker.fit_view``: the guests' fold, made once per guest change, with the
+outstanding claims' sums taken; ``hostagent.claim_overlay``). A small request (at most
+``INLINE_MAX_VCPUS`` vCPUs and ``INLINE_MAX_PCI`` PCI functions, no cache reservation,
+a fit within ``INLINE_SEARCH_STEPS``) is fitted, made, judged and granted on the loop
+with nothing awaited in between; any other is fitted (and made) in the desk's own worker
+thread, and back on the loop, with nothing awaited between the check and the grant,
+``claims.judge_quickly`` compares what the claim holds with what *that* moment (every
+guest and claim) has free: it is granted only if it takes nothing somebody holds. A
+guest event that took part of the placement while the fit ran makes the desk fit again
+(``DECIDE_ATTEMPTS``). Claim requests waiting for their turn are bounded
+(``MAX_CLAIMS_WAITING``) and hold no thread; they are not counted in the publisher's
+``MAX_REQUESTS_IN_FLIGHT``.
 
 A claim is on disk before its reply goes out: the claims file under ``[agent]
-runtime_dir`` is written after every grant, release, expiry and hand-off (group commit:
-claims granted while a write runs go out together in the next one). A grant that cannot
+runtime_dir`` is written after every grant (group commit: claims granted while a write
+runs go out together in the next one, and their replies after it). A grant that cannot
 be written is taken back and answered with the error. A release, expiry or hand-off is
-answered (or logged) without waiting for its write: lost, it would only make a claim
-come back at start and hold until it expires.
+answered (or logged) without waiting for its write, which goes with the next grant's
+or at most ``DEFERRED_WRITE_SECONDS`` later (and at stop): lost, it would only make a
+claim come back at start and hold until it expires.
 
 Who may claim: with CURVE, only clients whose key is in ``[curve] claimants_dir``
 (others get an error reply for ``claim``/``release``; ``claims`` is for every client).
@@ -43,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from hostagent import claims
-from hostagent.claim_limits import MAX_CLAIMS, MAX_CLAIMS_WAITING
+from hostagent.claim_limits import (
+    DEFERRED_WRITE_SECONDS,
+    INLINE_MAX_PCI,
+    INLINE_MAX_VCPUS,
+    INLINE_SEARCH_STEPS,
+    MAX_CLAIMS,
+    MAX_CLAIMS_WAITING,
+)
 from hostagent.curve import AllowedKeys, load_allowed_keys
 from hostagent.errors import HostagentError
 
@@ -77,6 +89,8 @@ class ClaimDesk:
         self._write_lock = asyncio.Lock()
         self._generation = 0  # +1 per change to write
         self._written = 0  # the generation on disk
+        # the coming write of a release, expiry or hand-off (DEFERRED_WRITE_SECONDS)
+        self._deferred: asyncio.TimerHandle | None = None
 
     # ---- set-up
 
@@ -128,7 +142,18 @@ class ClaimDesk:
             self.expire()
 
     def close(self) -> None:
+        """Stop the worker; changes not written yet (a release, expiry or hand-off whose
+        write was deferred or cancelled) are written now."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        if self._written < self._generation:
+            try:
+                claims.save_claims(self.path, self._render())
+                self._written = self._generation
+            except OSError as exc:
+                self._write_failed(exc)
 
     # ---- ops
 
@@ -187,11 +212,13 @@ class ClaimDesk:
         return {"claimed": True, "claim": record.doc(), "seq": decision.seq, "epoch": epoch}
 
     async def _decide(self, ask: claims.ClaimAsk) -> Decision:
-        """Fit (in the desk's thread) and judge (on the loop) until granted, refused, or
-        ``DECIDE_ATTEMPTS`` fits were overtaken by guest events."""
+        """Fit and judge until granted, refused, or ``DECIDE_ATTEMPTS`` fits (in the
+        desk's thread) were overtaken by guest events. A small request is decided on the
+        loop with nothing awaited (``_inline``)."""
         agent = self.agent
-        loop = asyncio.get_running_loop()
         reasons: list[dict[str, Any]] = []
+        inline = _inline(ask)
+        steps = agent.config.fit.search_steps
         for _ in range(DECIDE_ATTEMPTS):
             self.expire()
             tracker = agent.tracker
@@ -200,16 +227,19 @@ class ClaimDesk:
                 raise HostagentError(f"op claim: {len(tracker.claim_records)} claims "
                                      f"outstanding, the limit (MAX_CLAIMS); release some")
             ctx = tracker.ctx
-            snap = None
-            if ask.placement is None:
-                from hostagent.snapshot import assemble_snapshot
-
-                snap = assemble_snapshot(agent.topology_doc, agent.resources, tracker.usage(),
-                                         host=agent.publisher.host, epoch=agent.epoch,
-                                         seq=seq, now=time.time())
-            prepared = await loop.run_in_executor(self._executor, functools.partial(
-                claims.prepare_claim, ctx, snap, ask, claim_id=claims.new_claim_id(),
-                now=time.time(), search_steps=agent.config.fit.search_steps))
+            work = functools.partial(claims.prepare_claim, ctx, tracker.fit_view(), ask,
+                                     claim_id=claims.new_claim_id(), now=time.time())
+            prepared = None
+            if inline:
+                prepared = work(search_steps=min(steps, INLINE_SEARCH_STEPS))
+                if _exhausted(prepared) and steps > INLINE_SEARCH_STEPS:
+                    prepared, inline = None, False  # a long search: in the worker
+                else:
+                    self.counters["inline"] += 1
+            if prepared is None:
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(self._executor, functools.partial(
+                    work, search_steps=steps))
             if prepared.record is None:
                 assert prepared.answer is not None
                 return Decision(None, list(prepared.answer["reasons"]), seq)
@@ -217,19 +247,20 @@ class ClaimDesk:
                 continue
             # from here to the grant nothing is awaited: the decision is atomic
             assert prepared.contribution is not None
-            reasons = claims.judge(tracker, prepared.contribution)
+            reasons = claims.judge_quickly(tracker, prepared.contribution)
             if not reasons:
-                self._grant(prepared.record, prepared.contribution)
+                self._grant(prepared.record, prepared.contribution, prepared.text)
                 return Decision(prepared.record, [], seq)
             if ask.placement is not None:
                 return Decision(None, reasons, seq)
             self.counters["refits"] += 1  # a guest took part of the placement meanwhile
         return Decision(None, reasons, agent.publisher.seq)
 
-    def _grant(self, record: claims.ClaimRecord, c: Any) -> None:
+    def _grant(self, record: claims.ClaimRecord, c: Any, text: str | None = None) -> None:
         tracker = self.agent.tracker
         tracker.grant(record, c)
-        self._texts[record.id] = claims.record_json(record)
+        self._texts[record.id] = text or claims.record_json(record)
+        self._generation += 1  # op_claim writes it before the reply
         self.counters["granted"] += 1
         log.info("claim %s granted to %r until %.0f: %s", record.id, record.claimant,
                  record.expires, _holding(c))
@@ -285,11 +316,20 @@ class ClaimDesk:
             message = f"claim {record.id} dropped: {event.why}"
             log.error("%s", message)
             self.agent.record_error("claims", message)
-        self.agent._spawn(self._commit_logged())  # published by the change under way
+        self._changed(publish=False)  # published by the change under way
 
-    def _changed(self) -> None:
-        """The claims changed: publish, and write the claims file."""
-        self.agent.mark_dirty()
+    def _changed(self, publish: bool = True) -> None:
+        """The claims changed (not a grant): publish, and write the claims file with the
+        next grant's write or within ``DEFERRED_WRITE_SECONDS``."""
+        self._generation += 1
+        if publish:
+            self.agent.mark_dirty()
+        if self._deferred is None:
+            loop = asyncio.get_running_loop()
+            self._deferred = loop.call_later(DEFERRED_WRITE_SECONDS, self._write_deferred)
+
+    def _write_deferred(self) -> None:
+        self._deferred = None
         self.agent._spawn(self._commit_logged())
 
     # ---- the claims file
@@ -297,20 +337,22 @@ class ClaimDesk:
     async def commit(self) -> None:
         """Return once the claims as they are now are on disk (``OSError`` if the write
         fails). Callers arriving while a write runs share the next one."""
-        self._generation += 1
         want = self._generation
         async with self._write_lock:
             if self._written >= want:
                 return
             generation = self._generation
-            records = list(self.agent.tracker.claim_records.values())
-            for gone in set(self._texts) - {r.id for r in records}:
-                del self._texts[gone]
-            text = claims.render_claims(records, lambda r: self._texts.get(r.id) or
-                                        claims.record_json(r))
+            text = self._render()
             await asyncio.to_thread(claims.save_claims, self.path, text)
             self._written = generation
             self.counters["writes"] += 1
+
+    def _render(self) -> str:
+        records = list(self.agent.tracker.claim_records.values())
+        for gone in set(self._texts) - {r.id for r in records}:
+            del self._texts[gone]
+        return claims.render_claims(records, lambda r: self._texts.get(r.id) or
+                                    claims.record_json(r))
 
     async def _commit_logged(self) -> None:
         try:
@@ -328,6 +370,22 @@ class ClaimDesk:
         return {"file": str(self.path), "outstanding": len(self.agent.tracker.claim_records),
                 "waiting": self._waiting, "claimants": len(self.claimants),
                 "counters": dict(self.counters)}
+
+
+def _inline(ask: claims.ClaimAsk) -> bool:
+    """Whether the claim is small enough to be decided on the loop (``INLINE_*``);
+    ``RequestError`` for an invalid request."""
+    from hostagent.fit.request import parse_request
+
+    req = parse_request(ask.request)
+    return (req.vcpus <= INLINE_MAX_VCPUS and not req.cache
+            and sum(item.count for item in req.pci) <= INLINE_MAX_PCI)
+
+
+def _exhausted(prepared: claims.Prepared) -> bool:
+    """The fit found no placement within its step budget."""
+    return prepared.record is None and prepared.answer is not None and any(
+        r["resource"] == "search" for r in prepared.answer["reasons"])
 
 
 def load_claimants(curve: Any) -> AllowedKeys:

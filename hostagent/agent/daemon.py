@@ -833,8 +833,17 @@ class Agent:
             self.ctx.destroy(linger=0)
 
 
+#: The interpreter's thread switch interval in the agent (Python's default: 5 ms). A
+#: worker thread (the claims file's writer, a fit, a probe) takes the GIL back after each
+#: system call it makes; while the loop runs Python code it would wait up to the interval
+#: for each one, so that a claims-file write (a handful of system calls) took tens of ms
+#: with the loop busy deciding claims (docs/daemon.md §2).
+GIL_SWITCH_SECONDS = 0.0005
+
+
 def run_agent(config_path: str | None) -> int:
     """Load the config, set up logging, run the loop; the process exit code."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     agent = Agent(config_path)  # ConfigError → the CLI prints it, exit 2
     setup_logging(agent.config.agent.log_level)
     return asyncio.run(agent.run())

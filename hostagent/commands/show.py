@@ -6,15 +6,19 @@ stdin) or from an agent (``--endpoint
 STREAM[,REQUEST]``: subscribe and take the first snapshot, which the agent sends to
 every new subscriber at once; default: the config's endpoints).
 
-Drawn: the summary of ``hostagent snapshot`` (cells, guests, conflicts), the hugepage
-pools per cell (the accounting's free count beside the kernel's, and the pages used
-outside the tracked guests when there are any), a thread map (one line per core: each
-thread with its owner — ``guest/v3`` a pinned vCPU, ``guest/emu`` an emulator thread,
-``free`` a free dedicated thread, ``shared(N)`` a shared thread with N guests floating
-on it, ``host``, ``offline``), and per cache ID a map of its ways by group (most
-significant way first; ``.`` free, ``-`` free but shared with I/O, a letter per group as
-listed, derived from the group's name as in ``hostagent probe``; the legend names only
-the symbols shown).
+Drawn: the summary of ``hostagent snapshot`` (cells, guests, conflicts), the outstanding
+claims (``claim_lines``: id, expiry in ISO-8601 UTC as the debug dump writes it,
+claimant, and what each holds: threads, threads kept idle, memory and hugepages per
+cell, shared vCPUs, cache ways, PCI functions), the hugepage pools per cell (the
+accounting's free count beside the kernel's, and the pages used outside the tracked
+guests when there are any), a thread map (one line per core: each thread with its
+owner — ``guest/v3`` a pinned vCPU, ``guest/emu`` an emulator thread, ``claim:5c1e0d`` a
+thread a claim holds, ``free`` a free dedicated thread, ``shared(N)`` a shared thread
+with N guests floating on it, ``host``, ``offline``), and per cache ID a map of its ways
+by group (most significant way first; ``.`` free, ``-`` free but shared with I/O, a
+letter per group as listed, derived from the group's name as in ``hostagent probe``;
+the legend names only the symbols shown). Lines are at most 80 columns but the thread
+map's (one core per line) and the cache maps'.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Any
 from hostagent.commands.watch import add_client_options, client_curve, sources_from
 from hostagent.errors import HostagentError
 from hostagent.units import format_kib, plural
+
+#: the claims section's width (the summary's and watch's too)
+CLAIM_LINE_WIDTH = 80
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,6 +92,76 @@ def fetch(args: argparse.Namespace) -> dict[str, Any]:
         return sub.wait_snapshot(args.host, timeout=args.timeout)
 
 
+def short_claim(claim_id: str) -> str:
+    """``claim:`` and 6 hex digits of a claim id (``claim-5c1e0d…`` → ``claim:5c1e0d``)."""
+    return "claim:" + (claim_id[6:12] if claim_id.startswith("claim-") else claim_id[:6])
+
+
+def _cut(text: str, room: int) -> str:
+    return text if len(text) <= room else text[:max(0, room - 1)] + "…"
+
+
+def claim_holdings(entry: dict[str, Any]) -> list[str]:
+    """What a ``usage.claims`` entry holds, one phrase each: ``threads 4,12``, ``idle
+    5,13``, ``c1 1 GiB in 2 MiB pages``, ``shared vCPUs 2``, ``L3#0 ways 060``, ``PCI
+    0000:af:00.1``."""
+    from hostagent.cpulist import format_cpulist
+
+    out = []
+    if entry.get("dedicated_cpus"):
+        out.append(f"threads {format_cpulist(entry['dedicated_cpus'])}")
+    if entry.get("idle_cpus"):
+        out.append(f"idle {format_cpulist(entry['idle_cpus'])}")
+    for c in entry.get("cells", []):
+        where = f"c{c['host_cell']}" if c.get("host_cell") is not None else "any cell"
+        pages = c.get("page_size_kib")
+        out.append(f"{where} {format_kib(c['memory_kib'])}"
+                   + (f" in {format_kib(pages)} pages" if pages else ""))
+    if entry.get("shared_vcpus"):
+        out.append(f"shared vCPUs {entry['shared_vcpus']}")
+    if entry.get("floating_vcpus"):
+        out.append(f"floating vCPUs {entry['floating_vcpus']}")
+    for c in entry.get("cache", []):
+        out.append(f"{c['resource']}#{c['id']} ways {c['mask']}")
+    if entry.get("pci"):
+        out.append("PCI " + " ".join(entry["pci"]))
+    return out
+
+
+def claim_lines(entry: dict[str, Any], indent: str = "  ",
+                width: int = CLAIM_LINE_WIDTH) -> list[str]:
+    """One claim in lines of at most ``width`` columns: ``ID  by CLAIMANT`` (the claimant
+    cut to fit), ``expires ISO`` (UTC, as the debug dump writes it), then ``holds ...``
+    (``claim_holdings``) wrapped onto as many lines as it takes."""
+    from hostagent.agent.debug_dump import iso_time
+
+    more = " " * len(indent)  # the lines after the first
+    head = f"{indent}{entry['id']}"
+    claimant = entry.get("claimant") or ""
+    if claimant:
+        head += "  by " + _cut(claimant, width - len(head) - 5)
+    lines = [_cut(head, width), f"{more}  expires {iso_time(entry['expires'])}"]
+    phrases = claim_holdings(entry) or ["nothing"]
+    line = f"{more}  holds {phrases[0]}"
+    for phrase in phrases[1:]:
+        if len(line) + len(phrase) + 3 <= width:  # room for "; " and a ";" after it
+            line += "; " + phrase
+        else:
+            lines.append(_cut(line + ";", width))
+            line = f"{more}    {phrase}"
+    lines.append(_cut(line, width))
+    return lines
+
+
+def claims_section(snap: dict[str, Any]) -> list[str]:
+    """``claims: N outstanding`` and each claim (``claim_lines``), oldest first."""
+    entries = snap["usage"].get("claims") or []
+    out = [f"claims: {len(entries) or 'none'}" + (" outstanding" if entries else "")]
+    for entry in entries:
+        out.extend(claim_lines(entry))
+    return out
+
+
 def thread_map(snap: dict[str, Any]) -> list[str]:
     usage, topo = snap["usage"], snap["topology"]
     names = {g["uuid"]: g["name"] for g in usage.get("guests", [])}
@@ -103,6 +180,8 @@ def thread_map(snap: dict[str, Any]) -> list[str]:
             if t.get("iothread") is not None:
                 return f"{who}/io{t['iothread']}"
             return who
+        if t.get("claim"):
+            return short_claim(t["claim"])
         role = t.get("role", "")
         shared = t.get("shared_guests") or []
         if role == "dedicated":
@@ -180,19 +259,27 @@ def way_maps(snap: dict[str, Any]) -> list[str]:
                    f"{drawn}  free {plural(c['free_ways'], 'way')}, "
                    f"largest run {plural(c['largest_free_run'], 'way')}")
     out.append("  groups:")
-    guest_of = {a["group"]: a.get("guest") for c in caches for a in c.get("allocations", [])}
+    holders: dict[str, list[str]] = {}  # group → its guest, or the claims planning it
+    for c in caches:
+        for a in c.get("allocations", []):
+            who = holders.setdefault(a["group"], [])
+            name = (f"guest {names.get(a['guest'], a['guest'])}" if a.get("guest") else
+                    f"claim {a['claim']}" if a.get("claim") else None)
+            if name is not None and name not in who:
+                who.append(name)
     for group, letter in sorted(letters.items(), key=lambda kv: (kv[0] != "", kv[0])):
-        g = guest_of.get(group)
-        who = f"  guest {names.get(g, g)}" if g else ""
-        out.append(f"    {letter} {group or '(default group)'}{who}")
+        who = holders.get(group, [])
+        shown = "  " + ", ".join(who[:2]) + (f" and {len(who) - 2} more" if len(who) > 2
+                                              else "") if who else ""
+        out.append(f"    {letter} {group or '(default group)'}{shown}")
     return out
 
 
 def render(snap: dict[str, Any]) -> str:
     from hostagent.commands.snapshot import render as summary
 
-    parts = [summary(snap).rstrip("\n"), "", *hugepage_pools(snap), "", *thread_map(snap),
-             "", *way_maps(snap)]
+    parts = [summary(snap).rstrip("\n"), "", *claims_section(snap), "",
+             *hugepage_pools(snap), "", *thread_map(snap), "", *way_maps(snap)]
     return "\n".join(parts) + "\n"
 
 

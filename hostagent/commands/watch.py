@@ -12,7 +12,11 @@ columns — ``HOST seq N  conflicts C  free: pCPUs 7/16 2MiB 10 1GiB 0 ways 18  
 they are never cut; fields that do not fit are dropped from the end and ``…`` says so).
 ``--wide`` prints everything per cell and cache ID, the accounting's free hugepages beside
 the kernel's: ``HOST seq N  pCPUs free/dedicated c0:3/8 c1:4/8  hugepages free/kernel
-c0:2MiB=10/10,1GiB=0/0  cache ways free L3#0=7 L3#1=11  guests 3  conflicts 0``. Plus a
+c0:2MiB=10/10,1GiB=0/0  cache ways free L3#0=7 L3#1=11  guests 3  conflicts 0``. Both
+end with ``claims N`` when claims are outstanding, and under the line each claim that is
+new since the host's previous snapshot is drawn as ``hostagent show`` draws it (``  +
+ID  by CLAIMANT``, its expiry in ISO-8601 UTC, what it holds; within 80 columns) and each
+claim gone since then is one line (``  - ID gone: released, expired or consumed``). Plus a
 line when a host goes silent (no message for ``--dead-after`` seconds), restarts (new
 epoch) or a snapshot was missed. ``--json`` prints each snapshot as one JSON line.
 ``--count N`` / ``--seconds S`` stop after N snapshots or S seconds (exit 0); Ctrl-C
@@ -186,6 +190,8 @@ def compact_line(snap: dict[str, Any]) -> str:
     if caches:
         fields.append((" ", f"ways {sum(int(c['free_ways']) for c in caches)}"))
     fields.append(("  ", f"guests {len(usage.get('guests', []))}"))
+    if usage.get("claims"):
+        fields.append(("  ", f"claims {len(usage['claims'])}"))
     return fit_width(fields)
 
 
@@ -213,10 +219,26 @@ def wide_line(snap: dict[str, Any]) -> str:
     return (f"{snap.get('host')} seq {snap.get('seq')}  pCPUs free/dedicated {pcpus or '-'}"
             f"  hugepages free/kernel {pages or '-'}  cache ways free {caches or '-'}"
             f"  guests {len(usage.get('guests', []))}"
-            f"  conflicts {len(usage.get('conflicts', []))}{lv}")
+            + (f"  claims {len(usage['claims'])}" if usage.get("claims") else "")
+            + f"  conflicts {len(usage.get('conflicts', []))}{lv}")
 
 
-def _show(args: argparse.Namespace, upd: Any, out: Any, epochs: dict[str, str | None]) -> bool:
+def claim_changes(seen: set[str], snap: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """The lines for the claims of ``snap`` not in ``seen`` (drawn whole) and for those
+    of ``seen`` gone from it; and the ids now outstanding."""
+    from hostagent.commands.show import claim_lines
+
+    entries = snap.get("usage", {}).get("claims") or []
+    now = {str(e["id"]) for e in entries}
+    lines = [line for e in entries if e["id"] not in seen
+             for line in claim_lines(e, indent="  + ")]
+    lines += [f"  - {claim_id} gone: released, expired or consumed"
+              for claim_id in sorted(seen - now)]
+    return lines, now
+
+
+def _show(args: argparse.Namespace, upd: Any, out: Any, epochs: dict[str, str | None],
+          claims_seen: dict[str, set[str]]) -> bool:
     """Print one update; False when it is a snapshot the summary or JSON cannot show
     (one line says why)."""
     if upd.kind == "snapshot":
@@ -226,6 +248,11 @@ def _show(args: argparse.Namespace, upd: Any, out: Any, epochs: dict[str, str | 
             else:
                 line = summary({**upd.snapshot, "host": upd.host, "seq": upd.seq},
                                wide=args.wide)
+                changes, outstanding = claim_changes(claims_seen.get(upd.host, set()),
+                                                     upd.snapshot)
+                if changes:
+                    line += "\n" + "\n".join(changes)
+                claims_seen[upd.host] = outstanding
         except UNREADABLE as exc:
             print(f"{upd.host} seq {upd.seq}: skipped, unreadable snapshot: "
                   f"{type(exc).__name__}: {exc}",
@@ -263,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
     notice: float | None = start + args.dead_after
     seen = skipped = 0
     epochs: dict[str, str | None] = {}
+    claims_seen: dict[str, set[str]] = {}  # host → the claims of its last snapshot shown
     try:
         while args.count is None or seen < args.count:
             now = time.monotonic()
@@ -277,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             for upd in sub.poll(min(waits) if waits else None):
                 if upd.kind == "snapshot":
                     notice = None
-                if not _show(args, upd, out, epochs):
+                if not _show(args, upd, out, epochs, claims_seen):
                     skipped += 1
                 elif upd.kind == "snapshot":
                     seen += 1

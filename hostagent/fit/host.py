@@ -1,7 +1,10 @@
 """What the fit sees of a host: per-cell free threads, memory, pages and devices.
 
 ``host_view(snapshot)`` reads a schema-v1 snapshot (topology + config + usage) once into
-frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
+frozen per-cell records. It never changes the snapshot. ``with_held(view, held)`` is the
+view of the same snapshot with more holders folded into its usage (the agent's claims,
+docs/claims.md §3.1), made from ``view`` at the cost of the cells they touch. The rules
+(docs/fit.md):
 
 - a *dedicated* thread is online and in ``config.dedicated_cpus``; it is *free* unless
   ``usage.threads`` gives it a guest, an emulator, a shared guest, a hold
@@ -26,6 +29,7 @@ frozen per-cell records. It never changes the snapshot. The rules (docs/fit.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +123,9 @@ class HostView:
     # number of groups those claims will need
     claimed_ways: Mapping[tuple[str, int], int] = field(default_factory=dict)
     claimed_groups: int = 0
+    # free hugepages per cell id and size before the floating guests' cap (``with_held``)
+    raw_pages: Mapping[int, Mapping[int, int]] = field(default_factory=dict, compare=False,
+                                                       repr=False)
 
     def cell(self, cell_id: int) -> HostCell:
         for c in self.cells:
@@ -255,14 +262,8 @@ def _view(
         for p in sorted(topo.get("pci") or [], key=lambda p: p["address"])
     )
     floating_pages = _floating_pages(usage.get("floating_hugepages") or ())
-    pages_left: dict[int, int] = {}
-    for size, held in floating_pages.items():
-        # those pages came from cells unknown: no cell can give more than what all cells
-        # together have left after them
-        left = pages_left[size] = max(0, sum(p.get(size, 0) for p in cell_pages) - held)
-        for p in cell_pages:
-            if p.get(size, 0) > left:
-                p[size] = left
+    raw_pages = {c.id: dict(p) for c, p in zip(cells, cell_pages, strict=True)}
+    pages_left = _cap_floating_pages(cell_pages, floating_pages)
     floating = usage.get("floating") or {}
     claimed_ways, claimed_groups = _claimed_ways(usage.get("caches") or ())
     return HostView(
@@ -280,7 +281,90 @@ def _view(
         pages_left=pages_left,
         claimed_ways=claimed_ways,
         claimed_groups=claimed_groups,
+        raw_pages=raw_pages,
     )
+
+
+def _cap_floating_pages(cell_pages: Sequence[dict[int, int]],
+                        floating_pages: Mapping[int, int]) -> dict[int, int]:
+    """Cap each cell's free pages of a size that guests bound to no cell hold (in place):
+    those pages came from cells unknown, so no cell can give more than what all cells
+    together have left after them. Returns that remainder per size (``pages_left``)."""
+    pages_left: dict[int, int] = {}
+    for size, held in floating_pages.items():
+        left = pages_left[size] = max(0, sum(p.get(size, 0) for p in cell_pages) - held)
+        for p in cell_pages:
+            if p.get(size, 0) > left:
+                p[size] = left
+    return pages_left
+
+
+@dataclass(frozen=True)
+class Held:
+    """What holders the view's usage does not count hold on top of it (the agent's
+    claims, ``hostagent.claim_overlay``), in the usage's own terms: what the usage would
+    show with them folded in."""
+
+    threads: frozenset[int] = frozenset()  # threads they run on or keep idle
+    shared_vcpus: Mapping[int, int] = field(default_factory=dict)  # cell -> vCPUs
+    memory_kib: Mapping[int, int] = field(default_factory=dict)  # cell -> KiB, small pages
+    pages: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (cell, size) -> n
+    floating_vcpus: int = 0
+    floating_memory_kib: int = 0
+    floating_pages: Mapping[int, int] = field(default_factory=dict)  # size KiB -> pages
+    pci: frozenset[str] = frozenset()
+    # ``usage.caches`` with their ways in (None: the view's, they hold no ways)
+    caches: tuple[Mapping[str, Any], ...] | None = None
+
+
+# what a HostCell works out from its CPUs alone, kept when only its usage changes
+_CELL_LAYOUT = ("cores", "threads_per_core", "socket")
+
+
+def with_held(view: HostView, held: Held) -> HostView:
+    """``view`` with ``held`` taken: exactly what ``host_view`` reads from the snapshot
+    whose usage also folds in the holders of ``held`` (tests/test_claims_overlay.py), at
+    the cost of the cells they touch. Cells they do not touch are ``view``'s own objects
+    (with what fits worked out of them); a touched cell keeps its cores."""
+    cell_pages: list[dict[int, int]] = []
+    cells: list[HostCell] = []
+    floating_pages = dict(view.floating_pages)
+    for size, n in held.floating_pages.items():
+        floating_pages[size] = floating_pages.get(size, 0) + n
+    for c in view.cells:
+        raw = view.raw_pages.get(c.id, {})
+        pages = {size: max(0, n - held.pages.get((c.id, size), 0)) for size, n in raw.items()}
+        cell_pages.append(pages)
+        free = c.free - held.threads if not held.threads.isdisjoint(c.free) else c.free
+        shared = held.shared_vcpus.get(c.id, 0)
+        memory = held.memory_kib.get(c.id, 0)
+        if free is c.free and not shared and not memory and pages == c.pages \
+                and not floating_pages:
+            cells.append(c)
+            continue
+        new = dataclasses.replace(c, free=free, shared_used=c.shared_used + shared,
+                                  small_used_kib=c.small_used_kib + memory, pages=pages)
+        for name in _CELL_LAYOUT + (("free_split",) if free is c.free else ()):
+            if name in c.__dict__:  # functools.cached_property keeps it there
+                new.__dict__[name] = c.__dict__[name]
+        cells.append(new)
+    raw_pages = {c.id: dict(p) for c, p in zip(cells, cell_pages, strict=True)}
+    pages_left = _cap_floating_pages(cell_pages, floating_pages)
+    pci = view.pci
+    if held.pci:
+        pci = tuple(dataclasses.replace(d, free=False) if d.free and d.address in held.pci
+                    else d for d in pci)
+    caches = view.snapshot_usage_caches
+    claimed_ways, claimed_groups = view.claimed_ways, view.claimed_groups
+    if held.caches is not None:
+        caches = tuple(held.caches)
+        claimed_ways, claimed_groups = _claimed_ways(caches)
+    return dataclasses.replace(
+        view, cells=tuple(cells), floating_used=view.floating_used + held.floating_vcpus,
+        floating_memory_kib=view.floating_memory_kib + held.floating_memory_kib,
+        pci=pci, snapshot_usage_caches=caches, floating_pages=floating_pages,
+        pages_left=pages_left, claimed_ways=claimed_ways, claimed_groups=claimed_groups,
+        raw_pages=raw_pages)
 
 
 def split_cores(
