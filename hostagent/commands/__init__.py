@@ -17,4 +17,5 @@ COMMANDS = (
     "claim",
     "release",
     "keys",
+    "forward",
 )
