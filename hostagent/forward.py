@@ -14,7 +14,8 @@ forwarder's whole subscription set from libzmq's XSUB at once, and welcomes as w
 
 The loop (``Forwarder.run``) moves messages itself instead of ``zmq.proxy`` so that it
 can count them and drop what is not a stream message: a message from an agent must be
-two frames with a ``hostagent.<host>.`` topic (``wire.host_of_topic``) or it is dropped
+two frames with a ``hostagent.<host>.`` or ``hostagent-delta.<host>.`` topic
+(``wire.stream_of_topic``) or it is dropped
 (``bad_messages``); the body is not decoded (subscribers decode strictly, the forwarder
 only carries). A subscription frame from a subscriber must be ``\\x00``/``\\x01`` +
 prefix (``bad_subscriptions`` otherwise).
@@ -297,7 +298,7 @@ class Forwarder:
                 self._bad(f"a message of {len(frames)} frames (a stream message has 2)")
                 continue
             try:
-                wire.host_of_topic(frames[0].bytes)
+                wire.stream_of_topic(frames[0].bytes)
             except wire.WireError as exc:
                 self._bad(str(exc))
                 continue
