@@ -47,6 +47,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -127,6 +128,15 @@ class SubscriberState:
     #: subscriber's loop to heal (``DELTA_HEAL_SECONDS`` apart per host)
     heal: set[tuple[int, str]] = field(default_factory=set)
     _warned: set[tuple[str, str, int]] = field(default_factory=set, repr=False)
+    #: no live host can be dead before this (monotonic) time: ``expire`` walks the hosts
+    #: only from then on, so polling costs O(1), not O(hosts), between expiries
+    _due: float = field(default=math.inf, repr=False)
+
+    def _seen(self, st: HostState, now: float) -> None:
+        st.last_seen = now
+        st.alive = True
+        if now + self.dead_after < self._due:
+            self._due = now + self.dead_after
 
     def feed(self, body: dict[str, Any], now: float, source: int = -1, *,
              size: int = 0) -> Update | None:
@@ -166,8 +176,7 @@ class SubscriberState:
             self.stats["rebinds"] += 1
             st.source, st.epoch, st.seq, st.snapshot, st.heard_seq, st.stale = (
                 source, None, -1, None, -1, False)
-        st.last_seen = now
-        st.alive = True
+        self._seen(st, now)
         if body["epoch"] != st.epoch:
             if st.epoch is not None:
                 st.resets += 1
@@ -213,8 +222,7 @@ class SubscriberState:
             self.stats["unusable_deltas"] += 1
             self.heal.add((source, host))  # nothing to apply it to: ask for a full one
             return None
-        st.last_seen = now
-        st.alive = True
+        self._seen(st, now)
         st.heard_seq = max(st.heard_seq, seq)
         if seq <= st.seq:
             self.stats["duplicates"] += 1
@@ -265,19 +273,25 @@ class SubscriberState:
 
     def expire(self, now: float) -> list[Update]:
         """``dead`` updates for hosts silent for longer than ``dead_after``."""
+        if now <= self._due:
+            return []
         out = []
+        due = math.inf
         for st in self.hosts.values():
-            if st.alive and now - st.last_seen > self.dead_after:
+            if not st.alive:
+                continue
+            if now - st.last_seen > self.dead_after:
                 st.alive = False
                 self.stats["dead"] += 1
                 out.append(Update("dead", st.host, st.epoch, st.seq, st.snapshot))
+            else:
+                due = min(due, st.last_seen + self.dead_after)
+        self._due = due
         return out
 
     def next_expiry(self, now: float) -> float | None:
         """Seconds until the next host could be declared dead (``None``: no live host)."""
-        waits = [st.last_seen + self.dead_after - now for st in self.hosts.values()
-                 if st.alive]
-        return max(0.0, min(waits)) if waits else None
+        return None if self._due == math.inf else max(0.0, self._due - now)
 
 
 @dataclass(frozen=True)

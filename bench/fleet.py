@@ -1,0 +1,346 @@
+"""A simulated fleet through a real forwarder into one scheduler's ``Fleet`` (issue 15).
+
+    .venv/bin/python bench/fleet.py [--hosts 1000,10000] [--seconds 12] [--procs 2]
+
+Fleet: ``--procs`` simulator processes, each one XPUB carrying N/procs hosts under their
+own topics (``hostagent.<host>.``, and ``hostagent-delta.<host>.`` when asked for):
+realistic schema-v1 snapshots of the 48-thread ``xeon-2s-cat`` fixture with 20 random
+guests (``bench/fleet_snapshots.py``: chains of real ``UsageTracker`` usages one guest
+event apart), each host changing every ``--period`` seconds (default 10: N/10 updates/s)
+and sending a heartbeat when it sent nothing for a second, answering subscriptions with
+a welcome re-publish like the agent. A real ``hostagent forward`` process connects to
+them; the scheduler (this process) subscribes to the forwarder and feeds one ``Fleet``.
+
+For each N, for the full stream and the delta stream: the updates per second applied,
+the scheduler's CPU per update and per second (its own process time: what one core has
+to do), the lag (update's ``time`` to applied) p50/p99, bytes per update on the wire;
+scheduler memory per host (RSS growth over the join / N); ``place`` p50/p99 and
+placements per second of this one process while the fleet keeps changing; and the peer:
+a naive scheduler running ``fit`` on every host per placement (timed on a sample of
+hosts, scaled to N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fleet_snapshots import Chain, SimEncoder, assemble_snapshot  # noqa: E402
+
+from hostagent import wire  # noqa: E402
+
+FIXTURE = "xeon-2s-cat"
+GUESTS = 20
+CHAIN_STEPS = 120
+CHAINS_PER_PROC = 3
+HEARTBEAT_S = 1.0
+REQUEST = {"vcpus": 2, "memory_mb": 2048, "extra_specs": {"hw:cpu_policy": "dedicated"}}
+
+
+# --- the simulated agents --------------------------------------------------------------
+
+def simulate(endpoint: str, first: int, count: int, period: float, seed: int) -> None:
+    """One simulator process: hosts ``first`` .. ``first + count - 1`` on one XPUB."""
+    import zmq
+
+    chains = [Chain(FIXTURE, GUESTS, CHAIN_STEPS, seed * 10 + k) for k in range(CHAINS_PER_PROC)]
+    encs = [SimEncoder(c) for c in chains]
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.linger = 0
+    xpub.sndhwm = 200_000
+    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    xpub.bind(endpoint)
+    rng = random.Random(seed)
+    hosts = [f"sim{first + i:05d}" for i in range(count)]
+    epoch = f"{seed:016x}"
+    state = {h: {"chain": i % len(chains), "step": rng.randrange(CHAIN_STEPS), "seq": 1,
+                 "sent": 0.0, "snap": None, "frames": None} for i, h in enumerate(hosts)}
+    deltas = False
+    rate = count / period
+    next_change = time.monotonic()
+    order = list(hosts)
+    rng.shuffle(order)
+    turn = 0
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+
+    def build(h: str, now: float) -> None:
+        s = state[h]
+        c = chains[s["chain"]]
+        snap = assemble_snapshot(c.topology, c.config, c.usages[s["step"] % CHAIN_STEPS],
+                                 host=h, epoch=epoch, seq=s["seq"], now=now)
+        s["frames"] = encs[s["chain"]].frames(h, epoch, s["seq"], s["step"], now)
+        old, s["snap"] = s["snap"], snap
+        return old
+
+    def welcome(prefix: bytes) -> None:
+        now = time.time()
+        for h in hosts:
+            topic, dtopic = wire.topic(h), wire.delta_topic(h)
+            if not (topic.startswith(prefix) or dtopic.startswith(prefix)):
+                continue
+            s = state[h]
+            if s["frames"] is None:
+                build(h, now)
+            if topic.startswith(prefix):
+                xpub.send_multipart([topic, s["frames"][1]])
+            if dtopic.startswith(prefix):
+                xpub.send_multipart([dtopic, s["frames"][1]])
+            s["sent"] = time.monotonic()
+
+    while True:
+        while xpub.poll(0):
+            msg = xpub.recv()
+            if msg[:1] == b"\x01":
+                prefix = msg[1:]
+                if wire.DELTA_PREFIX.startswith(prefix) or prefix.startswith(wire.DELTA_PREFIX):
+                    deltas = True
+                welcome(prefix)
+        mono = time.monotonic()
+        if mono < next_change:
+            # heartbeats for hosts silent for a second, then sleep a little
+            now = time.time()
+            for h in hosts:
+                s = state[h]
+                if mono - s["sent"] >= HEARTBEAT_S and s["frames"] is not None:
+                    hb = wire.pack(wire.make_body("heartbeat", h, epoch, s["seq"], now, None))
+                    xpub.send_multipart([wire.topic(h), hb])
+                    if deltas:
+                        xpub.send_multipart([wire.delta_topic(h), hb])
+                    s["sent"] = mono
+            time.sleep(min(0.005, max(0.0, next_change - time.monotonic())))
+            continue
+        h = order[turn % count]
+        turn += 1
+        next_change += 1.0 / rate
+        s = state[h]
+        s["step"] += 1
+        s["seq"] += 1
+        now = time.time()
+        old = build(h, now)
+        xpub.send_multipart(s["frames"])
+        if deltas:
+            if old is not None:
+                d = wire.make_delta(old, s["snap"])
+                xpub.send_multipart([wire.delta_topic(h), wire.pack(
+                    wire.make_body("delta", h, epoch, s["seq"], now, d))])
+            else:
+                xpub.send_multipart([wire.delta_topic(h), s["frames"][1]])
+        s["sent"] = time.monotonic()
+
+
+# --- the scheduler (this process) ------------------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Run:
+    """Simulators + a forwarder for N hosts; ``close()`` stops them."""
+
+    def __init__(self, n: int, procs: int, period: float, tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        eps = []
+        per = -(-n // procs)
+        for p in range(procs):
+            ep = f"ipc://{tmp}/sim{p}"
+            eps.append(ep)
+            count = min(per, n - p * per)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--simulate", ep, str(p * per), str(count),
+                 str(period), str(p + 1)], stdout=subprocess.PIPE, cwd=ROOT))
+        for proc in self.procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == b"ready"
+        self.stream = f"ipc://{tmp}/fwd"
+        cfg = tmp / "forward.toml"
+        cfg.write_text(f'[forward]\nendpoints = ["{self.stream}"]\n'
+                       f"upstream = {json.dumps(eps)}\nrecv_hwm = 100000\n"
+                       f'runtime_dir = "{tmp}"\nlog_level = "warning"\n')
+        self.forwarder = subprocess.Popen(
+            [sys.executable, "-m", "hostagent.cli", "forward", "--config", str(cfg)],
+            cwd=ROOT)
+        self.procs.append(self.forwarder)
+        time.sleep(0.5)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
+    from hostagent.fleet import Fleet, feed
+    from hostagent.subscriber import Subscriber
+
+    run = Run(n, args.procs, args.period, tmp / f"{n}-{int(deltas)}")
+    out: dict = {"hosts": n, "stream": "delta" if deltas else "full"}
+    try:
+        import gc
+
+        gc.collect()
+        rss0 = rss_bytes()
+        fleet = Fleet(stale_after_s=60.0)
+        sub = Subscriber([run.stream], deltas=deltas, dead_after=30.0, rcvhwm=200_000)
+        deadline = time.monotonic() + args.join_timeout
+        while len(fleet.entries) < n and time.monotonic() < deadline:
+            feed(sub, fleet, 0.2)
+        out["joined"] = len(fleet.entries)
+        out["join_s"] = round(time.monotonic() - deadline + args.join_timeout, 1)
+        # ingest: only feeding
+        lag: list[float] = []
+        updates = 0
+        stats0 = dict(sub.stats)
+        cpu0, t0 = time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < args.seconds:
+            for upd in sub.poll(0.05):
+                if upd.kind == "snapshot" and upd.snapshot is not None:
+                    fleet.update(upd.snapshot, time.monotonic())
+                    lag.append(time.time() - upd.snapshot["time"])
+                    updates += 1
+                elif upd.kind == "stale":
+                    fleet.mark_stale(upd.host)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        msgs = sum(sub.stats.get(k, 0) - stats0.get(k, 0)
+                   for k in ("snapshots", "heartbeats", "duplicates"))
+        gc.collect()
+        rss = rss_bytes()
+        out.update(
+            updates_per_s=round(updates / wall), offered_per_s=round(n / args.period),
+            cpu_per_update_us=round(cpu / max(updates, 1) * 1e6),
+            cpu_share=round(cpu / wall, 2), messages_per_s=round(msgs / wall),
+            lag_p50_ms=round(pct(lag, 0.5) * 1000, 1), lag_p99_ms=round(pct(lag, 0.99) * 1000, 1),
+            mem_per_host_kib=round((rss - rss0) / n / 1024, 1),
+            stale=sub.stats.get("stale", 0) - stats0.get("stale", 0),
+            gaps=sub.stats.get("gaps", 0) - stats0.get("gaps", 0))
+        out["wire_bytes_per_update"] = wire_bytes(deltas)
+        # placement while the fleet changes
+        if not deltas or args.place_both:
+            times: list[float] = []
+            placed = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < args.seconds:
+                feed(sub, fleet, 0)
+                a = time.perf_counter()
+                got = fleet.place(REQUEST, 1, "pack")
+                times.append(time.perf_counter() - a)
+                placed += bool(got)
+            wall = time.monotonic() - t0
+            out.update(place_p50_ms=round(pct(times, 0.5) * 1000, 2),
+                       place_p99_ms=round(pct(times, 0.99) * 1000, 2),
+                       placements_per_s=round(len(times) / wall),
+                       placed_share=round(placed / max(len(times), 1), 2))
+            out["naive_ms_per_placement"] = naive(fleet, n)
+        sub.close()
+    finally:
+        run.close()
+    return out
+
+
+def naive(fleet: object, n: int) -> float:
+    """The peer: ``fit`` on every host per placement (a sample of 100 hosts, scaled)."""
+    from hostagent.fit import fit
+
+    hosts = fleet.hosts()[:100]  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for h in hosts:
+        fit(fleet.snapshot(h), REQUEST, strategy="pack")  # type: ignore[attr-defined]
+    per_host = (time.perf_counter() - t0) / max(len(hosts), 1)
+    return round(per_host * n * 1000, 1)
+
+
+def wire_bytes(deltas: bool) -> int:
+    """Mean bytes of one update on the wire for this stream (a fresh chain)."""
+    c = Chain(FIXTURE, GUESTS, 40, 99)
+    enc = SimEncoder(c)
+    sizes = []
+    prev = None
+    for step in range(40):
+        snap = assemble_snapshot(c.topology, c.config, c.usages[step], host="sim00000",
+                                 epoch="e", seq=step + 1, now=float(step))
+        frames = enc.frames("sim00000", "e", step + 1, step, float(step))
+        if deltas and prev is not None:
+            body = wire.make_body("delta", "sim00000", "e", step + 1, float(step),
+                                  wire.make_delta(prev, snap))
+            sizes.append(len(wire.pack(body)))
+        elif not deltas:
+            sizes.append(len(frames[1]))
+        prev = snap
+    return round(statistics.mean(sizes))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hosts", default="1000,10000")
+    ap.add_argument("--seconds", type=float, default=12.0, help="per measurement phase")
+    ap.add_argument("--period", type=float, default=10.0, help="seconds between changes of "
+                    "one host")
+    ap.add_argument("--procs", type=int, default=2, help="simulator processes")
+    ap.add_argument("--join-timeout", type=float, default=60.0)
+    ap.add_argument("--streams", default="full,delta")
+    ap.add_argument("--place-both", action="store_true",
+                    help="measure placement on the delta stream too")
+    ap.add_argument("--measure", nargs=2, metavar=("N", "STREAM"), help=argparse.SUPPRESS)
+    ap.add_argument("--simulate", nargs=5, metavar=("EP", "FIRST", "COUNT", "PERIOD", "SEED"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.simulate:
+        ep, first, count, period, seed = args.simulate
+        simulate(ep, int(first), int(count), float(period), int(seed))
+        return 0
+    if args.measure:
+        n, stream = args.measure
+        with tempfile.TemporaryDirectory(prefix="hfb-") as d:
+            print(json.dumps(measure(int(n), stream == "delta", args, Path(d))), flush=True)
+        return 0
+    rows = []
+    for n in (int(x) for x in args.hosts.split(",")):
+        for stream in args.streams.split(","):
+            # one process per measurement: its RSS growth is this fleet's only
+            r = subprocess.run(
+                [sys.executable, __file__, "--measure", str(n), stream,
+                 "--seconds", str(args.seconds), "--period", str(args.period),
+                 "--procs", str(args.procs), "--join-timeout", str(args.join_timeout),
+                 *(["--place-both"] if args.place_both else [])],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True)
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    keys = [k for k in rows[0] if k not in ("hosts", "stream")]
+    keys += [k for r in rows for k in r if k not in keys and k not in ("hosts", "stream")]
+    head = "measure".ljust(26) + "".join(f"{r['hosts']} {r['stream']}".rjust(14) for r in rows)
+    print(head)
+    for k in keys:
+        print(k.ljust(26) + "".join(str(r.get(k, "")).rjust(14) for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
