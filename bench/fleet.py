@@ -51,95 +51,107 @@ REQUEST = {"vcpus": 2, "memory_mb": 2048, "extra_specs": {"hw:cpu_policy": "dedi
 
 # --- the simulated agents --------------------------------------------------------------
 
+class SimHosts:
+    """The hosts of one simulator process and their latest snapshots."""
+
+    def __init__(self, first: int, count: int, seed: int) -> None:
+        self.chains = [Chain(FIXTURE, GUESTS, CHAIN_STEPS, seed * 10 + k)
+                       for k in range(CHAINS_PER_PROC)]
+        self.encs = [SimEncoder(c) for c in self.chains]
+        rng = random.Random(seed)
+        self.hosts = [f"sim{first + i:05d}" for i in range(count)]
+        self.epoch = f"{seed:016x}"
+        self.state = {h: {"chain": i % len(self.chains), "step": rng.randrange(CHAIN_STEPS),
+                          "seq": 1, "sent": 0.0, "snap": None, "frames": None}
+                      for i, h in enumerate(self.hosts)}
+        self.order = list(self.hosts)
+        rng.shuffle(self.order)
+        self.deltas = False  # a subscriber asked for the delta stream
+
+    def build(self, h: str, now: float) -> dict | None:
+        """Encode host ``h``'s current snapshot; returns the previous snapshot."""
+        s = self.state[h]
+        c = self.chains[s["chain"]]
+        snap = assemble_snapshot(c.topology, c.config, c.usages[s["step"] % CHAIN_STEPS],
+                                 host=h, epoch=self.epoch, seq=s["seq"], now=now)
+        s["frames"] = self.encs[s["chain"]].frames(h, self.epoch, s["seq"], s["step"], now)
+        old, s["snap"] = s["snap"], snap
+        return old
+
+    def welcome(self, xpub: object, prefix: bytes) -> None:
+        """Re-publish the latest snapshot of every host the subscription ``prefix`` matches
+        (on each stream it matches), as the agent does."""
+        now = time.time()
+        for h in self.hosts:
+            s = self.state[h]
+            for topic in (wire.topic(h), wire.delta_topic(h)):
+                if topic.startswith(prefix):
+                    if s["frames"] is None:
+                        self.build(h, now)
+                    xpub.send_multipart([topic, s["frames"][1]])  # type: ignore[attr-defined]
+                    s["sent"] = time.monotonic()
+
+    def heartbeats(self, xpub: object, mono: float) -> None:
+        now = time.time()
+        for h in self.hosts:
+            s = self.state[h]
+            if mono - s["sent"] < HEARTBEAT_S or s["frames"] is None:
+                continue
+            hb = wire.pack(wire.make_body("heartbeat", h, self.epoch, s["seq"], now, None))
+            xpub.send_multipart([wire.topic(h), hb])  # type: ignore[attr-defined]
+            if self.deltas:
+                xpub.send_multipart([wire.delta_topic(h), hb])  # type: ignore[attr-defined]
+            s["sent"] = mono
+
+    def change(self, xpub: object, h: str) -> None:
+        """One event on host ``h``: its next chain step, published on both streams."""
+        s = self.state[h]
+        s["step"] += 1
+        s["seq"] += 1
+        now = time.time()
+        old = self.build(h, now)
+        xpub.send_multipart(s["frames"])  # type: ignore[attr-defined]
+        if self.deltas:
+            frame = s["frames"][1]
+            if old is not None:
+                frame = wire.pack(wire.make_body("delta", h, self.epoch, s["seq"], now,
+                                                 wire.make_delta(old, s["snap"])))
+            xpub.send_multipart([wire.delta_topic(h), frame])  # type: ignore[attr-defined]
+        s["sent"] = time.monotonic()
+
+
 def simulate(endpoint: str, first: int, count: int, period: float, seed: int) -> None:
-    """One simulator process: hosts ``first`` .. ``first + count - 1`` on one XPUB."""
+    """One simulator process: hosts ``first`` .. ``first + count - 1`` on one XPUB,
+    ``count / period`` changes per second, heartbeats, welcomes."""
     import zmq
 
-    chains = [Chain(FIXTURE, GUESTS, CHAIN_STEPS, seed * 10 + k) for k in range(CHAINS_PER_PROC)]
-    encs = [SimEncoder(c) for c in chains]
+    sim = SimHosts(first, count, seed)
     ctx = zmq.Context()
     xpub = ctx.socket(zmq.XPUB)
     xpub.linger = 0
     xpub.sndhwm = 200_000
     xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
     xpub.bind(endpoint)
-    rng = random.Random(seed)
-    hosts = [f"sim{first + i:05d}" for i in range(count)]
-    epoch = f"{seed:016x}"
-    state = {h: {"chain": i % len(chains), "step": rng.randrange(CHAIN_STEPS), "seq": 1,
-                 "sent": 0.0, "snap": None, "frames": None} for i, h in enumerate(hosts)}
-    deltas = False
-    rate = count / period
     next_change = time.monotonic()
-    order = list(hosts)
-    rng.shuffle(order)
     turn = 0
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-
-    def build(h: str, now: float) -> None:
-        s = state[h]
-        c = chains[s["chain"]]
-        snap = assemble_snapshot(c.topology, c.config, c.usages[s["step"] % CHAIN_STEPS],
-                                 host=h, epoch=epoch, seq=s["seq"], now=now)
-        s["frames"] = encs[s["chain"]].frames(h, epoch, s["seq"], s["step"], now)
-        old, s["snap"] = s["snap"], snap
-        return old
-
-    def welcome(prefix: bytes) -> None:
-        now = time.time()
-        for h in hosts:
-            topic, dtopic = wire.topic(h), wire.delta_topic(h)
-            if not (topic.startswith(prefix) or dtopic.startswith(prefix)):
-                continue
-            s = state[h]
-            if s["frames"] is None:
-                build(h, now)
-            if topic.startswith(prefix):
-                xpub.send_multipart([topic, s["frames"][1]])
-            if dtopic.startswith(prefix):
-                xpub.send_multipart([dtopic, s["frames"][1]])
-            s["sent"] = time.monotonic()
-
     while True:
         while xpub.poll(0):
             msg = xpub.recv()
             if msg[:1] == b"\x01":
                 prefix = msg[1:]
                 if wire.DELTA_PREFIX.startswith(prefix) or prefix.startswith(wire.DELTA_PREFIX):
-                    deltas = True
-                welcome(prefix)
+                    sim.deltas = True
+                sim.welcome(xpub, prefix)
         mono = time.monotonic()
         if mono < next_change:
-            # heartbeats for hosts silent for a second, then sleep a little
-            now = time.time()
-            for h in hosts:
-                s = state[h]
-                if mono - s["sent"] >= HEARTBEAT_S and s["frames"] is not None:
-                    hb = wire.pack(wire.make_body("heartbeat", h, epoch, s["seq"], now, None))
-                    xpub.send_multipart([wire.topic(h), hb])
-                    if deltas:
-                        xpub.send_multipart([wire.delta_topic(h), hb])
-                    s["sent"] = mono
+            sim.heartbeats(xpub, mono)
             time.sleep(min(0.005, max(0.0, next_change - time.monotonic())))
             continue
-        h = order[turn % count]
+        sim.change(xpub, sim.order[turn % count])
         turn += 1
-        next_change += 1.0 / rate
-        s = state[h]
-        s["step"] += 1
-        s["seq"] += 1
-        now = time.time()
-        old = build(h, now)
-        xpub.send_multipart(s["frames"])
-        if deltas:
-            if old is not None:
-                d = wire.make_delta(old, s["snap"])
-                xpub.send_multipart([wire.delta_topic(h), wire.pack(
-                    wire.make_body("delta", h, epoch, s["seq"], now, d))])
-            else:
-                xpub.send_multipart([wire.delta_topic(h), s["frames"][1]])
-        s["sent"] = time.monotonic()
+        next_change += period / count
 
 
 # --- the scheduler (this process) ------------------------------------------------------

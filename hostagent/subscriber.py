@@ -392,6 +392,8 @@ class _Base:
         #: per (source, host): the last snapshot's topology/config and usage list
         #: elements, reused while their bytes are unchanged (wire.DecodeCache)
         self._decode_caches: dict[tuple[int, str], wire.DecodeCache] = {}
+        #: decoded parts and elements shared by all hosts (wire.SharedDecoded)
+        self._shared_decoded = wire.SharedDecoded()
         self._links = [_Link() for _ in self.sources]
 
     @property
@@ -427,7 +429,8 @@ class _Base:
             except wire.WireError:
                 key = None
             if key is not None:
-                cache = self._decode_caches.get(key) or wire.DecodeCache()
+                cache = self._decode_caches.get(key) or wire.DecodeCache(
+                    shared=self._shared_decoded)
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError as exc:

@@ -366,13 +366,50 @@ class DecodeCache:
     make it reuse a stale value. Reused objects are shared between snapshots."""
 
     def __init__(self, keys: Sequence[str] = REUSE_KEYS,
-                 element_keys: Sequence[str] = ELEMENT_REUSE_KEYS) -> None:
+                 element_keys: Sequence[str] = ELEMENT_REUSE_KEYS,
+                 shared: SharedDecoded | None = None) -> None:
         self.keys = tuple(keys)
         self.element_keys = tuple(element_keys)
         self.parts: dict[str, tuple[bytes, Any]] = {}
         self.elements: dict[tuple[str, str], dict[bytes, Any]] = {}
+        self.shared = shared
         self.hits = 0
         self.misses = 0
+
+
+#: Entries a ``SharedDecoded`` holds at most; when full it starts again empty (the hosts'
+#: own caches keep what they use; only the sharing of new decodes restarts).
+MAX_SHARED_DECODED = 200_000
+#: Parts and elements shorter than this are not shared (not worth a table entry).
+SHARED_MIN_BYTES = 64
+
+
+class SharedDecoded:
+    """Decoded values by their exact bytes, shared by the ``DecodeCache`` of every host
+    of one subscriber: hosts of one shape share one decoded topology and config, and
+    equal usage elements (a free thread's entry) are one object fleet-wide. As with
+    ``DecodeCache``, only the bytes decide: a value is what its bytes decode to."""
+
+    def __init__(self, max_entries: int = MAX_SHARED_DECODED) -> None:
+        self.max_entries = max_entries
+        self.values: dict[bytes, tuple[bytes, Any]] = {}
+        self.hits = 0
+        self.resets = 0
+
+    def get(self, raw: bytes) -> tuple[bytes, Any] | None:
+        """(the table's own copy of ``raw``, its value), or None."""
+        hit = self.values.get(raw)
+        if hit is not None:
+            self.hits += 1
+        return hit
+
+    def put(self, raw: bytes, value: Any) -> None:
+        if len(raw) < SHARED_MIN_BYTES:
+            return
+        if len(self.values) >= self.max_entries:
+            self.values = {}
+            self.resets += 1
+        self.values[raw] = (raw, value)
 
 
 def _is_map(first: int) -> bool:
@@ -403,6 +440,7 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
     unpacker = msgpack.Unpacker(None, max_buffer_size=size, **options)
     unpacker.feed(payload)
     view = memoryview(payload)
+    shared = cache.shared
     pause_gc = size >= GC_PAUSE_BYTES and gc.isenabled()
     if pause_gc:
         gc.disable()
@@ -432,9 +470,15 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
                         value = known_items.get(raw)
                         if value is None:
                             value = items.get(raw)
+                        if value is None and shared is not None:
+                            hit = shared.get(raw)
+                            if hit is not None:
+                                raw, value = hit
                         if value is None:
                             value = msgpack.unpackb(raw, **options)
                             misses += 1
+                            if shared is not None:
+                                shared.put(raw, value)
                         else:
                             hits += 1
                         items[raw] = value
@@ -447,19 +491,19 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
                 out[key] = unpacker.unpack()
                 continue
             known = cache.parts.get(key)
-            if known is None:
-                value = unpacker.unpack()
-                raw = view[start:unpacker.tell()].tobytes()
-                misses += 1
+            unpacker.skip()
+            raw = view[start:unpacker.tell()].tobytes()
+            if known is not None and raw == known[0]:
+                raw, value = known
+                hits += 1
+            elif shared is not None and (hit := shared.get(raw)) is not None:
+                raw, value = hit
+                hits += 1
             else:
-                unpacker.skip()
-                raw = view[start:unpacker.tell()].tobytes()
-                if raw == known[0]:
-                    value = known[1]
-                    hits += 1
-                else:
-                    value = msgpack.unpackb(raw, **options)
-                    misses += 1
+                value = msgpack.unpackb(raw, **options)
+                misses += 1
+                if shared is not None:
+                    shared.put(raw, value)
             out[key] = value
             seen[key] = (raw, value)
         if unpacker.tell() != size:
