@@ -283,3 +283,14 @@ def test_config_is_validated(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith(f"hostagent: {cfg}: forward.upstream = []: nothing to "
                                "forward"), r.stderr
+
+
+def test_shipped_example_config_is_the_defaults():
+    """etc/forward.toml lists every option at its default."""
+    from hostagent.forward import ForwardConfig, load_forward_config
+
+    cfg = load_forward_config(ROOT / "etc" / "forward.toml")
+    d = ForwardConfig()
+    for key in ("endpoints", "listen", "send_hwm", "recv_hwm", "max_message_bytes",
+                "insecure", "runtime_dir", "log_level", "curve"):
+        assert getattr(cfg, key) == getattr(d, key), key

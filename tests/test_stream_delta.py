@@ -250,3 +250,24 @@ def test_polling_does_not_walk_every_host():
     assert hosts.walks == 0
     assert [u.host for u in st.expire(15.005)] == ["h0"] and hosts.walks == 1
     assert st.expire(15.006) == [] and hosts.walks == 1  # h1 is due at 15.01
+
+
+def test_hosts_of_one_shape_share_decoded_parts_and_the_table_is_bounded():
+    """Two hosts with the same topology bytes hold one decoded topology (and equal usage
+    elements are one object); the values equal a plain decode; the shared table starts
+    again empty when full."""
+    shared = wire.SharedDecoded(max_entries=1000)
+    got = {}
+    for host in ("h1", "h2"):
+        snap = {**full_snapshot(), "host": host}
+        frames = wire.encode_stream(wire.make_body("snapshot", host, "e1", 1, 1.0, snap))
+        assert "enc" in wire.unpack(frames[1])  # compressed: the caches are used
+        got[host] = wire.decode_stream(frames, cache=wire.DecodeCache(shared=shared))["data"]
+        assert got[host] == wire.decode_stream(frames)["data"]
+    assert got["h1"]["topology"] is got["h2"]["topology"]
+    assert got["h1"]["usage"]["threads"][5] is got["h2"]["usage"]["threads"][5]
+    assert shared.hits > 0 and 0 < len(shared.values) <= 1000
+    small = wire.SharedDecoded(max_entries=3)
+    for i in range(10):
+        small.put(bytes([i]) * wire.SHARED_MIN_BYTES, i)
+    assert len(small.values) <= 3 and small.resets == 3
