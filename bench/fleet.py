@@ -307,6 +307,56 @@ def wire_bytes(deltas: bool) -> int:
     return round(statistics.mean(sizes))
 
 
+def micro(fixture: str, guests: int, hosts: int = 20, rounds: int = 15) -> dict:
+    """Per update, without sockets: decoding (full stream: inflate + decode with the
+    subscriber's caches + checks; delta stream: decode + apply + checks) and
+    ``Fleet.update``, over ``hosts`` hosts each taking ``rounds`` one-event steps. CPU
+    time of this thread (``thread_time``), so other processes on a loaded machine do not
+    count."""
+    from hostagent.fleet import Fleet
+    from hostagent.subscriber import SubscriberState
+
+    c = Chain(fixture, guests, rounds + 1, 7)
+    enc = SimEncoder(c)
+    full, delta = [], []
+    prev: dict[str, dict] = {}
+    for r in range(rounds + 1):
+        for h in range(hosts):
+            host = f"m{h}"
+            step = (r + h) % len(c.usages)
+            snap = assemble_snapshot(c.topology, c.config, c.usages[step], host=host,
+                                     epoch="e", seq=r + 1, now=float(r))
+            frames = enc.frames(host, "e", r + 1, step, float(r))
+            full.append(frames)
+            delta.append(frames if r == 0 else [wire.delta_topic(host), wire.pack(
+                wire.make_body("delta", host, "e", r + 1, float(r),
+                               wire.make_delta(prev[host], snap)))])
+            prev[host] = snap
+    out: dict = {"host": f"{fixture}+{guests}"}
+    for name, msgs in (("full", full), ("delta", delta)):
+        st = SubscriberState()
+        caches: dict[str, wire.DecodeCache] = {}
+        shared = wire.SharedDecoded()
+        fleet = Fleet()
+        dec = upd = 0.0
+        for i, frames in enumerate(msgs):
+            t0 = time.thread_time()
+            host = wire.stream_of_topic(frames[0])[0]
+            cache = caches.setdefault(host, wire.DecodeCache(shared=shared))
+            got = st.feed(wire.decode_stream(frames, cache=cache), 0.0, 0, size=len(frames[1]))
+            t1 = time.thread_time()
+            fleet.update(got.snapshot, 0.0)
+            t2 = time.thread_time()
+            if i >= hosts:  # the first round is the join
+                dec += t1 - t0
+                upd += t2 - t1
+        n = len(msgs) - hosts
+        out[f"{name}_decode_us"] = round(dec / n * 1e6)
+        out[f"{name}_fleet_update_us"] = round(upd / n * 1e6)
+        out[f"{name}_wire_bytes"] = round(statistics.mean(len(f[1]) for f in msgs[hosts:]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hosts", default="1000,10000")
@@ -331,6 +381,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="hfb-") as d:
             print(json.dumps(measure(int(n), stream == "delta", args, Path(d))), flush=True)
         return 0
+    for fixture, guests in ((FIXTURE, GUESTS), ("big-448", 200)):
+        print(json.dumps(micro(fixture, guests)), flush=True)
     rows = []
     for n in (int(x) for x in args.hosts.split(",")):
         for stream in args.streams.split(","):

@@ -84,6 +84,7 @@ class PublisherConfig:
     send_hwm: int = 100
     max_message_bytes: int = 1 << 20
     insecure: bool = False  # allow tcp beyond loopback without CURVE (see exposed_endpoints)
+    forward_to: tuple[str, ...] = ()  # the XPUB also connects to these (a forwarder's listen)
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,25 @@ def _metrics(r: _Reader) -> MetricsConfig:
     return MetricsConfig(listen=listen, allow_remote=allow_remote)
 
 
+def _forward_to(pub: _Reader, curve_enabled: bool, insecure: bool) -> tuple[str, ...]:
+    """``[publisher] forward_to``: endpoints, not with CURVE, loopback unless insecure."""
+    forward_to = pub.strings("forward_to", ())
+    for ep in forward_to:
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            pub.fail("forward_to", ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    if forward_to and curve_enabled:
+        pub.fail("forward_to", list(forward_to), "cannot be used with [curve] enabled (the "
+                 "agent's stream is a CURVE server with its own key; list the agent in the "
+                 "forwarder's upstream instead)")
+    if not insecure:
+        for ep in exposed_endpoints(PublisherConfig(endpoints=forward_to,
+                                                    request_endpoints=())):
+            pub.fail("forward_to", list(forward_to), f"{ep} is tcp beyond loopback without "
+                     "CURVE (snapshots in clear text, subscriptions from anyone who answers "
+                     "there); set publisher.insecure = true to accept that")
+    return forward_to
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
     known = {f.name for f in fields(Config)} - {"source"}
@@ -385,6 +405,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
                 pub.fail(key, ep, "endpoints must start with tcp://, ipc:// or inproc://")
     curve_enabled = cv.get("enabled", False, bool)
     insecure = pub.get("insecure", False, bool)
+    forward_to = _forward_to(pub, curve_enabled, insecure)
     if not curve_enabled and not insecure:
         for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
             for ep in exposed_endpoints(PublisherConfig(endpoints=eps, request_endpoints=())):
@@ -417,6 +438,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             send_hwm=pub.integer("send_hwm", 100, minimum=1),
             max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
             insecure=insecure,
+            forward_to=forward_to,
         ),
         curve=CurveConfig(
             enabled=curve_enabled,

@@ -147,6 +147,7 @@ class Publisher:
         self.delta_subscribers = 0  # subscriptions matching the delta topic (docs/wire.md §12)
         self._welcome_topics: set[bytes] = set()  # the topics the next welcome goes out on
         self.bound: dict[str, list[str]] = {"stream": [], "request": []}
+        self.forwarding: list[str] = []  # endpoints the XPUB connected to (forward_to)
         self.xpub = ctx.socket(zmq.XPUB)
         self.router = ctx.socket(zmq.ROUTER)
         for sock in (self.xpub, self.router):
@@ -189,6 +190,12 @@ class Publisher:
                 except zmq.ZMQError as exc:
                     raise HostagentError(f"cannot bind {kind} endpoint {ep}: {exc}") from None
                 self.bound[kind].append(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        for ep in self.cfg.forward_to:  # a forwarder's listen endpoint (docs/daemon.md §12)
+            try:
+                self.xpub.connect(ep)
+            except zmq.ZMQError as exc:
+                raise HostagentError(f"cannot connect the stream to {ep}: {exc}") from None
+            self.forwarding.append(ep)
 
     @property
     def cfg(self) -> PublisherConfig:
@@ -527,6 +534,7 @@ class Publisher:
         return {"host": self.host, "epoch": self.epoch, "seq": self.seq,
                 "subscribers": self.subscribers,
                 "delta_subscribers": self.delta_subscribers, "endpoints": self.bound,
+                "forward_to": self.forwarding,
                 "curve": self.curve is not None, "requests_in_flight": self.in_flight,
                 "counters": dict(self.stats)}
 

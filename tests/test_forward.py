@@ -294,3 +294,33 @@ def test_shipped_example_config_is_the_defaults():
     for key in ("endpoints", "listen", "send_hwm", "recv_hwm", "max_message_bytes",
                 "insecure", "runtime_dir", "log_level", "curve"):
         assert getattr(cfg, key) == getattr(d, key), key
+
+
+def test_agents_that_connect_to_the_forwarder(tmp_path):
+    """``[publisher] forward_to``: the agent's XPUB connects to the forwarder's
+    ``listen``; a subscriber of the forwarder (joining after the agent) gets the host;
+    the options are validated. (> 2 s: an agent process.)"""
+    from hostagent.config import config_from_dict
+
+    listen = f"ipc://{tmp_path}/listen"
+    fwd = ForwardProc([], extra=f'listen = ["{listen}"]')
+    fwd.config.write_text(fwd.config.read_text().replace("upstream = []\n", ""))
+    d = named_agent("fconn")
+    d.config.write_text(d.config.read_text().replace(
+        "max_message_bytes = 262144\n", f'max_message_bytes = 262144\nforward_to = ["{listen}"]\n'))
+    try:
+        fwd.start()
+        d.start()
+        d.wait_notify("READY=1")
+        with Subscriber([fwd.stream]) as sub:
+            assert sub.wait_snapshot("fconn", timeout=20)["host"] == "fconn"
+        assert fwd.dump()["forward"]["endpoints"]["agents"] == [listen]
+        assert fwd.stop() == 0 and d.stop() == 0
+    finally:
+        fwd.close()
+        d.close()
+    with pytest.raises(ConfigError, match="publisher.forward_to .*cannot be used with "
+                       r"\[curve\] enabled"):
+        config_from_dict({"publisher": {"forward_to": ["ipc:///x"]}, "curve": {"enabled": True}})
+    with pytest.raises(ConfigError, match="tcp beyond loopback without CURVE"):
+        config_from_dict({"publisher": {"forward_to": ["tcp://10.1.1.1:6521"]}})
