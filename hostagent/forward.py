@@ -20,7 +20,7 @@ two frames with a ``hostagent.<host>.`` or ``hostagent-delta.<host>.`` topic
 only carries). A subscription frame from a subscriber must be ``\\x00``/``\\x01`` +
 prefix (``bad_subscriptions`` otherwise).
 
-What a peer can make the forwarder hold (docs/security.md §14): per subscriber at most
+What a peer can make the forwarder hold (docs/security.md §15): per subscriber at most
 ``send_hwm`` messages queued (libzmq's XPUB drops beyond it, for that subscriber only:
 it sees a gap), per agent connection ``recv_hwm`` messages of at most
 ``max_message_bytes`` each, subscription frames of at most
