@@ -85,6 +85,7 @@ class PublisherConfig:
     max_message_bytes: int = 1 << 20
     insecure: bool = False  # allow tcp beyond loopback without CURVE (see exposed_endpoints)
     forward_to: tuple[str, ...] = ()  # the XPUB also connects to these (a forwarder's listen)
+    advertise_request: str = ""  # the request endpoint schedulers claim at ("" = not said)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,25 @@ class Config:
     @property
     def host_name(self) -> str:
         return self.host.name or socket.gethostname()
+
+
+#: the longest ``[publisher] advertise_request`` accepted (characters)
+MAX_ADVERTISE_CHARS = 256
+
+
+def _check_advertised(pub: _Reader, endpoint: str) -> None:
+    """``[publisher] advertise_request``: an endpoint a scheduler can connect to."""
+    if len(endpoint) > MAX_ADVERTISE_CHARS:
+        pub.fail("advertise_request", endpoint[:64] + "...",
+                 f"at most {MAX_ADVERTISE_CHARS} characters")
+    if not endpoint.startswith(("tcp://", "ipc://")):
+        pub.fail("advertise_request", endpoint, "must start with tcp:// or ipc://")
+    host = endpoint[len("tcp://"):].rpartition(":")[0] if endpoint.startswith("tcp://") \
+        else "x"
+    if endpoint.startswith("tcp://") and (host in ("", "*", "0.0.0.0", "[::]", "::")
+                                          or not endpoint.rpartition(":")[2].isdigit()):
+        pub.fail("advertise_request", endpoint, "must name an address and port a scheduler "
+                 "can connect to (not a wildcard)")
 
 
 #: Why a tcp endpoint beyond loopback needs CURVE (or ``insecure``); docs/daemon.md §6.1.
@@ -403,6 +423,9 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         for ep in eps:
             if not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 pub.fail(key, ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    advertise = pub.get("advertise_request", "", str)
+    if advertise:
+        _check_advertised(pub, advertise)
     curve_enabled = cv.get("enabled", False, bool)
     insecure = pub.get("insecure", False, bool)
     forward_to = _forward_to(pub, curve_enabled, insecure)
@@ -439,6 +462,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
             insecure=insecure,
             forward_to=forward_to,
+            advertise_request=advertise,
         ),
         curve=CurveConfig(
             enabled=curve_enabled,

@@ -169,15 +169,63 @@ def test_weigher_specs():
 
 
 def test_memory_per_48_thread_host_with_20_guests(hosts):
-    """200 hosts of the 48-thread shape with 20 guests each, distinct snapshot objects:
+    """60 hosts of the 48-thread shape with 20 guests each, distinct snapshot objects:
     the index's own memory per host (the snapshots themselves are freed)."""
     base = hosts["x-full"]
     tracemalloc.start()
     fl = Fleet()
-    for i in range(200):
+    for i in range(60):
         fl.update(copy.deepcopy(dict(base, host=f"h{i}")), 0.0)
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    per_host = current / 200
+    per_host = current / 60
     print(f"fleet index: {per_host / 1024:.1f} KiB per host")
     assert per_host < 100 * 1024
+
+
+def test_rankings_stay_exact_while_hosts_change(hosts):
+    """``place`` keeps one ranking per request and weigher and re-scores only the hosts
+    changed since: after every change it returns what scoring every host would."""
+    import random
+
+    from hostagent.fleet.weighers import score
+
+    rng = random.Random(7)
+    kinds = list(hosts.values())
+    fl = Fleet()
+    current = {}
+    for i in range(30):
+        current[f"h{i:02d}"] = rng.choice(kinds)
+        fl.update(dict(current[f"h{i:02d}"], host=f"h{i:02d}"), 0.0)
+    seq = 1
+    for _ in range(15):
+        for _ in range(rng.randrange(1, 4)):
+            seq += 1
+            h = f"h{rng.randrange(30):02d}"
+            current[h] = rng.choice(kinds)
+            fl.update(dict(current[h], host=h, seq=seq), 0.0)
+        if rng.random() < 0.2:
+            fl.mark_dead(f"h{rng.randrange(30):02d}")
+        for weigher, request in (("pack", PINNED2), ("spread", PINNED2), ("pack", ISOLATE4)):
+            needs = needs_of(parse_request(request))
+            weights = parse_weigher(weigher)
+            want = sorted(
+                (-score(e.shape, e.summary, needs, weights), h) for h, e in fl.entries.items()
+                if fl.offered(h, 0.0) and fit(fl.snapshot(h), request)["fits"])
+            got = fl.place(request, count=3, weigher=weigher, now=0.0)
+            assert [c.host for c in got] == [h for _, h in want[:3]]
+    assert fl.stats["rankings_built"] == 3
+
+
+def test_max_hosts_and_older_snapshots(hosts, caplog):
+    caplog.set_level(logging.WARNING, "hostagent.fleet")
+    fl = Fleet(max_hosts=2)
+    for name in ("a", "b", "c", "c"):
+        fl.update(dict(hosts["x-empty"], host=name), 0.0)
+    assert fl.hosts() == ["a", "b"] and fl.stats["refused"] == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "snapshot of host 'c' refused: the index holds max_hosts=2 hosts"]
+    fl.update(dict(hosts["x-full"], host="a", seq=5), 1.0)
+    fl.update(dict(hosts["x-empty"], host="a", seq=4), 2.0)  # older, same epoch: ignored
+    assert fl.entry("a").seq == 5 and fl.summary("a").free_threads == 0
+    assert fl.stats["older"] == 1

@@ -282,9 +282,12 @@ class Agent:
 
     def _agent_doc(self) -> dict[str, Any]:
         w = self.watcher
-        return {"version": __version__,
-                "libvirt": {"uri": self.config.libvirt.uri,
-                            "connected": bool(w is not None and w.connected)}}
+        doc: dict[str, Any] = {"version": __version__,
+                               "libvirt": {"uri": self.config.libvirt.uri,
+                                           "connected": bool(w is not None and w.connected)}}
+        if self.config.publisher.advertise_request:
+            doc["request_endpoint"] = self.config.publisher.advertise_request
+        return doc
 
     def mark_dirty(self) -> None:
         """Something changed: publish soon (see the module docstring for the timing)."""

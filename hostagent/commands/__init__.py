@@ -16,6 +16,7 @@ COMMANDS = (
     "fit",
     "claim",
     "release",
+    "place",
     "keys",
     "forward",
 )

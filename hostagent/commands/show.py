@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="agent STREAM[,REQUEST] endpoint (default: from the config)")
     src.add_argument("--file", metavar="F",
                      help="snapshot JSON file, or a debug dump ('-' = stdin)")
+    src.add_argument("--fleet", action="store_true",
+                     help="a table of every host the --source endpoints carry: free threads/"
+                     "whole cores, pages and cache ways per cell")
+    p.add_argument("--source", action="append", metavar="E", default=[],
+                   help="with --fleet: STREAM[,REQUEST] of an agent or forwarder (repeatable;"
+                   " default: from the config)")
     p.add_argument("--host", metavar="NAME", help="which host (when E carries several)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="wait this long for a snapshot (default 5)")
@@ -193,9 +199,54 @@ def render(snap: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from hostagent.commands.watch import UNREADABLE
 
+    if args.fleet:
+        return show_fleet(args)
+    if args.source:
+        raise HostagentError("--source goes with --fleet (one agent: --endpoint)")
     snap = load_file(args.file) if args.file else fetch(args)
     try:
         sys.stdout.write(render(snap))
     except UNREADABLE as exc:
         raise HostagentError(f"snapshot is missing or has a bad field: {exc!r}") from None
     return 0
+
+
+def show_fleet(args: argparse.Namespace) -> int:
+    """``show --fleet``: gather the sources' hosts (``hostagent place``'s rule, at most
+    ``--timeout`` seconds) and print one line per host."""
+    from hostagent.commands.place import gather
+
+    args.wait = args.timeout
+    sub, fleet = gather(args)
+    sub.close()
+    sys.stdout.write(fleet_table(fleet))
+    return 0
+
+
+def _size(kib: int) -> str:
+    return f"{kib // 1048576}G" if kib >= 1048576 else f"{kib // 1024}M"
+
+
+def fleet_table(fleet: Any, now: float | None = None) -> str:
+    """One line per host within ``LINE_WIDTH`` columns (cut with ``>``): its state, per
+    cell free dedicated threads / whole free cores, free hugepages per size per cell,
+    free cache ways per cache id."""
+    import time
+
+    from hostagent.commands.watch import LINE_WIDTH
+
+    now = time.monotonic() if now is None else now
+    out = ["host             state threads/cores per cell | pages per cell | ways per cache"]
+    for host in fleet.hosts():
+        e = fleet.entry(host)
+        why = fleet.why_not_offered(host, now)
+        state = "ok" if why is None else why.split(" ")[0][:5]
+        s = e.summary
+        cells = " ".join(f"{c.free_threads}/{c.whole_cores}" for c in s.cells)
+        sizes = sorted({z for c in s.cells for z, _ in c.pages})
+        pages = " ".join(_size(z) + " " + "/".join(str(dict(c.pages).get(z, 0)) for c in s.cells)
+                         for z in sizes) or "-"
+        ways = "/".join(str(w) for _, _, w in s.free_ways) or "-"
+        line = f"{host[:16]:<16} {state:<5} {cells} | {pages} | {ways}"
+        out.append(line if len(line) <= LINE_WIDTH else line[:LINE_WIDTH - 1] + ">")
+    return "\n".join(out) + "\n"

@@ -139,6 +139,16 @@ class HostView:
         return out
 
     @functools.cached_property
+    def distances(self) -> Mapping[tuple[int, int], int]:
+        """(cell, other cell) -> the kernel's NUMA distance (``topology.cells[].distances``;
+        empty when the snapshot has none)."""
+        out: dict[tuple[int, int], int] = {}
+        for c in self.topology.get("cells") or ():
+            for other, dist in (c.get("distances") or {}).items():
+                out[(int(c["id"]), int(other))] = int(dist)
+        return out
+
+    @functools.cached_property
     def topo(self) -> HostTopology:
         """The ``HostTopology`` (built only when the reservations planner needs it)."""
         return topology_from_dict(self.topology)

@@ -23,7 +23,12 @@
    per page size tried when mixing page sizes. It counts work, not time, so the answer
    never depends on the machine's speed; when it runs out the answer is "does not fit"
    with a ``search`` reason naming the budget.
-4. The first complete placement in that order is the answer: spread/pack and ties are
+4. NUMA distance: guest cell 0 tries the host cells in that order; every later guest
+   cell tries the unused host cells nearest to the cells already chosen first (the sum
+   of the kernel's distances, ``topology.cells[].distances``), the order above breaking
+   ties — so a 2-cell guest on a 2-socket host of 4 cells gets two cells of one socket
+   when one socket can take it.
+5. The first complete placement in that order is the answer: spread/pack and ties are
    decided by the order alone, so the same snapshot and request always give the same answer.
 """
 
@@ -119,6 +124,15 @@ class _Search:
                 return alt
         return [Reason(host.id, gi, "cache_ways", p) for p in problems]
 
+    def near(self, hosts: Sequence[HostCell], chosen: Sequence[CellFit]) -> Sequence[HostCell]:
+        """``hosts`` nearest first to the host cells of ``chosen`` (sum of distances; a
+        stable sort, so the strategy order breaks ties)."""
+        dist = self.view.distances
+        if not chosen or not dist:
+            return hosts
+        ids = [c.host_cell for c in chosen]
+        return sorted(hosts, key=lambda h: sum(dist.get((c, h.id), 0) for c in ids))
+
     def feasible(self, gi: int) -> list[HostCell]:
         return [h for h in self.order if isinstance(self.cell(gi, h), CellFit)]
 
@@ -205,7 +219,7 @@ class _Search:
         used: set[int] = set()
         chosen: list[CellFit] = []
         for gi in range(self.k):
-            for h in self.order:
+            for h in self.near(self.order, chosen):
                 if h.id in used:
                     continue
                 cf = self.cell(gi, h)
@@ -240,7 +254,7 @@ class _Search:
         def rec(gi: int) -> Outcome | None:
             if gi == self.k:
                 return self.leaf(chosen)
-            for h in self.adj[gi]:
+            for h in self.near(self.adj[gi], chosen):
                 if h.id in used:
                     continue
                 if not self.spend():

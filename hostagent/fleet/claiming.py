@@ -66,14 +66,21 @@ def place_and_claim(fleet: Fleet, request_: Mapping[str, Any], *,
                     claimant: str | None = None, ttl_s: float | None = None,
                     timeout: float = DEFAULT_REQUEST_TIMEOUT,
                     curve: ClientCurve | None = None, ctx: Any = None,
-                    max_attempts: int = MAX_CLAIM_ATTEMPTS) -> Claimed | None:
-    """Claim ``request_`` on the best host: ``Fleet.place`` ranks, the placement of the
-    first candidate is claimed at its agent (the ``placement`` form of the claim op); on a
-    refusal that host's snapshot is refreshed and the ranking starts again; a host that
-    does not answer is marked dead and the next candidate is tried. ``None`` when no host
-    fits (or ``max_attempts`` claims were refused). ``RequestError`` for an invalid
+                    max_attempts: int = MAX_CLAIM_ATTEMPTS,
+                    own_placement: bool = False) -> Claimed | None:
+    """Claim ``request_`` on the best host: ``Fleet.place`` ranks, and the first candidate
+    is claimed at its agent, which fits the request against its own latest state and
+    every outstanding claim (the weigher's in-host strategy; the same fit, so the same
+    placement when the scheduler's view is current) — or, with ``own_placement``, the
+    candidate's placement exactly (the ``placement`` form: refused if any of it is taken).
+    On a refusal that host's snapshot is refreshed and the ranking starts again; a host
+    that does not answer is marked dead and the next candidate is tried. ``None`` when no
+    host fits (or ``max_attempts`` claims were refused). ``RequestError`` for an invalid
     request; an error reply from an agent (e.g. not allowed to claim) is a
     ``HostagentError``."""
+    from hostagent.fleet.weighers import in_host_strategy, parse_weigher
+
+    strategy = in_host_strategy(parse_weigher(weigher))
     attempts = 0
     exclude: set[str] = set()
     while attempts < max_attempts:
@@ -91,10 +98,12 @@ def place_and_claim(fleet: Fleet, request_: Mapping[str, Any], *,
                 continue
             attempts += 1
             got = _try(fleet, cand, request_, claimant=claimant, ttl_s=ttl_s,
-                       timeout=timeout, curve=curve, ctx=ctx, exclude=exclude)
+                       timeout=timeout, curve=curve, ctx=ctx, exclude=exclude,
+                       strategy=None if own_placement else strategy)
             if isinstance(got, dict):
                 c = got["claim"]
-                fleet.claimed(cand.host, str(got.get("epoch")), int(got.get("seq") or 0))
+                fleet.await_snapshot_after(cand.host, str(got.get("epoch")),
+                                           int(got.get("seq") or 0))
                 fleet.stats["claimed"] += 1
                 return Claimed(cand.host, c["id"], c["placement"], c["libvirt_xml"], c,
                                cand.endpoint, attempts)
@@ -106,13 +115,17 @@ def place_and_claim(fleet: Fleet, request_: Mapping[str, Any], *,
 
 def _try(fleet: Fleet, cand: Candidate, request_: Mapping[str, Any], *,
          claimant: str | None, ttl_s: float | None, timeout: float,
-         curve: ClientCurve | None, ctx: Any, exclude: set[str]) -> dict[str, Any] | str:
-    """One claim at ``cand``: the reply if granted, else ``"refused"`` (the host's
-    snapshot refreshed) or ``"unreachable"`` (the host marked dead)."""
+         curve: ClientCurve | None, ctx: Any, exclude: set[str],
+         strategy: str | None) -> dict[str, Any] | str:
+    """One claim at ``cand`` (``strategy`` None: of its placement; else the agent's fit
+    with that strategy): the reply if granted, else ``"refused"`` (the host's snapshot
+    refreshed) or ``"unreachable"`` (the host marked dead)."""
     assert cand.endpoint is not None
     try:
-        reply = claim(cand.endpoint, dict(request_), placement=cand.placement,
-                      claimant=claimant, ttl_s=ttl_s, timeout=timeout, curve=curve, ctx=ctx)
+        reply = claim(cand.endpoint, dict(request_),
+                      placement=cand.placement if strategy is None else None,
+                      strategy=strategy, claimant=claimant, ttl_s=ttl_s, timeout=timeout,
+                      curve=curve, ctx=ctx)
     except HostagentError as exc:
         if "no reply within" not in str(exc):
             raise
@@ -127,6 +140,8 @@ def _try(fleet: Fleet, cand: Candidate, request_: Mapping[str, Any], *,
     fleet.stats["claim_refused"] += 1
     log.info("host %r: claim refused (%s); refreshing its snapshot", cand.host,
              "; ".join(str(r.get("message")) for r in reply.get("reasons") or [])[:200])
+    # (waiting for a snapshot after the refusal's seq could wait forever: what beat us
+    # may already be in the latest one, and nothing else may change there)
     if refresh(fleet, cand.host, cand.endpoint, timeout=timeout, curve=curve, ctx=ctx):
         e = fleet.entry(cand.host)
         if e is not None and (e.epoch, e.seq) == (cand.epoch, cand.seq):

@@ -54,6 +54,22 @@ DEFAULT_MAX_HOSTS = 100_000
 MAX_WARNED_HOSTS = 1024
 #: most candidates ``place`` returns
 MAX_COUNT = 1000
+#: rankings kept (one per distinct request and weigher placed recently, least recently
+#: used dropped): each holds a heap entry per feasible host (~80 bytes)
+RANK_CACHE_SIZE = 32
+#: the change log the rankings read is cut (and the rankings rebuilt on their next use)
+#: when it is longer than this or 4 entries per host
+CHANGE_LOG_MIN = 100_000
+
+
+@dataclass
+class _Ranking:
+    """The hosts that pass the prefilter for one (needs, weights), best first: a heap of
+    (-score, host, version); entries of an older version are skipped when popped, and
+    the hosts changed since ``log_pos`` are scored again before each place."""
+
+    heap: list[tuple[float, str, int]]
+    log_pos: int
 
 
 @dataclass(slots=True)
@@ -75,6 +91,7 @@ class HostEntry:
     prev_epoch: str | None = None
     quarantined_until: float = 0.0  # two agents claim this name: not offered before
     awaiting_seq: int = -1  # a claim was granted at this seq: not offered until a later one
+    version: int = 0  # +1 on every change (the rank caches' entries name the version)
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,18 @@ class Fleet:
         default_factory=OrderedDict, repr=False)
     _warned: set[tuple[str, str]] = field(default_factory=set, repr=False)
     touched_at: float = field(default=float("-inf"), repr=False)  # feed's last touch pass
+    rank_cache_size: int = RANK_CACHE_SIZE
+    _log: list[str] = field(default_factory=list, repr=False)  # hosts changed, in order
+    _ranks: OrderedDict[Any, _Ranking] = field(default_factory=OrderedDict, repr=False)
+
+    def _changed(self, entry: HostEntry) -> None:
+        entry.version += 1
+        if not self._ranks:
+            return
+        self._log.append(entry.host)
+        if len(self._log) > max(CHANGE_LOG_MIN, 4 * len(self.entries)):
+            self._ranks.clear()  # rebuilt on their next use
+            self._log.clear()
 
     # ------------------------------------------------------------------ ingest
     def update(self, snapshot: Mapping[str, Any], now: float, *,
@@ -153,6 +182,7 @@ class Fleet:
             self._refuse(host, f"{type(exc).__name__}: {exc}")
             if entry is not None:
                 entry.unreadable = str(exc)
+                self._changed(entry)
             return
         endpoint = advertised if isinstance(advertised, str) and advertised else \
             request_endpoint
@@ -176,6 +206,7 @@ class Fleet:
             entry.summary, entry.usage, entry.time = summary, packed, stamp
             entry.endpoint = endpoint or entry.endpoint
             entry.alive, entry.stale, entry.unreadable = True, False, None
+        self._changed(entry)
         self.stats["updates"] += 1
 
     def _new_epoch(self, entry: HostEntry, epoch: str, now: float) -> None:
@@ -221,12 +252,14 @@ class Fleet:
         entry = self.entries.get(host)
         if entry is not None:
             entry.alive = False
+            self._changed(entry)
 
     def mark_stale(self, host: str) -> None:
         """A snapshot of the host was missed: not offered until the next one."""
         entry = self.entries.get(host)
         if entry is not None:
             entry.stale = True
+            self._changed(entry)
 
     def touch(self, host: str, now: float) -> None:
         """The host was heard (a heartbeat) at ``now``: it is not stale by age."""
@@ -234,13 +267,15 @@ class Fleet:
         if entry is not None and now > entry.seen:
             entry.seen = now
 
-    def claimed(self, host: str, epoch: str, seq: int) -> None:
-        """A claim was granted on ``host`` by its agent of ``epoch`` at ``seq`` (the claim
-        reply's): the host is not offered again until a snapshot after ``seq`` (which
-        counts the claim) is held, so this scheduler does not at once pick what it holds."""
+    def await_snapshot_after(self, host: str, epoch: str, seq: int) -> None:
+        """The agent of ``host`` (``epoch``) granted this scheduler a claim at ``seq`` (the
+        claim reply's): the host is not offered until a snapshot after ``seq`` is held (the
+        agent publishes one for every grant; it counts the claim), so this scheduler does
+        not at once pick what it already holds."""
         entry = self.entries.get(host)
         if entry is not None and entry.epoch == epoch:
             entry.awaiting_seq = max(entry.awaiting_seq, seq)
+            self._changed(entry)
 
     def forget(self, host: str) -> None:
         """Drop a host from the index."""
@@ -248,6 +283,7 @@ class Fleet:
         if entry is not None:
             self._drop_shape(entry.shape)
             self._views.pop(host, None)
+            self._changed(entry)
 
     # ------------------------------------------------------------------ reading
     def hosts(self) -> list[str]:
@@ -259,6 +295,14 @@ class Fleet:
         entry = self.entries.get(host)
         return entry is not None and self._why_not_offered(
             entry, time.monotonic() if now is None else now) is None
+
+    def why_not_offered(self, host: str, now: float | None = None) -> str | None:
+        """Why ``host`` is not offered now (``dead``, ``stale ...``, ``unreadable
+        snapshot``, ``duplicate host name``, ...), ``None`` if it is."""
+        entry = self.entries.get(host)
+        if entry is None:
+            return "unknown host"
+        return self._why_not_offered(entry, time.monotonic() if now is None else now)
 
     def _why_not_offered(self, e: HostEntry, now: float) -> str | None:
         if not e.alive:
@@ -323,33 +367,76 @@ class Fleet:
         strategy = in_host_strategy(weights)
         needs = needs_of(req)
         now = time.monotonic() if now is None else now
-        ranked = []
-        for e in self.entries.values():
-            if e.host in exclude or self._why_not_offered(e, now) is not None:
-                continue
-            if prefilter(e.shape, e.summary, needs) is not None:
-                continue
-            ranked.append((-score(e.shape, e.summary, needs, weights), e.host))
         self.stats["place"] += 1
-        heapq.heapify(ranked)
+        ranking = self._ranking(needs, weights)
+        heap = ranking.heap
         found: list[Candidate] = []
-        while ranked and len(found) < count:
-            _, host = heapq.heappop(ranked)
-            e = self.entries[host]
+        keep: list[tuple[float, str, int]] = []  # popped, still valid: pushed back after
+        while heap and len(found) < count:
+            item = heapq.heappop(heap)
+            e = self.entries.get(item[1])
+            if e is None or e.version != item[2]:
+                continue  # changed since: its newer entry (if any) is in the heap
+            if e.host in exclude or self._why_not_offered(e, now) is not None:
+                keep.append(item)  # time may make it offered again (age, quarantine)
+                continue
             self.stats["exact_fits"] += 1
             try:
-                answer = fit(self.view(host), req, strategy=strategy)
+                answer = fit(self.view(e.host), req, strategy=strategy)
             except RequestError as exc:  # a snapshot the fit cannot read
-                self._refuse(host, str(exc))
+                self._refuse(e.host, str(exc))
                 e.unreadable = str(exc)
+                self._changed(e)
                 continue
             if not answer["fits"]:
-                continue
+                continue  # dropped from this ranking until the host changes
+            keep.append(item)
             found.append(Candidate(
-                host, final_score(e.shape, e.summary, needs, weights, answer["placement"]),
+                e.host, final_score(e.shape, e.summary, needs, weights, answer["placement"]),
                 answer, e.endpoint, e.epoch, e.seq))
+        for item in keep:
+            heapq.heappush(heap, item)
         found.sort(key=lambda c: (-c.score, c.host))
         return found
+
+    def _candidate_item(self, e: HostEntry, needs: Needs,
+                        weights: tuple[tuple[str, float], ...]
+                        ) -> tuple[float, str, int] | None:
+        """The heap entry of host ``e`` for a ranking, ``None`` if it cannot be offered
+        until it changes (dead, stale, unreadable, awaiting a snapshot, or refused by the
+        prefilter)."""
+        if not e.alive or e.stale or e.unreadable is not None or e.seq <= e.awaiting_seq:
+            return None
+        if prefilter(e.shape, e.summary, needs) is not None:
+            return None
+        return (-score(e.shape, e.summary, needs, weights), e.host, e.version)
+
+    def _ranking(self, needs: Needs, weights: tuple[tuple[str, float], ...]) -> _Ranking:
+        """The ranking for (needs, weights), built on first use (every host scored once),
+        then brought up to date with the hosts changed since its last use."""
+        key = (needs, weights)
+        r = self._ranks.get(key)
+        if r is None:
+            items = [it for e in self.entries.values()
+                     if (it := self._candidate_item(e, needs, weights)) is not None]
+            heapq.heapify(items)
+            r = self._ranks[key] = _Ranking(items, len(self._log))
+            self.stats["rankings_built"] += 1
+            while len(self._ranks) > self.rank_cache_size:
+                self._ranks.popitem(last=False)
+            return r
+        self._ranks.move_to_end(key)
+        changed = dict.fromkeys(self._log[r.log_pos:])
+        r.log_pos = len(self._log)
+        for host in changed:
+            e = self.entries.get(host)
+            if e is not None and (it := self._candidate_item(e, needs, weights)) is not None:
+                heapq.heappush(r.heap, it)
+        if len(r.heap) > 2 * len(self.entries) + 1024:  # drop entries of old versions
+            r.heap = [it for it in r.heap if (e := self.entries.get(it[1])) is not None
+                      and e.version == it[2]]
+            heapq.heapify(r.heap)
+        return r
 
     def why_not(self, request: Mapping[str, Any] | FitRequest, *,
                 now: float | None = None) -> dict[str, list[str]]:
@@ -359,7 +446,7 @@ class Fleet:
         req = request if isinstance(request, FitRequest) else parse_request(request)
         needs = needs_of(req)
         now = time.monotonic() if now is None else now
-        per: dict[str, Counter[str]] = {}
+        per: dict[str, dict[str, list[int]]] = {}
         for e in self.entries.values():
             why = self._why_not_offered(e, now) or prefilter(e.shape, e.summary, needs)
             if why is None:
@@ -368,9 +455,22 @@ class Fleet:
                     continue
                 r = answer["reasons"][0]
                 why = f"{r['resource']}: {r['message']}"
-            per.setdefault(e.shape.name, Counter())[why] += 1
-        return {cls: [f"{n} host{'s' * (n != 1)}: {why}" for why, n in c.most_common()]
-                for cls, c in sorted(per.items())}
+            head, sep, have = why.rpartition(", the host has ")
+            key, value = (head, int(have)) if sep and have.isdigit() else (why, -1)
+            per.setdefault(e.shape.name, {}).setdefault(key, []).append(value)
+        out: dict[str, list[str]] = {}
+        for cls, reasons in sorted(per.items()):
+            lines = []
+            for why, values in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+                n = len(values)
+                text = f"{n} host{'s' * (n != 1)}: {why}"
+                if values[0] >= 0:
+                    lo, hi = min(values), max(values)
+                    text += (f", the host has {lo}" if n == 1 else
+                             f", the hosts have {lo}" + (f"-{hi}" if hi > lo else ""))
+                lines.append(text)
+            out[cls] = lines
+        return out
 
 
 def needs_for(request: Mapping[str, Any] | FitRequest) -> Needs:
