@@ -14,10 +14,10 @@ them; the scheduler (this process) subscribes to the forwarder and feeds one ``F
 For each N, for the full stream and the delta stream: the updates per second applied,
 the scheduler's CPU per update and per second (its own process time: what one core has
 to do), the lag (update's ``time`` to applied) p50/p99, bytes per update on the wire;
-scheduler memory per host (RSS growth over the join / N); ``place`` p50/p99 and
-placements per second of this one process while the fleet keeps changing; and the peer:
-a naive scheduler running ``fit`` on every host per placement (timed on a sample of
-hosts, scaled to N).
+scheduler memory per host (RSS growth over the join / N: subscriber and ``Fleet``);
+``place`` p50/p99 and placements per second of this one process while the fleet keeps
+changing; and the peer: a naive scheduler running ``fit`` on every host per placement
+(timed on a sample of hosts, scaled to N).
 """
 
 from __future__ import annotations
@@ -225,6 +225,9 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
             feed(sub, fleet, 0.2)
         out["joined"] = len(fleet.entries)
         out["join_s"] = round(time.monotonic() - deadline + args.join_timeout, 1)
+        feed(sub, fleet, 0.5)  # drain what queued during the join
+        gc.collect()
+        out["mem_per_host_kib"] = round((rss_bytes() - rss0) / n / 1024, 1)
         # ingest: only feeding
         lag: list[float] = []
         updates = 0
@@ -241,14 +244,11 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
         msgs = sum(sub.stats.get(k, 0) - stats0.get(k, 0)
                    for k in ("snapshots", "heartbeats", "duplicates"))
-        gc.collect()
-        rss = rss_bytes()
         out.update(
             updates_per_s=round(updates / wall), offered_per_s=round(n / args.period),
             cpu_per_update_us=round(cpu / max(updates, 1) * 1e6),
             cpu_share=round(cpu / wall, 2), messages_per_s=round(msgs / wall),
             lag_p50_ms=round(pct(lag, 0.5) * 1000, 1), lag_p99_ms=round(pct(lag, 0.99) * 1000, 1),
-            mem_per_host_kib=round((rss - rss0) / n / 1024, 1),
             stale=sub.stats.get("stale", 0) - stats0.get("stale", 0),
             gaps=sub.stats.get("gaps", 0) - stats0.get("gaps", 0))
         out["wire_bytes_per_update"] = wire_bytes(deltas)
@@ -360,7 +360,7 @@ def micro(fixture: str, guests: int, hosts: int = 20, rounds: int = 15) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hosts", default="1000,10000")
-    ap.add_argument("--seconds", type=float, default=12.0, help="per measurement phase")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per measurement phase")
     ap.add_argument("--period", type=float, default=10.0, help="seconds between changes of "
                     "one host")
     ap.add_argument("--procs", type=int, default=2, help="simulator processes")
