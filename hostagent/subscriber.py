@@ -73,6 +73,9 @@ RECONNECT_MAX_SECONDS = 30.0
 #: At most this many (kind, host, source) warnings are remembered to log each once;
 #: beyond it, further first-time ones are logged at debug level.
 MAX_WARNED = 1024
+#: Messages shorter than this (heartbeats, small snapshots: never compressed) are decoded
+#: without looking up the host's decode cache.
+DECODE_CACHE_MIN_BYTES = 256
 #: Delta stream (``deltas=True``): a host whose held snapshot cannot take the next delta
 #: (a missed one, a delta that does not fit) is healed with a full snapshot — fetched from
 #: the source's request endpoint, else asked for by subscribing to its topic once more
@@ -423,7 +426,7 @@ class _Base:
 
     def _decode(self, frames: list[bytes], index: int, now: float) -> Update | None:
         cache = key = None
-        if len(frames) == 2:
+        if len(frames) == 2 and len(frames[1]) >= DECODE_CACHE_MIN_BYTES:
             try:
                 key = (index, wire.stream_of_topic(bytes(frames[0]))[0])
             except wire.WireError:
