@@ -51,6 +51,16 @@ REQUEST = {"vcpus": 2, "memory_mb": 2048, "extra_specs": {"hw:cpu_policy": "dedi
 
 # --- the simulated agents --------------------------------------------------------------
 
+def _token(i: int) -> bytes:
+    """4 bytes naming host ``i``'s guests (base 36: distinct for 1.6 million hosts)."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    for _ in range(4):
+        i, r = divmod(i, 36)
+        out = digits[r] + out
+    return out.encode()
+
+
 class SimHosts:
     """The hosts of one simulator process and their latest snapshots."""
 
@@ -62,7 +72,8 @@ class SimHosts:
         self.hosts = [f"sim{first + i:05d}" for i in range(count)]
         self.epoch = f"{seed:016x}"
         self.state = {h: {"chain": i % len(self.chains), "step": rng.randrange(CHAIN_STEPS),
-                          "seq": 1, "sent": 0.0, "snap": None, "frames": None}
+                          "seq": 1, "sent": 0.0, "snap": None, "frames": None,
+                          "token": _token(first + i)}
                       for i, h in enumerate(self.hosts)}
         self.order = list(self.hosts)
         rng.shuffle(self.order)
@@ -74,7 +85,8 @@ class SimHosts:
         c = self.chains[s["chain"]]
         snap = assemble_snapshot(c.topology, c.config, c.usages[s["step"] % CHAIN_STEPS],
                                  host=h, epoch=self.epoch, seq=s["seq"], now=now)
-        s["frames"] = self.encs[s["chain"]].frames(h, self.epoch, s["seq"], s["step"], now)
+        s["frames"] = self.encs[s["chain"]].frames(h, self.epoch, s["seq"], s["step"], now,
+                                                   s["token"])
         old, s["snap"] = s["snap"], snap
         return old
 
@@ -114,8 +126,7 @@ class SimHosts:
         if self.deltas:
             frame = s["frames"][1]
             if old is not None:
-                frame = wire.pack(wire.make_body("delta", h, self.epoch, s["seq"], now,
-                                                 wire.make_delta(old, s["snap"])))
+                frame = self.encs[s["chain"]].delta(h, old, s["snap"], s["token"])
             xpub.send_multipart([wire.delta_topic(h), frame])  # type: ignore[attr-defined]
         s["sent"] = time.monotonic()
 
@@ -219,10 +230,15 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
         gc.collect()
         rss0 = rss_bytes()
         fleet = Fleet(stale_after_s=60.0)
-        sub = Subscriber([run.stream], deltas=deltas, dead_after=30.0, rcvhwm=200_000)
+        # the full stream: the Fleet keeps its own copy (keep_snapshots=False); the delta
+        # stream needs the held snapshot to apply deltas to
+        sub = Subscriber([run.stream], deltas=deltas, keep_snapshots=deltas, dead_after=30.0,
+                         rcvhwm=200_000)
         deadline = time.monotonic() + args.join_timeout
         while len(fleet.entries) < n and time.monotonic() < deadline:
             feed(sub, fleet, 0.2)
+        print(f"[{n} {out['stream']}] joined {len(fleet.entries)} hosts", file=sys.stderr,
+              flush=True)
         out["joined"] = len(fleet.entries)
         out["join_s"] = round(time.monotonic() - deadline + args.join_timeout, 1)
         feed(sub, fleet, 0.5)  # drain what queued during the join
@@ -242,6 +258,7 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
                 elif upd.kind == "stale":
                     fleet.mark_stale(upd.host)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        print(f"[{n} {out['stream']}] ingest measured", file=sys.stderr, flush=True)
         msgs = sum(sub.stats.get(k, 0) - stats0.get(k, 0)
                    for k in ("snapshots", "heartbeats", "duplicates"))
         out.update(
@@ -249,7 +266,10 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
             cpu_per_update_us=round(cpu / max(updates, 1) * 1e6),
             cpu_share=round(cpu / wall, 2), messages_per_s=round(msgs / wall),
             lag_p50_ms=round(pct(lag, 0.5) * 1000, 1), lag_p99_ms=round(pct(lag, 0.99) * 1000, 1),
+            cpu_per_message_us=round(cpu / max(msgs, 1) * 1e6),
             stale=sub.stats.get("stale", 0) - stats0.get("stale", 0),
+            deltas=sub.stats.get("deltas", 0) - stats0.get("deltas", 0),
+            heal_requests=sub.stats.get("heal_requests", 0),
             gaps=sub.stats.get("gaps", 0) - stats0.get("gaps", 0))
         out["wire_bytes_per_update"] = wire_bytes(deltas)
         # placement while the fleet changes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ class Chain:
     def __init__(self, fixture: str, guests: int, steps: int, seed: int) -> None:
         rng = random.Random(seed)
         self.fixture = fixture
+        #: every guest name starts with this 4-character token; ``SimEncoder`` replaces it
+        #: by one of the host's own in the packed bytes (same length: still valid msgpack),
+        #: so hosts walking one chain still hold guests of their own
+        self.token = f"g{seed % 100:02d}-"
         topo = probe_fixture(fixture)
         self.topology = topology_to_dict(topo)
         self.config = host_resources(topo)
@@ -100,7 +105,7 @@ class Chain:
         def new_guest() -> Any:
             nonlocal counter
             counter += 1
-            name = f"g{seed}-{counter}"
+            name = f"{self.token}{counter}"
             xml = None
             for _ in range(20):  # a pinned guest finds no room: draw another kind
                 xml = _guest_xml(name, rng, topo, self.config, free)
@@ -141,15 +146,26 @@ class SimEncoder:
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
 
-    def frames(self, host: str, epoch: str, seq: int, step: int, now: float
-               ) -> list[bytes]:
-        """The two stream frames of ``host``'s snapshot ``seq`` at chain step ``step``."""
+    def frames(self, host: str, epoch: str, seq: int, step: int, now: float,
+               token: bytes | None = None) -> list[bytes]:
+        """The two stream frames of ``host``'s snapshot ``seq`` at chain step ``step``;
+        with ``token`` (4 bytes) the guests are the host's own (their names' token)."""
         c = self.chain
         i = step % len(c.usages)
         snap = assemble_snapshot(c.topology, c.config, c.usages[i], host=host, epoch=epoch,
                                  seq=seq, now=now)
         body = wire.make_body("snapshot", host, epoch, seq, now, snap)
-        return wire.encode_stream(body, cache=c.caches[i])
+        if token is None:
+            return wire.encode_stream(body, cache=c.caches[i])
+        raw = wire.pack_map(snap, c.caches[i]).replace(c.token.encode(), token)
+        return [wire.topic(host), wire.pack({**body, "data": zlib.compress(raw, 1),
+                                             "enc": "zlib"})]
+
+    def delta(self, host: str, old: dict, new: dict, token: bytes | None = None) -> bytes:
+        """The delta body (packed) turning ``old`` into ``new`` (both of ``host``)."""
+        body = wire.pack(wire.make_body("delta", host, new["epoch"], new["seq"], new["time"],
+                                        wire.make_delta(old, new)))
+        return body if token is None else body.replace(self.chain.token.encode(), token)
 
     def heartbeat(self, host: str, epoch: str, seq: int, now: float) -> list[bytes]:
         return wire.encode_stream(wire.make_body("heartbeat", host, epoch, seq, now, None))

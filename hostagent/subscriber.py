@@ -73,6 +73,10 @@ RECONNECT_MAX_SECONDS = 30.0
 #: At most this many (kind, host, source) warnings are remembered to log each once;
 #: beyond it, further first-time ones are logged at debug level.
 MAX_WARNED = 1024
+#: Messages read from one source per turn of ``poll``: a subscriber that receives faster
+#: than it decodes still returns from ``poll`` (by its timeout, with what it applied)
+#: instead of draining a queue that never empties.
+POLL_BATCH = 1000
 #: Messages shorter than this (heartbeats, small snapshots: never compressed) are decoded
 #: without looking up the host's decode cache.
 DECODE_CACHE_MIN_BYTES = 256
@@ -127,6 +131,9 @@ class SubscriberState:
     source_names: list[str] = field(default_factory=list)
     #: delta stream: what the deltas applied since a full snapshot may add up to
     max_delta_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    #: False: a snapshot is handed over in its ``Update`` and not held (``HostState``
+    #: keeps epoch, seq, liveness): for a caller that keeps its own copy (a ``Fleet``)
+    keep_snapshots: bool = True
     #: (source, host) pairs whose held snapshot needs a full one (delta stream), for the
     #: subscriber's loop to heal (``DELTA_HEAL_SECONDS`` apart per host)
     heal: set[tuple[int, str]] = field(default_factory=set)
@@ -203,11 +210,12 @@ class SubscriberState:
         if st.seq >= 0 and seq > st.seq + 1:
             st.gaps += 1
             self.stats["gaps"] += 1
-        st.seq, st.snapshot, st.stale = seq, body["data"], False
+        st.seq, st.stale = seq, False
+        st.snapshot = body["data"] if self.keep_snapshots else None
         st.delta_bytes = 0
         self.heal.discard((source, host))
         self.stats["snapshots"] += 1
-        return Update("snapshot", host, st.epoch, seq, st.snapshot)
+        return Update("snapshot", host, st.epoch, seq, body["data"])
 
     def _feed_delta(self, body: dict[str, Any], now: float, source: int,
                     size: int) -> Update | None:
@@ -380,7 +388,11 @@ class _Link:
 class _Base:
     def __init__(self, sources: Sequence[str | Source], *, hosts: Sequence[str] | None,
                  curve: ClientCurve | None, max_message_bytes: int, dead_after: float,
-                 request_timeout: float, deltas: bool = False) -> None:
+                 request_timeout: float, deltas: bool = False,
+                 keep_snapshots: bool = True) -> None:
+        if deltas and not keep_snapshots:
+            raise HostagentError("deltas=True needs keep_snapshots=True (a delta applies "
+                                 "to the held snapshot)")
         self.sources = _sources(sources)
         self.deltas = deltas
         self.topics = _topics(hosts, deltas)
@@ -391,7 +403,8 @@ class _Base:
         self.request_timeout = request_timeout
         self.state = SubscriberState(dead_after=dead_after,
                                      source_names=[s.stream for s in self.sources],
-                                     max_delta_bytes=max_message_bytes)
+                                     max_delta_bytes=max_message_bytes,
+                                     keep_snapshots=keep_snapshots)
         #: per (source, host): the last snapshot's topology/config and usage list
         #: elements, reused while their bytes are unchanged (wire.DecodeCache)
         self._decode_caches: dict[tuple[int, str], wire.DecodeCache] = {}
@@ -433,7 +446,9 @@ class _Base:
                 key = None
             if key is not None:
                 cache = self._decode_caches.get(key) or wire.DecodeCache(
-                    shared=self._shared_decoded)
+                    shared=self._shared_decoded,
+                    element_keys=wire.ELEMENT_REUSE_KEYS if self.state.keep_snapshots
+                    else ())
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError as exc:
@@ -585,12 +600,12 @@ class Subscriber(_Base):
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                  dead_after: float = DEFAULT_DEAD_AFTER, rcvhwm: int = 10000,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None,
-                 deltas: bool = False) -> None:
+                 deltas: bool = False, keep_snapshots: bool = True) -> None:
         import zmq
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout,
-                         deltas=deltas)
+                         deltas=deltas, keep_snapshots=keep_snapshots)
         self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), max_message_bytes, rcvhwm)
 
     def poll(self, timeout: float | None = None) -> list[Update]:
@@ -608,7 +623,7 @@ class Subscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                while True:
+                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
                     try:
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -682,13 +697,13 @@ class AsyncSubscriber(_Base):
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                  dead_after: float = DEFAULT_DEAD_AFTER, rcvhwm: int = 10000,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None,
-                 deltas: bool = False) -> None:
+                 deltas: bool = False, keep_snapshots: bool = True) -> None:
         import zmq
         import zmq.asyncio
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
                          dead_after=dead_after, request_timeout=request_timeout,
-                         deltas=deltas)
+                         deltas=deltas, keep_snapshots=keep_snapshots)
         self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(),
                    max_message_bytes, rcvhwm)
 
@@ -706,7 +721,7 @@ class AsyncSubscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                while True:
+                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
                     try:
                         frames = await s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
