@@ -377,6 +377,45 @@ def micro(fixture: str, guests: int, hosts: int = 20, rounds: int = 15) -> dict:
     return out
 
 
+def memory_per_host(hosts: int = 1000) -> dict:
+    """Scheduler memory per host, traced (``tracemalloc``): ``hosts`` distinct 48-thread
+    hosts with 20 guests each fed through the subscriber's state and caches into a
+    ``Fleet``: the full stream with ``keep_snapshots=False`` (the Fleet's copy only),
+    and holding the decoded snapshots (what the delta stream needs)."""
+    import gc
+    import tracemalloc
+
+    from hostagent.fleet import Fleet
+    from hostagent.subscriber import SubscriberState
+
+    chains = [Chain(FIXTURE, GUESTS, 8, 20 + k) for k in range(3)]
+    encs = [SimEncoder(c) for c in chains]
+    frames = [encs[i % 3].frames(f"sim{i:05d}", "e", 1, i, 1.0, _token(i))
+              for i in range(hosts)]
+    out = {}
+    for name, keep in (("lean", False), ("held", True)):
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        st = SubscriberState(keep_snapshots=keep)
+        shared = wire.SharedDecoded()
+        caches = {}
+        fleet = Fleet()
+        for f in frames:
+            host = wire.host_of_topic(f[0])
+            cache = caches[host] = wire.DecodeCache(
+                shared=shared, element_keys=wire.ELEMENT_REUSE_KEYS if keep else ())
+            upd = st.feed(wire.decode_stream(f, cache=cache), 0.0, 0)
+            fleet.update(upd.snapshot, 0.0)
+        del upd
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        out[f"traced_kib_per_host_{name}"] = round(used / hosts / 1024, 1)
+        del st, caches, fleet, shared
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hosts", default="1000,10000")
@@ -403,6 +442,7 @@ def main() -> int:
         return 0
     for fixture, guests in ((FIXTURE, GUESTS), ("big-448", 200)):
         print(json.dumps(micro(fixture, guests)), flush=True)
+    print(json.dumps(memory_per_host()), flush=True)
     rows = []
     for n in (int(x) for x in args.hosts.split(",")):
         for stream in args.streams.split(","):
