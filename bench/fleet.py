@@ -95,7 +95,13 @@ class SimHosts:
         """Re-publish the latest snapshot of every host the subscription ``prefix`` matches
         (on each stream it matches), as the agent does."""
         now = time.time()
-        for h in self.hosts:
+        hosts = self.hosts
+        try:  # one host's topic (a subscriber healing it): that host only
+            one = wire.stream_of_topic(prefix)[0]
+            hosts = [one] if one in self.state else []
+        except wire.WireError:
+            pass
+        for h in hosts:
             s = self.state[h]
             for topic in (wire.topic(h), wire.delta_topic(h)):
                 if topic.startswith(prefix):
