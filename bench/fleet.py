@@ -256,7 +256,7 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
         out["joined"] = len(fleet.entries)
         out["join_s"] = round(time.monotonic() - deadline + args.join_timeout, 1)
         # settle: drain what queued during the join (bounded), then measure steady state
-        settle = time.monotonic() + args.join_timeout
+        settle = time.monotonic() + args.settle
         while time.monotonic() < settle:
             late = []
             for u in sub.poll(0.05):
@@ -265,7 +265,7 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
                     late.append(time.time() - u.snapshot["time"])
             if late and max(late) < 1.0:
                 break
-        out["settle_s"] = round(time.monotonic() - settle + args.join_timeout, 1)
+        out["settle_s"] = round(time.monotonic() - settle + args.settle, 1)
         gc.collect()
         out["mem_per_host_kib"] = round((rss_bytes() - rss0) / n / 1024, 1)
         # ingest: only feeding
@@ -297,22 +297,21 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
             gaps=sub.stats.get("gaps", 0) - stats0.get("gaps", 0))
         out["wire_bytes_per_update"] = wire_bytes(deltas)
         # placement while the fleet changes
-        if not deltas or args.place_both:
-            times: list[float] = []
-            placed = 0
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < args.seconds:
-                feed(sub, fleet, 0)
-                a = time.perf_counter()
-                got = fleet.place(REQUEST, 1, "pack")
-                times.append(time.perf_counter() - a)
-                placed += bool(got)
-            wall = time.monotonic() - t0
-            out.update(place_p50_ms=round(pct(times, 0.5) * 1000, 2),
-                       place_p99_ms=round(pct(times, 0.99) * 1000, 2),
-                       placements_per_s=round(len(times) / wall),
-                       placed_share=round(placed / max(len(times), 1), 2))
-            out["naive_ms_per_placement"] = naive(fleet, n)
+        times: list[float] = []
+        placed = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < args.seconds:
+            feed(sub, fleet, 0)
+            a = time.perf_counter()
+            got = fleet.place(REQUEST, 1, "pack")
+            times.append(time.perf_counter() - a)
+            placed += bool(got)
+        wall = time.monotonic() - t0
+        out.update(place_p50_ms=round(pct(times, 0.5) * 1000, 2),
+                   place_p99_ms=round(pct(times, 0.99) * 1000, 2),
+                   placements_per_s=round(len(times) / wall),
+                   placed_share=round(placed / max(len(times), 1), 2))
+        out["naive_ms_per_placement"] = naive(fleet, n)
         sub.close()
     finally:
         run.close()
@@ -443,14 +442,14 @@ def memory_per_host(hosts: int = 1000) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hosts", default="1000,10000")
-    ap.add_argument("--seconds", type=float, default=10.0, help="per measurement phase")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per measurement phase")
     ap.add_argument("--period", type=float, default=10.0, help="seconds between changes of "
                     "one host")
     ap.add_argument("--procs", type=int, default=2, help="simulator processes")
     ap.add_argument("--join-timeout", type=float, default=60.0)
-    ap.add_argument("--streams", default="full,delta")
-    ap.add_argument("--place-both", action="store_true",
-                    help="measure placement on the delta stream too")
+    ap.add_argument("--streams", default="delta,full")
+    ap.add_argument("--settle", type=float, default=15.0,
+                    help="at most this long after the join for the backlog to drain")
     ap.add_argument("--measure", nargs=2, metavar=("N", "STREAM"), help=argparse.SUPPRESS)
     ap.add_argument("--simulate", nargs=5, metavar=("EP", "FIRST", "COUNT", "PERIOD", "SEED"),
                     help=argparse.SUPPRESS)
@@ -475,7 +474,7 @@ def main() -> int:
                 [sys.executable, __file__, "--measure", str(n), stream,
                  "--seconds", str(args.seconds), "--period", str(args.period),
                  "--procs", str(args.procs), "--join-timeout", str(args.join_timeout),
-                 *(["--place-both"] if args.place_both else [])],
+                 "--settle", str(args.settle)],
                 stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True)
             row = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append(row)
