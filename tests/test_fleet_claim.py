@@ -118,3 +118,82 @@ def test_place_and_claim_on_real_agents(caplog):
         assert got is not None and got.host == other
         assert not fleet.offered(victim)
         assert f"host {victim!r}: claim not answered" in caplog.text
+
+
+def test_an_agent_answering_busy_is_left_out_not_marked_dead(tmp_path):
+    """Two hosts whose request endpoints answer every claim ``busy`` as the agent's claim
+    desk does when 64 claims wait (real ROUTER sockets, replies in the agent's format):
+    place_and_claim tries each once, gives up, and marks neither dead."""
+    import threading
+
+    import zmq
+    from fleet_helpers import host_snapshot
+
+    from hostagent import wire
+
+    ctx = zmq.Context.instance()
+    stop = threading.Event()
+    endpoints, socks = [], []
+    for i in range(2):
+        s = ctx.socket(zmq.ROUTER)
+        s.linger = 0
+        ep = f"ipc://{tmp_path}/busy{i}"
+        s.bind(ep)
+        endpoints.append(ep)
+        socks.append(s)
+
+    def serve() -> None:
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        while not stop.is_set():
+            for s, _ in poller.poll(50):
+                ident, payload = s.recv_multipart()
+                assert wire.decode_request(payload)["op"] == "claim"
+                s.send_multipart([ident, wire.pack(wire.error_reply(
+                    "busy: 64 claim requests waiting (the limit); retry later"))])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        fleet = Fleet()
+        for i, ep in enumerate(endpoints):
+            fleet.update(host_snapshot("xeon-2s-cat", f"h{i}"), time.monotonic(),
+                         request_endpoint=ep)
+        assert place_and_claim(fleet, PINNED4, timeout=5.0) is None
+        assert fleet.stats["claim_busy"] == 2
+        assert fleet.offered("h0") and fleet.offered("h1")
+    finally:
+        stop.set()
+        t.join(5)
+        for s in socks:
+            s.close(linger=0)
+
+
+def test_two_real_agents_under_one_name(caplog):
+    """Two real agents both named "dup" (~3 s to start): the subscriber binds the name to
+    the source it heard first and drops the other with one warning, so the fleet holds
+    one host, never alternating, and the claim lands at that agent only."""
+    caplog.set_level(logging.WARNING, "hostagent")
+    first = agent("dup", advertise=True)
+    second = agent("dup", advertise=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(second.close)
+        stack.callback(first.close)
+        sub, fleet2 = fed([first.stream, second.stream], 1)
+        stack.callback(sub.close)
+        deadline = time.monotonic() + 30
+        while sub.stats["foreign_source"] == 0:
+            assert time.monotonic() < deadline, sub.stats
+            feed(sub, fleet2, timeout=0.5)
+        bound = sub.binding("dup")[0]
+        owner, other = (first, second) if bound == first.stream else (second, first)
+        assert fleet2.hosts() == ["dup"] and fleet2.entry("dup").endpoint == owner.req
+        assert fleet2.stats["epochs"] == 0  # never alternated
+        got = place_and_claim(fleet2, PINNED4)
+        assert got is not None and got.endpoint == owner.req
+        assert len(owner.request({"op": "claims"})["claims"]) == 1
+        assert other.request({"op": "claims"})["claims"] == []
+        warned = [r.getMessage() for r in caplog.records if "dropped: it is bound" in
+                  r.getMessage()]
+        assert len(warned) == 1, warned

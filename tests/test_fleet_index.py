@@ -9,11 +9,14 @@ import tracemalloc
 
 import pytest
 from fleet_helpers import PINNED2, SHARED1, host_snapshot
+from hypothesis import HealthCheck, assume, event, given, settings
+from test_fit_property import hosts as fit_hosts_strategy
+from test_fit_property import requests as fit_requests_strategy
 
 from hostagent.errors import RequestError
 from hostagent.fit import fit, parse_request
 from hostagent.fleet import Fleet, parse_weigher
-from hostagent.fleet.summary import needs_of, prefilter
+from hostagent.fleet.summary import make_shape, needs_of, prefilter, summarize
 
 ISOLATE4 = {"vcpus": 4, "memory_mb": 2048,
             "extra_specs": {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "isolate"}}
@@ -229,3 +232,20 @@ def test_max_hosts_and_older_snapshots(hosts, caplog):
     fl.update(dict(hosts["x-empty"], host="a", seq=4), 2.0)  # older, same epoch: ignored
     assert fl.entry("a").seq == 5 and fl.summary("a").free_threads == 0
     assert fl.stats["older"] == 1
+
+
+@given(host=fit_hosts_strategy(), request=fit_requests_strategy())
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_prefilter_is_only_necessary_conditions(host, request):
+    """On the random small hosts and requests of test_fit_property: whenever the prefilter
+    refuses a host, the exact fit does not fit either."""
+    try:
+        req = parse_request(request)
+    except RequestError:
+        assume(False)
+    shape = make_shape("k", host["topology"], host["config"])
+    why = prefilter(shape, summarize(shape, host["usage"]), needs_of(req))
+    event("refused" if why else "passed")
+    if why is not None:
+        assert not fit(host, req)["fits"], why

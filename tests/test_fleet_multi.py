@@ -123,8 +123,12 @@ def test_three_schedulers_place_300_guests_on_20_agents(tmp_path):
                    if c["kind"] in ("dedicated_overlap", "claim_mismatch")]
             assert bad == [], (name, bad)
             taken: set[int] = set()
+            dedicated = set(snap["config"]["dedicated_cpus"])
+            cell_cpus = {c["id"]: set(c["cpus"]) for c in snap["topology"]["cells"]}
             for g in snap["usage"]["guests"]:
-                placed = set(mine[g["name"]]["placement"]["cells"][0]["pinning"].values())
+                [cell] = mine[g["name"]]["placement"]["cells"]
+                placed = set(cell["pinning"].values())
+                assert placed <= dedicated & cell_cpus[cell["host_cell"]], (name, cell)
                 assert set(g["dedicated_cpus"]) == placed, (name, g["name"])
                 assert not taken & placed
                 taken |= placed

@@ -34,7 +34,7 @@ def test_every_command_in_the_table_has_its_module():
     required = {"capture": ["out"], "resctrl": ["free"], "keys": ["dir"],
                 "fit": ["--snapshot", "s", "--request", "r"],
                 "claim": ["--endpoint", "e", "--request", "r"],
-                "release": ["--endpoint", "e", "claim-1"]}
+                "release": ["--endpoint", "e", "claim-1"], "place": ["--request", "r"]}
     parser = build_parser()
     for name in COMMANDS:
         args = parser.parse_args([name, *required.get(name, [])])

@@ -223,10 +223,6 @@ def show_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(kib: int) -> str:
-    return f"{kib // 1048576}G" if kib >= 1048576 else f"{kib // 1024}M"
-
-
 def fleet_table(fleet: Any, now: float | None = None) -> str:
     """One line per host within ``LINE_WIDTH`` columns (cut with ``>``): its state, per
     cell free dedicated threads / whole free cores, free hugepages per size per cell,
@@ -244,7 +240,8 @@ def fleet_table(fleet: Any, now: float | None = None) -> str:
         s = e.summary
         cells = " ".join(f"{c.free_threads}/{c.whole_cores}" for c in s.cells)
         sizes = sorted({z for c in s.cells for z, _ in c.pages})
-        pages = " ".join(_size(z) + " " + "/".join(str(dict(c.pages).get(z, 0)) for c in s.cells)
+        pages = " ".join(format_kib(z, sep="") + " "
+                         + "/".join(str(dict(c.pages).get(z, 0)) for c in s.cells)
                          for z in sizes) or "-"
         ways = "/".join(str(w) for _, _, w in s.free_ways) or "-"
         line = f"{host[:16]:<16} {state:<5} {cells} | {pages} | {ways}"

@@ -119,7 +119,8 @@ def _try(fleet: Fleet, cand: Candidate, request_: Mapping[str, Any], *,
          strategy: str | None) -> dict[str, Any] | str:
     """One claim at ``cand`` (``strategy`` None: of its placement; else the agent's fit
     with that strategy): the reply if granted, else ``"refused"`` (the host's snapshot
-    refreshed) or ``"unreachable"`` (the host marked dead)."""
+    refreshed), ``"busy"`` (the agent's claim queue is full: left out of this call) or
+    ``"unreachable"`` (the host marked dead)."""
     assert cand.endpoint is not None
     try:
         reply = claim(cand.endpoint, dict(request_),
@@ -127,6 +128,11 @@ def _try(fleet: Fleet, cand: Candidate, request_: Mapping[str, Any], *,
                       strategy=strategy, claimant=claimant, ttl_s=ttl_s, timeout=timeout,
                       curve=curve, ctx=ctx)
     except HostagentError as exc:
+        if ": busy:" in str(exc):  # the agent's claim queue is full: not this round
+            log.info("host %r: %s; trying the next host", cand.host, exc)
+            fleet.stats["claim_busy"] += 1
+            exclude.add(cand.host)
+            return "busy"
         if "no reply within" not in str(exc):
             raise
         log.warning("host %r: claim not answered (%s): not offered until its next snapshot",

@@ -35,14 +35,19 @@ def _hex4(text: Any) -> str:
 
 @dataclass(frozen=True)
 class ShapeCell:
-    """One cell of a host shape (what does not change between snapshots)."""
+    """One cell of a host shape (what does not change between snapshots), read as
+    ``hostagent.fit.host`` reads it."""
 
     id: int
     socket: int | None  # None: no CPU, or CPUs of several sockets
     threads_per_core: int  # the largest core holding a dedicated thread (1 without)
-    dedicated: int  # online dedicated threads
+    dedicated: frozenset[int]  # online dedicated threads
+    whole_cores: tuple[tuple[int, ...], ...]  # cores whose every online thread is dedicated
     cores: int  # cores holding a dedicated thread
     shared: int  # online shared threads
+    shared_limit: int  # floor(shared threads x cpu_allocation_ratio)
+    small_kib: int  # memory_kib - hugepage pools - reserved memory
+    pools: tuple[tuple[int, int, int], ...]  # (size KiB, total, reserved) per pool
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Shape:
     distances: Mapping[tuple[int, int], int]
     pci: tuple[tuple[str, str, int], ...]  # assignable: (address, vendor:device, cell)
     dedicated: int  # online dedicated threads of the host
+    dedicated_set: frozenset[int]
+    ram_ratio: float
     cache_ways: int  # total ways over the resctrl cache ids (0: no resctrl)
     name: str  # "48 threads, 2 cells, 2 sockets" (host classes in reasons)
 
@@ -66,32 +73,59 @@ class Shape:
         return self.distances.get((a, b), 2 * LOCAL_DISTANCE + 1)
 
 
+def _cell_cores(members: set[int], cpus: Mapping[int, Mapping[str, Any]]
+                ) -> list[tuple[int, ...]]:
+    """Each thread's online siblings inside the cell (the fit's cores)."""
+    seen: set[int] = set()
+    out = []
+    for cpu in sorted(members):
+        if cpu in seen:
+            continue
+        core = tuple(sorted(members.intersection(int(x) for x in cpus[cpu]["siblings"])
+                            | {cpu}))
+        seen.update(core)
+        out.append(core)
+    return out
+
+
 def make_shape(key: str, topology: Mapping[str, Any], config: Mapping[str, Any]) -> Shape:
     """Read the shared part of a snapshot (raises KeyError/TypeError/ValueError if malformed)."""
     cpus = {int(c["id"]): c for c in topology["cpus"]}
     online = {i for i, c in cpus.items() if c["online"]}
     dedicated = {int(i) for i in config.get("dedicated_cpus") or ()} & online
     shared = {int(i) for i in config.get("shared_cpus") or ()} & online
+    cpu_ratio = float(config.get("cpu_allocation_ratio", 4.0) or 4.0)
+    reserved_mem = {int(k): int(v) for k, v in (config.get("reserved_memory_kib") or {}).items()}
+    reserved_pages: dict[tuple[int, int], int] = {}
+    for item in config.get("reserved_hugepages") or ():
+        k = (int(item["cell"]), int(item["size_kib"]))
+        reserved_pages[k] = reserved_pages.get(k, 0) + int(item["count"])
     cells = []
     distances: dict[tuple[int, int], int] = {}
     for c in topology["cells"]:
         cid = int(c["id"])
-        members = [i for i in map(int, c["cpus"]) if i in online]
+        members = {int(i) for i in c["cpus"]} & online
         sockets = {int(cpus[i]["socket"]) for i in members}
-        cores = {tuple(sorted(int(s) for s in cpus[i]["siblings"] if int(s) in online))
-                 for i in members if i in dedicated}
+        cores = [k for k in _cell_cores(members, cpus) if dedicated.intersection(k)]
+        pools = tuple((int(p["size_kib"]), int(p["total"]),
+                       reserved_pages.get((cid, int(p["size_kib"])), 0))
+                      for p in c.get("hugepages") or ())
+        n_shared = len(members & shared)
         cells.append(ShapeCell(
             id=cid, socket=sockets.pop() if len(sockets) == 1 else None,
             threads_per_core=max((len(k) for k in cores), default=1),
-            dedicated=sum(1 for i in members if i in dedicated), cores=len(cores),
-            shared=sum(1 for i in members if i in shared)))
+            dedicated=frozenset(members & dedicated),
+            whole_cores=tuple(k for k in cores if dedicated.issuperset(k)),
+            cores=len(cores), shared=n_shared, shared_limit=int(n_shared * cpu_ratio),
+            small_kib=max(0, int(c["memory_kib"]) - sum(z * t for z, t, _ in pools)
+                          - reserved_mem.get(cid, 0)),
+            pools=pools))
         for other, dist in (c.get("distances") or {}).items():
             distances[(cid, int(other))] = int(dist)
     pci = tuple((str(d["address"]), f"{_hex4(d['vendor'])}:{_hex4(d['device'])}",
                  int(d["numa_node"]))
                 for d in topology.get("pci") or ()
-                if not _hex4(d.get("class", "")).startswith(_NON_ASSIGNABLE_CLASSES)
-                and not str(d.get("class", "")).lower().removeprefix("0x")
+                if not str(d.get("class", "")).strip().lower().removeprefix("0x")
                 .startswith(_NON_ASSIGNABLE_CLASSES))
     ways = 0
     resctrl = topology.get("resctrl")
@@ -104,8 +138,10 @@ def make_shape(key: str, topology: Mapping[str, Any], config: Mapping[str, Any])
     name = (f"{len(online)} threads, {len(cells)} cell{'s' * (len(cells) != 1)}, "
             f"{sockets_n} socket{'s' * (sockets_n != 1)}")
     return Shape(key=key, topology=topology, config=config, cells=tuple(cells),
-                 distances=distances, pci=pci, dedicated=len(dedicated), cache_ways=ways,
-                 name=name)
+                 distances=distances, pci=pci, dedicated=len(dedicated),
+                 dedicated_set=frozenset(dedicated),
+                 ram_ratio=float(config.get("ram_allocation_ratio", 1.0) or 1.0),
+                 cache_ways=ways, name=name)
 
 
 @dataclass(frozen=True)
@@ -129,57 +165,67 @@ class HostSummary:
     whole_cores: int
     free_ways: tuple[tuple[str, int, int], ...]  # (resource, cache id, free ways)
     pci_free: tuple[tuple[str, int, int], ...]  # (vendor:device, cell, free functions)
-    floating_used: int  # shared vCPUs of guests bound to no cell
-    memory_total_kib: int  # the cells' small-page memory limits together
+    memory_total_kib: int  # the cells' small-page memory together
 
     @property
     def total_free_ways(self) -> int:
         return sum(w for _, _, w in self.free_ways)
 
 
+def _taken(shape: Shape, usage: Mapping[str, Any]) -> set[int]:
+    """The dedicated threads held (the fit's rule: a guest, an emulator, shared guests, a
+    hold, a claim, or a cell's ``pinned_cpus``)."""
+    ded = shape.dedicated_set
+    taken = {cpu for t in usage.get("threads") or () if (cpu := int(t["cpu"])) in ded
+             and (t.get("guest") is not None or t.get("emulator") or t.get("shared_guests")
+                  or t.get("held_by") or t.get("claim"))}
+    for uc in usage.get("cells") or ():
+        taken.update(int(x) for x in uc.get("pinned_cpus") or ())
+    return taken
+
+
 def summarize(shape: Shape, usage: Mapping[str, Any]) -> HostSummary:
-    """The summary of one snapshot's ``usage`` on a host of ``shape`` (raises
-    KeyError/TypeError/ValueError if malformed)."""
-    ratio = float(shape.config.get("ram_allocation_ratio") or 1.0)
-    by_id = {int(c["id"]): c for c in usage["cells"]}
+    """The summary of one snapshot's ``usage`` on a host of ``shape``, read by the fit's
+    rules (``hostagent.fit.host``); raises KeyError/TypeError/ValueError if malformed."""
+    taken = _taken(shape, usage)
+    by_id = {int(c["id"]): c for c in usage.get("cells") or ()}
     cells = []
     for sc in shape.cells:
-        uc = by_id.get(sc.id)
-        if uc is None:
-            cells.append(CellFree(sc.id, 0, 0, 0, 0, ()))
-            continue
-        free_mem = int(uc.get("memory_free_kib") or 0)
-        if ratio > 0:  # a pinned guest's memory is checked without the ratio
-            limit = int(uc.get("memory_limit_kib") or 0)
-            free_mem = max(free_mem, int(limit / ratio) - int(uc.get("memory_used_kib") or 0))
-        pages = tuple(sorted((int(p["size_kib"]), int(p["free"]))
-                             for p in uc.get("hugepages") or ()))
+        uc = by_id.get(sc.id, {})
+        used = int(uc.get("memory_used_kib", 0) or 0)
+        # pinned guests: memory <= small - used; shared: used + memory <= small x ratio
+        mem = max(sc.small_kib, int(sc.small_kib * shape.ram_ratio)) - used
+        upages = {int(h["size_kib"]): h for h in uc.get("hugepages") or ()}
+        pages = []
+        for size, total, reserved in sc.pools:
+            if size in upages and "free" in upages[size]:
+                free = int(upages[size]["free"])
+            else:
+                free = total - int(upages.get(size, {}).get("used", 0)) - reserved
+            pages.append((size, max(0, free)))
         cells.append(CellFree(
-            id=sc.id, free_threads=int(uc["free_pcpus"]), whole_cores=int(uc["free_cores"]),
-            memory_kib=free_mem,
-            shared_room=max(0, int(uc.get("shared_vcpus_limit") or 0)
-                            - int(uc.get("shared_vcpus") or 0)),
-            pages=pages))
+            id=sc.id, free_threads=len(sc.dedicated - taken),
+            whole_cores=sum(1 for k in sc.whole_cores if taken.isdisjoint(k)),
+            memory_kib=max(0, mem),
+            shared_room=max(0, sc.shared_limit - int(uc.get("shared_vcpus", 0) or 0)),
+            pages=tuple(sorted(pages))))
     ways = tuple((str(c["resource"]), int(c["id"]), int(c.get("free_ways") or 0))
                  for c in usage.get("caches") or ())
-    taken = {str(p["address"]) for p in usage.get("pci") or ()
-             if p.get("guest") is not None or p.get("claim") is not None}
+    taken_pci = {str(p["address"]) for p in usage.get("pci") or ()
+                 if p.get("guest") is not None or p.get("claim") is not None}
     for g in usage.get("guests") or ():
-        taken.update(str(a) if not isinstance(a, Mapping) else str(a.get("address"))
-                     for a in g.get("pci") or ())
+        taken_pci.update(str(a.get("address")) if isinstance(a, Mapping) else str(a)
+                         for a in g.get("pci") or g.get("hostdevs") or ())
     pci: dict[tuple[str, int], int] = {}
     for address, vd, cell in shape.pci:
-        if address not in taken:
+        if address not in taken_pci:
             pci[(vd, cell)] = pci.get((vd, cell), 0) + 1
-    floating = usage.get("floating_vcpus")
-    if floating is None:
-        floating = (usage.get("floating") or {}).get("vcpus", 0)
     return HostSummary(
         cells=tuple(cells), free_threads=sum(c.free_threads for c in cells),
         whole_cores=sum(c.whole_cores for c in cells), free_ways=ways,
         pci_free=tuple((vd, cell, n) for (vd, cell), n in sorted(pci.items())),
-        floating_used=int(floating or 0),
-        memory_total_kib=sum(int(c.get("memory_limit_kib") or 0) for c in by_id.values()))
+        memory_total_kib=sum(max(sc.small_kib, int(sc.small_kib * shape.ram_ratio))
+                             for sc in shape.cells))
 
 
 # ------------------------------------------------------------------------ the prefilter
