@@ -12,8 +12,8 @@ import time
 import pytest
 import zmq
 from daemon_helpers import running_agent
+from forward_helpers import ForwardProc
 from libvirt_helpers import domain_xml, probe_fixture
-from test_forward import ForwardProc
 
 from hostagent import wire
 from hostagent.config import Config
