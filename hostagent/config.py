@@ -95,6 +95,7 @@ class PublisherConfig:
     send_hwm: int = 100
     max_message_bytes: int = 1 << 20
     insecure: bool = False  # allow tcp beyond loopback without CURVE (see exposed_endpoints)
+    forward_to: tuple[str, ...] = ()  # the XPUB also connects to these (a forwarder's listen)
     advertise_request: str = ""  # the request endpoint schedulers claim at ("" = not said)
 
 
@@ -471,6 +472,25 @@ def _vcpu_groups(r: _Reader) -> ResctrlConfig:
     return ResctrlConfig(vcpu_groups=tuple(out))
 
 
+def _forward_to(pub: _Reader, curve_enabled: bool, insecure: bool) -> tuple[str, ...]:
+    """``[publisher] forward_to``: endpoints, not with CURVE, loopback unless insecure."""
+    forward_to = pub.strings("forward_to", ())
+    for ep in forward_to:
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            pub.fail("forward_to", ep, "endpoints must start with tcp://, ipc:// or inproc://")
+    if forward_to and curve_enabled:
+        pub.fail("forward_to", list(forward_to), "cannot be used with [curve] enabled (the "
+                 "agent's stream is a CURVE server with its own key; list the agent in the "
+                 "forwarder's upstream instead)")
+    if not insecure:
+        for ep in exposed_endpoints(PublisherConfig(endpoints=forward_to,
+                                                    request_endpoints=())):
+            pub.fail("forward_to", list(forward_to), f"{ep} is tcp beyond loopback without "
+                     "CURVE (snapshots in clear text, subscriptions from anyone who answers "
+                     "there); set publisher.insecure = true to accept that")
+    return forward_to
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or an equivalent dict) into a ``Config``."""
     known = {f.name for f in fields(Config)} - {"source"}
@@ -506,6 +526,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         _check_advertised(pub, advertise)
     curve_enabled = cv.get("enabled", False, bool)
     insecure = pub.get("insecure", False, bool)
+    forward_to = _forward_to(pub, curve_enabled, insecure)
     if not curve_enabled and not insecure:
         for key, eps in (("endpoints", endpoints), ("request_endpoints", requests)):
             for ep in exposed_endpoints(PublisherConfig(endpoints=eps, request_endpoints=())):
@@ -539,6 +560,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             send_hwm=pub.integer("send_hwm", 100, minimum=1),
             max_message_bytes=pub.integer("max_message_bytes", 1 << 20, minimum=1024),
             insecure=insecure,
+            forward_to=forward_to,
             advertise_request=advertise,
         ),
         curve=CurveConfig(

@@ -128,6 +128,7 @@ class Publisher:
         self.host = host
         self.epoch = epoch
         self.topic = wire.topic(host)
+        self.delta_topic = wire.delta_topic(host)
         self.curve = curve
         self.seq = 0
         self.latest: dict[str, Any] | None = None  # body of the latest snapshot
@@ -143,7 +144,10 @@ class Publisher:
         self._serving: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
         self.subscribers = 0
+        self.delta_subscribers = 0  # subscriptions matching the delta topic (docs/wire.md §12)
+        self._welcome_topics: set[bytes] = set()  # the topics the next welcome goes out on
         self.bound: dict[str, list[str]] = {"stream": [], "request": []}
+        self.forwarding: list[str] = []  # endpoints the XPUB connected to (forward_to)
         self.xpub = ctx.socket(zmq.XPUB)
         self.router = ctx.socket(zmq.ROUTER)
         for sock in (self.xpub, self.router):
@@ -156,7 +160,7 @@ class Publisher:
         self.xpub.sndhwm = cfg.send_hwm
         self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         # a host name longer than 253 characters still gets its own subscriptions through
-        self.xpub.maxmsgsize = max(MAX_SUBSCRIPTION_BYTES, len(self.topic) + 11)
+        self.xpub.maxmsgsize = max(MAX_SUBSCRIPTION_BYTES, len(self.delta_topic) + 11)
         self.router.maxmsgsize = cfg.max_message_bytes
         self.router.sndhwm = REQUEST_SEND_HWM
         self.router.rcvhwm = REQUEST_RECV_HWM
@@ -186,6 +190,12 @@ class Publisher:
                 except zmq.ZMQError as exc:
                     raise HostagentError(f"cannot bind {kind} endpoint {ep}: {exc}") from None
                 self.bound[kind].append(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        for ep in self.cfg.forward_to:  # a forwarder's listen endpoint (docs/daemon.md §12)
+            try:
+                self.xpub.connect(ep)
+            except zmq.ZMQError as exc:
+                raise HostagentError(f"cannot connect the stream to {ep}: {exc}") from None
+            self.forwarding.append(ep)
 
     @property
     def cfg(self) -> PublisherConfig:
@@ -257,16 +267,38 @@ class Publisher:
         snap.update(host=self.host, epoch=self.epoch, seq=self.seq, time=t)
         body = wire.make_body("snapshot", self.host, self.epoch, self.seq, t, snap)
         frames = wire.encode_stream(body, cache=self._pack_cache)
+        previous = self.latest
         self.latest, self._latest_frames = body, frames
         self.stats["snapshots"] += 1
         self.stats["last_snapshot_bytes"] = len(frames[1])
         await self._send(frames)
+        if self.delta_subscribers > 0:
+            await self._send(self._delta_frames(previous, body, frames))
         return self.seq
+
+    def _delta_frames(self, previous: dict[str, Any] | None, body: dict[str, Any],
+                      frames: list[bytes]) -> list[bytes]:
+        """The delta stream's message for the snapshot ``body`` just published: a delta
+        against ``previous`` (its ``seq - 1``), or the full snapshot's own bytes when
+        there is none or the delta would be ``wire.DELTA_MAX_BYTES`` or more."""
+        if previous is not None and previous["seq"] == body["seq"] - 1:
+            delta = wire.make_delta(previous["data"], body["data"])
+            packed = wire.pack(wire.make_body("delta", self.host, self.epoch, body["seq"],
+                                              body["time"], delta))
+            if len(packed) < wire.DELTA_MAX_BYTES:
+                self.stats["deltas"] += 1
+                self.stats["last_delta_bytes"] = len(packed)
+                return [self.delta_topic, packed]
+        self.stats["delta_stream_snapshots"] += 1
+        return [self.delta_topic, frames[1]]
 
     async def heartbeat(self) -> None:
         body = wire.make_body("heartbeat", self.host, self.epoch, self.seq, time.time(), None)
         self.stats["heartbeats"] += 1
-        await self._send(wire.encode_stream(body))
+        frames = wire.encode_stream(body)
+        await self._send(frames)
+        if self.delta_subscribers > 0:
+            await self._send([self.delta_topic, frames[1]])
 
     async def _send(self, frames: list[bytes]) -> None:
         self._last_send = time.monotonic()
@@ -287,7 +319,7 @@ class Publisher:
     # --- subscriptions -----------------------------------------------------------------
 
     def _matches(self, prefix: bytes) -> bool:
-        return self.topic.startswith(prefix)
+        return self.topic.startswith(prefix) or self.delta_topic.startswith(prefix)
 
     async def _subscriptions(self) -> None:
         zmq = self._zmq
@@ -311,11 +343,19 @@ class Publisher:
         if not self._matches(prefix):
             self.stats["other_subscriptions"] += 1
             return False
+        delta = self.delta_topic.startswith(prefix)
         if msg[0] == 1:
             self.subscribers += 1
             self.stats["subscribes"] += 1
+            if delta:
+                self.delta_subscribers += 1
+                self._welcome_topics.add(self.delta_topic)
+            if self.topic.startswith(prefix):
+                self._welcome_topics.add(self.topic)
             return True
         self.subscribers = max(0, self.subscribers - 1)
+        if delta:
+            self.delta_subscribers = max(0, self.delta_subscribers - 1)
         self.stats["unsubscribes"] += 1
         return False
 
@@ -330,11 +370,13 @@ class Publisher:
     def _welcome_now(self) -> None:
         self._welcome_handle = None
         self._last_welcome = time.monotonic()
+        topics, self._welcome_topics = self._welcome_topics, set()
         if self._latest_frames is None:
             return  # nothing published yet; the first snapshot will reach everyone
-        self.stats["welcome_republishes"] += 1
-        task = asyncio.ensure_future(self._send(self._latest_frames))
-        task.add_done_callback(_log_failure)
+        for topic in sorted(topics):  # the full snapshot, on each stream subscribed
+            self.stats["welcome_republishes"] += 1
+            task = asyncio.ensure_future(self._send([topic, self._latest_frames[1]]))
+            task.add_done_callback(_log_failure)
 
     # --- requests ----------------------------------------------------------------------
 
@@ -490,7 +532,9 @@ class Publisher:
     def state(self) -> dict[str, Any]:
         """Counters and endpoints for the debug dump."""
         return {"host": self.host, "epoch": self.epoch, "seq": self.seq,
-                "subscribers": self.subscribers, "endpoints": self.bound,
+                "subscribers": self.subscribers,
+                "delta_subscribers": self.delta_subscribers, "endpoints": self.bound,
+                "forward_to": self.forwarding,
                 "curve": self.curve is not None, "requests_in_flight": self.in_flight,
                 "counters": dict(self.stats)}
 

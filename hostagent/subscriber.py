@@ -47,6 +47,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -72,6 +73,18 @@ RECONNECT_MAX_SECONDS = 30.0
 #: At most this many (kind, host, source) warnings are remembered to log each once;
 #: beyond it, further first-time ones are logged at debug level.
 MAX_WARNED = 1024
+#: Messages read from one source per turn of ``poll``: a subscriber that receives faster
+#: than it decodes still returns from ``poll`` (by its timeout, with what it applied)
+#: instead of draining a queue that never empties.
+POLL_BATCH = 1000
+#: Messages shorter than this (heartbeats, small snapshots: never compressed) are decoded
+#: without looking up the host's decode cache.
+DECODE_CACHE_MIN_BYTES = 256
+#: Delta stream (``deltas=True``): a host whose held snapshot cannot take the next delta
+#: (a missed one, a delta that does not fit) is healed with a full snapshot — fetched from
+#: the source's request endpoint, else asked for by subscribing to its topic once more
+#: (the agent's welcome re-publish) — at most once per this many seconds per host.
+DELTA_HEAL_SECONDS = 1.0
 
 
 @dataclass
@@ -89,6 +102,10 @@ class HostState:
     source: int = -1  # index of the source it is bound to (where it was first heard)
     gaps: int = 0
     resets: int = 0
+    #: delta stream: bytes of deltas applied since the last full snapshot (bounded by
+    #: the subscriber's message limit, then a full snapshot is asked for)
+    delta_bytes: int = 0
+    heal_at: float = -1e9  # monotonic time of the last heal asked for
 
 
 @dataclass(frozen=True)
@@ -112,11 +129,32 @@ class SubscriberState:
     stats: Counter[str] = field(default_factory=Counter)
     #: what to call source ``i`` in log lines (default ``source i``)
     source_names: list[str] = field(default_factory=list)
+    #: delta stream: what the deltas applied since a full snapshot may add up to
+    max_delta_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    #: False: a snapshot is handed over in its ``Update`` and not held (``HostState``
+    #: keeps epoch, seq, liveness): for a caller that keeps its own copy (a ``Fleet``)
+    keep_snapshots: bool = True
+    #: (source, host) pairs whose held snapshot needs a full one (delta stream), for the
+    #: subscriber's loop to heal (``DELTA_HEAL_SECONDS`` apart per host)
+    heal: set[tuple[int, str]] = field(default_factory=set)
     _warned: set[tuple[str, str, int]] = field(default_factory=set, repr=False)
+    #: no live host can be dead before this (monotonic) time: ``expire`` walks the hosts
+    #: only from then on, so polling costs O(1), not O(hosts), between expiries
+    _due: float = field(default=math.inf, repr=False)
 
-    def feed(self, body: dict[str, Any], now: float, source: int = -1) -> Update | None:
-        """Apply one validated stream body (or snapshot reply) received from ``source``;
-        the resulting update (``None``: nothing changed, or the body was dropped)."""
+    def _seen(self, st: HostState, now: float) -> None:
+        st.last_seen = now
+        st.alive = True
+        if now + self.dead_after < self._due:
+            self._due = now + self.dead_after
+
+    def feed(self, body: dict[str, Any], now: float, source: int = -1, *,
+             size: int = 0) -> Update | None:
+        """Apply one validated stream body (or snapshot reply) received from ``source``
+        (``size``: its frame's bytes, counted for deltas); the resulting update
+        (``None``: nothing changed, or the body was dropped)."""
+        if body["kind"] == "delta":
+            return self._feed_delta(body, now, source, size)
         host = body["host"]
         st = self.hosts.get(host)
         moving = False
@@ -148,8 +186,7 @@ class SubscriberState:
             self.stats["rebinds"] += 1
             st.source, st.epoch, st.seq, st.snapshot, st.heard_seq, st.stale = (
                 source, None, -1, None, -1, False)
-        st.last_seen = now
-        st.alive = True
+        self._seen(st, now)
         if body["epoch"] != st.epoch:
             if st.epoch is not None:
                 st.resets += 1
@@ -161,6 +198,7 @@ class SubscriberState:
         if body["kind"] == "heartbeat":
             self.stats["heartbeats"] += 1
             if seq > st.seq and (seq > 0 or st.seq >= 0):
+                self.heal.add((source, host))
                 if not st.stale:
                     st.stale = True
                     self.stats["stale"] += 1
@@ -172,9 +210,62 @@ class SubscriberState:
         if st.seq >= 0 and seq > st.seq + 1:
             st.gaps += 1
             self.stats["gaps"] += 1
-        st.seq, st.snapshot, st.stale = seq, body["data"], False
+        st.seq, st.stale = seq, False
+        st.snapshot = body["data"] if self.keep_snapshots else None
+        st.delta_bytes = 0
+        self.heal.discard((source, host))
         self.stats["snapshots"] += 1
-        return Update("snapshot", host, st.epoch, seq, st.snapshot)
+        return Update("snapshot", host, st.epoch, seq, body["data"])
+
+    def _feed_delta(self, body: dict[str, Any], now: float, source: int,
+                    size: int) -> Update | None:
+        """A delta (docs/wire.md §12): applied when the host's held snapshot is its
+        ``seq - 1`` from the same source and epoch; otherwise the host needs a full
+        snapshot (``heal``) and, if it was not stale yet, a ``stale`` update."""
+        host, seq = body["host"], body["seq"]
+        st = self.hosts.get(host)
+        if st is not None and st.source != source:
+            if st.alive and now - st.last_seen <= self.dead_after:
+                self.stats["foreign_source"] += 1
+                return None
+            st = None  # moved: a full snapshot from the new source rebinds it
+        if st is None or body["epoch"] != st.epoch:
+            self.stats["unusable_deltas"] += 1
+            self.heal.add((source, host))  # nothing to apply it to: ask for a full one
+            return None
+        self._seen(st, now)
+        st.heard_seq = max(st.heard_seq, seq)
+        if seq <= st.seq:
+            self.stats["duplicates"] += 1
+            return None
+        why = None
+        if seq != st.seq + 1 or st.snapshot is None:
+            why = "missed"
+        elif st.delta_bytes + size > self.max_delta_bytes:
+            why = "budget"
+        else:
+            try:
+                snap = wire.check_snapshot(wire.apply_delta(st.snapshot, body["data"], body),
+                                           body)
+            except wire.WireError as exc:
+                self.stats["invalid_deltas"] += 1
+                self.warn_once("delta", host, source,
+                               "delta of host %r seq %d from %s dropped: %s",
+                               host, seq, self.source_name(source), exc)
+                why = "invalid"
+        if why is not None:
+            self.stats["unusable_deltas"] += 1
+            self.heal.add((source, host))
+            if not st.stale:
+                st.stale = True
+                self.stats["stale"] += 1
+                return Update("stale", host, st.epoch, st.seq, st.snapshot)
+            return None
+        st.seq, st.snapshot, st.stale = seq, snap, False
+        st.delta_bytes += size
+        self.stats["deltas"] += 1
+        self.stats["snapshots"] += 1
+        return Update("snapshot", host, st.epoch, seq, snap)
 
     def source_name(self, source: int) -> str:
         if 0 <= source < len(self.source_names):
@@ -193,19 +284,25 @@ class SubscriberState:
 
     def expire(self, now: float) -> list[Update]:
         """``dead`` updates for hosts silent for longer than ``dead_after``."""
+        if now <= self._due:
+            return []
         out = []
+        due = math.inf
         for st in self.hosts.values():
-            if st.alive and now - st.last_seen > self.dead_after:
+            if not st.alive:
+                continue
+            if now - st.last_seen > self.dead_after:
                 st.alive = False
                 self.stats["dead"] += 1
                 out.append(Update("dead", st.host, st.epoch, st.seq, st.snapshot))
+            else:
+                due = min(due, st.last_seen + self.dead_after)
+        self._due = due
         return out
 
     def next_expiry(self, now: float) -> float | None:
         """Seconds until the next host could be declared dead (``None``: no live host)."""
-        waits = [st.last_seen + self.dead_after - now for st in self.hosts.values()
-                 if st.alive]
-        return max(0.0, min(waits)) if waits else None
+        return None if self._due == math.inf else max(0.0, self._due - now)
 
 
 @dataclass(frozen=True)
@@ -250,7 +347,9 @@ def _source_curve(curve: ClientCurve | None, src: Source) -> ClientCurve | None:
     return dataclasses.replace(curve, server_public=src.server_key)
 
 
-def _topics(hosts: Sequence[str] | None) -> list[bytes]:
+def _topics(hosts: Sequence[str] | None, deltas: bool = False) -> list[bytes]:
+    if deltas:
+        return [wire.DELTA_PREFIX] if not hosts else [wire.delta_topic(h) for h in hosts]
     return [wire.TOPIC_PREFIX] if not hosts else [wire.topic(h) for h in hosts]
 
 
@@ -289,19 +388,28 @@ class _Link:
 class _Base:
     def __init__(self, sources: Sequence[str | Source], *, hosts: Sequence[str] | None,
                  curve: ClientCurve | None, max_message_bytes: int, dead_after: float,
-                 request_timeout: float) -> None:
+                 request_timeout: float, deltas: bool = False,
+                 keep_snapshots: bool = True) -> None:
+        if deltas and not keep_snapshots:
+            raise HostagentError("deltas=True needs keep_snapshots=True (a delta applies "
+                                 "to the held snapshot)")
         self.sources = _sources(sources)
-        self.topics = _topics(hosts)
+        self.deltas = deltas
+        self.topics = _topics(hosts, deltas)
         self.curve = curve
         #: per source: the CURVE settings its sockets use (its own agent key, if any)
         self.curves = [_source_curve(curve, src) for src in self.sources]
         self.max_bytes = max_message_bytes
         self.request_timeout = request_timeout
         self.state = SubscriberState(dead_after=dead_after,
-                                     source_names=[s.stream for s in self.sources])
+                                     source_names=[s.stream for s in self.sources],
+                                     max_delta_bytes=max_message_bytes,
+                                     keep_snapshots=keep_snapshots)
         #: per (source, host): the last snapshot's topology/config and usage list
         #: elements, reused while their bytes are unchanged (wire.DecodeCache)
         self._decode_caches: dict[tuple[int, str], wire.DecodeCache] = {}
+        #: decoded parts and elements shared by all hosts (wire.SharedDecoded)
+        self._shared_decoded = wire.SharedDecoded()
         self._links = [_Link() for _ in self.sources]
 
     @property
@@ -331,13 +439,16 @@ class _Base:
 
     def _decode(self, frames: list[bytes], index: int, now: float) -> Update | None:
         cache = key = None
-        if len(frames) == 2:
+        if len(frames) == 2 and len(frames[1]) >= DECODE_CACHE_MIN_BYTES:
             try:
-                key = (index, wire.host_of_topic(bytes(frames[0])))
+                key = (index, wire.stream_of_topic(bytes(frames[0]))[0])
             except wire.WireError:
                 key = None
             if key is not None:
-                cache = self._decode_caches.get(key) or wire.DecodeCache()
+                cache = self._decode_caches.get(key) or wire.DecodeCache(
+                    shared=self._shared_decoded,
+                    element_keys=wire.ELEMENT_REUSE_KEYS if self.state.keep_snapshots
+                    else ())
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError as exc:
@@ -349,7 +460,35 @@ class _Base:
             self._links[index].failures = 0  # a whole snapshot got through
         if key is not None and (cache.parts or cache.elements):
             self._decode_caches.setdefault(key, cache)
-        return self.state.feed(body, now, index)
+        return self.state.feed(body, now, index, size=len(frames[1]))
+
+    def _heals_due(self) -> list[tuple[int, str]]:
+        """(source, host) pairs to heal now (delta stream), at most one per host per
+        ``DELTA_HEAL_SECONDS``; the others stay queued. Without deltas: none (a stale
+        host is fetched at once, as before)."""
+        if not self.state.heal or not self.deltas:
+            self.state.heal.clear()
+            return []
+        now = time.monotonic()
+        due = []
+        for index, host in list(self.state.heal):
+            st = self.state.hosts.get(host)
+            if st is not None and now - st.heal_at < DELTA_HEAL_SECONDS:
+                continue
+            if st is not None:
+                st.heal_at = now
+            self.state.heal.discard((index, host))
+            due.append((index, host))
+        return due
+
+    def _ask_welcome(self, index: int, host: str) -> None:
+        """Ask the agent of ``host`` (through source ``index``, a forwarder included) for
+        its full snapshot: subscribe to its topic once more (the agent re-publishes its
+        latest to every new subscription) and drop that extra subscription again."""
+        topic = wire.delta_topic(host)
+        self.socks[index].subscribe(topic)
+        self.socks[index].unsubscribe(topic)
+        self.state.stats["heal_requests"] += 1
 
     def _apply_reply(self, reply: dict[str, Any] | None, index: int) -> Update | None:
         if reply is None or not reply.get("ok"):
@@ -437,7 +576,8 @@ class _Base:
         now = time.monotonic()
         self._reconnect_dropped(now)
         out = self.state.expire(now)
-        waits = [w for w in (self.state.next_expiry(now),
+        heal_wait = DELTA_HEAL_SECONDS if self.deltas and self.state.heal else None
+        waits = [w for w in (self.state.next_expiry(now), heal_wait,
                              *(link.retry_at - now for link in self._links
                                if link.retry_at is not None),
                              None if deadline is None else deadline - now) if w is not None]
@@ -459,11 +599,13 @@ class Subscriber(_Base):
                  curve: ClientCurve | None = None,
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                  dead_after: float = DEFAULT_DEAD_AFTER, rcvhwm: int = 10000,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None) -> None:
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None,
+                 deltas: bool = False, keep_snapshots: bool = True) -> None:
         import zmq
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
-                         dead_after=dead_after, request_timeout=request_timeout)
+                         dead_after=dead_after, request_timeout=request_timeout,
+                         deltas=deltas, keep_snapshots=keep_snapshots)
         self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), max_message_bytes, rcvhwm)
 
     def poll(self, timeout: float | None = None) -> list[Update]:
@@ -481,7 +623,7 @@ class Subscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                while True:
+                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
                     try:
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -489,10 +631,17 @@ class Subscriber(_Base):
                     upd = self._decode(frames, i, time.monotonic())
                     if upd is not None:
                         out.append(upd)
-                        if upd.kind == "stale":
+                        if upd.kind == "stale" and not self.deltas:
                             fetched = self._fetch(i)
                             if fetched is not None:
                                 out.append(fetched)
+            for i, host in self._heals_due():
+                if self.sources[i].request is None:
+                    self._ask_welcome(i, host)
+                    continue
+                fetched = self._fetch(i)
+                if fetched is not None:
+                    out.append(fetched)
             out.extend(self.state.expire(time.monotonic()))
             if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
@@ -547,12 +696,14 @@ class AsyncSubscriber(_Base):
                  curve: ClientCurve | None = None,
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                  dead_after: float = DEFAULT_DEAD_AFTER, rcvhwm: int = 10000,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None) -> None:
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, ctx: Any = None,
+                 deltas: bool = False, keep_snapshots: bool = True) -> None:
         import zmq
         import zmq.asyncio
 
         super().__init__(sources, hosts=hosts, curve=curve, max_message_bytes=max_message_bytes,
-                         dead_after=dead_after, request_timeout=request_timeout)
+                         dead_after=dead_after, request_timeout=request_timeout,
+                         deltas=deltas, keep_snapshots=keep_snapshots)
         self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(),
                    max_message_bytes, rcvhwm)
 
@@ -570,7 +721,7 @@ class AsyncSubscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                while True:
+                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
                     try:
                         frames = await s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -578,20 +729,31 @@ class AsyncSubscriber(_Base):
                     upd = self._decode(frames, i, time.monotonic())
                     if upd is not None:
                         out.append(upd)
-                        if upd.kind == "stale" and self.sources[i].request is not None:
-                            try:
-                                reply = await async_request(
-                                    self.sources[i].request, {"op": "snapshot"},
-                                    timeout=self.request_timeout, curve=self.curves[i],
-                                    ctx=self.ctx, max_message_bytes=self.max_bytes)
-                            except HostagentError:
-                                reply = None
-                            fetched = self._apply_reply(reply, i)
+                        if (upd.kind == "stale" and not self.deltas
+                                and self.sources[i].request is not None):
+                            fetched = await self._async_fetch(i)
                             if fetched is not None:
                                 out.append(fetched)
+            for i, host in self._heals_due():
+                if self.sources[i].request is None:
+                    self._ask_welcome(i, host)
+                    continue
+                fetched = await self._async_fetch(i)
+                if fetched is not None:
+                    out.append(fetched)
             out.extend(self.state.expire(time.monotonic()))
             if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
+
+    async def _async_fetch(self, index: int) -> Update | None:
+        try:
+            reply = await async_request(
+                self.sources[index].request, {"op": "snapshot"},
+                timeout=self.request_timeout, curve=self.curves[index],
+                ctx=self.ctx, max_message_bytes=self.max_bytes)
+        except HostagentError:
+            reply = None
+        return self._apply_reply(reply, index)
 
     async def __aiter__(self) -> AsyncIterator[Update]:
         while True:

@@ -40,6 +40,21 @@ import msgpack
 VERSION = 1
 TOPIC_PREFIX = b"hostagent."
 KINDS = ("snapshot", "heartbeat")
+#: The delta stream (opt-in by subscription, docs/wire.md §12): topic
+#: ``hostagent-delta.<host>.``, which a ``hostagent.`` subscription does not match. It
+#: carries full snapshots (on join, after a gap, when a change is big), heartbeats, and
+#: ``delta`` messages holding only what changed since ``seq - 1``.
+DELTA_PREFIX = b"hostagent-delta."
+DELTA_KINDS = ("snapshot", "heartbeat", "delta")
+#: A delta whose msgpack would be this large or more is not sent: the agent sends the
+#: full (compressed) snapshot on the delta topic instead. Deltas are never compressed.
+DELTA_MAX_BYTES = 16 * 1024
+#: Snapshot parts whose lists a delta patches element-wise (``splice``); other top-level
+#: keys are replaced whole when they change.
+DELTA_PARTS = ("usage",)
+#: Keys a delta never carries: they are the message's own (``host``, ``epoch``, ``seq``,
+#: ``time`` of the rebuilt snapshot are the body's).
+DELTA_HEADER_KEYS = ("host", "epoch", "seq", "time")
 
 #: Requests are small (an op and a fit request): anything bigger gets an error reply.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -70,16 +85,28 @@ def topic(host: str) -> bytes:
     return TOPIC_PREFIX + host.encode() + b"."
 
 
-def host_of_topic(raw: bytes) -> str:
-    """The host name inside a topic frame; ``WireError`` if it is not a hostagent topic."""
-    if not raw.startswith(TOPIC_PREFIX) or not raw.endswith(b".") or len(raw) <= len(
-        TOPIC_PREFIX
-    ) + 1:
-        raise WireError(f"topic {raw[:80]!r} is not hostagent.<host>.")
+def delta_topic(host: str) -> bytes:
+    """The delta stream topic of one host: ``hostagent-delta.<host>.``."""
+    return DELTA_PREFIX + host.encode() + b"."
+
+
+def host_of_topic(raw: bytes, prefix: bytes = TOPIC_PREFIX) -> str:
+    """The host name inside a topic frame; ``WireError`` if it is not a hostagent topic
+    (``prefix``: ``TOPIC_PREFIX``, or ``DELTA_PREFIX`` for the delta stream)."""
+    if not raw.startswith(prefix) or not raw.endswith(b".") or len(raw) <= len(prefix) + 1:
+        raise WireError(f"topic {raw[:80]!r} is not {prefix.decode()}<host>.")
     try:
-        return raw[len(TOPIC_PREFIX):-1].decode()
+        return raw[len(prefix):-1].decode()
     except UnicodeDecodeError:
         raise WireError(f"topic {raw[:80]!r} is not UTF-8") from None
+
+
+def stream_of_topic(raw: bytes) -> tuple[str, bool]:
+    """(host, is the delta stream) of a topic frame of either stream; ``WireError``
+    if it is neither."""
+    if raw.startswith(DELTA_PREFIX):
+        return host_of_topic(raw, DELTA_PREFIX), True
+    return host_of_topic(raw), False
 
 
 def pack(obj: Any) -> bytes:
@@ -339,13 +366,50 @@ class DecodeCache:
     make it reuse a stale value. Reused objects are shared between snapshots."""
 
     def __init__(self, keys: Sequence[str] = REUSE_KEYS,
-                 element_keys: Sequence[str] = ELEMENT_REUSE_KEYS) -> None:
+                 element_keys: Sequence[str] = ELEMENT_REUSE_KEYS,
+                 shared: SharedDecoded | None = None) -> None:
         self.keys = tuple(keys)
         self.element_keys = tuple(element_keys)
         self.parts: dict[str, tuple[bytes, Any]] = {}
         self.elements: dict[tuple[str, str], dict[bytes, Any]] = {}
+        self.shared = shared
         self.hits = 0
         self.misses = 0
+
+
+#: Entries a ``SharedDecoded`` holds at most; when full it starts again empty (the hosts'
+#: own caches keep what they use; only the sharing of new decodes restarts).
+MAX_SHARED_DECODED = 200_000
+#: Parts and elements shorter than this are not shared (not worth a table entry).
+SHARED_MIN_BYTES = 64
+
+
+class SharedDecoded:
+    """Decoded values by their exact bytes, shared by the ``DecodeCache`` of every host
+    of one subscriber: hosts of one shape share one decoded topology and config, and
+    equal usage elements (a free thread's entry) are one object fleet-wide. As with
+    ``DecodeCache``, only the bytes decide: a value is what its bytes decode to."""
+
+    def __init__(self, max_entries: int = MAX_SHARED_DECODED) -> None:
+        self.max_entries = max_entries
+        self.values: dict[bytes, tuple[bytes, Any]] = {}
+        self.hits = 0
+        self.resets = 0
+
+    def get(self, raw: bytes) -> tuple[bytes, Any] | None:
+        """(the table's own copy of ``raw``, its value), or None."""
+        hit = self.values.get(raw)
+        if hit is not None:
+            self.hits += 1
+        return hit
+
+    def put(self, raw: bytes, value: Any) -> None:
+        if len(raw) < SHARED_MIN_BYTES:
+            return
+        if len(self.values) >= self.max_entries:
+            self.values = {}
+            self.resets += 1
+        self.values[raw] = (raw, value)
 
 
 def _is_map(first: int) -> bool:
@@ -376,6 +440,7 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
     unpacker = msgpack.Unpacker(None, max_buffer_size=size, **options)
     unpacker.feed(payload)
     view = memoryview(payload)
+    shared = cache.shared
     pause_gc = size >= GC_PAUSE_BYTES and gc.isenabled()
     if pause_gc:
         gc.disable()
@@ -405,9 +470,15 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
                         value = known_items.get(raw)
                         if value is None:
                             value = items.get(raw)
+                        if value is None and shared is not None:
+                            hit = shared.get(raw)
+                            if hit is not None:
+                                raw, value = hit
                         if value is None:
                             value = msgpack.unpackb(raw, **options)
                             misses += 1
+                            if shared is not None:
+                                shared.put(raw, value)
                         else:
                             hits += 1
                         items[raw] = value
@@ -420,19 +491,19 @@ def unpack_map(payload: bytes, cache: DecodeCache, *,
                 out[key] = unpacker.unpack()
                 continue
             known = cache.parts.get(key)
-            if known is None:
-                value = unpacker.unpack()
-                raw = view[start:unpacker.tell()].tobytes()
-                misses += 1
+            unpacker.skip()
+            raw = view[start:unpacker.tell()].tobytes()
+            if known is not None and raw == known[0]:
+                raw, value = known
+                hits += 1
+            elif shared is not None and (hit := shared.get(raw)) is not None:
+                raw, value = hit
+                hits += 1
             else:
-                unpacker.skip()
-                raw = view[start:unpacker.tell()].tobytes()
-                if raw == known[0]:
-                    value = known[1]
-                    hits += 1
-                else:
-                    value = msgpack.unpackb(raw, **options)
-                    misses += 1
+                value = msgpack.unpackb(raw, **options)
+                misses += 1
+                if shared is not None:
+                    shared.put(raw, value)
             out[key] = value
             seen[key] = (raw, value)
         if unpacker.tell() != size:
@@ -513,15 +584,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_body(body: Any) -> dict[str, Any]:
-    """Validate a decoded stream body (or a snapshot reply); ``WireError`` names the field."""
+def check_body(body: Any, kinds: Sequence[str] = KINDS) -> dict[str, Any]:
+    """Validate a decoded stream body (or a snapshot reply); ``WireError`` names the field.
+    ``kinds``: those of the stream it came on (``DELTA_KINDS`` on the delta stream)."""
     if not isinstance(body, dict):
         raise WireError(f"body is a {type(body).__name__}, not a map")
     if body.get("v") != VERSION:
         raise WireError(f"body.v = {body.get('v')!r}: only version {VERSION} is understood")
     kind = body.get("kind")
-    if kind not in KINDS:
-        raise WireError(f"body.kind = {kind!r}: must be one of {', '.join(KINDS)}")
+    if kind not in kinds:
+        raise WireError(f"body.kind = {kind!r}: must be one of {', '.join(kinds)}")
     for key in ("host", "epoch"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise WireError(f"body.{key} = {body.get(key)!r}: must be a non-empty string")
@@ -532,8 +604,11 @@ def check_body(body: Any) -> dict[str, Any]:
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise WireError(f"body.time = {t!r}: must be a number")
     data = body.get("data")
-    if kind == "snapshot" and not isinstance(data, dict):
-        raise WireError("body.data of a snapshot must be a map")
+    if kind in ("snapshot", "delta") and not isinstance(data, dict):
+        raise WireError(f"body.data of a {kind} must be a map")
+    if kind == "delta" and seq < 2:
+        raise WireError(f"body.seq = {seq} of a delta: must be at least 2 (a delta "
+                        "applies to seq - 1)")
     if kind == "heartbeat" and data is not None:
         raise WireError("body.data of a heartbeat must be nil")
     return body
@@ -624,14 +699,185 @@ def decode_stream(frames: Sequence[bytes], *,
     topology and config objects; the result is equal to a decode without it."""
     if len(frames) != 2:
         raise WireError(f"stream message has {len(frames)} frames, expected 2")
-    host = host_of_topic(bytes(frames[0]))
+    host, delta_stream = stream_of_topic(bytes(frames[0]))
     body = unpack(bytes(frames[1]), max_bytes=max_bytes)
     if isinstance(body, dict) and "enc" in body:
+        if body.get("kind") == "delta":
+            raise WireError("body.enc on a delta: deltas are never compressed")
         inflate(body, max_bytes, cache)
-    body = check_body(body)
+    body = check_body(body, DELTA_KINDS if delta_stream else KINDS)
     if body["host"] != host:
         raise WireError(f"topic names host {host!r} but the body says {body['host']!r}")
     return body
+
+
+# --- deltas (the delta stream, docs/wire.md §12) ---------------------------------------
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _splices(old: list[Any], new: list[Any]) -> list[list[Any]]:
+    """``[start, delete, items]`` steps turning ``old`` into ``new`` (applied in order,
+    ``start`` counting in the list as already patched). Elements are matched by identity
+    (the agent hands over the same object for an unchanged entry) or, at the same
+    position, by equality; kept elements must stay in order, else one step replaces
+    everything between the common prefix and suffix."""
+    if len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True)):
+        return []
+    old_ids = {id(x) for x in old}
+    new_ids = {id(x) for x in new}
+    out: list[list[Any]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and j < len(new) and _same(old[i], new[j]):
+            i += 1
+            j += 1
+            continue
+        d = i  # old elements that are gone (or changed)
+        while d < len(old) and id(old[d]) not in new_ids:
+            d += 1
+        k = j  # new elements (or changed ones)
+        while k < len(new) and id(new[k]) not in old_ids:
+            k += 1
+        if d == i and k == j:  # both survive elsewhere: kept elements out of order
+            return _wide_splice(old, new)
+        out.append([j, d - i, new[j:k]])
+        i, j = d, k
+    return out
+
+
+def _wide_splice(old: list[Any], new: list[Any]) -> list[list[Any]]:
+    p = 0
+    while p < min(len(old), len(new)) and _same(old[p], new[p]):
+        p += 1
+    q = 0
+    while q < min(len(old), len(new)) - p and _same(old[-1 - q], new[-1 - q]):
+        q += 1
+    return [[p, len(old) - p - q, new[p:len(new) - q]]]
+
+
+def _part_patch(old: Mapping[str, Any], new: Mapping[str, Any], *, lists: bool
+                ) -> dict[str, Any]:
+    patch: dict[str, Any] = {}
+    sets = {}
+    splice = {}
+    for key, value in new.items():
+        if key in DELTA_HEADER_KEYS and not lists:
+            continue
+        before = old.get(key, _MISSING)
+        if before is _MISSING or not _same(before, value):
+            if lists and value.__class__ is list and before.__class__ is list:
+                splice[key] = _splices(before, value)
+            else:
+                sets[key] = value
+    gone = [k for k in old if k not in new]
+    if sets:
+        patch["set"] = sets
+    if gone:
+        patch["del"] = gone
+    if splice:
+        patch["splice"] = splice
+    return patch
+
+
+_MISSING = object()
+
+
+def make_delta(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` of a delta message turning snapshot ``old`` into ``new`` (the next
+    ``seq``): ``{set: {key: value}, del: [key], parts: {usage: {set, del, splice}}}``,
+    each present only when not empty. Values are compared by identity first (the agent
+    hands over the same objects for what did not change), then by equality."""
+    top = _part_patch(old, new, lists=False)
+    parts = {}
+    for part in DELTA_PARTS:
+        a, b = old.get(part), new.get(part)
+        sets = top.get("set", {})
+        if part in sets and isinstance(a, dict) and isinstance(b, dict):
+            del sets[part]
+            parts[part] = _part_patch(a, b, lists=True)
+    if "set" in top and not top["set"]:
+        del top["set"]
+    if parts:
+        top["parts"] = parts
+    return top
+
+
+def _patch_keys(where: str, patch: Any, known: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(patch, dict):
+        raise WireError(f"{where} is a {_kind(patch)}, not a map")
+    extra = sorted(set(patch) - set(known))
+    if extra:
+        raise WireError(f"{where} has unknown keys {extra[:4]} (known: {', '.join(known)})")
+    return patch
+
+
+def _apply_part(where: str, held: dict[str, Any], patch: dict[str, Any],
+                splice_ok: bool) -> dict[str, Any]:
+    out = dict(held)
+    sets = patch.get("set", {})
+    if not isinstance(sets, dict):
+        raise WireError(f"{where}.set is a {_kind(sets)}, not a map")
+    for key in sets:
+        if not splice_ok and key in DELTA_HEADER_KEYS:
+            raise WireError(f"{where}.set.{key}: the message's own field, not settable")
+    gone = patch.get("del", [])
+    if not isinstance(gone, list):
+        raise WireError(f"{where}.del is a {_kind(gone)}, not a list")
+    for key in gone:
+        if not isinstance(key, str) or key not in out:
+            raise WireError(f"{where}.del: {str(key)[:64]!r} is not a key of the held "
+                            "snapshot")
+        del out[key]
+    out.update(sets)
+    splices = patch.get("splice", {})
+    if not isinstance(splices, dict):
+        raise WireError(f"{where}.splice is a {_kind(splices)}, not a map")
+    for key, steps in splices.items():
+        items = out.get(key)
+        if not isinstance(items, list):
+            raise WireError(f"{where}.splice.{key}: the held value is not a list")
+        if not isinstance(steps, list):
+            raise WireError(f"{where}.splice.{key} is a {_kind(steps)}, not a list")
+        items = list(items)
+        for n, step in enumerate(steps):
+            if not (isinstance(step, list) and len(step) == 3 and _is_int(step[0])
+                    and _is_int(step[1]) and isinstance(step[2], list)):
+                raise WireError(f"{where}.splice.{key}[{n}]: must be [start, delete, "
+                                "[items]]")
+            start, delete, new = step
+            if not 0 <= start <= len(items) or not 0 <= delete <= len(items) - start:
+                raise WireError(f"{where}.splice.{key}[{n}] = [{start}, {delete}, ...]: "
+                                f"outside the list of {len(items)}")
+            items[start:start + delete] = new
+        out[key] = items
+    return out
+
+
+def apply_delta(held: Mapping[str, Any], delta: Any, body: Mapping[str, Any]
+                ) -> dict[str, Any]:
+    """The snapshot ``held`` (of ``seq - 1``) with ``delta`` (a delta message's
+    ``data``) applied, and the body's ``host``, ``epoch``, ``seq`` and ``time``;
+    ``held`` is not changed (unchanged parts are shared). ``WireError`` names what in
+    the delta does not fit the held snapshot; the caller checks the result with
+    ``check_snapshot``."""
+    _patch_keys("delta", delta, ("set", "del", "parts"))
+    out = _apply_part("delta", dict(held), delta, splice_ok=False)
+    parts = delta.get("parts", {})
+    if not isinstance(parts, dict):
+        raise WireError(f"delta.parts is a {_kind(parts)}, not a map")
+    for part, patch in parts.items():
+        if part not in DELTA_PARTS:
+            raise WireError(f"delta.parts.{str(part)[:64]}: only {', '.join(DELTA_PARTS)} "
+                            "can be patched")
+        _patch_keys(f"delta.parts.{part}", patch, ("set", "del", "splice"))
+        if not isinstance(out.get(part), dict):
+            raise WireError(f"delta.parts.{part}: the held {part} is not a map")
+        out[part] = _apply_part(f"delta.parts.{part}", out[part], patch, splice_ok=True)
+    for key in DELTA_HEADER_KEYS:
+        out[key] = body[key]
+    return out
 
 
 # --- requests and replies --------------------------------------------------------------

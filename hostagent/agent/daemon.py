@@ -156,7 +156,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
     ``[agent]``, ``[resctrl]``, the publisher's ``coalesce_ms`` and ``heartbeat_seconds``, the CURVE
     allowed-clients directory. Restart-only (kept as they were, with a warning):
     ``[host] name``, ``[probe] udev``, the publisher's endpoints, ``send_hwm``,
-    ``max_message_bytes``, ``insecure``, ``[curve] enabled`` and
+    ``max_message_bytes``, ``insecure``, ``forward_to``, ``[curve] enabled`` and
     ``server_secret_key``, ``[metrics]``.
     """
     notes = []
@@ -168,7 +168,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         probe = dataclasses.replace(probe, udev=old.probe.udev)
     pub = new.publisher
     for key in ("endpoints", "request_endpoints", "send_hwm", "max_message_bytes",
-                "insecure"):
+                "insecure", "forward_to"):
         if getattr(pub, key) != getattr(old.publisher, key):
             notes.append(f"publisher.{key} takes effect at restart")
             pub = dataclasses.replace(pub, **{key: getattr(old.publisher, key)})

@@ -18,4 +18,5 @@ COMMANDS = (
     "release",
     "place",
     "keys",
+    "forward",
 )
