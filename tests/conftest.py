@@ -46,13 +46,17 @@ def _shares_a_module_fixture(item: pytest.Item) -> bool:
         for defs in info.name2fixturedefs.values())
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The groups are marked as each test is collected: xdist reads the marks in its own
+    ``pytest_collection_modifyitems``, which may run before ours."""
+    if _uses_real_libvirtd(item):
+        item.add_marker(pytest.mark.xdist_group(REAL_LIBVIRTD_GROUP))
+    elif _shares_a_module_fixture(item):
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     real = [item for item in items if _uses_real_libvirtd(item)]
-    for item in real:
-        item.add_marker(pytest.mark.xdist_group(REAL_LIBVIRTD_GROUP))
-    for item in items:
-        if not _uses_real_libvirtd(item) and _shares_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
     chosen = set(map(id, real))
     items[:] = real + [item for item in items if id(item) not in chosen]
 
