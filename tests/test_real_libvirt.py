@@ -387,12 +387,13 @@ def test_agent_reports_real_threads_and_affinity_drift_until_undone(agent, new_g
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running and not a zombie; a process reaped between the two reads is not alive (the
+    read of its ``stat`` then fails with ESRCH or ENOENT)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return Path(f"/proc/{pid}").exists() and \
-        Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
 
 
 def test_libvirtd_killed_and_restarted_keeps_guests_then_reconnects_and_resyncs(agent,
