@@ -532,7 +532,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
             for ep in exposed_endpoints(PublisherConfig(endpoints=eps, request_endpoints=())):
                 pub.fail(key, list(eps), f"{ep} {EXPOSED_WHY}; set [curve] enabled = true, "
                          "or publisher.insecure = true to accept that")
-    return Config(
+    cfg = Config(
         host=HostConfig(name=h.get("name", "", str)),
         probe=ProbeConfig(
             sysfs_root=(sysfs_root := p.get("sysfs_root", DEFAULT_SYSFS_ROOT, str)),
@@ -581,6 +581,14 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         resctrl=_vcpu_groups(_Reader(source, "resctrl", data.get("resctrl", {}))),
         source=source,
     )
+    if cfg.resctrl.vcpu_groups and thread_check_period(cfg.libvirt) == 0:
+        _Reader(source, "resctrl", data.get("resctrl", {})).fail(
+            "vcpu_groups", f"<{len(cfg.resctrl.vcpu_groups)} entries>",
+            f"the bindings follow the guests' threads that the thread check finds, and "
+            f"that check is off for libvirt.uri = {cfg.libvirt.uri!r} "
+            "(libvirt.thread_check_seconds = 0, or unset for a URI that is not qemu); set "
+            "libvirt.thread_check_seconds above 0")
+    return cfg
 
 
 def config_path(given: str | None) -> str | None:

@@ -77,3 +77,17 @@ def test_bad_files(tmp_path):
     bad.write_text("[resources\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("libvirt", [{"uri": "test:///default"},
+                                     {"uri": "qemu:///system", "thread_check_seconds": 0}])
+def test_vcpu_groups_need_the_thread_check(libvirt):
+    """The [resctrl] vcpu_groups bindings follow the threads the thread check finds: with
+    the check off they would never be applied, so the config is refused, naming why."""
+    groups = {"vcpu_groups": [{"group": "rt1", "guest": "g", "vcpus": "0"}]}
+    with pytest.raises(ConfigError, match=r"resctrl\.vcpu_groups = .*the thread check .* off "
+                       r"for libvirt\.uri = .*set libvirt\.thread_check_seconds above 0"):
+        config_from_dict({"libvirt": libvirt, "resctrl": groups})
+    on = config_from_dict({"libvirt": {**libvirt, "thread_check_seconds": 5},
+                           "resctrl": groups})
+    assert on.resctrl.vcpu_groups[0].guest == "g"
