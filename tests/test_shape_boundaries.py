@@ -3,8 +3,11 @@ share their root options through ``hostagent.commands.options``, not through ``p
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import hostagent
 
 
 def imported_after(statement: str) -> set[str]:
@@ -82,3 +85,47 @@ def test_test_driver_attaches_its_op_and_the_demo_hook():
     assert len(agent.connect_hooks) == 1
     assert test_driver.is_test_uri("test:///default")
     assert not test_driver.is_test_uri("qemu:///system")
+
+
+def _layout_names() -> set[str]:
+    """The paths the README's Layout drawing names under hostagent/ (``agent/daemon.py``,
+    ``fleet/``, ``cli.py``), read from its indentation."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    names: set[str] = set()
+    parents: list[tuple[int, str]] = []
+    for line in block.splitlines()[1:]:
+        words = line.split()
+        if not words or line.startswith(("fixtures", "bench", "examples")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        first = words[0]
+        if not (first.endswith((".py", "/", ".py,")) and (first[0].isalpha() or first[0] == "_")):
+            continue  # a continuation line of a description
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        prefix = parents[-1][1] if parents else ""
+        for word in words[:2]:
+            if word.rstrip(",").endswith(".py"):
+                names.add(prefix + word.rstrip(","))
+        if first.endswith("/") and first != "hostagent/":
+            names.add(prefix + first)
+            parents.append((indent, prefix + first))
+    return names
+
+
+def test_the_readme_layout_names_every_module_and_only_existing_ones():
+    """README "Layout" matches the tree: every module at the top of hostagent/ and in
+    agent/ is named (the packages probe/, guests/, fit/, fleet/, commands/ as a whole),
+    and every name in the drawing exists."""
+    pkg = Path(hostagent.__file__).parent
+    names = _layout_names()
+    want = {p.name for p in pkg.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    want |= {f"agent/{p.name}" for p in (pkg / "agent").glob("*.py")
+             if p.name != "__init__.py"}
+    want |= {f"{p.name}/" for p in pkg.iterdir()
+             if p.is_dir() and (p / "__init__.py").exists() and p.name != "agent"}
+    want.add("agent/")
+    assert sorted(want - names) == [], "modules missing from the README's Layout drawing"
+    assert sorted(n for n in names if not (pkg / n).exists()) == [], \
+        "names in the README's Layout drawing that are not in the tree"
