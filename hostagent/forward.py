@@ -99,7 +99,7 @@ class ForwardConfig:
     recv_hwm: int = DEFAULT_RECV_HWM
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     insecure: bool = False
-    runtime_dir: str = "/run/hostagent"
+    runtime_dir: str = "/run/hostagent-forward"  # its unit's RuntimeDirectory=
     log_level: str = "info"
     curve: ForwardCurve = field(default_factory=ForwardCurve)
     source: str = "<defaults>"

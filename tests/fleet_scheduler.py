@@ -1,5 +1,6 @@
-"""One scheduler process for tests/test_fleet_multi.py: follow every agent, then place
-guests with place_and_claim and boot each from its claim's XML (test-domain op).
+"""One scheduler process for tests/test_fleet_multi.py: follow every agent (through the
+sources given: a forwarder's stream), then place guests with place_and_claim and boot each
+from its claim's XML (test-domain op) at the endpoint the claim was made at.
 
     fleet_scheduler.py SOURCES_JSON REQUEST_JSON COUNT WEIGHER NAME GO_FILE OUT_JSON HOSTS
 
@@ -55,6 +56,7 @@ def main() -> int:
                                          "xml": boot_xml(got.claim, guest, req["memory_mb"])},
                           timeout=30.0)
             results.append({"host": got.host, "claim": got.claim_id, "guest": guest,
+                            "endpoint": got.endpoint,
                             "placement": got.placement, "attempts": got.attempts,
                             "booted": bool(rep.get("ok")), "error": rep.get("error")})
         stats = dict(fleet.stats)

@@ -1,12 +1,13 @@
-"""The shipped unit verifies after the documented install steps (``scripts/install``).
+"""The shipped units verify after the documented install steps (``scripts/install``).
 
 ``scripts/install`` runs for real with ``DESTDIR`` = a temporary root: it creates the
 virtualenv ``/opt/hostagent`` there (``python -m venv``, no download), pip installs a
 wheel of this checkout into it (built with ``python -m build --no-isolation``; the
 dependencies are left out with ``PIP_NO_DEPS``, nothing is fetched: ``PIP_NO_INDEX``) and
-installs the unit, the documentation and the config. ``systemd-analyze verify --root``
-then checks the unit **as shipped** (its text untouched) inside that root, which also
-holds what a Debian host has there: systemd's own units and ``/bin/kill``.
+installs the units (the agent's and the forwarder's), the documentation and the configs
+(``hostagent.toml``, the forwarder's example ``forward.toml``). ``systemd-analyze verify
+--root`` then checks each unit **as shipped** (its text untouched) inside that root, which
+also holds what a Debian host has there: systemd's own units and ``/bin/kill``.
 """
 
 import configparser
@@ -21,26 +22,27 @@ from test_packaging import run_build
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "hostagent.service"
+FORWARD_UNIT = ROOT / "systemd" / "hostagent-forward.service"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")  # systemd's own units (sysinit.target, ...)
 # the venv's interpreter: scripts/install refuses one under /home, /root or /tmp (which the
 # unit hides), as the test's own interpreter may be (e.g. pyenv in /root)
 INSTALL_PYTHON = "/usr/bin/python3"
 
 
-def unit() -> configparser.ConfigParser:
+def unit(path: Path = UNIT) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str  # keys are case-sensitive
-    cp.read(UNIT)
+    cp.read(path)
     return cp
 
 
-def exec_paths() -> list[str]:
-    svc = unit()["Service"]
-    return [svc[k].split()[0] for k in ("ExecStart", "ExecReload")]
+def exec_paths(path: Path = UNIT) -> list[str]:
+    svc = unit(path)["Service"]
+    return [svc[k].split()[0] for k in ("ExecStart", "ExecReload") if k in svc]
 
 
-def doc_paths() -> list[str]:
-    urls = unit()["Unit"]["Documentation"].split()
+def doc_paths(path: Path = UNIT) -> list[str]:
+    urls = unit(path)["Unit"]["Documentation"].split()
     assert all(u.startswith("file:///") for u in urls), urls
     return [urlparse(u).path for u in urls]
 
@@ -73,6 +75,25 @@ def test_the_install_puts_every_file_the_unit_names(installed):
     assert (installed / "etc/systemd/system/hostagent.service").read_text() == UNIT.read_text()
 
 
+def test_the_install_puts_the_forwarder_unit_and_its_example_config(installed):
+    """systemd/hostagent-forward.service beside the agent's unit, running the same venv's
+    command; etc/forward.toml where its ExecStart= looks, a config the forwarder loads."""
+    from hostagent.forward import load_forward_config
+
+    [exe] = exec_paths(FORWARD_UNIT)
+    assert exe == exec_paths()[0] and os.access(installed / exe.lstrip("/"), os.X_OK), exe
+    for path in doc_paths(FORWARD_UNIT):
+        assert (installed / path.lstrip("/")).is_file(), path
+    args = unit(FORWARD_UNIT)["Service"]["ExecStart"].split()
+    assert args[1:3] == ["forward", "--config"], args
+    config = installed / args[3].lstrip("/")
+    assert config.read_text() == (ROOT / "etc" / "forward.toml").read_text()
+    assert load_forward_config(config).runtime_dir == \
+        f"/run/{unit(FORWARD_UNIT)['Service']['RuntimeDirectory']}"
+    assert (installed / "etc/systemd/system" / FORWARD_UNIT.name).read_text() == \
+        FORWARD_UNIT.read_text()
+
+
 def test_the_installed_command_is_this_package(installed):
     exe = installed / exec_paths()[0].lstrip("/")
     first = exe.read_text().splitlines()[0]
@@ -83,25 +104,31 @@ def test_the_installed_command_is_this_package(installed):
 
 
 def test_the_install_keeps_an_existing_config(installed):
-    cfg = installed / "etc/hostagent/hostagent.toml"
-    original = cfg.read_text()
+    """Both configs (the agent's, the forwarder's) edited by the operator survive a
+    second install."""
+    cfgs = [installed / "etc/hostagent/hostagent.toml", installed / "etc/hostagent/forward.toml"]
+    originals = [cfg.read_text() for cfg in cfgs]
     try:
-        cfg.write_text("# edited by the operator\n")
+        for cfg in cfgs:
+            cfg.write_text(f"# {cfg.name} edited by the operator\n")
         env = {**os.environ, "DESTDIR": str(installed), "PYTHON": INSTALL_PYTHON,
                "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}
         [wheel] = (installed.parent / "dist").glob("hostagent-*.whl")
         r = subprocess.run([str(ROOT / "scripts" / "install"), str(wheel)], env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
-        assert f"install: keeping the config {cfg}" in r.stderr.splitlines()
-        assert cfg.read_text() == "# edited by the operator\n"
+        for cfg in cfgs:
+            assert f"install: keeping the config {cfg}" in r.stderr.splitlines()
+            assert cfg.read_text() == f"# {cfg.name} edited by the operator\n"
     finally:
-        cfg.write_text(original)
+        for cfg, original in zip(cfgs, originals, strict=True):
+            cfg.write_text(original)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None or not SYSTEM_UNITS.is_dir(),
                     reason="no systemd-analyze or no systemd units on this machine")
-def test_systemd_analyze_verify_passes_on_the_unit_as_shipped(installed):
+@pytest.mark.parametrize("name", [UNIT.name, FORWARD_UNIT.name])
+def test_systemd_analyze_verify_passes_on_the_unit_as_shipped(installed, name):
     # what the host itself provides, below the same root
     units = installed / "usr/lib/systemd/system"
     if not units.exists():
@@ -111,9 +138,9 @@ def test_systemd_analyze_verify_passes_on_the_unit_as_shipped(installed):
         (installed / "bin").symlink_to("usr/bin")
         (installed / "lib").symlink_to("usr/lib")
     r = subprocess.run(["systemd-analyze", "verify", f"--root={installed}",
-                        "hostagent.service"], capture_output=True, text=True, timeout=120)
+                        name], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "hostagent.service" not in r.stderr, r.stderr
+    assert name not in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None or not SYSTEM_UNITS.is_dir(),
