@@ -52,3 +52,43 @@ def test_placing_leaves_the_shared_usage_unchanged(loaded):
                 "extra_specs": {"hw:cpu_policy": "dedicated"}}, now=0.0)
     assert [wire.pack(s["usage"]) for s in (a, b)] == before
     assert fl.entry("a").usage is a["usage"]
+
+
+def test_feed_reads_a_bounded_number_of_messages_per_turn(tmp_path):
+    """A scheduler under a backlog still gets to place between feeds: ``feed(...,
+    max_messages=7)`` (``Subscriber.poll``'s bound) applies at most 7 of 40 queued
+    snapshots per call, and all 40 within the calls that takes."""
+    import zmq
+
+    from hostagent.errors import HostagentError
+    from hostagent.fleet import feed
+    from hostagent.subscriber import POLL_BATCH, Subscriber
+
+    base = host_snapshot("vm-1s-nosmt", "x")
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.linger = 0
+    xpub.bind(f"ipc://{tmp_path}/stream")
+    sub = Subscriber([f"ipc://{tmp_path}/stream"], keep_snapshots=False)
+    try:
+        assert xpub.poll(10_000), "no subscription within 10 s"
+        xpub.recv()
+        for i in range(40):
+            snap = dict(base, host=f"h{i:02d}")
+            xpub.send_multipart(wire.encode_stream(
+                wire.make_body("snapshot", snap["host"], "e1", 1, 1.0, snap)))
+        fl = Fleet()
+        sizes = []
+        for _ in range(200):  # bounded: 40 messages need at least 6 turns of 7
+            sizes.append(feed(sub, fl, 5.0, max_messages=7))
+            if len(fl.entries) == 40:
+                break
+        assert len(fl.entries) == 40
+        assert max(sizes) <= 7 and len(sizes) >= 6
+        for bad in (0, POLL_BATCH + 1, True):
+            with pytest.raises(HostagentError, match=f"max_messages={bad!r}: must be an "
+                               f"integer from 1 to {POLL_BATCH}"):
+                sub.poll(0, max_messages=bad)
+    finally:
+        sub.close()
+        ctx.destroy(linger=0)
