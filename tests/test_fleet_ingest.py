@@ -92,3 +92,25 @@ def test_feed_reads_a_bounded_number_of_messages_per_turn(tmp_path):
     finally:
         sub.close()
         ctx.destroy(linger=0)
+
+
+def test_a_new_host_sharing_a_held_shapes_objects_is_not_hashed(loaded, monkeypatch):
+    """Joining hosts of a known kind (the subscriber hands them one shared decoded
+    topology and config) cost no hashing of 85 KiB of topology: no packing at all; hosts
+    with equal but distinct objects still share the one shape (hashed), and a shape
+    dropped with its last host is not found by its old objects."""
+    a, b = loaded
+    fl = Fleet()
+    fl.update(a, 0.0)
+    packed = []
+    real_pack = wire.pack
+    monkeypatch.setattr(wire, "pack", lambda obj: packed.append(obj) or real_pack(obj))
+    fl.update(dict(b, host="c"), 0.0)  # b's topology/config are distinct, equal objects
+    assert packed and fl.entry("c").shape is fl.entry("a").shape
+    packed.clear()
+    fl.update(dict(b, host="d", topology=a["topology"], config=a["config"]), 0.0)
+    assert packed == [] and fl.entry("d").shape is fl.entry("a").shape
+    assert len(fl.shapes) == 1
+    for host in ("a", "c", "d"):
+        fl.forget(host)
+    assert fl.shapes == {} and fl._shape_of_objects == {}

@@ -132,6 +132,8 @@ class Fleet:
     shapes: dict[str, Shape] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
     _shape_users: Counter[str] = field(default_factory=Counter, repr=False)
+    #: the held shapes by the ids of their topology and config objects
+    _shape_of_objects: dict[tuple[int, int], Shape] = field(default_factory=dict, repr=False)
     _views: OrderedDict[str, tuple[str, int, HostView]] = field(
         default_factory=OrderedDict, repr=False)
     _warned: set[tuple[str, str]] = field(default_factory=set, repr=False)
@@ -175,6 +177,10 @@ class Fleet:
                                       entry.shape.topology == topo) and \
                     (entry.shape.config is config or entry.shape.config == config):
                 shape = entry.shape
+            elif (known := self._shape_of_objects.get((id(topo), id(config)))) is not None \
+                    and known.topology is topo and known.config is config:
+                shape = known  # the very objects of a held shape (the subscriber shares
+                # one decoded topology among the hosts of a kind): not hashed again
             else:
                 key = _digest(topo, config)
                 shape = self.shapes.get(key) or make_shape(key, topo, config)
@@ -229,14 +235,18 @@ class Fleet:
         self.stats["epochs"] += 1
 
     def _use_shape(self, shape: Shape) -> None:
-        self.shapes.setdefault(shape.key, shape)
+        if self.shapes.setdefault(shape.key, shape) is shape:
+            # the shape holds these objects: their ids are not reused while it is held
+            self._shape_of_objects[(id(shape.topology), id(shape.config))] = shape
         self._shape_users[shape.key] += 1
 
     def _drop_shape(self, shape: Shape) -> None:
         self._shape_users[shape.key] -= 1
         if self._shape_users[shape.key] <= 0:
             del self._shape_users[shape.key]
-            self.shapes.pop(shape.key, None)
+            held = self.shapes.pop(shape.key, None)
+            if held is not None:
+                self._shape_of_objects.pop((id(held.topology), id(held.config)), None)
 
     def _warn(self, host: str, kind: str, msg: str, *args: Any) -> None:
         key = (kind, host)
