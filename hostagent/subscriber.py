@@ -454,10 +454,11 @@ class _Base:
             except wire.WireError:
                 key = None
             if key is not None:
+                # usage elements reused and shared even when the snapshots are not held:
+                # the caller (a Fleet) holds the usage it is handed, so equal elements
+                # are one object fleet-wide
                 cache = self._decode_caches.get(key) or wire.DecodeCache(
-                    shared=self._shared_decoded,
-                    element_keys=wire.ELEMENT_REUSE_KEYS if self.state.keep_snapshots
-                    else ())
+                    shared=self._shared_decoded)
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError as exc:

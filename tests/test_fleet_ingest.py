@@ -114,3 +114,40 @@ def test_a_new_host_sharing_a_held_shapes_objects_is_not_hashed(loaded, monkeypa
     for host in ("a", "c", "d"):
         fl.forget(host)
     assert fl.shapes == {} and fl._shape_of_objects == {}
+
+
+def test_lean_subscriber_shares_equal_usage_elements_between_hosts(loaded, tmp_path):
+    """``keep_snapshots=False`` (a ``Fleet`` holds the usage it is handed): two hosts whose
+    usage lists hold elements of equal bytes get one decoded object for them, as a
+    subscriber holding its snapshots does, so the fleet's copies share them."""
+    import zmq
+
+    from hostagent.subscriber import Subscriber
+
+    base = loaded[0]  # 48 threads, 6 guests: a compressed snapshot
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.linger = 0
+    xpub.bind(f"ipc://{tmp_path}/stream")
+    sub = Subscriber([f"ipc://{tmp_path}/stream"], keep_snapshots=False)
+    try:
+        assert xpub.poll(10_000), "no subscription within 10 s"
+        xpub.recv()
+        for host in ("h1", "h2"):
+            snap = dict(base, host=host)
+            xpub.send_multipart(wire.encode_stream(
+                wire.make_body("snapshot", host, "e1", 1, 1.0, snap)))
+        got = {}
+        for _ in range(100):  # bounded
+            for upd in sub.poll(5.0):
+                got[upd.host] = upd.snapshot
+            if len(got) == 2:
+                break
+        threads = [got[h]["usage"]["threads"] for h in ("h1", "h2")]
+        big = [i for i, t in enumerate(threads[0]) if len(wire.pack(t)) >= wire.SHARED_MIN_BYTES]
+        assert big, "no element long enough to be shared"
+        assert all(threads[0][i] is threads[1][i] for i in big)
+        assert sub.latest("h1") is None  # still lean: not held
+    finally:
+        sub.close()
+        ctx.destroy(linger=0)
