@@ -40,6 +40,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -289,7 +290,7 @@ class Run:
         self.stream = f"ipc://{tmp}/fwd"
         cfg = tmp / "forward.toml"
         cfg.write_text(f'[forward]\nendpoints = ["{self.stream}"]\n'
-                       f"upstream = {json.dumps(eps)}\nrecv_hwm = 100000\n"
+                       f"upstream = {json.dumps(eps)}\nrecv_hwm = 100000\nsend_hwm = 200000\n"
                        f'runtime_dir = "{tmp}"\nlog_level = "warning"\n')
         self.forwarder = subprocess.Popen(
             [sys.executable, "-m", "hostagent.cli", "forward", "--config", str(cfg)],
@@ -371,38 +372,7 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
             heal_requests=sub.stats.get("heal_requests", 0),
             gaps=sub.stats.get("gaps", 0) - stats0.get("gaps", 0))
         out["wire_bytes_per_update"] = wire_bytes(deltas)
-        # placement while the fleet changes: each turn applies what queued since the
-        # last one (at most FEED_PER_TURN messages: under a backlog it still places),
-        # then places one guest; the ingest of this phase is measured too
-        times: list[float] = []
-        lag = []
-        placed = updates = 0
-        stats0 = dict(sub.stats)
-        cpu0, t0 = time.process_time(), time.monotonic()
-        while time.monotonic() - t0 < args.seconds:
-            for upd in sub.poll(0, max_messages=FEED_PER_TURN):
-                if upd.kind == "snapshot" and upd.snapshot is not None:
-                    fleet.update(upd.snapshot, time.monotonic())
-                    lag.append(time.time() - upd.snapshot["time"])
-                    updates += 1
-                elif upd.kind == "stale":
-                    fleet.mark_stale(upd.host)
-                elif upd.kind == "dead":
-                    fleet.mark_dead(upd.host)
-            a = time.perf_counter()
-            got = fleet.place(REQUEST, 1, "pack")
-            times.append(time.perf_counter() - a)
-            placed += bool(got)
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
-        out.update(place_p50_ms=round(pct(times, 0.5) * 1000, 2),
-                   place_p99_ms=round(pct(times, 0.99) * 1000, 2),
-                   placements_per_s=round(len(times) / wall),
-                   placed_share=round(placed / max(len(times), 1), 2),
-                   placing_updates_per_s=round(updates / wall),
-                   placing_lag_p50_ms=round(pct(lag, 0.5) * 1000, 1),
-                   placing_lag_p99_ms=round(pct(lag, 0.99) * 1000, 1),
-                   placing_cpu_share=round(cpu / wall, 2),
-                   placing_stale=sub.stats.get("stale", 0) - stats0.get("stale", 0))
+        out.update(place_while_changing(sub, fleet, args.seconds))
         out["kept_up"] = (out["updates_per_s"] >= 0.9 * out["offered_per_s"]
                           and out["placing_updates_per_s"] >= 0.9 * out["offered_per_s"]
                           and out["lag_p99_ms"] < 1000 and out["placing_lag_p99_ms"] < 1000)
@@ -411,6 +381,59 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
         sub.close()
     finally:
         run.close()
+    return out
+
+
+def place_while_changing(sub: Any, fleet: Any, seconds: float) -> dict:
+    """Place one guest per turn for ``seconds`` while the fleet changes, each turn first
+    applying what queued since the last one (at most ``FEED_PER_TURN`` messages: under a
+    backlog it still places); the ingest meanwhile and the full collections of Python's
+    garbage collector (generation 2: they stop everything) are measured too."""
+    import gc
+
+    out: dict = {}
+    times: list[float] = []
+    lag = []
+    placed = updates = 0
+    gc_pauses: list[float] = []
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        elif info.get("generation") == 2:
+            gc_pauses.append(time.perf_counter() - gc_start[0])
+
+    gc.callbacks.append(on_gc)
+    stats0 = dict(sub.stats)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        for upd in sub.poll(0, max_messages=FEED_PER_TURN):
+            if upd.kind == "snapshot" and upd.snapshot is not None:
+                fleet.update(upd.snapshot, time.monotonic())
+                lag.append(time.time() - upd.snapshot["time"])
+                updates += 1
+            elif upd.kind == "stale":
+                fleet.mark_stale(upd.host)
+            elif upd.kind == "dead":
+                fleet.mark_dead(upd.host)
+        a = time.perf_counter()
+        got = fleet.place(REQUEST, 1, "pack")
+        times.append(time.perf_counter() - a)
+        placed += bool(got)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+    gc.callbacks.remove(on_gc)
+    out.update(gc2_pauses=len(gc_pauses),
+               gc2_pause_max_ms=round(max(gc_pauses, default=0.0) * 1000, 1))
+    out.update(place_p50_ms=round(pct(times, 0.5) * 1000, 2),
+               place_p99_ms=round(pct(times, 0.99) * 1000, 2),
+               placements_per_s=round(len(times) / wall),
+               placed_share=round(placed / max(len(times), 1), 2),
+               placing_updates_per_s=round(updates / wall),
+               placing_lag_p50_ms=round(pct(lag, 0.5) * 1000, 1),
+               placing_lag_p99_ms=round(pct(lag, 0.99) * 1000, 1),
+               placing_cpu_share=round(cpu / wall, 2),
+               placing_stale=sub.stats.get("stale", 0) - stats0.get("stale", 0))
     return out
 
 
