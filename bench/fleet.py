@@ -344,6 +344,8 @@ def measure(n: int, deltas: bool, args: argparse.Namespace, tmp: Path) -> dict:
         out["settle_s"] = round(time.monotonic() - settle + args.settle, 1)
         gc.collect()
         out["mem_per_host_kib"] = round((rss_bytes() - rss0) / n / 1024, 1)
+        if args.gc_freeze:  # what is held now is not walked by later full collections
+            gc.freeze()
         # ingest: only feeding
         lag: list[float] = []
         updates = 0
@@ -568,6 +570,9 @@ def main() -> int:
     ap.add_argument("--streams", default="delta,full")
     ap.add_argument("--settle", type=float, default=40.0,
                     help="at most this long after the join for the backlog to drain")
+    ap.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=False,
+                    help="gc.freeze() after the join (the held snapshots leave the "
+                    "collector's generations)")
     ap.add_argument("--measure", nargs=2, metavar=("N", "STREAM"), help=argparse.SUPPRESS)
     ap.add_argument("--simulate", nargs=5, metavar=("EP", "FIRST", "COUNT", "PERIOD", "SEED"),
                     help=argparse.SUPPRESS)
@@ -592,7 +597,8 @@ def main() -> int:
                 [sys.executable, __file__, "--measure", str(n), stream,
                  "--seconds", str(args.seconds), "--period", str(args.period),
                  "--procs", str(args.procs), "--join-timeout", str(args.join_timeout),
-                 "--settle", str(args.settle)],
+                 "--settle", str(args.settle),
+                 "--gc-freeze" if args.gc_freeze else "--no-gc-freeze"],
                 stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True)
             row = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append(row)
