@@ -366,6 +366,15 @@ def _setup_sub(sock: Any, zmq: Any, topics: list[bytes], max_bytes: int,
         sock.subscribe(t)
 
 
+def _poll_batch(max_messages: int) -> int:
+    """``max_messages`` checked: an integer from 1 to ``POLL_BATCH``."""
+    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or \
+            not 1 <= max_messages <= POLL_BATCH:
+        raise HostagentError(f"max_messages={max_messages!r}: must be an integer from 1 to "
+                             f"{POLL_BATCH}")
+    return max_messages
+
+
 def reconnect_delay(failures: int) -> float:
     """Seconds to wait after a drop before the library reconnects, when ``failures``
     reconnects of that source came before it with no snapshot in between."""
@@ -445,10 +454,11 @@ class _Base:
             except wire.WireError:
                 key = None
             if key is not None:
+                # usage elements reused and shared even when the snapshots are not held:
+                # the caller (a Fleet) holds the usage it is handed, so equal elements
+                # are one object fleet-wide
                 cache = self._decode_caches.get(key) or wire.DecodeCache(
-                    shared=self._shared_decoded,
-                    element_keys=wire.ELEMENT_REUSE_KEYS if self.state.keep_snapshots
-                    else ())
+                    shared=self._shared_decoded)
         try:
             body = wire.decode_stream(frames, max_bytes=self.max_bytes, cache=cache)
         except wire.WireError as exc:
@@ -608,8 +618,12 @@ class Subscriber(_Base):
                          deltas=deltas, keep_snapshots=keep_snapshots)
         self._open(zmq, ctx or zmq.Context.instance(), zmq.Poller(), max_message_bytes, rcvhwm)
 
-    def poll(self, timeout: float | None = None) -> list[Update]:
-        """Wait up to ``timeout`` seconds (``None``: forever) for updates."""
+    def poll(self, timeout: float | None = None, *,
+             max_messages: int = POLL_BATCH) -> list[Update]:
+        """Wait up to ``timeout`` seconds (``None``: forever) for updates; read at most
+        ``max_messages`` messages per source (1 to ``POLL_BATCH``): a caller that has
+        other work between polls (a scheduler placing) bounds each turn's ingest."""
+        batch = _poll_batch(max_messages)
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -623,7 +637,7 @@ class Subscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
+                for _ in range(batch):  # bounded: an overloaded poll still returns
                     try:
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -707,7 +721,10 @@ class AsyncSubscriber(_Base):
         self._open(zmq, ctx or zmq.asyncio.Context.instance(), zmq.asyncio.Poller(),
                    max_message_bytes, rcvhwm)
 
-    async def poll(self, timeout: float | None = None) -> list[Update]:
+    async def poll(self, timeout: float | None = None, *,
+                   max_messages: int = POLL_BATCH) -> list[Update]:
+        """As ``Subscriber.poll``."""
+        batch = _poll_batch(max_messages)
         zmq = self._zmq
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -721,7 +738,7 @@ class AsyncSubscriber(_Base):
             for i, s in enumerate(self.socks):
                 if s not in events:
                     continue
-                for _ in range(POLL_BATCH):  # bounded: an overloaded poll still returns
+                for _ in range(batch):  # bounded: an overloaded poll still returns
                     try:
                         frames = await s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:

@@ -6,18 +6,22 @@ import time
 from typing import Any
 
 from hostagent.fleet.index import Fleet
+from hostagent.subscriber import POLL_BATCH
 
 #: ``feed`` copies every host's last-heard time (heartbeats included) into the index at
 #: most this often, so a quiet but alive host does not turn stale by age
 TOUCH_INTERVAL_S = 1.0
 
 
-def feed(subscriber: Any, fleet: Fleet, timeout: float | None = 0.0) -> int:
+def feed(subscriber: Any, fleet: Fleet, timeout: float | None = 0.0, *,
+         max_messages: int = POLL_BATCH) -> int:
     """Poll ``subscriber`` (a ``hostagent.subscriber.Subscriber``) once, waiting up to
-    ``timeout`` seconds, and apply its updates: ``snapshot`` → ``Fleet.update`` (with the
+    ``timeout`` seconds and reading at most ``max_messages`` messages per source (a
+    scheduler that places between feeds keeps placing under a backlog), and apply its
+    updates: ``snapshot`` → ``Fleet.update`` (with the
     source's request endpoint as the fallback claim endpoint), ``stale`` →
     ``mark_stale``, ``dead`` → ``mark_dead``. Returns the number of updates applied."""
-    updates = subscriber.poll(timeout)
+    updates = subscriber.poll(timeout, max_messages=max_messages)
     now = time.monotonic()
     for upd in updates:
         if upd.kind == "snapshot" and upd.snapshot is not None:

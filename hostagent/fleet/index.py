@@ -7,8 +7,10 @@ placement over it (docs/fleet.md).
 - the topology and config once per host *shape* (interned under a hash of their bytes:
   hosts of one kind share one copy); a snapshot whose topology and config equal its
   host's shape (a C-level ``==``, ~25 µs for 48 threads) is not hashed again;
-- the usage as msgpack bytes (~7 KiB for a 48-thread host), decoded again only for an
-  exact fit, the views that fit built kept in an LRU of ``VIEW_CACHE_SIZE``;
+- the usage as the decoded map it was handed (not copied, not packed again: on the
+  delta stream it is the subscriber's held snapshot's, and elements of equal bytes are
+  one object fleet-wide, ``wire.SharedDecoded``); the views built for exact fits are
+  kept in an LRU of ``VIEW_CACHE_SIZE``;
 - a ``HostSummary`` (free threads, whole cores, memory, pages per cell; cache ways; PCI).
 
 ``Fleet.place(request, count, weigher)`` offers only hosts that are alive, not stale,
@@ -82,7 +84,7 @@ class HostEntry:
     seen: float  # caller's clock: the last snapshot (or, through feed, any message)
     shape: Shape
     summary: HostSummary
-    usage: bytes  # msgpack of the snapshot's usage
+    usage: Mapping[str, Any]  # the snapshot's usage as handed to update (shared: read only)
     time: float  # the snapshot's own time (unix seconds)
     endpoint: str | None  # where to claim: agent.request_endpoint, else the source's
     alive: bool = True
@@ -130,6 +132,8 @@ class Fleet:
     shapes: dict[str, Shape] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
     _shape_users: Counter[str] = field(default_factory=Counter, repr=False)
+    #: the held shapes by the ids of their topology and config objects
+    _shape_of_objects: dict[tuple[int, int], Shape] = field(default_factory=dict, repr=False)
     _views: OrderedDict[str, tuple[str, int, HostView]] = field(
         default_factory=OrderedDict, repr=False)
     _warned: set[tuple[str, str]] = field(default_factory=set, repr=False)
@@ -152,7 +156,9 @@ class Fleet:
                request_endpoint: str | None = None) -> None:
         """Take one host's latest snapshot (``now``: the caller's clock, the same as for
         ``place``). A snapshot that cannot be read is refused and logged once per host;
-        the host is then not offered until a readable one comes."""
+        the host is then not offered until a readable one comes. The snapshot's usage is
+        kept as it is, not copied: the caller must not change it afterwards (the
+        subscriber hands over a new map for every snapshot)."""
         host = snapshot.get("host") if isinstance(snapshot, Mapping) else None
         if not isinstance(host, str) or not host:
             self._refuse(None, f"no host name ({type(snapshot).__name__})")
@@ -167,14 +173,18 @@ class Fleet:
             topo, config, usage = snapshot["topology"], snapshot["config"], snapshot["usage"]
             if not all(isinstance(x, Mapping) for x in (topo, config, usage)):
                 raise ValueError("topology, config and usage must be maps")
-            if entry is not None and entry.shape.topology == topo and \
-                    entry.shape.config == config:
+            if entry is not None and (entry.shape.topology is topo or
+                                      entry.shape.topology == topo) and \
+                    (entry.shape.config is config or entry.shape.config == config):
                 shape = entry.shape
+            elif (known := self._shape_of_objects.get((id(topo), id(config)))) is not None \
+                    and known.topology is topo and known.config is config:
+                shape = known  # the very objects of a held shape (the subscriber shares
+                # one decoded topology among the hosts of a kind): not hashed again
             else:
                 key = _digest(topo, config)
                 shape = self.shapes.get(key) or make_shape(key, topo, config)
             summary = summarize(shape, usage)
-            packed = wire.pack(usage)
             agent = snapshot.get("agent")
             advertised = agent.get("request_endpoint") if isinstance(agent, Mapping) else None
             stamp = float(snapshot.get("time") or 0.0)
@@ -191,7 +201,7 @@ class Fleet:
                 self._refuse(host, f"the index holds max_hosts={self.max_hosts} hosts")
                 return
             entry = self.entries[host] = HostEntry(
-                host, epoch, seq, now, shape, summary, packed, stamp, endpoint)
+                host, epoch, seq, now, shape, summary, usage, stamp, endpoint)
             self._use_shape(shape)
         else:
             if epoch != entry.epoch:
@@ -203,7 +213,7 @@ class Fleet:
                 self._drop_shape(entry.shape)
                 self._use_shape(shape)
             entry.epoch, entry.seq, entry.seen, entry.shape = epoch, seq, now, shape
-            entry.summary, entry.usage, entry.time = summary, packed, stamp
+            entry.summary, entry.usage, entry.time = summary, usage, stamp
             entry.endpoint = endpoint or entry.endpoint
             entry.alive, entry.stale, entry.unreadable = True, False, None
         self._changed(entry)
@@ -225,14 +235,18 @@ class Fleet:
         self.stats["epochs"] += 1
 
     def _use_shape(self, shape: Shape) -> None:
-        self.shapes.setdefault(shape.key, shape)
+        if self.shapes.setdefault(shape.key, shape) is shape:
+            # the shape holds these objects: their ids are not reused while it is held
+            self._shape_of_objects[(id(shape.topology), id(shape.config))] = shape
         self._shape_users[shape.key] += 1
 
     def _drop_shape(self, shape: Shape) -> None:
         self._shape_users[shape.key] -= 1
         if self._shape_users[shape.key] <= 0:
             del self._shape_users[shape.key]
-            self.shapes.pop(shape.key, None)
+            held = self.shapes.pop(shape.key, None)
+            if held is not None:
+                self._shape_of_objects.pop((id(held.topology), id(held.config)), None)
 
     def _warn(self, host: str, kind: str, msg: str, *args: Any) -> None:
         key = (kind, host)
@@ -328,14 +342,14 @@ class Fleet:
         return self.entries.get(host)
 
     def snapshot(self, host: str) -> dict[str, Any] | None:
-        """The host's latest snapshot rebuilt (topology and config are the shape's,
-        shared: do not change them)."""
+        """The host's latest snapshot rebuilt (topology, config and usage are the ones
+        held, shared: do not change them)."""
         e = self.entries.get(host)
         if e is None:
             return None
         return {"schema": 1, "host": e.host, "epoch": e.epoch, "seq": e.seq, "time": e.time,
                 "topology": e.shape.topology, "config": e.shape.config,
-                "usage": wire.unpack(e.usage)}
+                "usage": e.usage}
 
     def view(self, host: str) -> HostView:
         """The exact-fit view of the host's latest snapshot (LRU-cached)."""
