@@ -25,6 +25,7 @@ from test_daemon_inprocess import CPU3_ONLINE_FILES, FakeDevice, InProc, set_cpu
 from test_probe_bad_input import CPU, NODE0, expect_error
 
 from hostagent import wire
+from hostagent.atomic_file import write_atomically
 from hostagent.config import load_config
 from hostagent.cpulist import parse_cpulist
 from hostagent.errors import ProbeError
@@ -376,18 +377,20 @@ def test_run_refuses_a_bad_id_at_start_with_one_line():
 
 def test_hugepage_poll_keeps_the_last_good_value_and_keeps_publishing():
     """``free_hugepages`` of 10**23 at run time: one logged error naming the file, the
-    last good counters kept, heartbeats go on, and a later valid change is published."""
+    last good counters kept, heartbeats go on, and a later valid change is published.
+    The test replaces the counter files whole (as the kernel shows them: never half
+    written), so the agent's 0.2 s poll never reads an empty file in between."""
     pool = f"{NODE0}/hugepages/hugepages-2048kB"
     d = DaemonProc("vm-1s-nosmt", copy_tree=[pool], dedicated=None, heartbeat=0.2)
     try:
         d.wait_notify("READY=1")
         pool = d.sysfs / pool
         with d.subscriber() as sub:
-            (pool / "nr_hugepages").write_text("64\n")
-            (pool / "free_hugepages").write_text("60\n")
+            write_atomically(pool / "nr_hugepages", "64\n")
+            write_atomically(pool / "free_hugepages", "60\n")
             good = wait_for(sub, lambda s: s["topology"]["cells"][0]["hugepages"][0]["free"]
                             == 60)
-            (pool / "free_hugepages").write_text(HUGE + "\n")
+            write_atomically(pool / "free_hugepages", HUGE + "\n")
             d.wait_log(f"{pool}/free_hugepages: out of range")
             beats = sub.stats["heartbeats"]
             deadline = time.monotonic() + 20
@@ -396,7 +399,7 @@ def test_hugepage_poll_keeps_the_last_good_value_and_keeps_publishing():
             assert sub.stats["heartbeats"] >= beats + 3, d.log_text()
             assert sub.hosts["testhost"].heard_seq == good["seq"]  # nothing half-published
             assert sub.latest("testhost")["topology"]["cells"][0]["hugepages"][0]["free"] == 60
-            (pool / "free_hugepages").write_text("12\n")
+            write_atomically(pool / "free_hugepages", "12\n")
             wait_for(sub, lambda s: s["topology"]["cells"][0]["hugepages"][0]["free"] == 12)
         d.signal(signal.SIGUSR1)
         text = d.wait_log("debug dump written to ")
