@@ -600,20 +600,23 @@ class Prepared:
 
 
 def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: ClaimAsk, *,
-                  claim_id: str, now: float, search_steps: int) -> Prepared:
+                  claim_id: str, now: float, search_steps: int,
+                  parsed: FitRequest | None = None) -> Prepared:
     """Fit ``ask`` on ``snapshot`` (a snapshot, or the fit's view of one:
     ``ClaimTracker.fit_view``) unless it names its placement, and make the claim of the
-    placement on the host of ``ctx``. Pure (a worker thread may run it); ``RequestError``
-    for an invalid request or placement."""
+    placement on the host of ``ctx`` (``parsed``: ``ask.request`` as ``parse_request``
+    read it, if already read). Pure (a worker thread may run it); ``RequestError`` for
+    an invalid request or placement."""
     from hostagent.fit.request import parse_request
 
-    req = parse_request(ask.request)
+    req = parsed if parsed is not None else parse_request(ask.request)
     placement = ask.placement
     answer = None
     if placement is None:
         from hostagent.fit import fit
 
-        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps)
+        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps,
+                     libvirt_xml=False)
         if not answer["fits"]:
             return Prepared(None, None, answer)
         placement = answer["placement"]
