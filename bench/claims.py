@@ -224,8 +224,14 @@ def main() -> int:
         claim_rows = []
         for n in levels:
             before = os.getloadavg()[0]
+            cpu0 = agent.ps.cpu_times()
             row = asyncio.run(claim_clients(agent.req, n, args.seconds))
-            claim_rows.append((n, {**row, "load": (before, os.getloadavg()[0])}))
+            cpu1 = agent.ps.cpu_times()
+            # the agent's own CPU time per claim decided (with its release): what the
+            # machine's other load does not change much, unlike the latencies
+            cpu_ms = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000
+            claim_rows.append((n, {**row, "load": (before, os.getloadavg()[0]),
+                                   "cpu_ms": cpu_ms / max(1, len(row["lat"]))}))
     finally:
         rc = agent.stop()
     load1 = os.getloadavg()
@@ -237,12 +243,14 @@ def main() -> int:
     print()
     print(f"{'clients':>7}  {'fit-only p50 / p99 ms':>22} {'fits/s':>7}  "
           f"{'claim p50 / p99 ms':>19} {'decided/s':>9} {'granted/s':>9} "
-          f"{'refused':>7} {'busy':>5}  {'release p50 ms':>14}  {'load':>11}")
+          f"{'refused':>7} {'busy':>5}  {'release p50 ms':>14}  {'agent CPU ms/claim':>18}  "
+          f"{'load':>11}")
     for (n, f), (_, c) in zip(fit_rows, claim_rows, strict=True):
         print(f"{n:>7}  {pct(f['lat'], 50):>10.2f} / {pct(f['lat'], 99):<9.2f} "
               f"{f['rate']:>7.0f}  {pct(c['lat'], 50):>8.2f} / {pct(c['lat'], 99):<8.2f} "
               f"{c['rate']:>9.0f} {c['granted_rate']:>9.0f} {c['refused']:>7} {c['busy']:>5}  "
-              f"{pct(c['rel'], 50):>14.2f}  {c['load'][0]:>5.2f}-{c['load'][1]:<5.2f}")
+              f"{pct(c['rel'], 50):>14.2f}  {c['cpu_ms']:>18.2f}  "
+              f"{c['load'][0]:>5.2f}-{c['load'][1]:<5.2f}")
     print()
     print("one decision in this process (median ms): "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))

@@ -10,11 +10,12 @@ it is released, or it expires. Everything here is pure but the claims file funct
 - ``check_placement``: a placement (the ``placement`` of a fit answer) against the host:
   its shape, and that every CPU, cell, page size, PCI function and cache it names is the
   host's. The result is the normalised placement a claim keeps.
-- ``claim_contribution``: what a claim holds, in the tracker's own terms: the libvirt
-  XML of the claim is parsed and accounted exactly as the guest booted from it will be
-  (``hostagent.tracker.guest_contribution``), so the snapshot's free counts subtract
-  claims with no second accounting; the cache ways come from the placement (the
-  resctrl group exists only once the guest runs).
+- ``claim_contribution``: what a claim holds, in the tracker's own terms: the guest
+  the claim's libvirt XML describes (``claim_spec``, built from the placement; equal to
+  the XML made and parsed back, ``parsed_claim_spec``) accounted exactly as the guest
+  booted from it will be (``hostagent.tracker.guest_contribution``), so the snapshot's
+  free counts subtract claims with no second accounting; the cache ways come from the
+  placement (the resctrl group exists only once the guest runs).
 - ``judge``: may this contribution be held now? Everything it holds is compared with
   what the tracker's usage of that moment (every guest and outstanding claim counted)
   has free: a thread that is not free, more pages or memory than a cell has free, a

@@ -179,3 +179,14 @@ def test_shared_vcpus_without_shared_threads_still_name_the_xml_error() -> None:
     with pytest.raises(Exception) as parsed:
         claims.parsed_claim_spec(bad)
     assert str(direct.value) == str(parsed.value)
+
+
+def test_a_fit_without_xml_is_the_same_answer_without_it() -> None:
+    """``fit(..., libvirt_xml=False)``, as a claim fits: the same placement, no XML."""
+    from hostagent.fit import fit
+
+    tr = new_tracker("2x4x2-cat")
+    for request in REQUESTS:
+        full = fit(tr.fit_view(), request)
+        bare = fit(tr.fit_view(), request, libvirt_xml=False)
+        assert bare == {**full, "libvirt_xml": None}
