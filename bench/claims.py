@@ -140,6 +140,7 @@ def in_process_parts(repeat: int) -> dict[str, float]:
     from hostagent import claims
     from hostagent.fit import fit
     from hostagent.fit.host import host_view
+    from hostagent.fit.request import parse_request
     from hostagent.guests.source import record_from_xml
     from hostagent.model import topology_to_dict
     from hostagent.snapshot import assemble_snapshot
@@ -153,17 +154,24 @@ def in_process_parts(repeat: int) -> dict[str, float]:
     tr.guest_base()  # made once per guest change, not per decision
     parts: dict[str, list[float]] = {"overlay view": [], "fit": [], "make the claim": [],
                                      "judge (overlay)": [], "slow path: fold": [],
-                                     "slow path: host_view": []}
+                                     "slow path: host_view": [],
+                                     "of which: holdings from the placement": [],
+                                     "before: holdings by the XML round trip": []}
+    parsed = parse_request(REQUEST)  # the agent parses a request once
     for _ in range(repeat):
         t0 = time.perf_counter()
         view = tr.fit_view()
         t1 = time.perf_counter()
-        answer = fit(view, REQUEST)
+        answer = fit(view, parsed, libvirt_xml=False)
         t2 = time.perf_counter()
         record = claims.make_record(tr.ctx, ask, answer["placement"],
-                                    claim_id=claims.new_claim_id(), now=0)
+                                    claim_id=claims.new_claim_id(), now=0, parsed=parsed)
         c = claims.claim_contribution(tr.ctx, record)
         t3 = time.perf_counter()
+        claims.claim_spec(record)
+        t8 = time.perf_counter()
+        claims.parsed_claim_spec(record)
+        t9 = time.perf_counter()
         reasons = claims.judge_quickly(tr, c)
         t4 = time.perf_counter()
         assert not reasons
@@ -174,8 +182,8 @@ def in_process_parts(repeat: int) -> dict[str, float]:
         host_view(assemble_snapshot(doc, res, usage, host="h", epoch="e", seq=1, now=0))
         t7 = time.perf_counter()
         tr.release(record.id)
-        for key, a, b in zip(parts, (t0, t1, t2, t3, t5, t6), (t1, t2, t3, t4, t6, t7),
-                             strict=True):
+        for key, a, b in zip(parts, (t0, t1, t2, t9, t5, t6, t3, t8),
+                             (t1, t2, t3, t4, t6, t7, t8, t9), strict=True):
             parts[key].append((b - a) * 1000)
     return {k: statistics.median(v) for k, v in parts.items()}
 
@@ -216,8 +224,14 @@ def main() -> int:
         claim_rows = []
         for n in levels:
             before = os.getloadavg()[0]
+            cpu0 = agent.ps.cpu_times()
             row = asyncio.run(claim_clients(agent.req, n, args.seconds))
-            claim_rows.append((n, {**row, "load": (before, os.getloadavg()[0])}))
+            cpu1 = agent.ps.cpu_times()
+            # the agent's own CPU time per claim decided (with its release): what the
+            # machine's other load does not change much, unlike the latencies
+            cpu_ms = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000
+            claim_rows.append((n, {**row, "load": (before, os.getloadavg()[0]),
+                                   "cpu_ms": cpu_ms / max(1, len(row["lat"]))}))
     finally:
         rc = agent.stop()
     load1 = os.getloadavg()
@@ -229,12 +243,14 @@ def main() -> int:
     print()
     print(f"{'clients':>7}  {'fit-only p50 / p99 ms':>22} {'fits/s':>7}  "
           f"{'claim p50 / p99 ms':>19} {'decided/s':>9} {'granted/s':>9} "
-          f"{'refused':>7} {'busy':>5}  {'release p50 ms':>14}  {'load':>11}")
+          f"{'refused':>7} {'busy':>5}  {'release p50 ms':>14}  {'agent CPU ms/claim':>18}  "
+          f"{'load':>11}")
     for (n, f), (_, c) in zip(fit_rows, claim_rows, strict=True):
         print(f"{n:>7}  {pct(f['lat'], 50):>10.2f} / {pct(f['lat'], 99):<9.2f} "
               f"{f['rate']:>7.0f}  {pct(c['lat'], 50):>8.2f} / {pct(c['lat'], 99):<8.2f} "
               f"{c['rate']:>9.0f} {c['granted_rate']:>9.0f} {c['refused']:>7} {c['busy']:>5}  "
-              f"{pct(c['rel'], 50):>14.2f}  {c['load'][0]:>5.2f}-{c['load'][1]:<5.2f}")
+              f"{pct(c['rel'], 50):>14.2f}  {c['cpu_ms']:>18.2f}  "
+              f"{c['load'][0]:>5.2f}-{c['load'][1]:<5.2f}")
     print()
     print("one decision in this process (median ms): "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))

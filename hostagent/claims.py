@@ -10,11 +10,12 @@ it is released, or it expires. Everything here is pure but the claims file funct
 - ``check_placement``: a placement (the ``placement`` of a fit answer) against the host:
   its shape, and that every CPU, cell, page size, PCI function and cache it names is the
   host's. The result is the normalised placement a claim keeps.
-- ``claim_contribution``: what a claim holds, in the tracker's own terms: the libvirt
-  XML of the claim is parsed and accounted exactly as the guest booted from it will be
-  (``hostagent.tracker.guest_contribution``), so the snapshot's free counts subtract
-  claims with no second accounting; the cache ways come from the placement (the
-  resctrl group exists only once the guest runs).
+- ``claim_contribution``: what a claim holds, in the tracker's own terms: the guest
+  the claim's libvirt XML describes (``claim_spec``, built from the placement; equal to
+  the XML made and parsed back, ``parsed_claim_spec``) accounted exactly as the guest
+  booted from it will be (``hostagent.tracker.guest_contribution``), so the snapshot's
+  free counts subtract claims with no second accounting; the cache ways come from the
+  placement (the resctrl group exists only once the guest runs).
 - ``judge``: may this contribution be held now? Everything it holds is compared with
   what the tracker's usage of that moment (every guest and outstanding claim counted)
   has free: a thread that is not free, more pages or memory than a cell has free, a
@@ -37,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import uuid as _uuid
@@ -60,7 +62,19 @@ from hostagent.errors import RequestError
 from hostagent.fit.host import HostView
 from hostagent.fit.request import FitRequest
 from hostagent.fit_limits import MAX_GUEST_CELLS, MAX_MEMORY_MB, MAX_PAGE_SIZE_KIB, MAX_VCPUS
-from hostagent.guests.xml import CLAIM_ID_PATTERN, GuestRecord, parse_domain
+from hostagent.guests.xml import (
+    CLAIM_ID_PATTERN,
+    CpuTopology,
+    GuestCell,
+    GuestRecord,
+    GuestSpec,
+    HugePage,
+    MemNode,
+    NumaTune,
+    VcpuSched,
+    parse_cpuset,
+    parse_domain,
+)
 from hostagent.model import HostTopology
 from hostagent.resctrl_cbm import parse_mask, popcount, resource_cache_ids
 from hostagent.tracker import Context, Contribution, UsageTracker, guest_contribution
@@ -478,10 +492,83 @@ def claim_domain_xml(record: ClaimRecord, *, name: str | None = None,
             "<os><type>hvm</type></os></domain>")
 
 
+def parsed_claim_spec(record: ClaimRecord) -> GuestSpec:
+    """The claim's domain (``claim_domain_xml``) made and parsed back, as the tracker
+    reads the guest booted from it, without its cache tunes (the claim holds its ways
+    from the placement): the oracle ``claim_spec`` is tested against."""
+    return dataclasses.replace(parse_domain(claim_domain_xml(record)), cachetunes=())
+
+
+_CPUSET_ATTR = re.compile(r'cpuset="([^"]*)"')
+
+
+def claim_spec(record: ClaimRecord) -> GuestSpec:
+    """``parsed_claim_spec(record)``, built from the placement directly (no XML made and
+    parsed: the cost of a decision). ``record`` is one ``rebuild_record`` made: its
+    placement normalised, its XML made from it. Equal to the round trip for every
+    placement (tests/test_claims_direct.py); the one shape whose XML does not parse
+    (shared vCPUs with no shared threads) takes the round trip, which names the error."""
+    p = record.placement
+    cells = p["cells"]
+    if any(c["shared_vcpus"] and not c["shared_cpus"] for c in cells):
+        return parsed_claim_spec(record)
+    nvcpus = sum(len(c["vcpus"]) for c in cells) + len(p["shared_vcpus"])
+    cpuset = None
+    if p["floating"]:  # the floating threads the XML was made with
+        m = _CPUSET_ATTR.search(record.libvirt_xml.get("vcpu", ""))
+        cpuset = parse_cpuset(m.group(1)) if m else None
+    pins: dict[int, tuple[int, ...]] = {}
+    for c in cells:
+        for v, cpu in c["pinning"].items():
+            pins[int(v)] = (cpu,)
+        shared = tuple(c["shared_cpus"])
+        for v in c["shared_vcpus"]:
+            pins[v] = shared
+    numatune = None
+    if cells:
+        numatune = NumaTune("strict", tuple(sorted({c["host_cell"] for c in cells})), None,
+                            tuple(MemNode(c["guest_cell"], "strict", (c["host_cell"],))
+                                  for c in cells))
+    by_size: dict[int, list[int]] = {}
+    for c in cells:
+        if c["page_size_kib"] != SMALL_PAGE_KIB:
+            by_size.setdefault(c["page_size_kib"], []).append(c["guest_cell"])
+    t = p["topology"]
+    realtime = p["realtime_vcpus"]
+    return GuestSpec(
+        name=record.id, uuid=str(_uuid.uuid5(_NAMESPACE, record.id)), domain_id=None,
+        vcpus=nvcpus, current_vcpus=nvcpus, vcpu_placement="static", cpuset=cpuset,
+        vcpupin=pins, emulatorpin=tuple(p["emulator_cpus"]) or None, iothreads=0,
+        iothreadpin={},
+        vcpusched=(VcpuSched(tuple(realtime), "fifo", 1),) if realtime else (),
+        cachetunes=(), memorytunes=(), numatune=numatune,
+        topology=CpuTopology(t["sockets"], 1, 1, t["cores"], t["threads"]),
+        cells=tuple(GuestCell(c["guest_cell"], tuple(c["vcpus"]), c["memory_mib"] * 1024)
+                    for c in cells),
+        memory_kib=record.memory_kib, current_memory_kib=record.memory_kib,
+        hugepages=bool(by_size),
+        pages=tuple(HugePage(size, tuple(sorted(set(by_size[size]))))
+                    for size in sorted(by_size)),
+        hostdevs=tuple(_pci_text(d["address"]) for d in p["pci"]),
+        idle_cpus=tuple(sorted({cpu for c in cells for cpu in c["reserved_cpus"]})),
+        claim_id=record.id,
+    )
+
+
+def _pci_text(address: str) -> str:
+    """A PCI address as the domain XML parser gives back the one ``fragments`` wrote."""
+    dom, bus, rest = address.split(":")
+    slot, func = rest.split(".")
+    parts = [format(int(f"0x{x}", 0), f"0{w}x")
+             for x, w in ((dom, 4), (bus, 2), (slot, 2), (func, 1))]
+    return f"{parts[0]}:{parts[1]}:{parts[2]}.{parts[3]}"
+
+
 def claim_contribution(ctx: Context, record: ClaimRecord) -> Contribution:
-    """What the claim holds, accounted as the guest booted from its XML will be; its
-    ``entry`` is the ``usage.claims`` item and ``cache_ways`` the placement's ways."""
-    spec = dataclasses.replace(parse_domain(claim_domain_xml(record)), cachetunes=())
+    """What the claim holds, accounted as the guest booted from its XML will be
+    (``claim_spec``); its ``entry`` is the ``usage.claims`` item and ``cache_ways`` the
+    placement's ways."""
+    spec = claim_spec(record)
     c = guest_contribution(ctx, GuestRecord(record.id, f"claim {record.id}", "claimed", True,
                                             spec))
     assert c.entry is not None
@@ -514,20 +601,23 @@ class Prepared:
 
 
 def prepare_claim(ctx: Context, snapshot: Mapping[str, Any] | HostView, ask: ClaimAsk, *,
-                  claim_id: str, now: float, search_steps: int) -> Prepared:
+                  claim_id: str, now: float, search_steps: int,
+                  parsed: FitRequest | None = None) -> Prepared:
     """Fit ``ask`` on ``snapshot`` (a snapshot, or the fit's view of one:
     ``ClaimTracker.fit_view``) unless it names its placement, and make the claim of the
-    placement on the host of ``ctx``. Pure (a worker thread may run it); ``RequestError``
-    for an invalid request or placement."""
+    placement on the host of ``ctx`` (``parsed``: ``ask.request`` as ``parse_request``
+    read it, if already read). Pure (a worker thread may run it); ``RequestError`` for
+    an invalid request or placement."""
     from hostagent.fit.request import parse_request
 
-    req = parse_request(ask.request)
+    req = parsed if parsed is not None else parse_request(ask.request)
     placement = ask.placement
     answer = None
     if placement is None:
         from hostagent.fit import fit
 
-        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps)
+        answer = fit(snapshot, req, strategy=ask.strategy, search_steps=search_steps,
+                     libvirt_xml=False)
         if not answer["fits"]:
             return Prepared(None, None, answer)
         placement = answer["placement"]

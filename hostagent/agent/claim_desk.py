@@ -58,6 +58,7 @@ from hostagent.claim_limits import (
 )
 from hostagent.curve import AllowedKeys, load_allowed_keys
 from hostagent.errors import HostagentError
+from hostagent.fit.request import FitRequest, parse_request
 
 log = logging.getLogger("hostagent.claims")
 
@@ -217,7 +218,8 @@ class ClaimDesk:
         loop with nothing awaited (``_inline``)."""
         agent = self.agent
         reasons: list[dict[str, Any]] = []
-        inline = _inline(ask)
+        parsed = parse_request(ask.request)  # RequestError for an invalid request
+        inline = _inline(parsed)
         steps = agent.config.fit.search_steps
         for _ in range(DECIDE_ATTEMPTS):
             self.expire()
@@ -228,7 +230,8 @@ class ClaimDesk:
                                      f"outstanding, the limit (MAX_CLAIMS); release some")
             ctx = tracker.ctx
             work = functools.partial(claims.prepare_claim, ctx, tracker.fit_view(), ask,
-                                     claim_id=claims.new_claim_id(), now=time.time())
+                                     claim_id=claims.new_claim_id(), now=time.time(),
+                                     parsed=parsed)
             prepared = None
             if inline:
                 prepared = work(search_steps=min(steps, INLINE_SEARCH_STEPS))
@@ -372,12 +375,9 @@ class ClaimDesk:
                 "counters": dict(self.counters)}
 
 
-def _inline(ask: claims.ClaimAsk) -> bool:
-    """Whether the claim is small enough to be decided on the loop (``INLINE_*``);
-    ``RequestError`` for an invalid request."""
-    from hostagent.fit.request import parse_request
-
-    req = parse_request(ask.request)
+def _inline(req: FitRequest) -> bool:
+    """Whether the claim of ``req`` is small enough to be decided on the loop
+    (``INLINE_*``)."""
     return (req.vcpus <= INLINE_MAX_VCPUS and not req.cache
             and sum(item.count for item in req.pci) <= INLINE_MAX_PCI)
 

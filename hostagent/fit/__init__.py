@@ -41,8 +41,10 @@ def fit(
     *,
     strategy: str = "spread",
     search_steps: int = STEP_BUDGET,
+    libvirt_xml: bool = True,
 ) -> dict[str, Any]:
-    """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``.
+    """The fit answer: ``{fits, strategy, placement, reasons, libvirt_xml}``
+    (``libvirt_xml`` None when not asked for: a claim makes its own, with its id).
 
     ``snapshot`` is a schema-v1 snapshot dict or what ``prepare`` made of one.
     The placement search takes at most ``search_steps`` steps (``hostagent.fit.place``);
@@ -78,7 +80,7 @@ def fit(
         topo = _require_topology(view, req, out.cells) or topo
     placement = _placement(view, req, out, topo.as_dict())
     xml = fragments(vcpus=req.vcpus, placement=placement, realtime=req.realtime,
-                    floating_cpus=view.shared_cpus)
+                    floating_cpus=view.shared_cpus) if libvirt_xml else None
     return {"fits": True, "strategy": strategy, "placement": placement, "reasons": [],
             "libvirt_xml": xml}
 
