@@ -188,6 +188,12 @@ def test_race_a_thread_exits_between_the_listing_and_the_affinity_read(monkeypat
             stop.set()
             t.join(WAIT_SECONDS)
             assert not t.is_alive()
+            # join() returns when Python's thread state is released, a moment before
+            # the kernel thread itself is gone: wait for the kernel's word too.
+            gone_by = time.monotonic() + WAIT_SECONDS
+            while Path(f"/proc/self/task/{tid}").exists():
+                assert time.monotonic() < gone_by, f"thread {tid} still in /proc"
+                time.sleep(0.01)
         return real(t_id)
 
     monkeypatch.setattr(intr, "task_affinity", exits_first)
